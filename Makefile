@@ -1,0 +1,39 @@
+# meshnode: `make run` starts a node, `make test` runs every test.
+# Both install what they need on a fresh Debian machine with Rust (protoc, Python test deps).
+
+CARGO ?= cargo
+DATA_DIR ?= $(CURDIR)/.meshnode
+HTTP_ADDR ?= 127.0.0.1:8080
+TARGET_DIR := $(shell $(CARGO) metadata --format-version 1 --no-deps 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])' 2>/dev/null || echo target)
+BIN := $(TARGET_DIR)/debug/meshnode
+
+.PHONY: run test build deps lint bench bench-store bench-ledger bench-query clean-data
+
+deps:
+	@scripts/ensure-deps.sh build
+
+build: deps
+	@if [ ! -x "$(BIN)" ]; then echo "First build of the full stack (lance, datafusion, iroh): about 15 minutes on 2 cores. Later builds are incremental." >&2; fi
+	$(CARGO) build --bin meshnode
+
+run: build
+	@$(BIN) --data-dir "$(DATA_DIR)" serve --init --http-addr $(HTTP_ADDR)
+
+test:
+	@scripts/ensure-deps.sh test
+	@if [ ! -x "$(BIN)" ]; then echo "First build of the full stack: about 15 minutes on 2 cores." >&2; fi
+	$(CARGO) build --bin meshnode
+	$(CARGO) test --workspace --no-fail-fast
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+bench: bench-store
+
+bench-store:
+	@scripts/ensure-deps.sh bench
+	bench/store.sh
+
+clean-data:
+	rm -rf "$(DATA_DIR)"

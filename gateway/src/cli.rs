@@ -1,0 +1,585 @@
+//! The `meshnode` command line: argument parsing and every subcommand.
+//!
+//! Data goes to stdout, logs and progress bars to stderr. Exit codes: 0 ok, 1 failure,
+//! 2 usage.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::Value;
+
+use crate::client::Client;
+use crate::config::Config;
+use crate::http::{AppState, Metrics, routes, server};
+use crate::node::{self, Node};
+
+/// Inputs at least this large get a progress bar (when stderr is a terminal).
+const PROGRESS_BYTES_MIN: u64 = 8 * 1024 * 1024;
+
+/// meshnode: a node of a mesh of AI-agent hosts — signed, content-addressed blobs, a ledger,
+/// SQL and vector queries, and an HTTP gateway.
+#[derive(Debug, Parser)]
+#[command(name = "meshnode", version, propagate_version = true)]
+pub struct Cli {
+    /// Data directory of the node. Default: $HOME/.meshnode.
+    #[arg(long, global = true, env = "MESHNODE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// URL of a running node's API. Default: the http_addr of the data dir's config.
+    #[arg(long, global = true, env = "MESHNODE_API")]
+    pub api: Option<String>,
+    /// Bearer token for writes. Default: <data-dir>/api-token.
+    #[arg(long, global = true, env = "MESHNODE_API_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Machine-readable JSON output on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More log output on stderr (-v info, -vv debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a data directory: node key, genesis, API token, config.toml.
+    Init(InitArgs),
+    /// Start the node (HTTP gateway on 127.0.0.1:8080 by default).
+    Serve(ServeArgs),
+    /// Add, download and print blobs.
+    #[command(subcommand)]
+    Blob(BlobCommand),
+    /// Pin blobs so that GC keeps them.
+    #[command(subcommand)]
+    Pin(PinCommand),
+    /// Generate and show Ed25519 key files.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Show the running node's identity and counters.
+    Status,
+    /// Run garbage collection on the running node now.
+    Gc,
+}
+
+/// `init` arguments.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Join an existing network: its genesis document (DAG-CBOR). Default: a new network
+    /// with this node as the only issuer.
+    #[arg(long)]
+    pub genesis: Option<PathBuf>,
+    /// Name of a new network.
+    #[arg(long, default_value = "meshnode-local")]
+    pub name: String,
+}
+
+/// `serve` arguments.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (overrides config and MESHNODE_HTTP_ADDR).
+    #[arg(long)]
+    pub http_addr: Option<std::net::SocketAddr>,
+    /// Create the data directory first if it is not initialised yet.
+    #[arg(long)]
+    pub init: bool,
+}
+
+/// `blob` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BlobCommand {
+    /// Store a file (or stdin with `-`); prints its hash and CID.
+    Add {
+        /// File to add, or `-` for stdin.
+        input: String,
+        /// Do not pin the blob (GC may remove it).
+        #[arg(long)]
+        no_pin: bool,
+    },
+    /// Download a blob into a file (default: a file named after the hash).
+    Get {
+        /// BLAKE3 hex or CID.
+        hash: String,
+        /// Output file.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Write a blob to stdout.
+    Cat {
+        /// BLAKE3 hex or CID.
+        hash: String,
+    },
+    /// Show a blob's size and pin state.
+    Stat {
+        /// BLAKE3 hex or CID.
+        hash: String,
+    },
+}
+
+/// `pin` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PinCommand {
+    /// Pin a stored blob.
+    Add {
+        /// BLAKE3 hex or CID.
+        hash: String,
+    },
+    /// Remove a pin.
+    Rm {
+        /// BLAKE3 hex or CID.
+        hash: String,
+    },
+    /// List pins.
+    Ls,
+}
+
+/// `key` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Write a new random key file (mode 0600).
+    Gen {
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the public key of a key file (hex).
+    Show {
+        /// The key file.
+        file: PathBuf,
+    },
+}
+
+/// Runs the CLI and returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    let json = cli.json;
+    match runtime.block_on(run(cli)) {
+        Ok(()) => 0,
+        Err(error) => {
+            if json {
+                let code = error
+                    .downcast_ref::<crate::client::ApiFailure>()
+                    .map(|f| f.code.clone())
+                    .unwrap_or_else(|| "error".to_string());
+                let value = serde_json::json!({"error": {"code": code, "message": format!("{error:#}")}});
+                println!("{value}");
+            }
+            eprintln!("error: {error:#}");
+            1
+        }
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    let default = match (cli.verbose, &cli.command) {
+        (0, Command::Serve(_)) => "info",
+        (0, _) => "warn",
+        (1, _) => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// The data directory: flag or MESHNODE_DATA_DIR, else `$HOME/.meshnode`.
+pub fn data_dir(cli: &Cli) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = &cli.data_dir {
+        return Ok(dir.clone());
+    }
+    let home = std::env::var_os("HOME")
+        .ok_or_else(|| anyhow!("HOME is not set; pass --data-dir or set MESHNODE_DATA_DIR"))?;
+    Ok(PathBuf::from(home).join(".meshnode"))
+}
+
+fn client(cli: &Cli) -> anyhow::Result<Client> {
+    let dir = data_dir(cli)?;
+    let base = match &cli.api {
+        Some(api) => api.clone(),
+        None => {
+            let config = Config::load(&dir)?;
+            let mut addr = config.http_addr;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{addr}")
+        }
+    };
+    let token = match &cli.token {
+        Some(token) => Some(token.clone()),
+        None => node::read_token(&dir).ok(),
+    };
+    Client::new(&base, token)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Init(args) => init(&cli, args),
+        Command::Serve(args) => serve(&cli, args).await,
+        Command::Blob(command) => blob(&cli, command).await,
+        Command::Pin(command) => pin(&cli, command).await,
+        Command::Key(command) => key(&cli, command),
+        Command::Status => {
+            let client = client(&cli)?;
+            let value: Value = client
+                .json(client.request(reqwest::Method::GET, "/v1/status"))
+                .await?;
+            print_value(&cli, &value, |v| {
+                v.as_object()
+                    .map(|o| {
+                        o.iter()
+                            .map(|(k, v)| format!("{k:<14} {}", plain(v)))
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    })
+                    .unwrap_or_default()
+            });
+            Ok(())
+        }
+        Command::Gc => {
+            let client = client(&cli)?;
+            let value: Value = client
+                .json(client.request(reqwest::Method::POST, "/v1/gc"))
+                .await?;
+            print_value(&cli, &value, |v| {
+                format!("deleted {} blobs, kept {}", v["deleted"], v["kept"])
+            });
+            Ok(())
+        }
+    }
+}
+
+fn plain(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn print_value(cli: &Cli, value: &Value, human: impl Fn(&Value) -> String) {
+    if cli.json {
+        println!("{value}");
+    } else {
+        println!("{}", human(value));
+    }
+}
+
+fn init(cli: &Cli, args: &InitArgs) -> anyhow::Result<()> {
+    let dir = data_dir(cli)?;
+    let report = node::init(&dir, args.genesis.as_deref(), &args.name)?;
+    let value = serde_json::json!({
+        "data_dir": report.data_dir.display().to_string(),
+        "node": report.node.to_hex(),
+        "net": report.net.to_hex(),
+    });
+    print_value(cli, &value, |_| {
+        format!(
+            "initialised {}\nnode {}\nnet  {}\nnext: meshnode --data-dir {} serve",
+            report.data_dir.display(),
+            report.node,
+            report.net,
+            report.data_dir.display()
+        )
+    });
+    Ok(())
+}
+
+async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
+    let dir = data_dir(cli)?;
+    if args.init && !dir.join(node::files::NODE_KEY).exists() {
+        let report = node::init(&dir, None, "meshnode-local")?;
+        eprintln!("initialised {} (node {})", dir.display(), report.node);
+    }
+    let mut config = Config::load(&dir)?;
+    if let Some(addr) = args.http_addr {
+        config.http_addr = addr;
+    }
+    let node = Arc::new(Node::open(&dir, config.clone()).await?);
+    let metrics = Arc::new(Metrics::new());
+    let state = AppState::new(node.clone(), metrics.clone());
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.http_addr))?;
+    let addr = listener.local_addr()?;
+    state.set_ready(true);
+    let value = serde_json::json!({
+        "listening": format!("http://{addr}"),
+        "node": node.node.to_hex(),
+        "net": node.net.to_hex(),
+        "data_dir": dir.display().to_string(),
+    });
+    print_value(cli, &value, |_| {
+        format!(
+            "meshnode {} listening on http://{addr}\n  node     {}\n  net      {}\n  data dir {}\n\
+             try:  meshnode --data-dir {} status",
+            env!("CARGO_PKG_VERSION"),
+            node.node,
+            node.net,
+            dir.display(),
+            dir.display()
+        )
+    });
+    std::io::stdout().flush().ok();
+    server::serve(
+        listener,
+        routes(state.clone()),
+        config.server.clone(),
+        metrics,
+        shutdown_signal(),
+    )
+    .await;
+    state.set_ready(false);
+    tracing::info!("shutting down");
+    node.shutdown().await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn progress_bar(total: Option<u64>) -> ProgressBar {
+    let bar = match total {
+        Some(total) => ProgressBar::new(total).with_style(
+            ProgressStyle::with_template(
+                "{spinner} {bytes}/{total_bytes} {wide_bar} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ),
+        None => ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{spinner} {bytes} {bytes_per_sec}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        ),
+    };
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+async fn blob(cli: &Cli, command: &BlobCommand) -> anyhow::Result<()> {
+    let client = client(cli)?;
+    match command {
+        BlobCommand::Add { input, no_pin } => {
+            let (body, bar) = upload_body(input).await?;
+            let path = if *no_pin { "/v1/blobs?pin=false" } else { "/v1/blobs" };
+            let request = client
+                .request(reqwest::Method::POST, path)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(body);
+            let result: anyhow::Result<Value> = client.json(request).await;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            let value = result?;
+            print_value(cli, &value, |v| {
+                format!("{}  {}  {} bytes", plain(&v["hash"]), plain(&v["cid"]), v["size"])
+            });
+            Ok(())
+        }
+        BlobCommand::Get { hash, output } => {
+            let output = output.clone().unwrap_or_else(|| PathBuf::from(hash));
+            let size = download(&client, hash, Some(&output)).await?;
+            let value = serde_json::json!({"hash": hash, "path": output.display().to_string(), "size": size});
+            if cli.json {
+                println!("{value}");
+            } else {
+                eprintln!("wrote {size} bytes to {}", output.display());
+            }
+            Ok(())
+        }
+        BlobCommand::Cat { hash } => {
+            download(&client, hash, None).await?;
+            Ok(())
+        }
+        BlobCommand::Stat { hash } => {
+            let response = client
+                .send(client.request(reqwest::Method::HEAD, &format!("/v1/blobs/{hash}")))
+                .await?;
+            let header = |name: &str| {
+                response
+                    .headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let value = serde_json::json!({
+                "hash": header("etag").trim_matches('"'),
+                "cid": header("x-blob-cid"),
+                "size": header("content-length").parse::<u64>().unwrap_or(0),
+            });
+            print_value(cli, &value, |v| {
+                format!("{}  {}  {} bytes", plain(&v["hash"]), plain(&v["cid"]), v["size"])
+            });
+            Ok(())
+        }
+    }
+}
+
+async fn upload_body(input: &str) -> anyhow::Result<(reqwest::Body, Option<ProgressBar>)> {
+    let (reader, total): (Box<dyn tokio::io::AsyncRead + Send + Unpin>, Option<u64>) =
+        if input == "-" {
+            (Box::new(tokio::io::stdin()), None)
+        } else {
+            let file = tokio::fs::File::open(input)
+                .await
+                .with_context(|| format!("cannot open {input}"))?;
+            let size = file.metadata().await?.len();
+            (Box::new(file), Some(size))
+        };
+    let bar = match total {
+        Some(total) if total < PROGRESS_BYTES_MIN => None,
+        other => Some(progress_bar(other)),
+    };
+    let counter = bar.clone();
+    let stream = tokio_util::io::ReaderStream::with_capacity(reader, 256 * 1024).inspect(
+        move |chunk| {
+            if let (Some(bar), Ok(chunk)) = (&counter, chunk) {
+                bar.inc(chunk.len() as u64);
+            }
+        },
+    );
+    Ok((reqwest::Body::wrap_stream(stream), bar))
+}
+
+/// Downloads a whole blob to `output` (or stdout), verifying its BLAKE3 hash on the way.
+async fn download(client: &Client, id: &str, output: Option<&Path>) -> anyhow::Result<u64> {
+    let expected = meshnode_schemas::BlobHash::parse(id)
+        .map_err(|e| anyhow!("`{id}` is not a blob hash: {e}"))?;
+    let response = client
+        .send(client.request(reqwest::Method::GET, &format!("/v1/blobs/{expected}")))
+        .await?;
+    let total = response.content_length();
+    let bar = match (total, output) {
+        (Some(total), Some(_)) if total >= PROGRESS_BYTES_MIN => Some(progress_bar(Some(total))),
+        _ => None,
+    };
+    let mut hasher = blake3::Hasher::new();
+    let mut size = 0u64;
+    let (mut sink, temp): (Box<dyn Write>, Option<(PathBuf, PathBuf)>) = match output {
+        Some(path) => {
+            let temp = path.with_extension("meshnode-partial");
+            let file = std::fs::File::create(&temp)
+                .with_context(|| format!("cannot create {}", temp.display()))?;
+            (Box::new(std::io::BufWriter::new(file)), Some((temp, path.to_path_buf())))
+        }
+        None => (Box::new(std::io::stdout().lock()), None),
+    };
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.context("download interrupted")?;
+        hasher.update(&chunk);
+        size += chunk.len() as u64;
+        sink.write_all(&chunk)?;
+        if let Some(bar) = &bar {
+            bar.inc(chunk.len() as u64);
+        }
+    }
+    sink.flush()?;
+    drop(sink);
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if hasher.finalize().as_bytes() != expected.as_bytes() {
+        if let Some((temp, _)) = &temp {
+            std::fs::remove_file(temp).ok();
+        }
+        bail!("downloaded bytes do not match hash {expected}");
+    }
+    if let Some((temp, path)) = temp {
+        std::fs::rename(&temp, &path)
+            .with_context(|| format!("cannot move download to {}", path.display()))?;
+    }
+    Ok(size)
+}
+
+async fn pin(cli: &Cli, command: &PinCommand) -> anyhow::Result<()> {
+    let client = client(cli)?;
+    match command {
+        PinCommand::Add { hash } => {
+            let value: Value = client
+                .json(client.request(reqwest::Method::PUT, &format!("/v1/pins/{hash}")))
+                .await?;
+            print_value(cli, &value, |v| format!("pinned {}", plain(&v["hash"])));
+        }
+        PinCommand::Rm { hash } => {
+            let value: Value = client
+                .json(client.request(reqwest::Method::DELETE, &format!("/v1/pins/{hash}")))
+                .await?;
+            print_value(cli, &value, |v| format!("unpinned {}", plain(&v["hash"])));
+        }
+        PinCommand::Ls => {
+            let value: Value = client
+                .json(client.request(reqwest::Method::GET, "/v1/pins"))
+                .await?;
+            print_value(cli, &value, |v| {
+                v["pins"]
+                    .as_array()
+                    .map(|pins| {
+                        pins.iter()
+                            .map(|p| {
+                                let size = p["size"]
+                                    .as_u64()
+                                    .map(|s| format!("{s} bytes"))
+                                    .unwrap_or_else(|| "missing".into());
+                                format!("{}  {size}", plain(&p["hash"]))
+                            })
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    })
+                    .unwrap_or_default()
+            });
+        }
+    }
+    Ok(())
+}
+
+fn key(cli: &Cli, command: &KeyCommand) -> anyhow::Result<()> {
+    match command {
+        KeyCommand::Gen { out } => {
+            let key = node::generate_key();
+            node::write_new_file(out, meshnode_schemas::key_file_text(&key).as_bytes(), 0o600)?;
+            let public = meshnode_schemas::author_of(&key);
+            let value = serde_json::json!({"file": out.display().to_string(), "public": public.to_hex()});
+            print_value(cli, &value, |_| public.to_hex());
+        }
+        KeyCommand::Show { file } => {
+            let key = node::read_key_file(file)?;
+            let public = meshnode_schemas::author_of(&key);
+            let value = serde_json::json!({"public": public.to_hex()});
+            print_value(cli, &value, |_| public.to_hex());
+        }
+    }
+    Ok(())
+}

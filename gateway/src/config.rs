@@ -1,0 +1,169 @@
+//! Node configuration: `<data-dir>/config.toml`, overridden by environment, overridden by flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Default HTTP listen address.
+pub const HTTP_ADDR_DEFAULT: &str = "127.0.0.1:8080";
+
+/// Everything a node reads at start. Every field has a default; `config.toml` may set any
+/// subset.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the HTTP gateway listens. Env: `MESHNODE_HTTP_ADDR`.
+    pub http_addr: SocketAddr,
+    /// Whether reads (GET/HEAD) are public. If false they need the bearer token too.
+    /// Env: `MESHNODE_PUBLIC_READS`.
+    pub public_reads: bool,
+    /// Body and request limits.
+    pub limits: Limits,
+    /// Server hardening.
+    pub server: ServerConfig,
+    /// Blob store settings.
+    pub store: StoreSettings,
+}
+
+/// Size limits of request bodies.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest blob accepted by `POST /v1/blobs`, in bytes. Default 8 GiB.
+    /// Env: `MESHNODE_BLOB_BYTES_MAX`.
+    pub blob_bytes_max: u64,
+    /// Largest JSON request body, in bytes. Default 1 MiB.
+    pub json_bytes_max: u64,
+    /// Largest blob cached in memory for fast GETs, in bytes. Default 64 KiB.
+    pub cache_blob_bytes_max: u64,
+    /// Total size of the in-memory blob cache, in bytes. Default 64 MiB.
+    pub cache_bytes_max: u64,
+}
+
+/// Connection limits and timeouts of the HTTP server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Most connections open at once; further ones wait in the listen backlog.
+    /// Env: `MESHNODE_CONNECTIONS_MAX`.
+    pub connections_max: usize,
+    /// Time a client has to send a request's headers, and the longest a kept-alive
+    /// connection may sit idle between requests, in milliseconds. Default 10 s.
+    /// Env: `MESHNODE_HEADER_TIMEOUT_MS`.
+    pub header_timeout_ms: u64,
+    /// Longest a read or write on a connection may stall (slow body upload, client not
+    /// reading its response), in milliseconds. Default 60 s. Env: `MESHNODE_IO_TIMEOUT_MS`.
+    pub io_timeout_ms: u64,
+}
+
+/// Blob store settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSettings {
+    /// Seconds between scheduled garbage collections. Default 600.
+    pub gc_interval_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            http_addr: HTTP_ADDR_DEFAULT
+                .parse()
+                .expect("invariant: the default address parses"),
+            public_reads: true,
+            limits: Limits::default(),
+            server: ServerConfig::default(),
+            store: StoreSettings::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            blob_bytes_max: 8 * 1024 * 1024 * 1024,
+            json_bytes_max: 1024 * 1024,
+            cache_blob_bytes_max: 64 * 1024,
+            cache_bytes_max: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            connections_max: 1024,
+            header_timeout_ms: 10_000,
+            io_timeout_ms: 60_000,
+        }
+    }
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            gc_interval_secs: 600,
+        }
+    }
+}
+
+/// Path of the config file in a data dir.
+pub fn config_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("config.toml")
+}
+
+impl Config {
+    /// Reads `<data-dir>/config.toml` (defaults if absent), then applies environment overrides.
+    pub fn load(data_dir: &Path) -> anyhow::Result<Self> {
+        let path = config_path(data_dir);
+        let mut config = match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
+            Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", path.display())),
+        };
+        config.apply_env(|name| std::env::var(name).ok())?;
+        Ok(config)
+    }
+
+    /// Applies `MESHNODE_*` overrides read through `get`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+        fn parse<T: std::str::FromStr>(name: &str, value: String) -> anyhow::Result<T>
+        where
+            T::Err: std::fmt::Display,
+        {
+            value
+                .parse()
+                .map_err(|e| anyhow::anyhow!("environment variable {name}={value:?}: {e}"))
+        }
+        if let Some(v) = get("MESHNODE_HTTP_ADDR") {
+            self.http_addr = parse("MESHNODE_HTTP_ADDR", v)?;
+        }
+        if let Some(v) = get("MESHNODE_PUBLIC_READS") {
+            self.public_reads = parse("MESHNODE_PUBLIC_READS", v)?;
+        }
+        if let Some(v) = get("MESHNODE_BLOB_BYTES_MAX") {
+            self.limits.blob_bytes_max = parse("MESHNODE_BLOB_BYTES_MAX", v)?;
+        }
+        if let Some(v) = get("MESHNODE_CONNECTIONS_MAX") {
+            self.server.connections_max = parse("MESHNODE_CONNECTIONS_MAX", v)?;
+        }
+        if let Some(v) = get("MESHNODE_HEADER_TIMEOUT_MS") {
+            self.server.header_timeout_ms = parse("MESHNODE_HEADER_TIMEOUT_MS", v)?;
+        }
+        if let Some(v) = get("MESHNODE_IO_TIMEOUT_MS") {
+            self.server.io_timeout_ms = parse("MESHNODE_IO_TIMEOUT_MS", v)?;
+        }
+        Ok(())
+    }
+
+    /// The config file text written by `meshnode init`: every setting with its default.
+    pub fn default_file_text() -> String {
+        let body = toml::to_string_pretty(&Config::default())
+            .expect("invariant: the default config serialises");
+        format!(
+            "# meshnode node configuration. Precedence: this file < MESHNODE_* environment < flags.\n\n{body}"
+        )
+    }
+}

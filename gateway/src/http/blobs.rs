@@ -1,0 +1,365 @@
+//! Blob routes: upload (streamed, capped), GET/HEAD with Range and ETag, fetch.
+
+use std::ops::Range;
+
+use bytes::{Buf, Bytes};
+use futures::{Stream, StreamExt};
+use http::{HeaderMap, StatusCode, header};
+use meshnode_schemas::BlobHash;
+use meshnode_store::PinMode;
+use serde::{Deserialize, Serialize};
+use warp::Reply;
+use warp::reply::Response;
+
+use super::{ApiError, AppState, json, parse_hash};
+
+/// Reads up to this size are verified completely before the response starts, so that a
+/// corrupt blob gets a clean error status; larger ones stream, verified piece by piece.
+const BUFFERED_READ_BYTES_MAX: u64 = 1024 * 1024;
+
+/// Immutable content: cache for a year.
+const CACHE_CONTROL: &str = "public, max-age=31536000, immutable";
+
+/// Query of `POST /v1/blobs`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub(crate) struct UploadQuery {
+    /// Pin the blob (default true). Unpinned blobs are removed by the next GC unless
+    /// something else references them.
+    pin: Option<bool>,
+}
+
+/// Answer of `POST /v1/blobs`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct BlobAdded {
+    /// BLAKE3 hash, lowercase hex.
+    hash: String,
+    /// CIDv1 (raw, blake3), base32.
+    cid: String,
+    /// Size in bytes.
+    size: u64,
+}
+
+/// Answer of `POST /v1/blobs/{hash}/fetch`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct BlobFetched {
+    hash: String,
+    size: u64,
+    /// Where the bytes came from: `local` if already stored.
+    source: String,
+}
+
+/// Upload a blob (raw body, streamed into the store under the size cap).
+#[utoipa::path(post, path = "/v1/blobs", tag = "blobs",
+    params(UploadQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses(
+        (status = 201, description = "Stored durably (and pinned unless pin=false)", body = BlobAdded),
+        (status = 401, description = "Missing or wrong bearer token", body = super::error::ErrorBody),
+        (status = 413, description = "Body larger than limits.blob_bytes_max", body = super::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(crate) async fn upload<S, B>(
+    state: AppState,
+    headers: HeaderMap,
+    query: UploadQuery,
+    body: S,
+) -> Result<Response, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send + 'static,
+    B: Buf + Send + 'static,
+{
+    state.authorize(&headers, true)?;
+    let limit = state.node().config.limits.blob_bytes_max;
+    if let Some(length) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && length > limit
+    {
+        // Refuse before reading a byte; hyper closes the connection instead of draining it.
+        return Err(ApiError::too_large(limit));
+    }
+    let pin = if query.pin.unwrap_or(true) {
+        PinMode::Pin
+    } else {
+        PinMode::NoPin
+    };
+    let chunks = body.map(|item| {
+        item.map(|mut buf| buf.copy_to_bytes(buf.remaining()))
+            .map_err(std::io::Error::other)
+    });
+    let stream = Box::pin(sync_wrapper::SyncStream::new(chunks));
+    let added = state.node().store.add_stream(stream, limit, pin).await?;
+    state.metrics().blob_bytes_added.inc_by(added.size);
+    let mut response = json(
+        StatusCode::CREATED,
+        &BlobAdded {
+            hash: added.hash.to_hex(),
+            cid: added.hash.to_cid(),
+            size: added.size,
+        },
+    );
+    if let Ok(location) = http::HeaderValue::from_str(&format!("/v1/blobs/{}", added.hash)) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+/// Download a blob, or a byte range of it, verified against its hash.
+#[utoipa::path(get, path = "/v1/blobs/{hash}", tag = "blobs",
+    params(("hash" = String, Path, description = "BLAKE3 hex or CIDv1 (bafkr4…)"),
+           ("Range" = Option<String>, Header, description = "One byte range: bytes=a-b, a-, -n")),
+    responses(
+        (status = 200, description = "The blob", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 206, description = "The requested range", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 304, description = "If-None-Match matched the ETag"),
+        (status = 400, description = "Not a hash or CID", body = super::error::ErrorBody),
+        (status = 404, description = "Not stored here", body = super::error::ErrorBody),
+        (status = 416, description = "Malformed or unsatisfiable Range", body = super::error::ErrorBody),
+        (status = 503, description = "Failed verification, quarantined", body = super::error::ErrorBody),
+    ))]
+pub(crate) async fn get(
+    state: AppState,
+    id: String,
+    headers: HeaderMap,
+    head: bool,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, false)?;
+    let hash = parse_hash(&id)?;
+    let etag = format!("\"{}\"", hash.to_hex());
+    if if_none_match(&headers, &etag) {
+        let mut response = StatusCode::NOT_MODIFIED.into_response();
+        set_cache_headers(response.headers_mut(), &hash, &etag);
+        return Ok(response);
+    }
+    let range_header = headers
+        .get(header::RANGE)
+        .map(|v| v.to_str().map(str::to_string).unwrap_or_default());
+
+    if let Some(bytes) = state.inner.cache.get(&hash) {
+        state.metrics().blob_cache_hits.inc();
+        let size = bytes.len() as u64;
+        let range = parse_range(range_header.as_deref(), size)?;
+        let wanted = range.clone().unwrap_or(0..size);
+        let body = bytes.slice(wanted.start as usize..wanted.end as usize);
+        return Ok(blob_response(&hash, &etag, size, range, head, body.into()));
+    }
+
+    let stat = state
+        .node()
+        .store
+        .stat(&hash)
+        .await?
+        .filter(|s| s.complete)
+        .ok_or_else(|| ApiError::from(meshnode_store::Error::NotFound(hash)))?;
+    let size = stat.size;
+    let range = parse_range(range_header.as_deref(), size)?;
+    if head {
+        return Ok(blob_response(&hash, &etag, size, range, true, Body::Empty));
+    }
+    let read = state.node().store.read(&hash, range.clone()).await?;
+    let length = read.range.end - read.range.start;
+    if length <= BUFFERED_READ_BYTES_MAX {
+        let bytes = meshnode_store::collect(read).await?;
+        if range.is_none() && size <= state.node().config.limits.cache_blob_bytes_max {
+            state.inner.cache.insert(hash, bytes.clone());
+        }
+        return Ok(blob_response(&hash, &etag, size, range, false, bytes.into()));
+    }
+    let stream = sync_wrapper::SyncStream::new(read.stream);
+    Ok(blob_response(&hash, &etag, size, range, false, Body::Stream(Box::new(stream))))
+}
+
+enum Body {
+    Empty,
+    Bytes(Bytes),
+    Stream(Box<sync_wrapper::SyncStream<meshnode_store::ByteStream>>),
+}
+
+impl From<Bytes> for Body {
+    fn from(bytes: Bytes) -> Self {
+        Body::Bytes(bytes)
+    }
+}
+
+fn blob_response(
+    hash: &BlobHash,
+    etag: &str,
+    size: u64,
+    range: Option<Range<u64>>,
+    head: bool,
+    body: Body,
+) -> Response {
+    let mut response = match body {
+        _ if head => Response::new(Default::default()),
+        Body::Empty => Response::new(Default::default()),
+        Body::Bytes(bytes) => Response::new(bytes.into()),
+        Body::Stream(stream) => warp::reply::stream(*stream).into_response(),
+    };
+    let headers = response.headers_mut();
+    set_cache_headers(headers, hash, etag);
+    headers.insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(header::ACCEPT_RANGES, http::HeaderValue::from_static("bytes"));
+    let length = match &range {
+        Some(r) => {
+            if let Ok(v) =
+                http::HeaderValue::from_str(&format!("bytes {}-{}/{size}", r.start, r.end - 1))
+            {
+                headers.insert(header::CONTENT_RANGE, v);
+            }
+            r.end - r.start
+        }
+        None => size,
+    };
+    headers.insert(header::CONTENT_LENGTH, http::HeaderValue::from(length));
+    if range.is_some() {
+        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+    }
+    response
+}
+
+fn set_cache_headers(headers: &mut HeaderMap, hash: &BlobHash, etag: &str) {
+    if let Ok(v) = http::HeaderValue::from_str(etag) {
+        headers.insert(header::ETAG, v);
+    }
+    headers.insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static(CACHE_CONTROL),
+    );
+    if let Ok(v) = http::HeaderValue::from_str(&hash.to_cid()) {
+        headers.insert("x-blob-cid", v);
+    }
+}
+
+fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().trim_start_matches("W/"))
+        .any(|t| t == etag || t == "*")
+}
+
+/// Parses a `Range` header against a blob of `size` bytes. `None` means the whole blob: no
+/// header, or several ranges (which RFC 9110 lets a server ignore). A malformed or
+/// unsatisfiable single range is a 416.
+pub(crate) fn parse_range(value: Option<&str>, size: u64) -> Result<Option<Range<u64>>, ApiError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let unsatisfiable = |why: &str| {
+        ApiError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "range_not_satisfiable",
+            format!("Range `{}`: {why} (blob size {size})", value.chars().take(80).collect::<String>()),
+        )
+        .with_header(header::CONTENT_RANGE, format!("bytes */{size}"))
+    };
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return Err(unsatisfiable("only `bytes=` ranges are supported"));
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return Err(unsatisfiable("expected `start-end`, `start-` or `-suffix`"));
+    };
+    let number = |s: &str| -> Result<u64, ApiError> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(unsatisfiable("not a number"));
+        }
+        s.parse::<u64>().map_err(|_| unsatisfiable("number too large"))
+    };
+    let (first, last) = (first.trim(), last.trim());
+    let range = if first.is_empty() {
+        let suffix = number(last)?;
+        if suffix == 0 || size == 0 {
+            return Err(unsatisfiable("empty suffix range"));
+        }
+        size.saturating_sub(suffix)..size
+    } else {
+        let start = number(first)?;
+        let end_inclusive = if last.is_empty() {
+            size.saturating_sub(1)
+        } else {
+            number(last)?
+        };
+        if end_inclusive < start {
+            return Err(unsatisfiable("end before start"));
+        }
+        if start >= size {
+            return Err(unsatisfiable("starts at or past the end"));
+        }
+        start..end_inclusive.min(size - 1) + 1
+    };
+    Ok(Some(range))
+}
+
+/// Make a blob available on this node: a no-op if it is stored here already.
+#[utoipa::path(post, path = "/v1/blobs/{hash}/fetch", tag = "blobs",
+    params(("hash" = String, Path, description = "BLAKE3 hex or CIDv1")),
+    responses(
+        (status = 200, description = "Available locally", body = BlobFetched),
+        (status = 404, description = "Not stored here and no peer to fetch from", body = super::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(crate) async fn fetch(
+    state: AppState,
+    id: String,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, true)?;
+    let hash = parse_hash(&id)?;
+    match state.node().store.stat(&hash).await? {
+        Some(stat) if stat.complete => Ok(json(
+            StatusCode::OK,
+            &BlobFetched {
+                hash: hash.to_hex(),
+                size: stat.size,
+                source: "local".into(),
+            },
+        )),
+        _ => Err(ApiError::not_found(
+            "not_available",
+            format!(
+                "blob {hash} is not stored here and this node has no peer to fetch it from; \
+                 add a peer first"
+            ),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[track_caller]
+    fn check(value: &str, size: u64, expected: Result<Option<std::ops::Range<u64>>, u16>) {
+        let got = parse_range(Some(value), size).map_err(|e| e.status.as_u16());
+        assert_eq!(got, expected, "Range {value:?} of {size}");
+    }
+
+    #[test]
+    fn ranges() {
+        check("bytes=0-0", 10, Ok(Some(0..1)));
+        check("bytes=0-9", 10, Ok(Some(0..10)));
+        check("bytes=0-100", 10, Ok(Some(0..10)));
+        check("bytes=5-", 10, Ok(Some(5..10)));
+        check("bytes=-3", 10, Ok(Some(7..10)));
+        check("bytes=-30", 10, Ok(Some(0..10)));
+        check("bytes=0-1,4-5", 10, Ok(None));
+        check("bytes=10-", 10, Err(416));
+        check("bytes=10-12", 10, Err(416));
+        check("bytes=5-4", 10, Err(416));
+        check("bytes=-0", 10, Err(416));
+        check("bytes=a-b", 10, Err(416));
+        check("bytes=", 10, Err(416));
+        check("items=0-1", 10, Err(416));
+        check("bytes=0-1", 0, Err(416));
+        check("bytes=99999999999999999999999-", 10, Err(416));
+    }
+}

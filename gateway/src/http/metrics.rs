@@ -1,0 +1,177 @@
+//! Prometheus metrics of the gateway and the components behind it.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: &'static str,
+    method: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: &'static str,
+}
+
+/// Every metric the node exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    requests: Family<RequestLabels, Counter>,
+    durations: Family<RouteLabels, Histogram>,
+    /// Connections currently open.
+    pub connections_open: Gauge,
+    /// Connections accepted since start.
+    pub connections_total: Counter,
+    /// Bytes stored by blob uploads.
+    pub blob_bytes_added: Counter,
+    /// Blob GETs answered from the in-memory cache.
+    pub blob_cache_hits: Counter,
+    /// Corrupt blobs detected (mirrors the store's counter at scrape time).
+    pub blobs_corrupt: Gauge,
+    /// Pinned blobs (at scrape time).
+    pub pins: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("meshnode");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by route, method and status",
+            requests.clone(),
+        );
+        let durations = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+        });
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to produce the response head, by route",
+            durations.clone(),
+        );
+        let connections_open = Gauge::default();
+        registry.register(
+            "http_connections_open",
+            "HTTP connections currently open",
+            connections_open.clone(),
+        );
+        let connections_total = Counter::default();
+        registry.register(
+            "http_connections",
+            "HTTP connections accepted",
+            connections_total.clone(),
+        );
+        let blob_bytes_added = Counter::default();
+        registry.register(
+            "blob_added_bytes",
+            "Bytes stored by blob uploads",
+            blob_bytes_added.clone(),
+        );
+        let blob_cache_hits = Counter::default();
+        registry.register(
+            "blob_cache_hits",
+            "Blob reads answered from the in-memory cache",
+            blob_cache_hits.clone(),
+        );
+        let blobs_corrupt = Gauge::default();
+        registry.register(
+            "blobs_corrupt",
+            "Blobs that failed verification since start (quarantined, never served)",
+            blobs_corrupt.clone(),
+        );
+        let pins = Gauge::default();
+        registry.register("pins", "Pinned blobs", pins.clone());
+        Self {
+            registry: Mutex::new(registry),
+            requests,
+            durations,
+            connections_open,
+            connections_total,
+            blob_bytes_added,
+            blob_cache_hits,
+            blobs_corrupt,
+            pins,
+        }
+    }
+
+    /// Records one answered request.
+    pub fn observe(&self, route: &'static str, method: &str, status: u16, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route,
+                method: method.to_string(),
+                status,
+            })
+            .inc();
+        self.durations
+            .get_or_create(&RouteLabels { route })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The metrics in the Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        let registry = self
+            .registry
+            .lock()
+            .expect("invariant: metrics registry lock is never poisoned");
+        if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
+            return String::new();
+        }
+        // The OpenMetrics terminator is not part of the classic Prometheus text format.
+        if let Some(stripped) = text.strip_suffix("# EOF\n") {
+            text.truncate(stripped.len());
+        }
+        text
+    }
+}
+
+/// The route template of a request path, for metric labels (bounded cardinality).
+pub fn route_of(method: &http::Method, path: &str) -> &'static str {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["healthz"] => "/healthz",
+        ["readyz"] => "/readyz",
+        ["metrics"] => "/metrics",
+        ["openapi.json"] => "/openapi.json",
+        ["v1", "blobs"] => "/v1/blobs",
+        ["v1", "blobs", _] => "/v1/blobs/{hash}",
+        ["v1", "blobs", _, "fetch"] => "/v1/blobs/{hash}/fetch",
+        ["v1", "pins"] => "/v1/pins",
+        ["v1", "pins", _] => "/v1/pins/{hash}",
+        ["v1", "status"] => "/v1/status",
+        ["v1", "gc"] => "/v1/gc",
+        ["v1", "events"] => "/v1/events",
+        ["v1", "events", _] => "/v1/events/{id}",
+        ["v1", "logs", _] => "/v1/logs/{author}",
+        ["v1", "accounts", _] => "/v1/accounts/{key}",
+        ["v1", "forks"] => "/v1/forks",
+        ["v1", "checkpoint"] => "/v1/checkpoint",
+        ["v1", "proofs", "inclusion"] => "/v1/proofs/inclusion",
+        ["v1", "proofs", "consistency"] => "/v1/proofs/consistency",
+        ["v1", "audit"] => "/v1/audit",
+        ["v1", "sql"] => "/v1/sql",
+        ["v1", "search"] => "/v1/search",
+        ["v1", "tables"] => "/v1/tables",
+        ["v1", "peers"] => "/v1/peers",
+        ["v1", rest @ ..] if !rest.is_empty() && *method == http::Method::GET => "/v1/other",
+        _ => "other",
+    }
+}

@@ -1,0 +1,116 @@
+//! Operational routes: health, readiness, metrics, status, GC.
+
+use http::{HeaderMap, StatusCode};
+use serde::Serialize;
+use warp::Reply;
+use warp::reply::Response;
+
+use super::{ApiError, AppState, json};
+
+/// Answer of `/healthz` and `/readyz`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct Health {
+    /// `ok`, `ready` or `starting`.
+    status: &'static str,
+}
+
+/// Answer of `GET /v1/status`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct Status {
+    /// The node's public key (hex); also its iroh endpoint id.
+    node: String,
+    /// The network id: hash of the genesis document (hex).
+    net: String,
+    /// The network name from the genesis document.
+    network: String,
+    /// meshnode version.
+    version: &'static str,
+    /// Seconds since the node started.
+    uptime_secs: u64,
+    /// Number of pinned blobs.
+    pins: u64,
+    /// Corrupt blobs detected since start.
+    blobs_corrupt: u64,
+}
+
+/// Answer of `POST /v1/gc`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct GcDone {
+    deleted: u64,
+    kept: u64,
+}
+
+/// Liveness: the process answers HTTP.
+#[utoipa::path(get, path = "/healthz", tag = "ops",
+    responses((status = 200, description = "Alive", body = Health)))]
+pub(crate) fn healthz() -> Response {
+    json(StatusCode::OK, &Health { status: "ok" })
+}
+
+/// Readiness: the node finished starting and serves requests.
+#[utoipa::path(get, path = "/readyz", tag = "ops",
+    responses((status = 200, description = "Ready", body = Health),
+              (status = 503, description = "Still starting", body = Health)))]
+pub(crate) fn readyz(state: AppState) -> Response {
+    if state.is_ready() {
+        json(StatusCode::OK, &Health { status: "ready" })
+    } else {
+        json(StatusCode::SERVICE_UNAVAILABLE, &Health { status: "starting" })
+    }
+}
+
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", tag = "ops",
+    responses((status = 200, description = "Metrics", content_type = "text/plain", body = String)))]
+pub(crate) async fn metrics(state: AppState) -> Response {
+    let store = &state.node().store;
+    state.metrics().blobs_corrupt.set(store.n_corrupt() as i64);
+    if let Ok(pins) = store.pins().await {
+        state.metrics().pins.set(pins.len() as i64);
+    }
+    warp::reply::with_header(
+        state.metrics().encode(),
+        http::header::CONTENT_TYPE,
+        "text/plain; version=0.0.4; charset=utf-8",
+    )
+    .into_response()
+}
+
+/// Node identity and counters.
+#[utoipa::path(get, path = "/v1/status", tag = "mesh",
+    responses((status = 200, description = "Status", body = Status)))]
+pub(crate) async fn status(state: AppState, headers: HeaderMap) -> Result<Response, ApiError> {
+    state.authorize(&headers, false)?;
+    let node = state.node();
+    let pins = node.store.pins().await?.len() as u64;
+    Ok(json(
+        StatusCode::OK,
+        &Status {
+            node: node.node.to_hex(),
+            net: node.net.to_hex(),
+            network: node.genesis.name.clone(),
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_secs: node.started.elapsed().as_secs(),
+            pins,
+            blobs_corrupt: node.store.n_corrupt(),
+        },
+    ))
+}
+
+/// Run garbage collection now: deletes blobs that nothing pins or references.
+#[utoipa::path(post, path = "/v1/gc", tag = "blobs",
+    responses((status = 200, description = "GC finished", body = GcDone),
+              (status = 401, description = "Missing or wrong bearer token", body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn gc(state: AppState, headers: HeaderMap) -> Result<Response, ApiError> {
+    state.authorize(&headers, true)?;
+    let report = state.node().store.gc().await?;
+    state.inner.cache.clear();
+    Ok(json(
+        StatusCode::OK,
+        &GcDone {
+            deleted: report.n_deleted,
+            kept: report.n_kept,
+        },
+    ))
+}

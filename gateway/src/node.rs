@@ -1,0 +1,194 @@
+//! A node's data directory (init) and its running components (open, shutdown).
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use meshnode_schemas::{AuthorKey, BlobHash, Genesis, SigningKey, author_of, key_file_text};
+use meshnode_store::{PinMode, Store, StoreConfig};
+
+use crate::config::{Config, config_path};
+
+/// File names inside a data directory.
+pub mod files {
+    /// The node's Ed25519 secret seed (hex), mode 0600.
+    pub const NODE_KEY: &str = "node.key";
+    /// The genesis document (DAG-CBOR).
+    pub const GENESIS: &str = "genesis.cbor";
+    /// The bearer token for writes, mode 0600.
+    pub const API_TOKEN: &str = "api-token";
+    /// The blob store directory.
+    pub const BLOBS: &str = "blobs";
+}
+
+/// What `meshnode init` created.
+#[derive(Clone, Debug)]
+pub struct InitReport {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// The node's public key.
+    pub node: AuthorKey,
+    /// The network id (genesis hash).
+    pub net: BlobHash,
+}
+
+/// Writes `contents` to a new file with mode `mode`, fsynced. Fails if the file exists.
+pub fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// Generates a new random Ed25519 signing key from the OS random source.
+pub fn generate_key() -> SigningKey {
+    let seed: [u8; 32] = rand::random();
+    SigningKey::from_bytes(&seed)
+}
+
+/// Reads a key file (64 lowercase hex characters and a newline).
+pub fn read_key_file(path: &Path) -> anyhow::Result<SigningKey> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading key file {}", path.display()))?;
+    meshnode_schemas::parse_key_file(&text).with_context(|| format!("key file {}", path.display()))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Creates a data directory: node key, genesis (new, with the node as only issuer, unless
+/// `genesis_file` names an existing one), API token and a config file with every default.
+pub fn init(
+    data_dir: &Path,
+    genesis_file: Option<&Path>,
+    network_name: &str,
+) -> anyhow::Result<InitReport> {
+    if data_dir.join(files::NODE_KEY).exists() {
+        bail!(
+            "{} is already initialised (it has a {}); use another --data-dir or remove it",
+            data_dir.display(),
+            files::NODE_KEY
+        );
+    }
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    let key = generate_key();
+    let node = author_of(&key);
+    let genesis_bytes = match genesis_file {
+        Some(path) => {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("reading genesis {}", path.display()))?;
+            Genesis::decode(&bytes).with_context(|| format!("genesis {}", path.display()))?;
+            bytes
+        }
+        None => Genesis::new(network_name, node, now_ms()).encode()?,
+    };
+    let net = BlobHash::of(&genesis_bytes);
+    write_new_file(&data_dir.join(files::NODE_KEY), key_file_text(&key).as_bytes(), 0o600)?;
+    write_new_file(&data_dir.join(files::GENESIS), &genesis_bytes, 0o644)?;
+    let token = hex::encode(rand::random::<[u8; 32]>());
+    write_new_file(
+        &data_dir.join(files::API_TOKEN),
+        format!("{token}\n").as_bytes(),
+        0o600,
+    )?;
+    let config = config_path(data_dir);
+    if !config.exists() {
+        write_new_file(&config, Config::default_file_text().as_bytes(), 0o644)?;
+    }
+    std::fs::File::open(data_dir)?.sync_all()?;
+    Ok(InitReport {
+        data_dir: data_dir.to_path_buf(),
+        node,
+        net,
+    })
+}
+
+/// Reads the API token of a data directory.
+pub fn read_token(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join(files::API_TOKEN);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading API token {}", path.display()))?;
+    Ok(text.trim().to_string())
+}
+
+/// The running parts of a node.
+#[derive(Debug)]
+pub struct Node {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Effective configuration.
+    pub config: Config,
+    /// The node's signing key.
+    pub key: SigningKey,
+    /// The node's public key.
+    pub node: AuthorKey,
+    /// The genesis document.
+    pub genesis: Genesis,
+    /// The network id.
+    pub net: BlobHash,
+    /// The blob store.
+    pub store: Store,
+    /// The bearer token that authorises writes.
+    pub token: String,
+    /// When the node started.
+    pub started: Instant,
+}
+
+impl Node {
+    /// Opens an initialised data directory: loads keys and genesis, opens the store (recovering
+    /// from a crash if needed) and makes sure the genesis document is stored and pinned.
+    pub async fn open(data_dir: &Path, config: Config) -> anyhow::Result<Self> {
+        if !data_dir.join(files::NODE_KEY).exists() {
+            bail!(
+                "{} is not initialised; run `meshnode --data-dir {} init` first",
+                data_dir.display(),
+                data_dir.display()
+            );
+        }
+        let key = read_key_file(&data_dir.join(files::NODE_KEY))?;
+        let genesis_path = data_dir.join(files::GENESIS);
+        let genesis_bytes = std::fs::read(&genesis_path)
+            .with_context(|| format!("reading {}", genesis_path.display()))?;
+        let genesis = Genesis::decode(&genesis_bytes)
+            .with_context(|| format!("genesis {}", genesis_path.display()))?;
+        let net = BlobHash::of(&genesis_bytes);
+        let token = read_token(data_dir)?;
+        let store = Store::open(
+            &data_dir.join(files::BLOBS),
+            StoreConfig {
+                gc_interval: Duration::from_secs(config.store.gc_interval_secs.max(1)),
+            },
+        )
+        .await?;
+        store.add_bytes(genesis_bytes, PinMode::Pin).await?;
+        Ok(Self {
+            data_dir: data_dir.to_path_buf(),
+            config,
+            node: author_of(&key),
+            key,
+            genesis,
+            net,
+            store,
+            token,
+            started: Instant::now(),
+        })
+    }
+
+    /// Flushes and closes every component.
+    pub async fn shutdown(&self) -> anyhow::Result<()> {
+        self.store.shutdown().await?;
+        Ok(())
+    }
+}

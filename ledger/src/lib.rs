@@ -1,0 +1,2 @@
+//! meshnode ledger: per-author signed logs over the store — verification, validation, derived
+//! state, fork proofs, the transparency log and audit.

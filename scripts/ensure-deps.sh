@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what building and testing meshnode needs on a fresh Debian machine with Rust:
+# protoc (lance's build scripts) and the pinned Python packages of the interop tests.
+# Usage: scripts/ensure-deps.sh [build|test|bench]
+set -euo pipefail
+what="${1:-build}"
+
+SUDO=""
+if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
+
+apt_install() {
+    # Installs the Debian packages given as "command:package" pairs whose command is missing.
+    local missing=()
+    for pair in "$@"; do
+        local cmd="${pair%%:*}" pkg="${pair##*:}"
+        command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        echo "installing Debian packages: ${missing[*]}" >&2
+        $SUDO apt-get update -qq >&2 || true
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >&2
+    fi
+}
+
+apt_install protoc:protobuf-compiler
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo not found: install Rust (https://rustup.rs) first" >&2
+    exit 1
+fi
+
+if [ "$what" = "test" ] || [ "$what" = "bench" ]; then
+    apt_install python3:python3 pip3:python3-pip
+    if ! python3 -c 'import multiformats, blake3, nacl, dag_cbor, prometheus_client' 2>/dev/null; then
+        echo "installing pinned Python test packages" >&2
+        python3 -m pip install -q -r tests/python/requirements.txt >&2 \
+            || python3 -m pip install -q --break-system-packages -r tests/python/requirements.txt >&2
+    fi
+fi

@@ -1,0 +1,722 @@
+//! The blob store: iroh-blobs `FsStore` with durable adds, verified reads, pins, GC, quarantine.
+
+use std::collections::HashSet;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bao_tree::ChunkRanges;
+use bao_tree::io::EncodeError;
+use bao_tree::io::mixed::EncodedItem;
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use iroh_blobs::api::blobs::{AddPathOptions, AddProgressItem, BlobStatus, ImportMode};
+use iroh_blobs::store::fs::FsStore;
+use iroh_blobs::store::fs::options::{Options, PathOptions};
+use iroh_blobs::protocol::ChunkRangesExt;
+use iroh_blobs::{BlobFormat, Hash, HashAndFormat};
+use meshnode_schemas::BlobHash;
+
+use crate::barrier::Barrier;
+use crate::error::{Error, Result, backend};
+use crate::gc::{GcRoots, GcShared};
+use crate::quarantine::Journal;
+
+/// Tag-name prefix of pins. A pin of blob `h` is the iroh-blobs tag `pin/<hex of h>`.
+const PIN_PREFIX: &str = "pin/";
+
+/// Largest blob [`Store::get_bytes`] returns in memory by default.
+pub const GET_BYTES_MAX_DEFAULT: u64 = 64 * 1024 * 1024;
+
+/// Store configuration.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Time between scheduled GC runs. Default: 10 minutes.
+    pub gc_interval: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            gc_interval: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What an add stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Added {
+    /// BLAKE3 of the bytes.
+    pub hash: BlobHash,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Whether an add pins the blob (GC never removes pinned blobs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinMode {
+    /// Pin the blob (tag `pin/<hex>`), durably, before acknowledging.
+    Pin,
+    /// Do not pin; the caller protects the blob some other way (e.g. a ledger root) or lets
+    /// GC collect it.
+    NoPin,
+}
+
+/// What the store knows about one blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobStat {
+    /// Size in bytes (for a partial blob, the size if known, else 0).
+    pub size: u64,
+    /// Whether every byte is present.
+    pub complete: bool,
+    /// Whether the blob is pinned.
+    pub pinned: bool,
+}
+
+/// A verified byte stream of (part of) a blob.
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>;
+
+/// A readable blob range: total size, the range served, and a stream of verified bytes.
+pub struct BlobRead {
+    /// The blob's size.
+    pub size: u64,
+    /// The byte range the stream yields.
+    pub range: Range<u64>,
+    /// The bytes, each piece verified against the hash before it is yielded. A mismatch ends
+    /// the stream with [`Error::Corrupt`] and quarantines the blob.
+    pub stream: ByteStream,
+}
+
+impl std::fmt::Debug for BlobRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobRead")
+            .field("size", &self.size)
+            .field("range", &self.range)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    fs: FsStore,
+    root: PathBuf,
+    paths: PathOptions,
+    barrier: Barrier,
+    gc: Arc<GcShared>,
+    journal: Journal,
+    n_corrupt: AtomicU64,
+    _lock: std::fs::File,
+}
+
+/// The content-addressed blob store of a node. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("root", &self.inner.root)
+            .finish_non_exhaustive()
+    }
+}
+
+fn to_iroh(hash: &BlobHash) -> Hash {
+    Hash::from_bytes(*hash.as_bytes())
+}
+
+fn from_iroh(hash: &Hash) -> BlobHash {
+    BlobHash::from_bytes(*hash.as_bytes())
+}
+
+fn pin_tag(hash: &BlobHash) -> String {
+    format!("{PIN_PREFIX}{}", hash.to_hex())
+}
+
+impl Store {
+    /// Opens (or creates) the store under `root`, recovering from a crash if the previous
+    /// process did not shut down cleanly: quarantines left half-done are completed and a
+    /// background scrub verifies every blob.
+    ///
+    /// Errors with [`Error::Locked`] if another process has the directory open.
+    pub async fn open(root: &Path, config: StoreConfig) -> Result<Self> {
+        std::fs::create_dir_all(root)?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(root.join("LOCK"))?;
+        lock.try_lock()
+            .map_err(|_| Error::Locked(root.display().to_string()))?;
+        let running_marker = root.join("RUNNING");
+        let unclean = running_marker.exists();
+
+        let gc = GcShared::new(config.gc_interval);
+        let mut options = Options::new(root);
+        options.gc = Some(gc.config());
+        let paths = options.path.clone();
+        let fs = FsStore::load_with_opts(root.join("blobs.db"), options)
+            .await
+            .map_err(backend)?;
+        let barrier = Barrier::start(fs.clone(), paths.data_path.clone());
+        let journal = Journal::open(&root.join("quarantine.log"))?;
+        std::fs::write(&running_marker, b"")?;
+        std::fs::File::open(root)?.sync_all()?;
+        let store = Store {
+            inner: Arc::new(Inner {
+                fs,
+                root: root.to_path_buf(),
+                paths,
+                barrier,
+                gc,
+                journal,
+                n_corrupt: AtomicU64::new(0),
+                _lock: lock,
+            }),
+        };
+        store.finish_pending_quarantines().await?;
+        if unclean {
+            tracing::warn!("store was not shut down cleanly; verifying blobs in the background");
+            let scrubber = store.clone();
+            tokio::spawn(async move {
+                match scrubber.scrub().await {
+                    Ok(report) => tracing::info!(
+                        n_checked = report.n_checked,
+                        n_corrupt = report.n_corrupt,
+                        "background scrub finished"
+                    ),
+                    Err(e) => tracing::warn!("background scrub failed: {e}"),
+                }
+            });
+        }
+        Ok(store)
+    }
+
+    /// Flushes everything and closes the metadata database; marks the shutdown clean.
+    pub async fn shutdown(&self) -> Result<()> {
+        self.inner.fs.sync_db().await.map_err(backend)?;
+        self.inner.fs.shutdown().await.map_err(backend)?;
+        std::fs::remove_file(self.inner.root.join("RUNNING")).ok();
+        Ok(())
+    }
+
+    /// The iroh-blobs store underneath, for the network protocol (sync). Writes through it
+    /// are not durable until [`Store::make_durable`] ran for them.
+    pub fn iroh(&self) -> &FsStore {
+        &self.inner.fs
+    }
+
+    /// The directory of the store.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// Registers a source of GC roots (see [`GcRoots`]).
+    pub fn add_gc_roots(&self, hook: Arc<dyn GcRoots>) {
+        self.inner.gc.add_hook(hook);
+    }
+
+    /// Number of corrupt blobs detected since the store was opened.
+    pub fn n_corrupt(&self) -> u64 {
+        self.inner.n_corrupt.load(Ordering::Relaxed)
+    }
+
+    fn data_files(&self, hash: &BlobHash) -> Vec<PathBuf> {
+        let h = to_iroh(hash);
+        vec![
+            self.inner.paths.data_path(&h),
+            self.inner.paths.outboard_path(&h),
+        ]
+    }
+
+    /// Makes blobs written through [`Store::iroh`] (e.g. downloads) durable. Returns after
+    /// their bytes and metadata survive a crash.
+    pub async fn make_durable(&self, hashes: &[BlobHash]) -> Result<()> {
+        let files = hashes.iter().flat_map(|h| self.data_files(h)).collect();
+        self.inner.barrier.sync(files).await
+    }
+
+    /// Stores `data`. Returns after the blob (and its pin, if requested) is durable.
+    pub async fn add_bytes(&self, data: impl Into<Bytes>, pin: PinMode) -> Result<Added> {
+        let _writer = self.inner.gc.lock.clone().read_owned().await;
+        let data: Bytes = data.into();
+        let size = data.len() as u64;
+        let tag = self
+            .inner
+            .fs
+            .blobs()
+            .add_bytes(data)
+            .temp_tag()
+            .await
+            .map_err(backend)?;
+        let hash = from_iroh(&tag.hash());
+        self.finish_add(hash, size, pin).await?;
+        drop(tag);
+        Ok(Added { hash, size })
+    }
+
+    /// Stores the bytes of `stream`, refusing more than `limit_bytes` (nothing is kept then).
+    /// Returns after the blob (and its pin, if requested) is durable.
+    pub async fn add_stream<S>(&self, stream: S, limit_bytes: u64, pin: PinMode) -> Result<Added>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Send + Sync + Unpin + 'static,
+    {
+        let _writer = self.inner.gc.lock.clone().read_owned().await;
+        let seen = Arc::new(AtomicU64::new(0));
+        let counter = seen.clone();
+        let capped = stream.map(move |item| {
+            let chunk = item?;
+            let total = counter.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
+            if total > limit_bytes {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::FileTooLarge,
+                    format!("more than {limit_bytes} bytes"),
+                ));
+            }
+            Ok(chunk)
+        });
+        let progress = self.inner.fs.blobs().add_stream(capped).await;
+        let result = progress.temp_tag().await;
+        let tag = match result {
+            Ok(tag) => tag,
+            Err(e) => {
+                if seen.load(Ordering::Relaxed) > limit_bytes {
+                    return Err(Error::TooLarge { limit_bytes });
+                }
+                return Err(backend(e));
+            }
+        };
+        let hash = from_iroh(&tag.hash());
+        let size = seen.load(Ordering::Relaxed);
+        self.finish_add(hash, size, pin).await?;
+        drop(tag);
+        Ok(Added { hash, size })
+    }
+
+    /// Stores a copy of the file at `path` (which must be absolute), reporting progress in
+    /// bytes to `progress`. Returns after the blob (and its pin) is durable.
+    pub async fn add_file(
+        &self,
+        path: &Path,
+        pin: PinMode,
+        progress: impl Fn(AddPhase, u64) + Send,
+    ) -> Result<Added> {
+        let _writer = self.inner.gc.lock.clone().read_owned().await;
+        let path = std::path::absolute(path)?;
+        let mut stream = self
+            .inner
+            .fs
+            .blobs()
+            .add_path_with_opts(AddPathOptions {
+                path,
+                mode: ImportMode::Copy,
+                format: BlobFormat::Raw,
+            })
+            .stream()
+            .await;
+        let mut size = 0;
+        let mut tag = None;
+        while let Some(item) = stream.next().await {
+            match item {
+                AddProgressItem::Size(s) => size = s,
+                AddProgressItem::CopyProgress(offset) => progress(AddPhase::Copy, offset),
+                AddProgressItem::OutboardProgress(offset) => progress(AddPhase::Hash, offset),
+                AddProgressItem::Done(t) => {
+                    tag = Some(t);
+                    break;
+                }
+                AddProgressItem::Error(e) => return Err(backend(e)),
+                AddProgressItem::CopyDone => {}
+            }
+        }
+        let tag = tag.ok_or_else(|| Error::Backend("add ended without a result".into()))?;
+        let hash = from_iroh(&tag.hash());
+        progress(AddPhase::Sync, size);
+        self.finish_add(hash, size, pin).await?;
+        drop(tag);
+        Ok(Added { hash, size })
+    }
+
+    async fn finish_add(&self, hash: BlobHash, _size: u64, pin: PinMode) -> Result<()> {
+        if self.is_quarantined(&hash) {
+            return Err(Error::Quarantined(hash));
+        }
+        if pin == PinMode::Pin {
+            self.inner
+                .fs
+                .tags()
+                .set(pin_tag(&hash), HashAndFormat::raw(to_iroh(&hash)))
+                .await
+                .map_err(backend)?;
+        }
+        self.inner.barrier.sync(self.data_files(&hash)).await
+    }
+
+    fn is_quarantined(&self, hash: &BlobHash) -> bool {
+        self.inner
+            .gc
+            .quarantined
+            .lock()
+            .expect("invariant: quarantine lock is never poisoned")
+            .contains(hash)
+    }
+
+    /// Size, completeness and pin state, or `None` if nothing of the blob is stored.
+    pub async fn stat(&self, hash: &BlobHash) -> Result<Option<BlobStat>> {
+        if self.is_quarantined(hash) {
+            return Ok(None);
+        }
+        let status = self
+            .inner
+            .fs
+            .blobs()
+            .status(to_iroh(hash))
+            .await
+            .map_err(backend)?;
+        let (size, complete) = match status {
+            BlobStatus::NotFound => return Ok(None),
+            BlobStatus::Partial { size } => (size.unwrap_or(0), false),
+            BlobStatus::Complete { size } => (size, true),
+        };
+        let pinned = self.is_pinned(hash).await?;
+        Ok(Some(BlobStat {
+            size,
+            complete,
+            pinned,
+        }))
+    }
+
+    /// Whether the complete blob is stored (and not quarantined).
+    pub async fn has(&self, hash: &BlobHash) -> Result<bool> {
+        if self.is_quarantined(hash) {
+            return Ok(false);
+        }
+        self.inner
+            .fs
+            .blobs()
+            .has(to_iroh(hash))
+            .await
+            .map_err(backend)
+    }
+
+    /// Every stored blob hash (complete or partial).
+    pub async fn list(&self) -> Result<Vec<BlobHash>> {
+        let hashes = self
+            .inner
+            .fs
+            .blobs()
+            .list()
+            .hashes()
+            .await
+            .map_err(backend)?;
+        Ok(hashes.iter().map(from_iroh).collect())
+    }
+
+    /// Opens a verified read of `range` (the whole blob if `None`). Errors with
+    /// [`Error::NotFound`] if the blob is not complete here, [`Error::InvalidRange`] if the
+    /// range does not lie within it.
+    pub async fn read(&self, hash: &BlobHash, range: Option<Range<u64>>) -> Result<BlobRead> {
+        if self.is_quarantined(hash) {
+            return Err(Error::Quarantined(*hash));
+        }
+        let status = self
+            .inner
+            .fs
+            .blobs()
+            .status(to_iroh(hash))
+            .await
+            .map_err(backend)?;
+        let BlobStatus::Complete { size } = status else {
+            return Err(Error::NotFound(*hash));
+        };
+        let range = range.unwrap_or(0..size);
+        if range.start > range.end || range.end > size || (range.start == size && size > 0) {
+            return Err(Error::InvalidRange {
+                start: range.start,
+                end: range.end,
+                size,
+            });
+        }
+        let chunks = if range.start == 0 && range.end == size {
+            ChunkRanges::all()
+        } else {
+            ChunkRanges::bytes(range.start..range.end)
+        };
+        let items = self.inner.fs.blobs().export_bao(to_iroh(hash), chunks).stream();
+        let store = self.clone();
+        let hash = *hash;
+        let wanted = range.clone();
+        let stream = items.filter_map(move |item| {
+            let out = match item {
+                EncodedItem::Leaf(leaf) => {
+                    let start = leaf.offset;
+                    let end = start + leaf.data.len() as u64;
+                    let lo = wanted.start.max(start);
+                    let hi = wanted.end.min(end);
+                    if lo < hi {
+                        Some(Ok(leaf.data.slice((lo - start) as usize..(hi - start) as usize)))
+                    } else {
+                        None
+                    }
+                }
+                EncodedItem::Error(e) => Some(Err(store.on_read_error(hash, e))),
+                EncodedItem::Size(_) | EncodedItem::Parent(_) | EncodedItem::Done => None,
+            };
+            std::future::ready(out)
+        });
+        // A quarantine started from inside the stream is asynchronous (see `on_read_error`).
+        Ok(BlobRead {
+            size,
+            range,
+            stream: Box::pin(stream),
+        })
+    }
+
+    /// Reads a whole blob into memory, verified. Refuses blobs larger than `limit_bytes`.
+    pub async fn get_bytes(&self, hash: &BlobHash, limit_bytes: u64) -> Result<Bytes> {
+        let read = self.read(hash, None).await?;
+        if read.size > limit_bytes {
+            return Err(Error::TooLarge { limit_bytes });
+        }
+        collect(read).await
+    }
+
+    fn on_read_error(&self, hash: BlobHash, error: EncodeError) -> Error {
+        match error {
+            EncodeError::Io(ref e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Error::NotFound(hash)
+            }
+            EncodeError::ParentWrite(_) | EncodeError::LeafWrite(_) => {
+                Error::Backend(format!("read of {hash} interrupted: {error}"))
+            }
+            // A hash mismatch, a size mismatch or an unreadable file of a complete blob: the
+            // bytes on disk are not the blob. Never serve them; quarantine.
+            other => {
+                tracing::error!(%hash, "blob failed verification: {other}");
+                self.inner.n_corrupt.fetch_add(1, Ordering::Relaxed);
+                let store = self.clone();
+                let reason = other.to_string();
+                tokio::spawn(async move {
+                    if let Err(e) = store.quarantine(hash, &reason).await {
+                        tracing::error!(%hash, "quarantine failed: {e}");
+                    }
+                });
+                Error::Corrupt(hash)
+            }
+        }
+    }
+
+    /// Quarantines a blob whose bytes failed verification: it is no longer served, its data is
+    /// deleted (pins stay, pointing at the now missing blob, so a re-add or re-fetch restores
+    /// it), and a journal entry makes the procedure finish after a crash.
+    pub async fn quarantine(&self, hash: BlobHash, reason: &str) -> Result<()> {
+        {
+            let mut set = self
+                .inner
+                .gc
+                .quarantined
+                .lock()
+                .expect("invariant: quarantine lock is never poisoned");
+            if !set.insert(hash) {
+                return Ok(());
+            }
+        }
+        let pinned = self.is_pinned(&hash).await?;
+        self.inner.journal.begin(&hash, pinned, reason)?;
+        self.purge(hash, pinned).await
+    }
+
+    async fn purge(&self, hash: BlobHash, pinned: bool) -> Result<()> {
+        if pinned {
+            self.inner
+                .fs
+                .tags()
+                .delete(pin_tag(&hash))
+                .await
+                .map_err(backend)?;
+        }
+        let gc_result = self.inner.gc.run_now().await;
+        if pinned {
+            self.inner
+                .fs
+                .tags()
+                .set(pin_tag(&hash), HashAndFormat::raw(to_iroh(&hash)))
+                .await
+                .map_err(backend)?;
+        }
+        self.inner.barrier.sync(Vec::new()).await?;
+        gc_result?;
+        self.inner.journal.end(&hash)?;
+        self.inner
+            .gc
+            .quarantined
+            .lock()
+            .expect("invariant: quarantine lock is never poisoned")
+            .remove(&hash);
+        tracing::warn!(%hash, "corrupt blob removed; re-add or fetch it from a peer");
+        Ok(())
+    }
+
+    async fn finish_pending_quarantines(&self) -> Result<()> {
+        for (hash, pinned) in self.inner.journal.pending()? {
+            self.inner
+                .gc
+                .quarantined
+                .lock()
+                .expect("invariant: quarantine lock is never poisoned")
+                .insert(hash);
+            let store = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.purge(hash, pinned).await {
+                    tracing::error!(%hash, "finishing quarantine failed: {e}");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Verifies every complete blob, quarantining those whose bytes do not match their hash.
+    pub async fn scrub(&self) -> Result<ScrubReport> {
+        let mut report = ScrubReport::default();
+        for hash in self.list().await? {
+            let Ok(read) = self.read(&hash, None).await else {
+                continue;
+            };
+            report.n_checked += 1;
+            let mut stream = read.stream;
+            while let Some(item) = stream.next().await {
+                if let Err(Error::Corrupt(_)) = item {
+                    report.n_corrupt += 1;
+                    report.corrupt.push(hash);
+                    break;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Pins a stored blob so that GC never removes it. Durable on return.
+    pub async fn pin(&self, hash: &BlobHash) -> Result<()> {
+        if !self.has(hash).await? {
+            return Err(Error::NotFound(*hash));
+        }
+        self.inner
+            .fs
+            .tags()
+            .set(pin_tag(hash), HashAndFormat::raw(to_iroh(hash)))
+            .await
+            .map_err(backend)?;
+        self.inner.barrier.sync(Vec::new()).await
+    }
+
+    /// Removes a pin. Returns whether the blob was pinned. Durable on return.
+    pub async fn unpin(&self, hash: &BlobHash) -> Result<bool> {
+        let n = self
+            .inner
+            .fs
+            .tags()
+            .delete(pin_tag(hash))
+            .await
+            .map_err(backend)?;
+        self.inner.barrier.sync(Vec::new()).await?;
+        Ok(n > 0)
+    }
+
+    /// Whether a blob is pinned.
+    pub async fn is_pinned(&self, hash: &BlobHash) -> Result<bool> {
+        Ok(self
+            .inner
+            .fs
+            .tags()
+            .get(pin_tag(hash))
+            .await
+            .map_err(backend)?
+            .is_some())
+    }
+
+    /// Every pinned hash, in hash order.
+    pub async fn pins(&self) -> Result<Vec<BlobHash>> {
+        let mut stream = self
+            .inner
+            .fs
+            .tags()
+            .list_prefix(PIN_PREFIX)
+            .await
+            .map_err(backend)?;
+        let mut out = Vec::new();
+        while let Some(tag) = stream.next().await {
+            let tag = tag.map_err(backend)?;
+            out.push(from_iroh(&tag.hash));
+        }
+        Ok(out)
+    }
+
+    /// Runs garbage collection now and waits for it: deletes every blob that is not pinned,
+    /// not a root of a registered [`GcRoots`] hook and not being written.
+    pub async fn gc(&self) -> Result<GcReport> {
+        let before: HashSet<BlobHash> = self.list().await?.into_iter().collect();
+        self.inner.gc.run_now().await?;
+        let after: HashSet<BlobHash> = self.list().await?.into_iter().collect();
+        Ok(GcReport {
+            n_deleted: before.difference(&after).count() as u64,
+            n_kept: after.len() as u64,
+        })
+    }
+}
+
+/// Phases of a file add, for progress reporting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddPhase {
+    /// Copying into the store; the number is bytes copied.
+    Copy,
+    /// Computing the hash tree; the number is bytes hashed.
+    Hash,
+    /// Making the blob durable; the number is the size.
+    Sync,
+}
+
+/// Result of [`Store::gc`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Blobs deleted by this run (including ones deleted concurrently by other means).
+    pub n_deleted: u64,
+    /// Blobs left.
+    pub n_kept: u64,
+}
+
+/// Result of [`Store::scrub`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScrubReport {
+    /// Blobs verified.
+    pub n_checked: u64,
+    /// Blobs that failed and were quarantined.
+    pub n_corrupt: u64,
+    /// Their hashes.
+    pub corrupt: Vec<BlobHash>,
+}
+
+/// Collects a verified read into memory.
+pub async fn collect(read: BlobRead) -> Result<Bytes> {
+    let mut stream = read.stream;
+    let mut first: Option<Bytes> = None;
+    let mut buffer: Vec<u8> = Vec::new();
+    while let Some(piece) = stream.next().await {
+        let piece = piece?;
+        match first.take() {
+            None if buffer.is_empty() => first = Some(piece),
+            None => buffer.extend_from_slice(&piece),
+            Some(previous) => {
+                buffer.reserve((read.range.end - read.range.start) as usize);
+                buffer.extend_from_slice(&previous);
+                buffer.extend_from_slice(&piece);
+            }
+        }
+    }
+    Ok(match first {
+        Some(only) => only,
+        None => Bytes::from(buffer),
+    })
+}

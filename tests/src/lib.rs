@@ -1,0 +1,234 @@
+//! Test harness: builds the real `meshnode` binary and runs real nodes on loopback.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("invariant: the tests crate is inside the workspace")
+        .to_path_buf()
+}
+
+/// Path of the `meshnode` binary, built (or brought up to date) once per test process with the
+/// same cargo, target directory and profile as the running test binary, and the same command as
+/// `make build` so that no dependency is compiled twice with different features.
+pub fn meshnode_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current exe");
+        // <target>/<profile>/deps/<test-binary>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary lives in <target>/<profile>/deps")
+            .to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut command = Command::new(cargo);
+        command
+            .current_dir(workspace_root())
+            .args(["build", "--quiet", "--bin", "meshnode"])
+            .env(
+                "CARGO_TARGET_DIR",
+                profile_dir.parent().expect("target dir"),
+            );
+        if release {
+            command.arg("--release");
+        }
+        let status = command.status().expect("run cargo build");
+        assert!(status.success(), "building the meshnode binary failed");
+        profile_dir.join("meshnode")
+    })
+    .clone()
+}
+
+/// A real node process on loopback with its own temporary data directory.
+#[derive(Debug)]
+pub struct TestNode {
+    dir: tempfile::TempDir,
+    /// Base URL of its HTTP API, e.g. `http://127.0.0.1:41234`.
+    pub url: String,
+    /// The bearer token.
+    pub token: String,
+    /// The address it listens on.
+    pub addr: String,
+    child: Option<Child>,
+    env: Vec<(String, String)>,
+}
+
+impl TestNode {
+    /// Initialises a data directory and starts a node on a free loopback port.
+    pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(&[])
+    }
+
+    /// Like [`TestNode::start`], with extra environment (e.g. `MESHNODE_CONNECTIONS_MAX`).
+    pub fn start_with(env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("meshnode-it-").tempdir()?;
+        let output = Command::new(meshnode_bin())
+            .arg("--data-dir")
+            .arg(dir.path())
+            .arg("init")
+            .output()?;
+        if !output.status.success() {
+            bail!("init failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        let token = std::fs::read_to_string(dir.path().join("api-token"))?
+            .trim()
+            .to_string();
+        let mut node = Self {
+            dir,
+            url: String::new(),
+            token,
+            addr: "127.0.0.1:0".into(),
+            child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        node.spawn()?;
+        Ok(node)
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let mut child = Command::new(meshnode_bin())
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .arg("--json")
+            .arg("serve")
+            .arg("--http-addr")
+            .arg(&self.addr)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", std::env::var("MESHNODE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning meshnode serve")?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let _ = tx.send(line);
+            // Keep draining so the child never blocks on a full pipe.
+            let mut sink = String::new();
+            while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                sink.clear();
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .map_err(|_| anyhow!("node did not report its address within 60 s"))?;
+        let value: serde_json::Value = serde_json::from_str(line.trim())
+            .with_context(|| format!("unexpected serve output {line:?}"))?;
+        let url = value["listening"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no `listening` in {value}"))?
+            .to_string();
+        self.addr = url.trim_start_matches("http://").to_string();
+        self.url = url;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Kills the process with SIGKILL (no chance to flush anything) and waits for it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the process with SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id().to_string();
+            Command::new("kill").args(["-TERM", &pid]).status()?;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Some(status) = child.try_wait()? {
+                    if !status.success() {
+                        bail!("node exited with {status}");
+                    }
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    bail!("node did not stop within 30 s of SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the process again on the same address and data directory.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.spawn()
+    }
+
+    /// Runs the `meshnode` CLI against this node.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_with_stdin(args, None)
+    }
+
+    /// Runs the CLI with bytes on stdin.
+    pub fn cli_with_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut command = Command::new(meshnode_bin());
+        command
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .arg("--api")
+            .arg(&self.url)
+            .args(args)
+            .env_remove("MESHNODE_DATA_DIR")
+            .env_remove("MESHNODE_API")
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("spawn meshnode cli");
+        if let Some(bytes) = stdin {
+            use std::io::Write;
+            let mut pipe = child.stdin.take().expect("stdin");
+            pipe.write_all(bytes).expect("write stdin");
+        }
+        child.wait_with_output().expect("cli output")
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs `python3 script args…` from `tests/python`, returning stdout; fails on a non-zero exit.
+pub fn python(script: &str, args: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new("python3")
+        .arg(workspace_root().join("tests/python").join(script))
+        .args(args)
+        .output()
+        .context("running python3 (make test installs it and the pinned packages)")?;
+    if !output.status.success() {
+        bail!(
+            "{script} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8(output.stdout)?)
+}

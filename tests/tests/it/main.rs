@@ -1,0 +1,7 @@
+//! Cross-crate integration tests: one test binary, one module per area.
+
+mod blobs_http;
+mod cli;
+mod durability;
+mod interop;
+mod layering;
