@@ -34,7 +34,12 @@ pub struct Cli {
     #[arg(long, global = true, env = "MESHNODE_API")]
     pub api: Option<String>,
     /// Bearer token for writes. Default: <data-dir>/api-token.
-    #[arg(long, global = true, env = "MESHNODE_API_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "MESHNODE_API_TOKEN",
+        hide_env_values = true
+    )]
     pub token: Option<String>,
     /// Machine-readable JSON output on stdout.
     #[arg(long, global = true)]
@@ -178,7 +183,8 @@ pub fn main() -> i32 {
                     .downcast_ref::<crate::client::ApiFailure>()
                     .map(|f| f.code.clone())
                     .unwrap_or_else(|| "error".to_string());
-                let value = serde_json::json!({"error": {"code": code, "message": format!("{error:#}")}});
+                let value =
+                    serde_json::json!({"error": {"code": code, "message": format!("{error:#}")}});
                 println!("{value}");
             }
             eprintln!("error: {error:#}");
@@ -392,7 +398,11 @@ async fn blob(cli: &Cli, command: &BlobCommand) -> anyhow::Result<()> {
     match command {
         BlobCommand::Add { input, no_pin } => {
             let (body, bar) = upload_body(input).await?;
-            let path = if *no_pin { "/v1/blobs?pin=false" } else { "/v1/blobs" };
+            let path = if *no_pin {
+                "/v1/blobs?pin=false"
+            } else {
+                "/v1/blobs"
+            };
             let request = client
                 .request(reqwest::Method::POST, path)
                 .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
@@ -403,7 +413,12 @@ async fn blob(cli: &Cli, command: &BlobCommand) -> anyhow::Result<()> {
             }
             let value = result?;
             print_value(cli, &value, |v| {
-                format!("{}  {}  {} bytes", plain(&v["hash"]), plain(&v["cid"]), v["size"])
+                format!(
+                    "{}  {}  {} bytes",
+                    plain(&v["hash"]),
+                    plain(&v["cid"]),
+                    v["size"]
+                )
             });
             Ok(())
         }
@@ -440,7 +455,12 @@ async fn blob(cli: &Cli, command: &BlobCommand) -> anyhow::Result<()> {
                 "size": header("content-length").parse::<u64>().unwrap_or(0),
             });
             print_value(cli, &value, |v| {
-                format!("{}  {}  {} bytes", plain(&v["hash"]), plain(&v["cid"]), v["size"])
+                format!(
+                    "{}  {}  {} bytes",
+                    plain(&v["hash"]),
+                    plain(&v["cid"]),
+                    v["size"]
+                )
             });
             Ok(())
         }
@@ -463,13 +483,12 @@ async fn upload_body(input: &str) -> anyhow::Result<(reqwest::Body, Option<Progr
         other => Some(progress_bar(other)),
     };
     let counter = bar.clone();
-    let stream = tokio_util::io::ReaderStream::with_capacity(reader, 256 * 1024).inspect(
-        move |chunk| {
+    let stream =
+        tokio_util::io::ReaderStream::with_capacity(reader, 256 * 1024).inspect(move |chunk| {
             if let (Some(bar), Ok(chunk)) = (&counter, chunk) {
                 bar.inc(chunk.len() as u64);
             }
-        },
-    );
+        });
     Ok((reqwest::Body::wrap_stream(stream), bar))
 }
 
@@ -492,7 +511,10 @@ async fn download(client: &Client, id: &str, output: Option<&Path>) -> anyhow::R
             let temp = path.with_extension("meshnode-partial");
             let file = std::fs::File::create(&temp)
                 .with_context(|| format!("cannot create {}", temp.display()))?;
-            (Box::new(std::io::BufWriter::new(file)), Some((temp, path.to_path_buf())))
+            (
+                Box::new(std::io::BufWriter::new(file)),
+                Some((temp, path.to_path_buf())),
+            )
         }
         None => (Box::new(std::io::stdout().lock()), None),
     };
@@ -571,7 +593,8 @@ fn key(cli: &Cli, command: &KeyCommand) -> anyhow::Result<()> {
             let key = node::generate_key();
             node::write_new_file(out, meshnode_schemas::key_file_text(&key).as_bytes(), 0o600)?;
             let public = meshnode_schemas::author_of(&key);
-            let value = serde_json::json!({"file": out.display().to_string(), "public": public.to_hex()});
+            let value =
+                serde_json::json!({"file": out.display().to_string(), "public": public.to_hex()});
             print_value(cli, &value, |_| public.to_hex());
         }
         KeyCommand::Show { file } => {

@@ -16,6 +16,13 @@ pub struct Client {
     token: Option<String>,
 }
 
+/// reqwest is built with `rustls-no-provider` (iroh's choice); the client never speaks TLS to a
+/// node, but building one needs a process-wide provider.
+pub fn install_crypto_provider() {
+    // Err means one is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// An error answer of the API, shown as `code: message`.
 #[derive(Debug, thiserror::Error)]
 #[error("{status} {code}: {message}")]
@@ -31,6 +38,7 @@ pub struct ApiFailure {
 impl Client {
     /// A client for the API at `base` (e.g. `http://127.0.0.1:8080`), with an optional token.
     pub fn new(base: &str, token: Option<String>) -> anyhow::Result<Self> {
+        install_crypto_provider();
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
@@ -58,7 +66,10 @@ impl Client {
     }
 
     /// Sends a request, turning connection failures and error answers into clear errors.
-    pub async fn send(&self, builder: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+    pub async fn send(
+        &self,
+        builder: reqwest::RequestBuilder,
+    ) -> anyhow::Result<reqwest::Response> {
         let response = builder.send().await.map_err(|e| {
             if e.is_connect() {
                 anyhow!(

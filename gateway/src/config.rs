@@ -118,8 +118,9 @@ impl Config {
     pub fn load(data_dir: &Path) -> anyhow::Result<Self> {
         let path = config_path(data_dir);
         let mut config = match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+            Ok(text) => {
+                toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
             Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", path.display())),
         };

@@ -55,8 +55,8 @@ pub fn generate_key() -> SigningKey {
 
 /// Reads a key file (64 lowercase hex characters and a newline).
 pub fn read_key_file(path: &Path) -> anyhow::Result<SigningKey> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading key file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading key file {}", path.display()))?;
     meshnode_schemas::parse_key_file(&text).with_context(|| format!("key file {}", path.display()))
 }
 
@@ -95,7 +95,11 @@ pub fn init(
         None => Genesis::new(network_name, node, now_ms()).encode()?,
     };
     let net = BlobHash::of(&genesis_bytes);
-    write_new_file(&data_dir.join(files::NODE_KEY), key_file_text(&key).as_bytes(), 0o600)?;
+    write_new_file(
+        &data_dir.join(files::NODE_KEY),
+        key_file_text(&key).as_bytes(),
+        0o600,
+    )?;
     write_new_file(&data_dir.join(files::GENESIS), &genesis_bytes, 0o644)?;
     let token = hex::encode(rand::random::<[u8; 32]>());
     write_new_file(

@@ -65,7 +65,10 @@ impl SignedEvent {
         }
         let wire: EnvelopeWire = from_canonical(envelope)?;
         let sig: [u8; 64] = wire.sig.as_slice().try_into().map_err(|_| {
-            Error::Malformed(format!("signature must be 64 bytes, got {}", wire.sig.len()))
+            Error::Malformed(format!(
+                "signature must be 64 bytes, got {}",
+                wire.sig.len()
+            ))
         })?;
         let body = EventBody::decode(&wire.body)?;
         Ok(Self {

@@ -54,7 +54,7 @@ impl Vector {
     /// finite.
     pub fn check(&self, field: &'static str) -> Result<()> {
         let bad = |reason: String| Error::BadVector { field, reason };
-        if self.bytes.len() % 4 != 0 {
+        if !self.bytes.len().is_multiple_of(4) {
             return Err(bad(format!(
                 "{} bytes is not a whole number of little-endian f32 values",
                 self.bytes.len()
@@ -412,7 +412,11 @@ impl Payload {
                     });
                 }
                 if p.metadata.len() > METADATA_ENTRIES_MAX {
-                    return Err(too_large("metadata", p.metadata.len(), METADATA_ENTRIES_MAX));
+                    return Err(too_large(
+                        "metadata",
+                        p.metadata.len(),
+                        METADATA_ENTRIES_MAX,
+                    ));
                 }
                 for (key, value) in &p.metadata {
                     text("metadata", key, TEXT_SHORT_BYTES_MAX)?;
@@ -451,7 +455,9 @@ impl Payload {
                 }
             }
             Payload::ReputationDelta(p) => {
-                p.subject.validate().map_err(|e| field("subject", e.to_string()))?;
+                p.subject
+                    .validate()
+                    .map_err(|e| field("subject", e.to_string()))?;
                 if p.delta.abs() > REPUTATION_DELTA_ABS_MAX {
                     return Err(field(
                         "delta",
@@ -476,7 +482,9 @@ impl Payload {
             }
             Payload::BlobHost(_) => {}
             Payload::KeyRotate(p) => {
-                p.new_key.validate().map_err(|e| field("new_key", e.to_string()))?;
+                p.new_key
+                    .validate()
+                    .map_err(|e| field("new_key", e.to_string()))?;
             }
         }
         Ok(())
@@ -500,7 +508,10 @@ fn too_large(what: &'static str, size: usize, max: usize) -> Error {
 
 fn text(name: &'static str, value: &str, max: usize) -> Result<()> {
     if value.len() > max {
-        return Err(field(name, format!("{} bytes, at most {max} allowed", value.len())));
+        return Err(field(
+            name,
+            format!("{} bytes, at most {max} allowed", value.len()),
+        ));
     }
     if value.chars().any(|c| c == '\0') {
         return Err(field(name, "must not contain NUL"));

@@ -96,7 +96,10 @@ impl Genesis {
                 .map_err(|e| field("issuers", &e.to_string()))?;
         }
         if !self.basin_outlier_max.is_finite() || self.basin_outlier_max <= 0.0 {
-            return Err(field("basin_outlier_max", "must be a finite positive number"));
+            return Err(field(
+                "basin_outlier_max",
+                "must be a finite positive number",
+            ));
         }
         Ok(())
     }

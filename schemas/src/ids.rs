@@ -29,7 +29,11 @@ fn parse_hex32(what: &'static str, text: &str) -> Result<[u8; ID_BYTES]> {
     if text.len() != 2 * ID_BYTES {
         return Err(Error::InvalidId {
             what,
-            reason: format!("expected {} hex characters, got {}", 2 * ID_BYTES, text.len()),
+            reason: format!(
+                "expected {} hex characters, got {}",
+                2 * ID_BYTES,
+                text.len()
+            ),
         });
     }
     let mut out = [0u8; ID_BYTES];
@@ -162,7 +166,9 @@ impl BlobHash {
             return Err(invalid("wrong length for a raw blake3 CIDv1"));
         }
         if bytes[..CID_PREFIX.len()] != CID_PREFIX {
-            return Err(invalid("not a CIDv1 with codec raw (0x55) and multihash blake3 (0x1e, 32 bytes)"));
+            return Err(invalid(
+                "not a CIDv1 with codec raw (0x55) and multihash blake3 (0x1e, 32 bytes)",
+            ));
         }
         Self::from_slice(&bytes[CID_PREFIX.len()..])
     }

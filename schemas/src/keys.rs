@@ -19,7 +19,10 @@ pub fn parse_key_file(text: &str) -> Result<SigningKey> {
             hex_part.len()
         )));
     }
-    if hex_part.bytes().any(|b| !matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if hex_part
+        .bytes()
+        .any(|b| !matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
         return Err(Error::BadKeyFile("expected lowercase hex".into()));
     }
     let mut seed = [0u8; 32];

@@ -18,7 +18,7 @@ pub use ed25519_dalek::SigningKey;
 pub use envelope::{SignedEvent, signing_message, verify_signature};
 pub use error::{Error, Result};
 pub use event::{
-    BasinDelta, BasinPublish, BlobHost, EventBody, Kind, KeyRotate, NodeAnnounce, Payload,
+    BasinDelta, BasinPublish, BlobHost, EventBody, KeyRotate, Kind, NodeAnnounce, Payload,
     ReputationDelta, SkillEndorse, SkillPublish, TokenMint, TokenTransfer, Vector,
 };
 pub use genesis::Genesis;

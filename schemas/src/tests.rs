@@ -78,7 +78,13 @@ fn golden_key_file() {
         author_of(&parse_key_file(&text).expect("parse")).to_hex(),
         "8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c"
     );
-    for bad in ["", "01", &"0G".repeat(32), &"AB".repeat(32), &format!("{}\n\n", "01".repeat(32))] {
+    for bad in [
+        "",
+        "01",
+        &"0G".repeat(32),
+        &"AB".repeat(32),
+        &format!("{}\n\n", "01".repeat(32)),
+    ] {
         assert!(parse_key_file(bad).is_err(), "{bad:?} accepted");
     }
 }
@@ -104,7 +110,10 @@ fn rejects_non_canonical_bodies() {
     // Trailing byte.
     let mut trailing = body.clone();
     trailing.push(0);
-    assert!(matches!(body_err(&trailing), Error::Malformed(_) | Error::NonCanonical));
+    assert!(matches!(
+        body_err(&trailing),
+        Error::Malformed(_) | Error::NonCanonical
+    ));
 
     // The same map with a null `prev` (absent is the only canonical form).
     #[derive(serde::Serialize)]
@@ -159,7 +168,10 @@ fn rejects_unknown_fields_and_kinds() {
 
     let mut map: BTreeMap<String, ipld_core::ipld::Ipld> =
         serde_ipld_dagcbor::from_slice(&transfer_body().encode().expect("encode")).expect("map");
-    map.insert("kind".into(), ipld_core::ipld::Ipld::String("token.steal".into()));
+    map.insert(
+        "kind".into(),
+        ipld_core::ipld::Ipld::String("token.steal".into()),
+    );
     let bytes = to_canonical(&map).expect("encode");
     assert!(matches!(body_err(&bytes), Error::UnknownKind(_)));
 
@@ -194,9 +206,10 @@ fn vector_bytes(values: &[f32]) -> Vec<u8> {
 fn vectors() {
     #[track_caller]
     fn check(bytes: Vec<u8>, ok: bool) {
-        let vector: Vector =
-            serde_ipld_dagcbor::from_slice(&to_canonical(&serde_bytes::ByteBuf::from(bytes.clone())).expect("enc"))
-                .expect("decode");
+        let vector: Vector = serde_ipld_dagcbor::from_slice(
+            &to_canonical(&serde_bytes::ByteBuf::from(bytes.clone())).expect("enc"),
+        )
+        .expect("decode");
         assert_eq!(vector.check("embedding").is_ok(), ok, "{bytes:?}");
     }
     check(vector_bytes(&[0.5, -1.0, 3.25]), true);
@@ -208,7 +221,10 @@ fn vectors() {
     check(vec![0; 4 * (VECTOR_DIM_MAX + 1)], false);
     check(vec![0; 4 * VECTOR_DIM_MAX], true);
     assert!(Vector::new(&[f32::NAN]).is_err());
-    assert_eq!(Vector::new(&[1.0, 2.0]).expect("vector").values(), vec![1.0, 2.0]);
+    assert_eq!(
+        Vector::new(&[1.0, 2.0]).expect("vector").values(),
+        vec![1.0, 2.0]
+    );
 }
 
 /// Small-order points (the 8-torsion subgroup): keys built from them must be refused.
@@ -226,7 +242,10 @@ const SMALL_ORDER_POINTS: [&str; 7] = [
 fn refuses_weak_and_non_canonical_keys() {
     for hex_key in SMALL_ORDER_POINTS {
         let key = AuthorKey::from_hex(hex_key).expect("hex");
-        assert!(matches!(key.validate(), Err(Error::BadKey(_))), "{hex_key} accepted");
+        assert!(
+            matches!(key.validate(), Err(Error::BadKey(_))),
+            "{hex_key} accepted"
+        );
     }
     // y = p (2^255 - 19) is a non-canonical encoding of y = 0.
     let non_canonical =
@@ -297,13 +316,23 @@ fn header_rules() {
         },
         "prev",
     );
-    check(|b| b.deps = vec![EventId::from_bytes([9; 32]), EventId::from_bytes([8; 32])], "deps");
-    check(|b| b.deps = vec![EventId::from_bytes([9; 32]); 2], "deps");
     check(
-        |b| b.deps = (0..=DEPS_MAX as u8).map(|i| EventId::from_bytes([i; 32])).collect(),
+        |b| b.deps = vec![EventId::from_bytes([9; 32]), EventId::from_bytes([8; 32])],
         "deps",
     );
-    check(|b| b.author = AuthorKey::from_hex(SMALL_ORDER_POINTS[0]).expect("hex"), "author");
+    check(|b| b.deps = vec![EventId::from_bytes([9; 32]); 2], "deps");
+    check(
+        |b| {
+            b.deps = (0..=DEPS_MAX as u8)
+                .map(|i| EventId::from_bytes([i; 32]))
+                .collect()
+        },
+        "deps",
+    );
+    check(
+        |b| b.author = AuthorKey::from_hex(SMALL_ORDER_POINTS[0]).expect("hex"),
+        "author",
+    );
 }
 
 #[test]
@@ -390,31 +419,45 @@ fn arb_author() -> impl Strategy<Value = AuthorKey> {
 
 fn arb_payload() -> impl Strategy<Value = Payload> {
     prop_oneof![
-        (arb_text(20), proptest::collection::vec(arb_text(10), 0..3), arb_vector(), arb_text(30))
-            .prop_map(|(service, caps, v, addr)| Payload::NodeAnnounce(NodeAnnounce {
-                service,
-                endpoints: caps.clone(),
-                capabilities: caps,
-                basin_signature: v,
-                addr,
-            })),
-        (arb_text(20), arb_vector(), any::<[u8; 32]>(), any::<u64>(), any::<u64>()).prop_map(
-            |(t, v, blob, size, price)| Payload::SkillPublish(SkillPublish {
-                skill_id: format!("s{t}"),
-                name: t.clone(),
-                version: "1.0".into(),
-                description: t.clone(),
-                domain: t,
-                capabilities: vec![],
-                specializations: vec!["x".into()],
-                embedding: v,
-                blob: BlobHash::from_bytes(blob),
-                size,
-                base_model: "m".into(),
-                license: "MIT".into(),
-                price,
-            })
-        ),
+        (
+            arb_text(20),
+            proptest::collection::vec(arb_text(10), 0..3),
+            arb_vector(),
+            arb_text(30)
+        )
+            .prop_map(
+                |(service, caps, v, addr)| Payload::NodeAnnounce(NodeAnnounce {
+                    service,
+                    endpoints: caps.clone(),
+                    capabilities: caps,
+                    basin_signature: v,
+                    addr,
+                })
+            ),
+        (
+            arb_text(20),
+            arb_vector(),
+            any::<[u8; 32]>(),
+            any::<u64>(),
+            any::<u64>()
+        )
+            .prop_map(
+                |(t, v, blob, size, price)| Payload::SkillPublish(SkillPublish {
+                    skill_id: format!("s{t}"),
+                    name: t.clone(),
+                    version: "1.0".into(),
+                    description: t.clone(),
+                    domain: t,
+                    capabilities: vec![],
+                    specializations: vec!["x".into()],
+                    embedding: v,
+                    blob: BlobHash::from_bytes(blob),
+                    size,
+                    base_model: "m".into(),
+                    license: "MIT".into(),
+                    price,
+                })
+            ),
         (arb_id(), 0u64..=1000, arb_text(40)).prop_map(|(skill, score, note)| {
             Payload::SkillEndorse(SkillEndorse {
                 skill,
@@ -423,13 +466,17 @@ fn arb_payload() -> impl Strategy<Value = Payload> {
                 note,
             })
         }),
-        (arb_vector(), proptest::collection::btree_map(arb_text(8), arb_text(8), 0..4)).prop_map(
-            |(coordinates, metadata)| Payload::BasinPublish(BasinPublish {
-                basin_id: "basin".into(),
-                coordinates,
-                metadata,
-            })
-        ),
+        (
+            arb_vector(),
+            proptest::collection::btree_map(arb_text(8), arb_text(8), 0..4)
+        )
+            .prop_map(
+                |(coordinates, metadata)| Payload::BasinPublish(BasinPublish {
+                    basin_id: "basin".into(),
+                    coordinates,
+                    metadata,
+                })
+            ),
         (arb_id(), arb_vector(), 1u64..=1_000_000).prop_map(|(parent, values, weight_ppm)| {
             Payload::BasinDelta(BasinDelta {
                 basin_id: "basin".into(),
@@ -439,14 +486,19 @@ fn arb_payload() -> impl Strategy<Value = Payload> {
                 weight_ppm,
             })
         }),
-        (arb_author(), -1000i64..=1000, proptest::option::of(any::<[u8; 32]>())).prop_map(
-            |(subject, delta, evidence)| Payload::ReputationDelta(ReputationDelta {
-                subject,
-                delta,
-                reason: "r".into(),
-                evidence: evidence.map(Digest32::from_bytes),
-            })
-        ),
+        (
+            arb_author(),
+            -1000i64..=1000,
+            proptest::option::of(any::<[u8; 32]>())
+        )
+            .prop_map(|(subject, delta, evidence)| Payload::ReputationDelta(
+                ReputationDelta {
+                    subject,
+                    delta,
+                    reason: "r".into(),
+                    evidence: evidence.map(Digest32::from_bytes),
+                }
+            )),
         (arb_author(), 1u64..).prop_map(|(to, amount)| Payload::TokenMint(TokenMint {
             to,
             amount,
@@ -522,4 +574,3 @@ fn id_text_rejections() {
         assert!(BlobHash::parse(bad).is_err(), "{bad:?} accepted");
     }
 }
-

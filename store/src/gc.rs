@@ -6,7 +6,7 @@
 //! recorded" while marking), collects roots from every registered [`GcRoots`] hook, and drops
 //! quarantined hashes. The next invocation marks the end of the previous run.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,8 +37,9 @@ pub(crate) struct GcShared {
     /// Writers hold this shared between storing bytes and recording what keeps them alive.
     pub(crate) lock: Arc<RwLock<()>>,
     hooks: Mutex<Vec<Arc<dyn GcRoots>>>,
-    /// Hashes that must be deleted on the next run even if something references them.
-    pub(crate) quarantined: Mutex<HashSet<BlobHash>>,
+    /// Hashes that must be deleted on the next run even if something references them, with
+    /// whether they were pinned (their pin tag is away while the purge runs).
+    pub(crate) quarantined: Mutex<HashMap<BlobHash, bool>>,
     requests_tx: mpsc::Sender<Waiter>,
     requests_rx: tokio::sync::Mutex<mpsc::Receiver<Waiter>>,
     running: tokio::sync::Mutex<Running>,
@@ -65,7 +66,7 @@ impl GcShared {
         Arc::new(Self {
             lock: Arc::new(RwLock::new(())),
             hooks: Mutex::new(Vec::new()),
-            quarantined: Mutex::new(HashSet::new()),
+            quarantined: Mutex::new(HashMap::new()),
             requests_tx,
             requests_rx: tokio::sync::Mutex::new(requests_rx),
             running: tokio::sync::Mutex::new(Running::default()),
@@ -103,7 +104,9 @@ impl GcShared {
         match tokio::time::timeout(GC_WAIT_MAX, rx).await {
             Ok(Ok(result)) => result.map_err(Error::Gc),
             Ok(Err(_)) => Err(Error::Gc("garbage collector stopped".into())),
-            Err(_) => Err(Error::Gc("garbage collection did not finish in time".into())),
+            Err(_) => Err(Error::Gc(
+                "garbage collection did not finish in time".into(),
+            )),
         }
     }
 
@@ -169,7 +172,7 @@ impl GcShared {
         live.extend(
             roots
                 .into_iter()
-                .filter(|h| !quarantined.contains(h))
+                .filter(|h| !quarantined.contains_key(h))
                 .map(|h| Hash::from_bytes(*h.as_bytes())),
         );
         let mut running = self.running.lock().await;

@@ -14,9 +14,9 @@ use bao_tree::io::mixed::EncodedItem;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use iroh_blobs::api::blobs::{AddPathOptions, AddProgressItem, BlobStatus, ImportMode};
+use iroh_blobs::protocol::ChunkRangesExt;
 use iroh_blobs::store::fs::FsStore;
 use iroh_blobs::store::fs::options::{Options, PathOptions};
-use iroh_blobs::protocol::ChunkRangesExt;
 use iroh_blobs::{BlobFormat, Hash, HashAndFormat};
 use meshnode_schemas::BlobHash;
 
@@ -239,10 +239,14 @@ impl Store {
         self.inner.barrier.sync(files).await
     }
 
-    /// Stores `data`. Returns after the blob (and its pin, if requested) is durable.
+    /// Stores `data`. Returns after the blob (and its pin, if requested) is durable. If the
+    /// blob is being quarantined, waits (up to 30 s) for that to finish first, so that the
+    /// good bytes replace the bad ones.
     pub async fn add_bytes(&self, data: impl Into<Bytes>, pin: PinMode) -> Result<Added> {
-        let _writer = self.inner.gc.lock.clone().read_owned().await;
         let data: Bytes = data.into();
+        let expected = BlobHash::of(&data);
+        self.wait_quarantine(&expected).await?;
+        let _writer = self.inner.gc.lock.clone().read_owned().await;
         let size = data.len() as u64;
         let tag = self
             .inner
@@ -269,7 +273,8 @@ impl Store {
         let counter = seen.clone();
         let capped = stream.map(move |item| {
             let chunk = item?;
-            let total = counter.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
+            let total =
+                counter.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
             if total > limit_bytes {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::FileTooLarge,
@@ -355,13 +360,24 @@ impl Store {
         self.inner.barrier.sync(self.data_files(&hash)).await
     }
 
-    fn is_quarantined(&self, hash: &BlobHash) -> bool {
+    async fn wait_quarantine(&self, hash: &BlobHash) -> Result<()> {
+        for _ in 0..3000 {
+            if !self.is_quarantined(hash) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(Error::Quarantined(*hash))
+    }
+
+    /// Whether the blob failed verification and is being purged (it is not served meanwhile).
+    pub fn is_quarantined(&self, hash: &BlobHash) -> bool {
         self.inner
             .gc
             .quarantined
             .lock()
             .expect("invariant: quarantine lock is never poisoned")
-            .contains(hash)
+            .contains_key(hash)
     }
 
     /// Size, completeness and pin state, or `None` if nothing of the blob is stored.
@@ -445,7 +461,12 @@ impl Store {
         } else {
             ChunkRanges::bytes(range.start..range.end)
         };
-        let items = self.inner.fs.blobs().export_bao(to_iroh(hash), chunks).stream();
+        let items = self
+            .inner
+            .fs
+            .blobs()
+            .export_bao(to_iroh(hash), chunks)
+            .stream();
         let store = self.clone();
         let hash = *hash;
         let wanted = range.clone();
@@ -457,7 +478,9 @@ impl Store {
                     let lo = wanted.start.max(start);
                     let hi = wanted.end.min(end);
                     if lo < hi {
-                        Some(Ok(leaf.data.slice((lo - start) as usize..(hi - start) as usize)))
+                        Some(Ok(leaf
+                            .data
+                            .slice((lo - start) as usize..(hi - start) as usize)))
                     } else {
                         None
                     }
@@ -513,6 +536,7 @@ impl Store {
     /// deleted (pins stay, pointing at the now missing blob, so a re-add or re-fetch restores
     /// it), and a journal entry makes the procedure finish after a crash.
     pub async fn quarantine(&self, hash: BlobHash, reason: &str) -> Result<()> {
+        let pinned = self.is_pinned(&hash).await?;
         {
             let mut set = self
                 .inner
@@ -520,11 +544,10 @@ impl Store {
                 .quarantined
                 .lock()
                 .expect("invariant: quarantine lock is never poisoned");
-            if !set.insert(hash) {
+            if set.insert(hash, pinned).is_some() {
                 return Ok(());
             }
         }
-        let pinned = self.is_pinned(&hash).await?;
         self.inner.journal.begin(&hash, pinned, reason)?;
         self.purge(hash, pinned).await
     }
@@ -538,7 +561,23 @@ impl Store {
                 .await
                 .map_err(backend)?;
         }
-        let gc_result = self.inner.gc.run_now().await;
+        // A writer may hold a temp tag on the hash during one run (it then learns that the
+        // hash is quarantined and lets go), so run until the bytes are really gone.
+        let mut gc_result = Ok(());
+        for _ in 0..10 {
+            gc_result = self.inner.gc.run_now().await;
+            if gc_result.is_err()
+                || !self
+                    .inner
+                    .fs
+                    .blobs()
+                    .has(to_iroh(&hash))
+                    .await
+                    .map_err(backend)?
+            {
+                break;
+            }
+        }
         if pinned {
             self.inner
                 .fs
@@ -567,7 +606,7 @@ impl Store {
                 .quarantined
                 .lock()
                 .expect("invariant: quarantine lock is never poisoned")
-                .insert(hash);
+                .insert(hash, pinned);
             let store = self.clone();
             tokio::spawn(async move {
                 if let Err(e) = store.purge(hash, pinned).await {
@@ -627,6 +666,16 @@ impl Store {
 
     /// Whether a blob is pinned.
     pub async fn is_pinned(&self, hash: &BlobHash) -> Result<bool> {
+        if let Some(pinned) = self
+            .inner
+            .gc
+            .quarantined
+            .lock()
+            .expect("invariant: quarantine lock is never poisoned")
+            .get(hash)
+        {
+            return Ok(*pinned);
+        }
         Ok(self
             .inner
             .fs
@@ -646,12 +695,23 @@ impl Store {
             .list_prefix(PIN_PREFIX)
             .await
             .map_err(backend)?;
-        let mut out = Vec::new();
+        let mut out = std::collections::BTreeSet::new();
         while let Some(tag) = stream.next().await {
             let tag = tag.map_err(backend)?;
-            out.push(from_iroh(&tag.hash));
+            out.insert(from_iroh(&tag.hash));
         }
-        Ok(out)
+        // A pin is lifted for the moment its corrupt blob is purged; it is still a pin.
+        out.extend(
+            self.inner
+                .gc
+                .quarantined
+                .lock()
+                .expect("invariant: quarantine lock is never poisoned")
+                .iter()
+                .filter(|(_, pinned)| **pinned)
+                .map(|(hash, _)| *hash),
+        );
+        Ok(out.into_iter().collect())
     }
 
     /// Runs garbage collection now and waits for it: deletes every blob that is not pinned,

@@ -1,1 +1,359 @@
-//! Unit tests for the store.
+//! Unit tests for the store: round trips, ranges, pins, GC protection, limits, corruption.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use meshnode_schemas::BlobHash;
+
+use crate::*;
+
+const INTERESTING_SIZES: [usize; 10] = [
+    0,
+    1,
+    1023,
+    1024,
+    1025,
+    16 * 1024 - 1,
+    16 * 1024,
+    16 * 1024 + 1,
+    1024 * 1024,
+    5 * 1024 * 1024 + 3,
+];
+
+fn data(size: usize, seed: u8) -> Vec<u8> {
+    (0..size)
+        .map(|i| ((i as u64 * 7919 + u64::from(seed)) % 251) as u8)
+        .collect()
+}
+
+async fn open(dir: &std::path::Path) -> Store {
+    Store::open(dir, StoreConfig::default())
+        .await
+        .expect("open")
+}
+
+#[tokio::test]
+async fn round_trips_at_interesting_sizes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    for (i, size) in INTERESTING_SIZES.into_iter().enumerate() {
+        let bytes = data(size, i as u8);
+        let added = store
+            .add_bytes(bytes.clone(), PinMode::Pin)
+            .await
+            .expect("add");
+        assert_eq!(added.hash, BlobHash::of(&bytes));
+        assert_eq!(added.size, size as u64);
+        let back = store.get_bytes(&added.hash, u64::MAX).await.expect("get");
+        assert_eq!(back.as_ref(), bytes.as_slice(), "size {size}");
+        let stat = store
+            .stat(&added.hash)
+            .await
+            .expect("stat")
+            .expect("present");
+        assert_eq!(
+            stat,
+            BlobStat {
+                size: size as u64,
+                complete: true,
+                pinned: true
+            }
+        );
+    }
+    store.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn ranges_are_exact_and_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    let bytes = data(100_000, 1);
+    let hash = store
+        .add_bytes(bytes.clone(), PinMode::Pin)
+        .await
+        .expect("add")
+        .hash;
+    for (start, end) in [
+        (0, 1),
+        (1023, 1025),
+        (16_383, 16_385),
+        (50_000, 100_000),
+        (99_999, 100_000),
+        (0, 100_000),
+    ] {
+        let read = store.read(&hash, Some(start..end)).await.expect("read");
+        assert_eq!(read.range, start..end);
+        let got = collect(read).await.expect("collect");
+        assert_eq!(
+            got.as_ref(),
+            &bytes[start as usize..end as usize],
+            "{start}..{end}"
+        );
+    }
+    for (start, end) in [(100_000, 100_001), (5, 4), (0, 100_001)] {
+        assert!(
+            matches!(
+                store.read(&hash, Some(start..end)).await,
+                Err(Error::InvalidRange { .. })
+            ),
+            "{start}..{end}"
+        );
+    }
+    let missing = BlobHash::of(b"never stored");
+    assert!(matches!(
+        store.read(&missing, None).await,
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(
+        store.get_bytes(&hash, 10).await,
+        Err(Error::TooLarge { .. })
+    ));
+}
+
+#[tokio::test]
+async fn streams_over_the_limit_store_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    let bytes = data(200_000, 2);
+    let chunks = || -> Vec<std::io::Result<Bytes>> {
+        bytes
+            .chunks(7_000)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect()
+    };
+    let result = store
+        .add_stream(futures::stream::iter(chunks()), 100_000, PinMode::Pin)
+        .await;
+    assert!(
+        matches!(
+            result,
+            Err(Error::TooLarge {
+                limit_bytes: 100_000
+            })
+        ),
+        "{result:?}"
+    );
+    assert!(!store.has(&BlobHash::of(&bytes)).await.expect("has"));
+    let added = store
+        .add_stream(futures::stream::iter(chunks()), 200_000, PinMode::Pin)
+        .await
+        .expect("at the limit");
+    assert_eq!(added.hash, BlobHash::of(&bytes));
+    assert_eq!(added.size, 200_000);
+}
+
+struct Roots(Mutex<HashSet<BlobHash>>);
+
+impl GcRoots for Roots {
+    fn add_roots(&self, roots: &mut HashSet<BlobHash>) -> Result<(), String> {
+        roots.extend(self.0.lock().expect("lock").iter().copied());
+        Ok(())
+    }
+}
+
+struct FailingRoots;
+
+impl GcRoots for FailingRoots {
+    fn add_roots(&self, _roots: &mut HashSet<BlobHash>) -> Result<(), String> {
+        Err("index unavailable".into())
+    }
+}
+
+#[tokio::test]
+async fn gc_keeps_pins_and_hook_roots_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    let roots = Arc::new(Roots(Mutex::new(HashSet::new())));
+    store.add_gc_roots(roots.clone());
+    let pinned = store
+        .add_bytes(data(30_000, 1), PinMode::Pin)
+        .await
+        .expect("add")
+        .hash;
+    let rooted = store
+        .add_bytes(data(30_000, 2), PinMode::NoPin)
+        .await
+        .expect("add")
+        .hash;
+    let garbage = store
+        .add_bytes(data(30_000, 3), PinMode::NoPin)
+        .await
+        .expect("add")
+        .hash;
+    let small_garbage = store
+        .add_bytes(data(10, 4), PinMode::NoPin)
+        .await
+        .expect("add")
+        .hash;
+    let unpinned = store
+        .add_bytes(data(30_000, 5), PinMode::Pin)
+        .await
+        .expect("add")
+        .hash;
+    roots.0.lock().expect("lock").insert(rooted);
+    assert!(store.unpin(&unpinned).await.expect("unpin"));
+    assert!(!store.unpin(&unpinned).await.expect("unpin twice"));
+
+    let report = store.gc().await.expect("gc");
+    assert_eq!(report.n_deleted, 3, "{report:?}");
+    assert!(store.has(&pinned).await.expect("has"));
+    assert!(store.has(&rooted).await.expect("has"));
+    for gone in [garbage, small_garbage, unpinned] {
+        assert!(!store.has(&gone).await.expect("has"));
+    }
+    assert_eq!(store.pins().await.expect("pins"), vec![pinned]);
+}
+
+#[tokio::test]
+async fn gc_aborts_when_a_root_hook_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    store.add_gc_roots(Arc::new(FailingRoots));
+    let unprotected = store
+        .add_bytes(data(30_000, 3), PinMode::NoPin)
+        .await
+        .expect("add")
+        .hash;
+    assert!(matches!(store.gc().await, Err(Error::Gc(_))));
+    assert!(
+        store.has(&unprotected).await.expect("has"),
+        "deleted although roots were unknown"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_adds_during_gc_are_never_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut hashes = Vec::new();
+            for i in 0..200u32 {
+                let bytes = data(20_000 + i as usize, (i % 250) as u8);
+                hashes.push(
+                    store
+                        .add_bytes(bytes, PinMode::Pin)
+                        .await
+                        .expect("add")
+                        .hash,
+                );
+            }
+            hashes
+        })
+    };
+    let collector = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for _ in 0..10 {
+                store.gc().await.expect("gc");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let hashes = writer.await.expect("writer");
+    collector.await.expect("gc");
+    store.gc().await.expect("gc");
+    for hash in hashes {
+        assert!(
+            store.has(&hash).await.expect("has"),
+            "pinned blob {hash} lost to GC"
+        );
+    }
+}
+
+#[tokio::test]
+async fn corrupt_files_are_detected_quarantined_and_restorable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bytes = data(100_000, 9);
+    let hash = {
+        let store = open(dir.path()).await;
+        let hash = store
+            .add_bytes(bytes.clone(), PinMode::Pin)
+            .await
+            .expect("add")
+            .hash;
+        store.shutdown().await.expect("shutdown");
+        hash
+    };
+    let path = dir.path().join(format!("data/{hash}.data"));
+    let mut on_disk = std::fs::read(&path).expect("data file");
+    on_disk[70_000] ^= 1;
+    std::fs::write(&path, on_disk).expect("write");
+
+    let store = open(dir.path()).await;
+    // Reading the intact first part is fine: every piece served is verified.
+    let head = collect(store.read(&hash, Some(0..1000)).await.expect("read"))
+        .await
+        .expect("verified prefix");
+    assert_eq!(head.as_ref(), &bytes[..1000]);
+    // The damaged part is refused.
+    let result = store.get_bytes(&hash, u64::MAX).await;
+    assert!(matches!(result, Err(Error::Corrupt(_))), "{result:?}");
+    assert_eq!(store.n_corrupt(), 1);
+    // It is purged in the background; the pin stays.
+    let mut purged = false;
+    for _ in 0..200 {
+        if store.stat(&hash).await.expect("stat").is_none() {
+            purged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(purged, "corrupt blob still present");
+    assert!(matches!(
+        store.read(&hash, None).await,
+        Err(Error::NotFound(_) | Error::Quarantined(_))
+    ));
+    assert_eq!(store.pins().await.expect("pins"), vec![hash]);
+    // Re-adding the right bytes restores the blob.
+    for _ in 0..100 {
+        match store.add_bytes(bytes.clone(), PinMode::Pin).await {
+            Ok(_) => break,
+            Err(Error::Quarantined(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => panic!("re-add failed: {e}"),
+        }
+    }
+    assert_eq!(
+        store
+            .get_bytes(&hash, u64::MAX)
+            .await
+            .expect("get")
+            .as_ref(),
+        bytes.as_slice()
+    );
+    let report = store.scrub().await.expect("scrub");
+    assert_eq!(report.n_corrupt, 0);
+}
+
+#[tokio::test]
+async fn scrub_finds_damage_and_a_second_open_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    let good = store
+        .add_bytes(data(50_000, 1), PinMode::Pin)
+        .await
+        .expect("add")
+        .hash;
+    let bad = store
+        .add_bytes(data(50_000, 2), PinMode::Pin)
+        .await
+        .expect("add")
+        .hash;
+    assert!(matches!(
+        Store::open(dir.path(), StoreConfig::default()).await,
+        Err(Error::Locked(_))
+    ));
+    store.shutdown().await.expect("shutdown");
+    drop(store);
+    let path = dir.path().join(format!("data/{bad}.data"));
+    let mut on_disk = std::fs::read(&path).expect("data file");
+    on_disk[10] ^= 0xff;
+    std::fs::write(&path, on_disk).expect("write");
+    let store = open(dir.path()).await;
+    let report = store.scrub().await.expect("scrub");
+    assert_eq!(report.corrupt, vec![bad]);
+    assert!(store.has(&good).await.expect("has"));
+}

@@ -3,7 +3,7 @@
 Uses `multiformats` + `blake3` for CIDs, `dag-cbor` for canonical DAG-CBOR and PyNaCl for
 Ed25519. Nothing here shares code with the Rust implementation.
 
-  interop.py cid HEX_DATA                -> CIDv1 (raw, blake3) of the bytes
+  interop.py cid FILE                    -> CIDv1 (raw, blake3) of the file's bytes
   interop.py sign SEED_HEX NET_HEX       -> hex envelope of a skill.publish signed here
   interop.py verify ENVELOPE_HEX PUB_HEX -> JSON summary of an envelope signed elsewhere
 """
@@ -84,7 +84,8 @@ def verify(envelope: bytes, public: bytes) -> dict:
 def main():
     command = sys.argv[1]
     if command == "cid":
-        print(cid(bytes.fromhex(sys.argv[2])))
+        with open(sys.argv[2], "rb") as f:
+            print(cid(f.read()))
     elif command == "sign":
         print(sign(bytes.fromhex(sys.argv[2]), bytes.fromhex(sys.argv[3])).hex())
     elif command == "verify":

@@ -144,10 +144,7 @@ impl From<meshnode_schemas::Error> for ApiError {
 pub(crate) async fn recover(rejection: warp::Rejection) -> Result<Response, Infallible> {
     let error = if rejection.is_not_found() {
         ApiError::not_found("route_not_found", "no such route; see /openapi.json")
-    } else if rejection
-        .find::<warp::reject::MethodNotAllowed>()
-        .is_some()
-    {
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
         ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",

@@ -20,6 +20,7 @@ use warp::Filter;
 use warp::Reply;
 use warp::reply::Response;
 
+pub use blobs::parse_range;
 pub use error::ApiError;
 pub use metrics::Metrics;
 pub use openapi::openapi_json;
@@ -159,14 +160,15 @@ pub fn routes(
             respond(blobs::get(state, id, headers, false).await)
         })
         .boxed();
-    let blob_head = warp::path!("v1" / "blobs" / String)
-        .and(warp::head())
-        .and(s())
-        .and(headers())
-        .then(|id: String, state, headers| async move {
-            respond(blobs::get(state, id, headers, true).await)
-        })
-        .boxed();
+    let blob_head =
+        warp::path!("v1" / "blobs" / String)
+            .and(warp::head())
+            .and(s())
+            .and(headers())
+            .then(|id: String, state, headers| async move {
+                respond(blobs::head(state, id, headers).await)
+            })
+            .boxed();
     let blob_fetch = warp::path!("v1" / "blobs" / String / "fetch")
         .and(warp::post())
         .and(s())
@@ -175,14 +177,15 @@ pub fn routes(
             respond(blobs::fetch(state, id, headers).await)
         })
         .boxed();
-    let pin_put = warp::path!("v1" / "pins" / String)
-        .and(warp::put())
-        .and(s())
-        .and(headers())
-        .then(|id: String, state, headers| async move {
-            respond(pins::put(state, id, headers).await)
-        })
-        .boxed();
+    let pin_put =
+        warp::path!("v1" / "pins" / String)
+            .and(warp::put())
+            .and(s())
+            .and(headers())
+            .then(|id: String, state, headers| async move {
+                respond(pins::put(state, id, headers).await)
+            })
+            .boxed();
     let pin_delete = warp::path!("v1" / "pins" / String)
         .and(warp::delete())
         .and(s())
@@ -268,10 +271,7 @@ pub fn routes(
 fn parse_hash(id: &str) -> Result<BlobHash, ApiError> {
     BlobHash::parse(id).map_err(|e| {
         let shown: String = id.chars().take(80).collect();
-        ApiError::bad_request(
-            "invalid_id",
-            format!("`{shown}` is not a blob hash: {e}"),
-        )
+        ApiError::bad_request("invalid_id", format!("`{shown}` is not a blob hash: {e}"))
     })
 }
 

@@ -11,7 +11,7 @@ use super::{blobs, error, ops, pins};
 #[openapi(
     info(title = "meshnode", description = "HTTP API of a meshnode node (DESIGN.md §8)."),
     paths(
-        blobs::upload, blobs::get, blobs::fetch,
+        blobs::upload, blobs::get, blobs::head, blobs::fetch,
         pins::put, pins::delete, pins::list,
         ops::healthz, ops::readyz, ops::metrics, ops::status, ops::gc,
     ),

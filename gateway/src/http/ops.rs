@@ -55,7 +55,10 @@ pub(crate) fn readyz(state: AppState) -> Response {
     if state.is_ready() {
         json(StatusCode::OK, &Health { status: "ready" })
     } else {
-        json(StatusCode::SERVICE_UNAVAILABLE, &Health { status: "starting" })
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &Health { status: "starting" },
+        )
     }
 }
 

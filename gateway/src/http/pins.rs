@@ -38,7 +38,11 @@ pub(crate) struct PinList {
         (status = 404, description = "Blob not stored here", body = super::error::ErrorBody),
     ),
     security(("bearer" = [])))]
-pub(crate) async fn put(state: AppState, id: String, headers: HeaderMap) -> Result<Response, ApiError> {
+pub(crate) async fn put(
+    state: AppState,
+    id: String,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     state.authorize(&headers, true)?;
     let hash = parse_hash(&id)?;
     state.node().store.pin(&hash).await?;
@@ -92,7 +96,11 @@ pub(crate) async fn list(state: AppState, headers: HeaderMap) -> Result<Response
     let store = &state.node().store;
     let mut pins = Vec::new();
     for hash in store.pins().await? {
-        let size = store.stat(&hash).await?.filter(|s| s.complete).map(|s| s.size);
+        let size = store
+            .stat(&hash)
+            .await?
+            .filter(|s| s.complete)
+            .map(|s| s.size);
         pins.push(PinEntry {
             hash: hash.to_hex(),
             cid: hash.to_cid(),

@@ -83,11 +83,16 @@ pub async fn serve<F>(
             let route = route_of(request.method(), request.uri().path());
             let method = request.method().to_string();
             let started = Instant::now();
-            let mut inner = warp_service;
+            let mut inner = warp_service.clone();
             let metrics = request_metrics.clone();
             async move {
                 let response = inner.call(request).await?;
-                metrics.observe(route, &method, response.status().as_u16(), started.elapsed());
+                metrics.observe(
+                    route,
+                    &method,
+                    response.status().as_u16(),
+                    started.elapsed(),
+                );
                 Ok::<_, Infallible>(response)
             }
         });

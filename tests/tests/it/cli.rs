@@ -2,7 +2,7 @@
 
 use std::process::Output;
 
-use meshnode_tests::{TestNode, meshnode_bin};
+use crate::harness::{TestNode, meshnode_bin};
 use serde_json::Value;
 
 fn stdout(output: &Output) -> String {
@@ -42,8 +42,12 @@ fn blob_pin_and_status_commands() {
     let human = ok(node.cli(&["blob", "add", file.to_str().expect("utf8")]));
     assert!(human.starts_with(&hash), "{human}");
 
-    let from_stdin = json(node.cli_with_stdin(&["--json", "blob", "add", "-"], Some(b"from stdin")));
-    assert_eq!(from_stdin["hash"], blake3::hash(b"from stdin").to_hex().as_str());
+    let from_stdin =
+        json(node.cli_with_stdin(&["--json", "blob", "add", "-"], Some(b"from stdin")));
+    assert_eq!(
+        from_stdin["hash"],
+        blake3::hash(b"from stdin").to_hex().as_str()
+    );
 
     let cat = node.cli(&["blob", "cat", &hash]);
     assert!(cat.status.success());
@@ -59,10 +63,22 @@ fn blob_pin_and_status_commands() {
     assert_eq!(stat["size"], content.len() as u64);
 
     let pins = json(node.cli(&["--json", "pin", "ls"]));
-    assert!(pins["pins"].as_array().expect("pins").iter().any(|p| p["hash"] == hash));
+    assert!(
+        pins["pins"]
+            .as_array()
+            .expect("pins")
+            .iter()
+            .any(|p| p["hash"] == hash)
+    );
     ok(node.cli(&["pin", "rm", &hash]));
     let pins = json(node.cli(&["--json", "pin", "ls"]));
-    assert!(!pins["pins"].as_array().expect("pins").iter().any(|p| p["hash"] == hash));
+    assert!(
+        !pins["pins"]
+            .as_array()
+            .expect("pins")
+            .iter()
+            .any(|p| p["hash"] == hash)
+    );
     ok(node.cli(&["pin", "add", &hash]));
 
     let status = json(node.cli(&["--json", "status"]));
@@ -80,8 +96,14 @@ fn exit_codes() {
     assert_eq!(missing.status.code(), Some(1));
     let error: Value = serde_json::from_str(stdout(&missing).trim()).expect("json error");
     assert_eq!(error["error"]["code"], "blob_not_found");
-    assert_eq!(node.cli(&["blob", "cat", "not-a-hash"]).status.code(), Some(1));
-    assert_eq!(node.cli(&["blob", "add", "/no/such/file"]).status.code(), Some(1));
+    assert_eq!(
+        node.cli(&["blob", "cat", "not-a-hash"]).status.code(),
+        Some(1)
+    );
+    assert_eq!(
+        node.cli(&["blob", "add", "/no/such/file"]).status.code(),
+        Some(1)
+    );
     // A node that is not running is a clear failure.
     let down = std::process::Command::new(meshnode_bin())
         .args(["--api", "http://127.0.0.1:9", "status"])
@@ -97,7 +119,13 @@ fn key_files() {
     let path = dir.path().join("agent.key");
     let generated: Value = serde_json::from_slice(
         &std::process::Command::new(meshnode_bin())
-            .args(["--json", "key", "gen", "--out", path.to_str().expect("utf8")])
+            .args([
+                "--json",
+                "key",
+                "gen",
+                "--out",
+                path.to_str().expect("utf8"),
+            ])
             .output()
             .expect("run")
             .stdout,
@@ -113,7 +141,10 @@ fn key_files() {
         .args(["key", "show", path.to_str().expect("utf8")])
         .output()
         .expect("run");
-    assert_eq!(stdout(&shown).trim(), generated["public"].as_str().expect("public"));
+    assert_eq!(
+        stdout(&shown).trim(),
+        generated["public"].as_str().expect("public")
+    );
     // Refuses to overwrite.
     let again = std::process::Command::new(meshnode_bin())
         .args(["key", "gen", "--out", path.to_str().expect("utf8")])
@@ -142,7 +173,11 @@ fn init_files_and_modes() {
     assert_eq!(report["node"].as_str().map(str::len), Some(64));
     use std::os::unix::fs::PermissionsExt;
     for (file, mode) in [("node.key", 0o600), ("api-token", 0o600)] {
-        let m = std::fs::metadata(data.join(file)).expect("file").permissions().mode() & 0o777;
+        let m = std::fs::metadata(data.join(file))
+            .expect("file")
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(m, mode, "{file}");
     }
     for file in ["genesis.cbor", "config.toml"] {

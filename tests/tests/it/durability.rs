@@ -4,12 +4,16 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use meshnode_tests::TestNode;
+use crate::harness::TestNode;
 use reqwest::StatusCode;
 use serde_json::Value;
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().expect("client")
+    meshnode_gateway::client::install_crypto_provider();
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
 }
 
 fn blob(i: u64) -> Vec<u8> {
@@ -69,11 +73,13 @@ async fn acknowledged_adds_survive_sigkill() {
         }));
     }
     // Let the writers get going, then kill the node in the middle of their stream of adds.
-    loop {
+    for waited in 0.. {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if acked.lock().expect("lock").len() >= 24 {
+        let n = acked.lock().expect("lock").len();
+        if n >= 24 {
             break;
         }
+        assert!(waited < 600, "only {n} adds acknowledged in 60 s");
     }
     node.kill9();
     for writer in writers {
@@ -90,9 +96,16 @@ async fn acknowledged_adds_survive_sigkill() {
             .send()
             .await
             .expect("get");
-        assert_eq!(response.status(), StatusCode::OK, "acknowledged blob {i} ({hash}) lost");
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "acknowledged blob {i} ({hash}) lost"
+        );
         let bytes = response.bytes().await.expect("body");
-        assert!(bytes.as_ref() == blob(*i).as_slice(), "blob {i} came back different");
+        assert!(
+            bytes.as_ref() == blob(*i).as_slice(),
+            "blob {i} came back different"
+        );
     }
     let pins: Value = c
         .get(format!("{}/v1/pins", node.url))
@@ -144,6 +157,8 @@ async fn corrupt_blobs_are_detected_quarantined_and_never_served() {
         std::fs::write(&path, bytes).expect("write");
     }
     node.restart().expect("restart");
+    // Pooled connections to the old process are dead.
+    let c = client();
 
     for (hash, bytes) in hashes.iter().zip([&original, &big]) {
         // The first read detects the damage: an error status, never the bad bytes.
@@ -158,7 +173,10 @@ async fn corrupt_blobs_are_detected_quarantined_and_never_served() {
             // A streamed response may have started before the damaged piece; it must then
             // end early instead of delivering the corrupt bytes.
             let body = body.unwrap_or_default();
-            assert!(body.len() < bytes.len(), "corrupt blob {hash} was served whole");
+            assert!(
+                body.len() < bytes.len(),
+                "corrupt blob {hash} was served whole"
+            );
         } else {
             assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
             let body: Value = serde_json::from_slice(&body.expect("body")).expect("json");
@@ -178,7 +196,11 @@ async fn corrupt_blobs_are_detected_quarantined_and_never_served() {
                 gone = true;
                 break;
             }
-            assert_ne!(status, StatusCode::OK, "corrupt blob served after detection");
+            assert_ne!(
+                status,
+                StatusCode::OK,
+                "corrupt blob served after detection"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(gone, "corrupt blob {hash} was not purged");
@@ -197,17 +219,28 @@ async fn corrupt_blobs_are_detected_quarantined_and_never_served() {
             .find(|p| p["hash"] == hash.as_str())
             .cloned()
             .expect("pin kept");
-        assert!(entry["size"].is_null(), "missing blob listed with a size: {entry}");
+        assert!(
+            entry["size"].is_null(),
+            "missing blob listed with a size: {entry}"
+        );
 
-        // Re-adding the right bytes restores it.
-        let response = c
-            .post(format!("{}/v1/blobs", node.url))
-            .bearer_auth(&node.token)
-            .body(bytes.to_vec())
-            .send()
-            .await
-            .expect("post");
-        assert_eq!(response.status(), StatusCode::CREATED);
+        // Re-adding the right bytes restores it (an upload racing the purge is told to retry).
+        let mut status = StatusCode::SERVICE_UNAVAILABLE;
+        for _ in 0..100 {
+            status = c
+                .post(format!("{}/v1/blobs", node.url))
+                .bearer_auth(&node.token)
+                .body(bytes.to_vec())
+                .send()
+                .await
+                .expect("post")
+                .status();
+            if status != StatusCode::SERVICE_UNAVAILABLE {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(status, StatusCode::CREATED);
         let back = c
             .get(format!("{}/v1/blobs/{hash}", node.url))
             .send()

@@ -8,11 +8,23 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
         ("meshnode-schemas", &[]),
         ("meshnode-store", &["meshnode-schemas"]),
         ("meshnode-ledger", &["meshnode-schemas", "meshnode-store"]),
-        ("meshnode-query", &["meshnode-schemas", "meshnode-store", "meshnode-ledger"]),
-        ("meshnode-sync", &["meshnode-schemas", "meshnode-store", "meshnode-ledger"]),
+        (
+            "meshnode-query",
+            &["meshnode-schemas", "meshnode-store", "meshnode-ledger"],
+        ),
+        (
+            "meshnode-sync",
+            &["meshnode-schemas", "meshnode-store", "meshnode-ledger"],
+        ),
         (
             "meshnode-gateway",
-            &["meshnode-schemas", "meshnode-store", "meshnode-ledger", "meshnode-query", "meshnode-sync"],
+            &[
+                "meshnode-schemas",
+                "meshnode-store",
+                "meshnode-ledger",
+                "meshnode-query",
+                "meshnode-sync",
+            ],
         ),
     ];
     edges
@@ -24,11 +36,21 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
 #[test]
 fn crate_edges_follow_the_layering() {
     let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(meshnode_tests::workspace_root())
-        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .current_dir(crate::harness::workspace_root())
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
         .output()
         .expect("cargo metadata");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
     let allowed = allowed();
     let mut seen = BTreeSet::new();
@@ -52,6 +74,9 @@ fn crate_edges_follow_the_layering() {
         }
     }
     for name in allowed.keys() {
-        assert!(seen.contains(*name), "crate {name} missing from the workspace");
+        assert!(
+            seen.contains(*name),
+            "crate {name} missing from the workspace"
+        );
     }
 }

@@ -3,5 +3,7 @@
 mod blobs_http;
 mod cli;
 mod durability;
+mod gateway_rules;
+mod harness;
 mod interop;
 mod layering;

@@ -1,76 +1,48 @@
-//! Test harness: builds the real `meshnode` binary and runs real nodes on loopback.
+//! Test harness: runs real node processes on loopback, each with its own data directory.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 
 /// The workspace root.
-pub fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("invariant: the tests crate is inside the workspace")
         .to_path_buf()
 }
 
-/// Path of the `meshnode` binary, built (or brought up to date) once per test process with the
-/// same cargo, target directory and profile as the running test binary, and the same command as
-/// `make build` so that no dependency is compiled twice with different features.
-pub fn meshnode_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("current exe");
-        // <target>/<profile>/deps/<test-binary>
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binary lives in <target>/<profile>/deps")
-            .to_path_buf();
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut command = Command::new(cargo);
-        command
-            .current_dir(workspace_root())
-            .args(["build", "--quiet", "--bin", "meshnode"])
-            .env(
-                "CARGO_TARGET_DIR",
-                profile_dir.parent().expect("target dir"),
-            );
-        if release {
-            command.arg("--release");
-        }
-        let status = command.status().expect("run cargo build");
-        assert!(status.success(), "building the meshnode binary failed");
-        profile_dir.join("meshnode")
-    })
-    .clone()
+/// Path of the node binary (the real CLI, built by the tests crate with the test build's
+/// features).
+pub(crate) fn meshnode_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_meshnode-it-node"))
 }
 
 /// A real node process on loopback with its own temporary data directory.
 #[derive(Debug)]
-pub struct TestNode {
+pub(crate) struct TestNode {
     dir: tempfile::TempDir,
     /// Base URL of its HTTP API, e.g. `http://127.0.0.1:41234`.
-    pub url: String,
+    pub(crate) url: String,
     /// The bearer token.
-    pub token: String,
+    pub(crate) token: String,
     /// The address it listens on.
-    pub addr: String,
+    pub(crate) addr: String,
     child: Option<Child>,
     env: Vec<(String, String)>,
 }
 
 impl TestNode {
     /// Initialises a data directory and starts a node on a free loopback port.
-    pub fn start() -> anyhow::Result<Self> {
+    pub(crate) fn start() -> anyhow::Result<Self> {
         Self::start_with(&[])
     }
 
     /// Like [`TestNode::start`], with extra environment (e.g. `MESHNODE_CONNECTIONS_MAX`).
-    pub fn start_with(env: &[(&str, &str)]) -> anyhow::Result<Self> {
+    pub(crate) fn start_with(env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("meshnode-it-").tempdir()?;
         let output = Command::new(meshnode_bin())
             .arg("--data-dir")
@@ -99,7 +71,7 @@ impl TestNode {
     }
 
     /// The data directory.
-    pub fn data_dir(&self) -> &Path {
+    pub(crate) fn data_dir(&self) -> &Path {
         self.dir.path()
     }
 
@@ -112,7 +84,10 @@ impl TestNode {
             .arg("--http-addr")
             .arg(&self.addr)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("RUST_LOG", std::env::var("MESHNODE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("MESHNODE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -146,7 +121,7 @@ impl TestNode {
     }
 
     /// Kills the process with SIGKILL (no chance to flush anything) and waits for it.
-    pub fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -154,7 +129,7 @@ impl TestNode {
     }
 
     /// Stops the process with SIGTERM and waits for a clean exit.
-    pub fn stop(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(mut child) = self.child.take() {
             let pid = child.id().to_string();
             Command::new("kill").args(["-TERM", &pid]).status()?;
@@ -177,18 +152,18 @@ impl TestNode {
     }
 
     /// Starts the process again on the same address and data directory.
-    pub fn restart(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn restart(&mut self) -> anyhow::Result<()> {
         self.kill9();
         self.spawn()
     }
 
     /// Runs the `meshnode` CLI against this node.
-    pub fn cli(&self, args: &[&str]) -> Output {
+    pub(crate) fn cli(&self, args: &[&str]) -> Output {
         self.cli_with_stdin(args, None)
     }
 
     /// Runs the CLI with bytes on stdin.
-    pub fn cli_with_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    pub(crate) fn cli_with_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
         let mut command = Command::new(meshnode_bin());
         command
             .arg("--data-dir")
@@ -198,7 +173,11 @@ impl TestNode {
             .args(args)
             .env_remove("MESHNODE_DATA_DIR")
             .env_remove("MESHNODE_API")
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = command.spawn().expect("spawn meshnode cli");
@@ -218,7 +197,7 @@ impl Drop for TestNode {
 }
 
 /// Runs `python3 script args…` from `tests/python`, returning stdout; fails on a non-zero exit.
-pub fn python(script: &str, args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn python(script: &str, args: &[&str]) -> anyhow::Result<String> {
     let output = Command::new("python3")
         .arg(workspace_root().join("tests/python").join(script))
         .args(args)
