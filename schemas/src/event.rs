@@ -95,7 +95,7 @@ impl<'de> Deserialize<'de> for Vector {
 }
 
 /// The kinds of event (DESIGN.md §3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Kind {
     /// `node.announce`
     NodeAnnounce,

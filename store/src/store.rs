@@ -107,7 +107,8 @@ struct Inner {
     gc: Arc<GcShared>,
     journal: Journal,
     n_corrupt: AtomicU64,
-    _lock: std::fs::File,
+    /// The data-dir lock, released by `shutdown` (or when the last handle drops).
+    lock: std::sync::Mutex<Option<std::fs::File>>,
 }
 
 /// The content-addressed blob store of a node. Cheap to clone.
@@ -174,7 +175,7 @@ impl Store {
                 gc,
                 journal,
                 n_corrupt: AtomicU64::new(0),
-                _lock: lock,
+                lock: std::sync::Mutex::new(Some(lock)),
             }),
         };
         store.finish_pending_quarantines().await?;
@@ -200,6 +201,12 @@ impl Store {
         self.inner.fs.sync_db().await.map_err(backend)?;
         self.inner.fs.shutdown().await.map_err(backend)?;
         std::fs::remove_file(self.inner.root.join("RUNNING")).ok();
+        // Release the directory for another open even if handles to this store remain.
+        self.inner
+            .lock
+            .lock()
+            .expect("invariant: lock-file mutex is never poisoned")
+            .take();
         Ok(())
     }
 
@@ -378,6 +385,18 @@ impl Store {
             .lock()
             .expect("invariant: quarantine lock is never poisoned")
             .contains_key(hash)
+    }
+
+    /// Starts a group of writes that become durable together with [`Writer::commit`]. While
+    /// the writer lives, GC waits, so the caller can add blobs and then record what keeps
+    /// them alive (e.g. commit a ledger index) before GC can look at them.
+    pub async fn writer(&self) -> Writer {
+        let guard = self.inner.gc.lock.clone().read_owned().await;
+        Writer {
+            store: self.clone(),
+            files: Vec::new(),
+            _guard: guard,
+        }
     }
 
     /// Size, completeness and pin state, or `None` if nothing of the blob is stored.
@@ -726,6 +745,59 @@ impl Store {
         })
     }
 }
+
+/// A group of blob writes made durable together; holds off GC while it lives.
+pub struct Writer {
+    store: Store,
+    files: Vec<PathBuf>,
+    _guard: tokio::sync::OwnedRwLockReadGuard<()>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("n_files", &self.files.len())
+            .finish()
+    }
+}
+
+impl Writer {
+    /// Stores `data` (not pinned; the caller protects it through a [`GcRoots`] hook). Not
+    /// durable until [`Writer::commit`].
+    pub async fn add_bytes(&mut self, data: impl Into<Bytes>) -> Result<Added> {
+        let data: Bytes = data.into();
+        let size = data.len() as u64;
+        let tag = self
+            .store
+            .inner
+            .fs
+            .blobs()
+            .add_bytes(data)
+            .temp_tag()
+            .await
+            .map_err(backend)?;
+        let hash = from_iroh(&tag.hash());
+        if self.store.is_quarantined(&hash) {
+            return Err(Error::Quarantined(hash));
+        }
+        if size > INLINE_BYTES_MAX {
+            self.files.extend(self.store.data_files(&hash));
+        }
+        // The GC lock held by this writer protects the blob until the caller dropped it.
+        drop(tag);
+        Ok(Added { hash, size })
+    }
+
+    /// Makes every blob added through this writer durable (one barrier for all of them).
+    /// GC stays held off until the writer is dropped.
+    pub async fn commit(&mut self) -> Result<()> {
+        let files = std::mem::take(&mut self.files);
+        self.store.inner.barrier.sync(files).await
+    }
+}
+
+/// Blobs up to this size live inline in the metadata database (no data file to fsync).
+const INLINE_BYTES_MAX: u64 = 16 * 1024;
 
 /// Phases of a file add, for progress reporting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,0 +1,787 @@
+//! Audit: re-verify everything from the blobs alone (signatures, chains, kind rules, balances,
+//! supply, the transparency log and its checkpoints), and offline audit bundles.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::Path;
+use std::time::Instant;
+
+use futures::StreamExt;
+use meshnode_schemas::{AuthorKey, BlobHash, EventId, Genesis, SignedEvent};
+use rayon::prelude::*;
+use redb::{ReadableDatabase, ReadableTable};
+use serde::{Deserialize, Serialize};
+
+use crate::db;
+use crate::error::{Error, Result};
+use crate::fold::{Applied, BasinVersion, EventRecord, ForkProof, Lookup, Overlay, Rules, State};
+use crate::ledger::Ledger;
+use crate::tlog::{self, Frontier, TreeHash};
+
+/// Findings reported at most (the count is always exact).
+const FINDINGS_MAX: usize = 200;
+/// Envelopes fetched and verified per step.
+const AUDIT_CHUNK_EVENTS: usize = 8192;
+
+/// One problem the audit found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finding {
+    /// Stable code, e.g. `bad_signature`, `state_mismatch`, `root_mismatch`.
+    pub code: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The result of an audit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditReport {
+    /// No findings.
+    pub ok: bool,
+    /// Events re-verified.
+    pub n_events: u64,
+    /// Transparency-log size audited.
+    pub tree_size: u64,
+    /// Recomputed root (hex).
+    pub root: String,
+    /// The checkpoint the audit checked the root against.
+    pub checkpoint: String,
+    /// Size of the previous audited checkpoint this one was checked to be consistent with.
+    pub previous_size: Option<u64>,
+    /// Forks found (each with a verified proof).
+    pub n_forks: u64,
+    /// Total supply.
+    pub supply: u64,
+    /// Authors with activity.
+    pub n_authors: u64,
+    /// Number of findings (all of them; `findings` holds the first 200).
+    pub n_findings: u64,
+    /// The findings.
+    pub findings: Vec<Finding>,
+    /// Wall time.
+    pub duration_ms: u64,
+}
+
+/// In-memory lookup built during a replay.
+#[derive(Default)]
+struct MemLookup {
+    events: HashMap<EventId, EventRecord>,
+    log: HashMap<(AuthorKey, u64), EventId>,
+    versions: HashMap<EventId, BasinVersion>,
+    envelopes: HashMap<EventId, Vec<u8>>,
+}
+
+impl Lookup for MemLookup {
+    fn event(&self, id: &EventId) -> Result<Option<EventRecord>> {
+        Ok(self.events.get(id).cloned())
+    }
+    fn at(&self, author: &AuthorKey, seq: u64) -> Result<Option<EventId>> {
+        Ok(self.log.get(&(*author, seq)).copied())
+    }
+    fn basin_version(&self, id: &EventId) -> Result<Option<BasinVersion>> {
+        Ok(self.versions.get(id).cloned())
+    }
+    fn envelope(&self, id: &EventId) -> Result<Option<Vec<u8>>> {
+        Ok(self.envelopes.get(id).cloned())
+    }
+}
+
+impl MemLookup {
+    fn absorb(&mut self, overlay: Overlay) {
+        self.events.extend(overlay.events);
+        self.log.extend(overlay.log);
+        self.versions.extend(overlay.versions);
+        // Envelopes are only needed to build fork proofs; keep those of every event.
+        self.envelopes.extend(overlay.envelopes);
+    }
+}
+
+/// Re-runs the fold over events in acceptance order.
+struct Replay {
+    rules: Rules,
+    state: State,
+    mem: MemLookup,
+    frontier: Frontier,
+    forks: BTreeMap<u64, Vec<ForkProof>>,
+    findings: Vec<Finding>,
+    n_findings: u64,
+    roots: HashMap<u64, TreeHash>,
+    wanted_roots: std::collections::HashSet<u64>,
+}
+
+impl Replay {
+    fn new(
+        rules: Rules,
+        forks: Vec<ForkProof>,
+        wanted_roots: impl IntoIterator<Item = u64>,
+    ) -> Self {
+        let mut by_position: BTreeMap<u64, Vec<ForkProof>> = BTreeMap::new();
+        for proof in forks {
+            by_position
+                .entry(proof.detected_at)
+                .or_default()
+                .push(proof);
+        }
+        Self {
+            rules,
+            state: State::default(),
+            mem: MemLookup::default(),
+            frontier: Frontier::default(),
+            forks: by_position,
+            findings: Vec::new(),
+            n_findings: 0,
+            roots: HashMap::new(),
+            wanted_roots: wanted_roots.into_iter().collect(),
+        }
+    }
+
+    fn finding(&mut self, code: &str, message: String) {
+        self.n_findings += 1;
+        if self.findings.len() < FINDINGS_MAX {
+            self.findings.push(Finding {
+                code: code.to_string(),
+                message,
+            });
+        }
+    }
+
+    /// Replays forks detected before the event at `position`.
+    fn forks_at(&mut self, position: u64) {
+        let Some(proofs) = self.forks.remove(&position) else {
+            return;
+        };
+        for proof in proofs {
+            if let Err(e) = proof.verify() {
+                self.finding(
+                    "invalid_fork_proof",
+                    format!("fork of {} at seq {}: {e}", proof.author, proof.seq),
+                );
+                continue;
+            }
+            let Ok(second) = SignedEvent::decode(&proof.envelopes[1]) else {
+                continue;
+            };
+            let mut overlay = Overlay::default();
+            let hash = BlobHash::of(&second.envelope);
+            match self
+                .state
+                .apply(&self.rules, &self.mem, &mut overlay, &second, hash, None)
+            {
+                Err(e) if e.code() == "fork_detected" => {}
+                other => self.finding(
+                    "fork_not_reproduced",
+                    format!(
+                        "the fork of {} at seq {} does not replay as a fork: {other:?}",
+                        proof.author, proof.seq
+                    ),
+                ),
+            }
+            self.mem.absorb(overlay);
+        }
+    }
+
+    fn apply(&mut self, expected: u64, event: &SignedEvent, verified_with: Option<AuthorKey>) {
+        self.forks_at(expected);
+        let mut overlay = Overlay::default();
+        let hash = BlobHash::of(&event.envelope);
+        match self.state.apply(
+            &self.rules,
+            &self.mem,
+            &mut overlay,
+            event,
+            hash,
+            verified_with,
+        ) {
+            Ok(Applied::Accepted(record)) => {
+                if record.index != expected {
+                    self.finding(
+                        "order_mismatch",
+                        format!(
+                            "event {} replays at {} not {expected}",
+                            event.id, record.index
+                        ),
+                    );
+                }
+                self.frontier.push(tlog::leaf_hash(&record.id));
+                if self.wanted_roots.contains(&self.frontier.size()) {
+                    self.roots
+                        .insert(self.frontier.size(), self.frontier.root());
+                }
+            }
+            Ok(Applied::Duplicate(_)) => self.finding(
+                "duplicate_leaf",
+                format!("event {} appears twice in the log", event.id),
+            ),
+            Ok(Applied::Waiting(w)) => self.finding(
+                "unresolved",
+                format!(
+                    "event {} (leaf {expected}) was accepted before its {} arrived: {:?}",
+                    event.id, w.reason, w.missing
+                ),
+            ),
+            Err(e) => self.finding(
+                e.code(),
+                format!("event {} (leaf {expected}) breaks a rule: {e}", event.id),
+            ),
+        }
+        self.mem.absorb(overlay);
+    }
+
+    /// The key each event's log uses now (a rotation inside the chunk makes the fold
+    /// re-check that event singly).
+    fn keys_for(&self, events: &[SignedEvent]) -> Vec<AuthorKey> {
+        events
+            .iter()
+            .map(|e| {
+                let author = e.body.author;
+                self.state
+                    .authors
+                    .get(&author)
+                    .map(|a| a.key_at(&author, e.body.seq))
+                    .unwrap_or(author)
+            })
+            .collect()
+    }
+
+    /// Invariants of the final state.
+    fn check_invariants(&mut self) {
+        let minted: u128 = self
+            .state
+            .authors
+            .values()
+            .map(|a| u128::from(a.minted))
+            .sum();
+        if minted != u128::from(self.state.supply) {
+            self.finding(
+                "supply_mismatch",
+                format!("supply {} but mints sum to {minted}", self.state.supply),
+            );
+        }
+        let held: i128 = self.state.authors.values().map(|a| a.held()).sum();
+        if held != i128::from(self.state.supply) {
+            self.finding(
+                "supply_mismatch",
+                format!(
+                    "accounts hold {held} but the supply is {}",
+                    self.state.supply
+                ),
+            );
+        }
+        let negative: Vec<(AuthorKey, i128)> = self
+            .state
+            .authors
+            .iter()
+            .filter(|(_, a)| a.balance() < 0)
+            .map(|(k, a)| (*k, a.balance()))
+            .collect();
+        for (key, balance) in negative {
+            self.finding(
+                "negative_balance",
+                format!("{key} has balance {balance} (credits it spent were contested by a fork)"),
+            );
+        }
+    }
+
+    fn report(
+        mut self,
+        checkpoint: String,
+        previous_size: Option<u64>,
+        started: Instant,
+    ) -> AuditReport {
+        self.check_invariants();
+        let n_forks = self.state.forks.len() as u64;
+        AuditReport {
+            ok: self.n_findings == 0,
+            n_events: self.state.n_events,
+            tree_size: self.frontier.size(),
+            root: hex::encode(self.frontier.root()),
+            checkpoint,
+            previous_size,
+            n_forks,
+            supply: self.state.supply,
+            n_authors: self.state.authors.len() as u64,
+            n_findings: self.n_findings,
+            findings: self.findings,
+            duration_ms: started.elapsed().as_millis() as u64,
+        }
+    }
+}
+
+fn compare<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
+    replay: &mut Replay,
+    what: &str,
+    ours: &BTreeMap<K, V>,
+    stored: &BTreeMap<K, V>,
+) {
+    for (key, value) in ours {
+        match stored.get(key) {
+            Some(s) if s == value => {}
+            Some(s) => replay.finding(
+                "state_mismatch",
+                format!("{what} {key:?}: index has {s:?}, replay gives {value:?}"),
+            ),
+            None => replay.finding(
+                "state_mismatch",
+                format!("{what} {key:?} is missing from the index"),
+            ),
+        }
+    }
+    for key in stored.keys() {
+        if !ours.contains_key(key) {
+            replay.finding(
+                "state_mismatch",
+                format!("{what} {key:?} is in the index but not in the replay"),
+            );
+        }
+    }
+}
+
+/// Checks signatures on all cores.
+fn verify_all(events: &[SignedEvent], keys: &[AuthorKey]) -> Vec<Option<AuthorKey>> {
+    events
+        .par_iter()
+        .zip(keys.par_iter())
+        .map(|(e, k)| e.verify(k).ok().map(|_| *k))
+        .collect()
+}
+
+/// The files of an offline audit bundle.
+mod bundle {
+    pub(super) const MANIFEST: &str = "manifest.json";
+    pub(super) const GENESIS: &str = "genesis.cbor";
+    pub(super) const CHECKPOINT: &str = "checkpoint.txt";
+    pub(super) const EVENTS: &str = "events.bin";
+    pub(super) const FORKS: &str = "forks.json";
+    pub(super) const PROOFS: &str = "proofs.json";
+}
+
+#[derive(Serialize, Deserialize)]
+struct Manifest {
+    format: String,
+    net: String,
+    origin: String,
+    node: String,
+    tree_size: u64,
+    root: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ForkJson {
+    detected_at: u64,
+    author: String,
+    seq: u64,
+    signer: String,
+    envelopes: [String; 2],
+    rotations: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ProofsJson {
+    /// The previous audited checkpoint, if any.
+    previous_checkpoint: Option<String>,
+    /// Consistency proof from it to this bundle's checkpoint (hex hashes).
+    consistency: Vec<String>,
+}
+
+impl Ledger {
+    /// Audits the ledger from the blobs alone. With `export`, also writes an offline bundle
+    /// there (events, fork proofs, checkpoint, consistency proof from the previous audit).
+    pub async fn audit(&self, export: Option<&Path>) -> Result<AuditReport> {
+        let started = Instant::now();
+        let (ids, records, stored, checkpoint_sizes, previous) = {
+            let tx = self.db().begin_read()?;
+            let stored = db::load_state_in(&tx)?;
+            let leaves = tx.open_table(db::LEAVES)?;
+            let events = tx.open_table(db::EVENTS)?;
+            let mut ids = Vec::with_capacity(stored.n_events as usize);
+            let mut records = Vec::with_capacity(stored.n_events as usize);
+            for entry in leaves.range(0..stored.n_events)? {
+                let (_, id) = entry?;
+                let id = EventId::from_bytes(id.value());
+                let record: EventRecord = match events.get(*id.as_bytes())? {
+                    Some(v) => db::decode(v.value())?,
+                    None => return Err(Error::Corrupt(format!("leaf {id} has no record"))),
+                };
+                ids.push(id);
+                records.push(record);
+            }
+            let mut sizes = Vec::new();
+            for entry in tx.open_table(db::CHECKPOINTS)?.iter()? {
+                let (size, _) = entry?;
+                sizes.push(size.value());
+            }
+            let previous = tx
+                .open_table(db::META)?
+                .get("last_audit")?
+                .and_then(|v| String::from_utf8(v.value().to_vec()).ok());
+            (ids, records, stored, sizes, previous)
+        };
+        let key = self.verifying_key();
+        let origin = self.origin().to_string();
+        let previous_checkpoint = previous
+            .as_deref()
+            .and_then(|note| tlog::verify_checkpoint(note, &origin, &key).ok());
+        let forks: Vec<ForkProof> = stored.forks.values().cloned().collect();
+        let mut wanted = checkpoint_sizes.clone();
+        wanted.push(stored.n_events);
+        if let Some(p) = &previous_checkpoint {
+            wanted.push(p.size);
+        }
+        let mut replay = Replay::new(self.rules().clone(), forks, wanted);
+        let mut writer = match export {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                Some(BufWriter::new(std::fs::File::create(
+                    dir.join(bundle::EVENTS),
+                )?))
+            }
+            None => None,
+        };
+        let store = self.store().clone();
+        for (chunk_idx, chunk) in records.chunks(AUDIT_CHUNK_EVENTS).enumerate() {
+            let base = (chunk_idx * AUDIT_CHUNK_EVENTS) as u64;
+            let fetched: Vec<Result<bytes::Bytes>> = futures::stream::iter(chunk.iter().map(|r| {
+                let store = store.clone();
+                let hash = r.envelope;
+                async move {
+                    store
+                        .get_bytes(&hash, meshnode_schemas::limits::EVENT_BYTES_MAX as u64)
+                        .await
+                        .map_err(Error::from)
+                }
+            }))
+            .buffered(64)
+            .collect()
+            .await;
+            let mut decoded = Vec::with_capacity(chunk.len());
+            let mut positions = Vec::with_capacity(chunk.len());
+            for (offset, (record, bytes)) in chunk.iter().zip(fetched).enumerate() {
+                let position = base + offset as u64;
+                let bytes = match bytes {
+                    Ok(b) => b,
+                    Err(e) => {
+                        replay.finding(
+                            "envelope_unavailable",
+                            format!(
+                                "envelope {} of event {} (leaf {position}): {e}",
+                                record.envelope, record.id
+                            ),
+                        );
+                        continue;
+                    }
+                };
+                if let Some(w) = writer.as_mut() {
+                    w.write_all(&(bytes.len() as u32).to_be_bytes())?;
+                    w.write_all(&bytes)?;
+                }
+                match SignedEvent::decode(&bytes) {
+                    Ok(event) if event.id == ids[position as usize] => {
+                        decoded.push(event);
+                        positions.push(position);
+                    }
+                    Ok(event) => replay.finding(
+                        "id_mismatch",
+                        format!(
+                            "leaf {position} names {} but its envelope is {}",
+                            ids[position as usize], event.id
+                        ),
+                    ),
+                    Err(e) => replay.finding(
+                        e.code(),
+                        format!("envelope of leaf {position} does not decode: {e}"),
+                    ),
+                }
+            }
+            let keys = replay.keys_for(&decoded);
+            let (decoded, verified) = tokio::task::spawn_blocking(move || {
+                let verified = verify_all(&decoded, &keys);
+                (decoded, verified)
+            })
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
+            for ((event, position), verified_with) in decoded.iter().zip(positions).zip(verified) {
+                replay.apply(position, event, verified_with);
+            }
+        }
+        replay.forks_at(replay.state.n_events);
+        if let Some(mut w) = writer {
+            w.flush()?;
+        }
+
+        // Derived tables equal a fresh fold.
+        let ours = replay.state.clone();
+        if ours.n_events != stored.n_events || ours.supply != stored.supply {
+            replay.finding(
+                "state_mismatch",
+                format!(
+                    "index has {} events and supply {}, replay gives {} and {}",
+                    stored.n_events, stored.supply, ours.n_events, ours.supply
+                ),
+            );
+        }
+        compare(&mut replay, "author", &ours.authors, &stored.authors);
+        compare(&mut replay, "skill", &ours.skills, &stored.skills);
+        compare(&mut replay, "basin", &ours.basins, &stored.basins);
+        compare(
+            &mut replay,
+            "reputation",
+            &ours.reputation,
+            &stored.reputation,
+        );
+        compare(&mut replay, "node", &ours.nodes, &stored.nodes);
+        compare(&mut replay, "hosts", &ours.hosts, &stored.hosts);
+        compare(&mut replay, "fork", &ours.forks, &stored.forks);
+
+        // The transparency log: every stored checkpoint's root equals the recomputed one.
+        let notes: Vec<(u64, String)> = {
+            let tx = self.db().begin_read()?;
+            let table = tx.open_table(db::CHECKPOINTS)?;
+            let mut out = Vec::new();
+            for entry in table.iter()? {
+                let (size, note) = entry?;
+                out.push((size.value(), note.value().to_string()));
+            }
+            out
+        };
+        for (size, note) in &notes {
+            match tlog::verify_checkpoint(note, &origin, &key) {
+                Ok(cp) => {
+                    if cp.size != *size || replay.roots.get(size) != Some(&cp.root) {
+                        replay.finding(
+                            "root_mismatch",
+                            format!("checkpoint at size {size} does not match the recomputed tree"),
+                        );
+                    }
+                }
+                Err(e) => {
+                    replay.finding("bad_checkpoint", format!("checkpoint at size {size}: {e}"))
+                }
+            }
+        }
+        let current = self.checkpoint();
+        let mut previous_size = None;
+        if let Some(p) = &previous_checkpoint {
+            previous_size = Some(p.size);
+            if p.size > replay.frontier.size() || replay.roots.get(&p.size) != Some(&p.root) {
+                replay.finding(
+                    "inconsistent_checkpoint",
+                    format!(
+                        "the previously audited checkpoint (size {}) is not a prefix of this log",
+                        p.size
+                    ),
+                );
+            }
+        }
+        match tlog::verify_checkpoint(&current, &origin, &key) {
+            Ok(cp) if cp.size == replay.frontier.size() && cp.root == replay.frontier.root() => {}
+            Ok(cp) if cp.size > replay.frontier.size() => {
+                // Events were accepted while the audit ran; it audited a prefix.
+            }
+            Ok(cp) => replay.finding(
+                "root_mismatch",
+                format!(
+                    "the current checkpoint (size {}) does not match the recomputed tree",
+                    cp.size
+                ),
+            ),
+            Err(e) => replay.finding("bad_checkpoint", e.to_string()),
+        }
+        // The checkpoint of exactly the audited prefix, for the report and the bundle.
+        let audited = notes
+            .iter()
+            .find(|(size, _)| *size == replay.frontier.size())
+            .map(|(_, n)| n.clone())
+            .unwrap_or(current);
+
+        if let Some(dir) = export {
+            let genesis_bytes = self.genesis().encode()?;
+            std::fs::write(dir.join(bundle::GENESIS), genesis_bytes)?;
+            std::fs::write(dir.join(bundle::CHECKPOINT), &audited)?;
+            let manifest = Manifest {
+                format: "meshnode-audit-bundle/1".into(),
+                net: self.net().to_hex(),
+                origin: origin.clone(),
+                node: hex::encode(key.as_bytes()),
+                tree_size: replay.frontier.size(),
+                root: hex::encode(replay.frontier.root()),
+            };
+            std::fs::write(
+                dir.join(bundle::MANIFEST),
+                serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Io(e.into()))?,
+            )?;
+            let forks: Vec<ForkJson> = replay
+                .state
+                .forks
+                .values()
+                .map(|p| ForkJson {
+                    detected_at: p.detected_at,
+                    author: p.author.to_hex(),
+                    seq: p.seq,
+                    signer: p.signer.to_hex(),
+                    envelopes: [hex::encode(&p.envelopes[0]), hex::encode(&p.envelopes[1])],
+                    rotations: p.rotations.iter().map(hex::encode).collect(),
+                })
+                .collect();
+            std::fs::write(
+                dir.join(bundle::FORKS),
+                serde_json::to_vec_pretty(&forks).map_err(|e| Error::Io(e.into()))?,
+            )?;
+            let proofs = match &previous_checkpoint {
+                Some(p) if p.size <= replay.frontier.size() => ProofsJson {
+                    previous_checkpoint: previous.clone(),
+                    consistency: self
+                        .consistency_proof(p.size, Some(replay.frontier.size()))?
+                        .1
+                        .iter()
+                        .map(hex::encode)
+                        .collect(),
+                },
+                _ => ProofsJson {
+                    previous_checkpoint: None,
+                    consistency: Vec::new(),
+                },
+            };
+            std::fs::write(
+                dir.join(bundle::PROOFS),
+                serde_json::to_vec_pretty(&proofs).map_err(|e| Error::Io(e.into()))?,
+            )?;
+        }
+        let report = replay.report(audited.clone(), previous_size, started);
+        if report.ok {
+            let tx = self.db().begin_write()?;
+            tx.open_table(db::META)?
+                .insert("last_audit", audited.as_bytes())?;
+            tx.commit()?;
+        }
+        Ok(report)
+    }
+}
+
+/// Verifies an offline audit bundle without a node: replays every event from genesis with the
+/// same rules, recomputes the transparency-log root, checks the checkpoint signature by the
+/// manifest's node key, the fork proofs, and the consistency proof from the previous audited
+/// checkpoint.
+pub fn verify_bundle(dir: &Path) -> Result<AuditReport> {
+    let started = Instant::now();
+    let read = |name: &str| std::fs::read(dir.join(name));
+    let manifest: Manifest = serde_json::from_slice(&read(bundle::MANIFEST)?)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", bundle::MANIFEST)))?;
+    let genesis_bytes = read(bundle::GENESIS)?;
+    let genesis = Genesis::decode(&genesis_bytes)?;
+    let net = BlobHash::of(&genesis_bytes);
+    if net.to_hex() != manifest.net {
+        return Err(Error::Invalid(
+            "genesis does not hash to the manifest's net".into(),
+        ));
+    }
+    let node = AuthorKey::from_hex(&manifest.node)?;
+    let key = node.verifying_key()?;
+    let note = String::from_utf8(read(bundle::CHECKPOINT)?)
+        .map_err(|_| Error::Invalid("checkpoint is not UTF-8".into()))?;
+    let fork_json: Vec<ForkJson> = serde_json::from_slice(&read(bundle::FORKS)?)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", bundle::FORKS)))?;
+    let mut forks = Vec::new();
+    for f in fork_json {
+        let hexes = |s: &str| hex::decode(s).map_err(|e| Error::Invalid(format!("fork: {e}")));
+        forks.push(ForkProof {
+            author: AuthorKey::from_hex(&f.author)?,
+            seq: f.seq,
+            signer: AuthorKey::from_hex(&f.signer)?,
+            envelopes: [hexes(&f.envelopes[0])?, hexes(&f.envelopes[1])?],
+            rotations: f
+                .rotations
+                .iter()
+                .map(|r| hexes(r))
+                .collect::<Result<_>>()?,
+            detected_at: f.detected_at,
+        });
+    }
+    let proofs: ProofsJson = serde_json::from_slice(&read(bundle::PROOFS)?)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", bundle::PROOFS)))?;
+    let previous = match &proofs.previous_checkpoint {
+        Some(n) => Some(tlog::verify_checkpoint(n, &manifest.origin, &key)?),
+        None => None,
+    };
+    let mut wanted = vec![manifest.tree_size];
+    if let Some(p) = &previous {
+        wanted.push(p.size);
+    }
+    let mut replay = Replay::new(Rules { genesis, net }, forks, wanted);
+    let mut reader = BufReader::new(std::fs::File::open(dir.join(bundle::EVENTS))?);
+    let mut position = 0u64;
+    let mut chunk: Vec<SignedEvent> = Vec::new();
+    let flush = |replay: &mut Replay, chunk: &mut Vec<SignedEvent>, position: &mut u64| {
+        let keys = replay.keys_for(chunk);
+        let verified = verify_all(chunk, &keys);
+        for (event, v) in chunk.drain(..).zip(verified) {
+            replay.apply(*position, &event, v);
+            *position += 1;
+        }
+    };
+    loop {
+        let mut len = [0u8; 4];
+        match reader.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e.into()),
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        if len > meshnode_schemas::limits::EVENT_BYTES_MAX {
+            return Err(Error::Invalid(format!("event {position} is {len} bytes")));
+        }
+        let mut bytes = vec![0u8; len];
+        reader.read_exact(&mut bytes)?;
+        match SignedEvent::decode(&bytes) {
+            Ok(event) => chunk.push(event),
+            Err(e) => {
+                flush(&mut replay, &mut chunk, &mut position);
+                replay.finding(e.code(), format!("event {position} does not decode: {e}"));
+                position += 1;
+            }
+        }
+        if chunk.len() >= AUDIT_CHUNK_EVENTS {
+            flush(&mut replay, &mut chunk, &mut position);
+        }
+    }
+    flush(&mut replay, &mut chunk, &mut position);
+    replay.forks_at(replay.state.n_events);
+    match tlog::verify_checkpoint(&note, &manifest.origin, &key) {
+        Ok(cp) if cp.size == replay.frontier.size() && cp.root == replay.frontier.root() => {}
+        Ok(cp) => replay.finding(
+            "root_mismatch",
+            format!(
+                "checkpoint says size {} root {}, the events give size {} root {}",
+                cp.size,
+                hex::encode(cp.root),
+                replay.frontier.size(),
+                hex::encode(replay.frontier.root())
+            ),
+        ),
+        Err(e) => replay.finding("bad_checkpoint", e.to_string()),
+    }
+    let mut previous_size = None;
+    if let Some(p) = previous {
+        previous_size = Some(p.size);
+        let path: Vec<TreeHash> = proofs
+            .consistency
+            .iter()
+            .filter_map(|h| hex::decode(h).ok()?.try_into().ok())
+            .collect();
+        if !tlog::verify_consistency(
+            p.size,
+            replay.frontier.size(),
+            &p.root,
+            &replay.frontier.root(),
+            &path,
+        ) || replay.roots.get(&p.size) != Some(&p.root)
+        {
+            replay.finding(
+                "inconsistent_checkpoint",
+                format!(
+                    "the previous checkpoint (size {}) is not consistent with this one",
+                    p.size
+                ),
+            );
+        }
+    }
+    Ok(replay.report(note, previous_size, started))
+}

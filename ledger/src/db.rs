@@ -1,0 +1,424 @@
+//! The ledger's index database (redb): events, logs, the transparency tree, derived state,
+//! checkpoints and pending events. Values are postcard-encoded records of `fold`.
+
+use std::path::Path;
+
+use meshnode_schemas::{AuthorKey, BlobHash, EventId};
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::error::{Error, Result};
+use crate::fold::{
+    AuthorState, BasinState, BasinVersion, EventRecord, ForkProof, Lookup, NodeState, Overlay,
+    ReputationState, SkillState, State,
+};
+use crate::tlog::{Nodes, TreeHash, leaf_hash};
+
+type Key32 = [u8; 32];
+
+/// Scalars: `n_events`, `supply` (u64 as 8 bytes LE) and `last_audit` (a signed note).
+pub(crate) const META: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("meta");
+/// EventId → EventRecord.
+pub(crate) const EVENTS: TableDefinition<'static, Key32, &[u8]> = TableDefinition::new("events");
+/// (author, seq) → EventId of the accepted event.
+pub(crate) const LOG: TableDefinition<'static, (Key32, u64), Key32> = TableDefinition::new("log");
+/// Transparency-log leaf index → EventId (acceptance order).
+pub(crate) const LEAVES: TableDefinition<'static, u64, Key32> = TableDefinition::new("leaves");
+/// (level ≥ 1, index) → hash of a perfect subtree.
+pub(crate) const TREE: TableDefinition<'static, (u8, u64), Key32> = TableDefinition::new("tree");
+/// Tree size → signed checkpoint note.
+pub(crate) const CHECKPOINTS: TableDefinition<'static, u64, &str> =
+    TableDefinition::new("checkpoints");
+/// Version EventId → BasinVersion.
+pub(crate) const VERSIONS: TableDefinition<'static, Key32, &[u8]> =
+    TableDefinition::new("basin_versions");
+/// (basin publish id, leaf index) → version id: a basin's history in acceptance order.
+pub(crate) const BASIN_HISTORY: TableDefinition<'static, (Key32, u64), Key32> =
+    TableDefinition::new("basin_history");
+pub(crate) const AUTHORS: TableDefinition<'static, Key32, &[u8]> =
+    TableDefinition::new("state_authors");
+pub(crate) const SKILLS: TableDefinition<'static, Key32, &[u8]> =
+    TableDefinition::new("state_skills");
+pub(crate) const BASINS: TableDefinition<'static, Key32, &[u8]> =
+    TableDefinition::new("state_basins");
+pub(crate) const REPUTATION: TableDefinition<'static, Key32, &[u8]> =
+    TableDefinition::new("state_reputation");
+pub(crate) const NODES: TableDefinition<'static, Key32, &[u8]> =
+    TableDefinition::new("state_nodes");
+pub(crate) const HOSTS: TableDefinition<'static, Key32, &[u8]> =
+    TableDefinition::new("state_hosts");
+pub(crate) const FORKS: TableDefinition<'static, (Key32, u64), &[u8]> =
+    TableDefinition::new("state_forks");
+/// EventId → envelope BlobHash and arrival time (ms) of events waiting for prev or deps.
+pub(crate) const PENDING: TableDefinition<'static, Key32, (Key32, u64)> =
+    TableDefinition::new("pending");
+
+pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    Ok(postcard::to_stdvec(value)?)
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    Ok(postcard::from_bytes(bytes)?)
+}
+
+/// Opens (or creates) the database and every table.
+pub(crate) fn open(path: &Path) -> Result<Database> {
+    let db = Database::create(path)?;
+    let tx = db.begin_write()?;
+    {
+        tx.open_table(META)?;
+        tx.open_table(EVENTS)?;
+        tx.open_table(LOG)?;
+        tx.open_table(LEAVES)?;
+        tx.open_table(TREE)?;
+        tx.open_table(CHECKPOINTS)?;
+        tx.open_table(VERSIONS)?;
+        tx.open_table(BASIN_HISTORY)?;
+        tx.open_table(AUTHORS)?;
+        tx.open_table(SKILLS)?;
+        tx.open_table(BASINS)?;
+        tx.open_table(REPUTATION)?;
+        tx.open_table(NODES)?;
+        tx.open_table(HOSTS)?;
+        tx.open_table(FORKS)?;
+        tx.open_table(PENDING)?;
+    }
+    tx.commit()?;
+    Ok(db)
+}
+
+fn meta_u64(tx: &ReadTransaction, key: &str) -> Result<u64> {
+    let table = tx.open_table(META)?;
+    Ok(match table.get(key)? {
+        Some(v) => {
+            let bytes: [u8; 8] = v
+                .value()
+                .try_into()
+                .map_err(|_| Error::Corrupt(format!("meta {key} is not 8 bytes")))?;
+            u64::from_le_bytes(bytes)
+        }
+        None => 0,
+    })
+}
+
+/// Loads the whole derived state.
+pub(crate) fn load_state(db: &Database) -> Result<State> {
+    load_state_in(&db.begin_read()?)
+}
+
+/// Loads the whole derived state as of a read transaction.
+pub(crate) fn load_state_in(tx: &ReadTransaction) -> Result<State> {
+    let mut state = State {
+        n_events: meta_u64(tx, "n_events")?,
+        supply: meta_u64(tx, "supply")?,
+        ..State::default()
+    };
+    for entry in tx.open_table(AUTHORS)?.iter()? {
+        let (k, v) = entry?;
+        state.authors.insert(
+            AuthorKey::from_bytes(k.value()),
+            decode::<AuthorState>(v.value())?,
+        );
+    }
+    for entry in tx.open_table(SKILLS)?.iter()? {
+        let (k, v) = entry?;
+        state.skills.insert(
+            EventId::from_bytes(k.value()),
+            decode::<SkillState>(v.value())?,
+        );
+    }
+    for entry in tx.open_table(BASINS)?.iter()? {
+        let (k, v) = entry?;
+        state.basins.insert(
+            EventId::from_bytes(k.value()),
+            decode::<BasinState>(v.value())?,
+        );
+    }
+    for entry in tx.open_table(REPUTATION)?.iter()? {
+        let (k, v) = entry?;
+        state.reputation.insert(
+            AuthorKey::from_bytes(k.value()),
+            decode::<ReputationState>(v.value())?,
+        );
+    }
+    for entry in tx.open_table(NODES)?.iter()? {
+        let (k, v) = entry?;
+        state.nodes.insert(
+            AuthorKey::from_bytes(k.value()),
+            decode::<NodeState>(v.value())?,
+        );
+    }
+    for entry in tx.open_table(HOSTS)?.iter()? {
+        let (k, v) = entry?;
+        state
+            .hosts
+            .insert(BlobHash::from_bytes(k.value()), decode(v.value())?);
+    }
+    for entry in tx.open_table(FORKS)?.iter()? {
+        let (k, v) = entry?;
+        let (author, seq) = k.value();
+        state.forks.insert(
+            (AuthorKey::from_bytes(author), seq),
+            decode::<ForkProof>(v.value())?,
+        );
+    }
+    Ok(state)
+}
+
+/// A fork row: (author, seq) and the encoded proof (`None` deletes).
+type ForkRow = ((Key32, u64), Option<Vec<u8>>);
+
+/// Which state table a row belongs to.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum StateTable {
+    Authors,
+    Skills,
+    Basins,
+    Reputation,
+    Nodes,
+    Hosts,
+}
+
+/// Everything one batch writes, encoded, so that the write can run on a blocking thread.
+#[derive(Default)]
+pub(crate) struct BatchRows {
+    events: Vec<(Key32, Vec<u8>)>,
+    log: Vec<((Key32, u64), Key32)>,
+    leaves: Vec<(u64, Key32)>,
+    tree: Vec<(u8, u64, TreeHash)>,
+    versions: Vec<(Key32, Vec<u8>)>,
+    history: Vec<((Key32, u64), Key32)>,
+    state: Vec<(StateTable, Key32, Option<Vec<u8>>)>,
+    forks: Vec<ForkRow>,
+    n_events: u64,
+    supply: u64,
+    pub(crate) pending_add: Vec<(Key32, (Key32, u64))>,
+    pub(crate) pending_remove: Vec<Key32>,
+    pub(crate) checkpoint: Option<(u64, String)>,
+}
+
+fn row<T: Serialize>(value: Option<&T>) -> Result<Option<Vec<u8>>> {
+    value.map(encode).transpose()
+}
+
+/// Encodes the records of an overlay, the tree nodes completed by its leaves and the touched
+/// parts of the state.
+pub(crate) fn batch_rows(
+    state: &State,
+    overlay: &Overlay,
+    tree_nodes: &[(u8, u64, TreeHash)],
+) -> Result<BatchRows> {
+    let mut rows = BatchRows {
+        n_events: state.n_events,
+        supply: state.supply,
+        tree: tree_nodes.to_vec(),
+        ..BatchRows::default()
+    };
+    for (id, record) in &overlay.events {
+        rows.events.push((*id.as_bytes(), encode(record)?));
+    }
+    for ((author, seq), id) in &overlay.log {
+        rows.log.push(((*author.as_bytes(), *seq), *id.as_bytes()));
+    }
+    for id in &overlay.accepted {
+        rows.leaves.push((overlay.events[id].index, *id.as_bytes()));
+    }
+    for (id, version) in &overlay.versions {
+        rows.versions.push((*id.as_bytes(), encode(version)?));
+        let index = overlay.events[id].index;
+        rows.history
+            .push(((*version.basin.as_bytes(), index), *id.as_bytes()));
+    }
+    let t = &overlay.touched;
+    for key in &t.authors {
+        rows.state.push((
+            StateTable::Authors,
+            *key.as_bytes(),
+            row(state.authors.get(key))?,
+        ));
+    }
+    for key in &t.skills {
+        rows.state.push((
+            StateTable::Skills,
+            *key.as_bytes(),
+            row(state.skills.get(key))?,
+        ));
+    }
+    for key in &t.basins {
+        rows.state.push((
+            StateTable::Basins,
+            *key.as_bytes(),
+            row(state.basins.get(key))?,
+        ));
+    }
+    for key in &t.reputation {
+        rows.state.push((
+            StateTable::Reputation,
+            *key.as_bytes(),
+            row(state.reputation.get(key))?,
+        ));
+    }
+    for key in &t.nodes {
+        rows.state.push((
+            StateTable::Nodes,
+            *key.as_bytes(),
+            row(state.nodes.get(key))?,
+        ));
+    }
+    for key in &t.hosts {
+        rows.state.push((
+            StateTable::Hosts,
+            *key.as_bytes(),
+            row(state.hosts.get(key))?,
+        ));
+    }
+    for (author, seq) in &t.forks {
+        rows.forks.push((
+            (*author.as_bytes(), *seq),
+            row(state.forks.get(&(*author, *seq)))?,
+        ));
+    }
+    Ok(rows)
+}
+
+/// Writes a batch in one transaction and commits it durably.
+pub(crate) fn write_rows(db: &Database, rows: BatchRows) -> Result<()> {
+    let tx = db.begin_write()?;
+    {
+        let mut events = tx.open_table(EVENTS)?;
+        for (k, v) in &rows.events {
+            events.insert(*k, v.as_slice())?;
+        }
+        let mut log = tx.open_table(LOG)?;
+        for (k, v) in &rows.log {
+            log.insert(*k, *v)?;
+        }
+        let mut leaves = tx.open_table(LEAVES)?;
+        for (k, v) in &rows.leaves {
+            leaves.insert(*k, *v)?;
+        }
+        let mut tree = tx.open_table(TREE)?;
+        for (level, index, hash) in &rows.tree {
+            tree.insert((*level, *index), *hash)?;
+        }
+        let mut versions = tx.open_table(VERSIONS)?;
+        for (k, v) in &rows.versions {
+            versions.insert(*k, v.as_slice())?;
+        }
+        let mut history = tx.open_table(BASIN_HISTORY)?;
+        for (k, v) in &rows.history {
+            history.insert(*k, *v)?;
+        }
+        for (table, key, value) in &rows.state {
+            let definition = match table {
+                StateTable::Authors => AUTHORS,
+                StateTable::Skills => SKILLS,
+                StateTable::Basins => BASINS,
+                StateTable::Reputation => REPUTATION,
+                StateTable::Nodes => NODES,
+                StateTable::Hosts => HOSTS,
+            };
+            let mut t = tx.open_table(definition)?;
+            match value {
+                Some(v) => {
+                    t.insert(*key, v.as_slice())?;
+                }
+                None => {
+                    t.remove(*key)?;
+                }
+            }
+        }
+        let mut forks = tx.open_table(FORKS)?;
+        for (k, v) in &rows.forks {
+            match v {
+                Some(v) => {
+                    forks.insert(*k, v.as_slice())?;
+                }
+                None => {
+                    forks.remove(*k)?;
+                }
+            }
+        }
+        let mut pending = tx.open_table(PENDING)?;
+        for (k, v) in &rows.pending_add {
+            pending.insert(*k, *v)?;
+        }
+        for k in &rows.pending_remove {
+            pending.remove(*k)?;
+        }
+        if let Some((size, note)) = &rows.checkpoint {
+            tx.open_table(CHECKPOINTS)?.insert(*size, note.as_str())?;
+        }
+        let mut meta = tx.open_table(META)?;
+        meta.insert("n_events", rows.n_events.to_le_bytes().as_slice())?;
+        meta.insert("supply", rows.supply.to_le_bytes().as_slice())?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// [`Lookup`] and [`Nodes`] over a read transaction, with envelopes read through `envelope`.
+pub(crate) struct DbView<'a, F: Fn(&BlobHash) -> Result<Option<Vec<u8>>>> {
+    pub(crate) events: redb::ReadOnlyTable<Key32, &'static [u8]>,
+    pub(crate) log: redb::ReadOnlyTable<(Key32, u64), Key32>,
+    pub(crate) versions: redb::ReadOnlyTable<Key32, &'static [u8]>,
+    pub(crate) leaves: redb::ReadOnlyTable<u64, Key32>,
+    pub(crate) tree: redb::ReadOnlyTable<(u8, u64), Key32>,
+    pub(crate) envelope: &'a F,
+}
+
+impl<'a, F: Fn(&BlobHash) -> Result<Option<Vec<u8>>>> DbView<'a, F> {
+    pub(crate) fn new(tx: &ReadTransaction, envelope: &'a F) -> Result<Self> {
+        Ok(Self {
+            events: tx.open_table(EVENTS)?,
+            log: tx.open_table(LOG)?,
+            versions: tx.open_table(VERSIONS)?,
+            leaves: tx.open_table(LEAVES)?,
+            tree: tx.open_table(TREE)?,
+            envelope,
+        })
+    }
+}
+
+impl<F: Fn(&BlobHash) -> Result<Option<Vec<u8>>>> Lookup for DbView<'_, F> {
+    fn event(&self, id: &EventId) -> Result<Option<EventRecord>> {
+        match self.events.get(*id.as_bytes())? {
+            Some(v) => Ok(Some(decode(v.value())?)),
+            None => Ok(None),
+        }
+    }
+    fn at(&self, author: &AuthorKey, seq: u64) -> Result<Option<EventId>> {
+        Ok(self
+            .log
+            .get((*author.as_bytes(), seq))?
+            .map(|v| EventId::from_bytes(v.value())))
+    }
+    fn basin_version(&self, id: &EventId) -> Result<Option<BasinVersion>> {
+        match self.versions.get(*id.as_bytes())? {
+            Some(v) => Ok(Some(decode(v.value())?)),
+            None => Ok(None),
+        }
+    }
+    fn envelope(&self, id: &EventId) -> Result<Option<Vec<u8>>> {
+        match self.event(id)? {
+            Some(record) => (self.envelope)(&record.envelope),
+            None => Ok(None),
+        }
+    }
+}
+
+impl<F: Fn(&BlobHash) -> Result<Option<Vec<u8>>>> Nodes for DbView<'_, F> {
+    fn node(&self, level: u8, index: u64) -> Result<TreeHash> {
+        if level == 0 {
+            let id = self
+                .leaves
+                .get(index)?
+                .ok_or_else(|| Error::Corrupt(format!("leaf {index} missing")))?;
+            return Ok(leaf_hash(&EventId::from_bytes(id.value())));
+        }
+        self.tree
+            .get((level, index))?
+            .map(|v| v.value())
+            .ok_or_else(|| Error::Corrupt(format!("tree node ({level}, {index}) missing")))
+    }
+}
