@@ -67,6 +67,17 @@ pub enum Command {
     /// Generate and show Ed25519 key files.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Sign an event with a key file and submit it (DESIGN.md §3 kinds).
+    Event(EventArgs),
+    /// Show an account: spendable balance, credits, log head.
+    Account(AccountArgs),
+    /// Re-verify the ledger from its blobs; export or verify an offline bundle.
+    Audit(AuditArgs),
+    /// GET a read route as JSON, e.g. `meshnode get /v1/skills`.
+    Get {
+        /// Path under the API, e.g. `/v1/logs/<author>`.
+        path: String,
+    },
     /// Show the running node's identity and counters.
     Status,
     /// Run garbage collection on the running node now.
@@ -94,6 +105,52 @@ pub struct ServeArgs {
     /// Create the data directory first if it is not initialised yet.
     #[arg(long)]
     pub init: bool,
+}
+
+/// `event` arguments.
+#[derive(Debug, Args)]
+pub struct EventArgs {
+    /// Kind, e.g. token.transfer, skill.publish (DESIGN.md §3).
+    pub kind: String,
+    /// Key file that signs (64 hex characters).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// The log to append to, if not the key's own (after a key.rotate).
+    #[arg(long)]
+    pub author: Option<String>,
+    /// Payload as JSON (ids, keys, hashes as hex; vectors as arrays), or @FILE.
+    #[arg(long)]
+    pub payload: String,
+    /// Extra causal dependencies (EventIds, comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub deps: Vec<String>,
+    /// Do not add the author's unreferenced credits to a transfer's deps.
+    #[arg(long)]
+    pub no_auto_deps: bool,
+    /// Write the signed envelope to this file instead of submitting it.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// `account` arguments.
+#[derive(Debug, Args)]
+pub struct AccountArgs {
+    /// Account key (hex). Default: the public key of --key-file.
+    pub key: Option<String>,
+    /// A key file whose public key to show.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+}
+
+/// `audit` arguments.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Also write an offline audit bundle to this directory.
+    #[arg(long)]
+    pub export: Option<PathBuf>,
+    /// Verify an offline bundle in this directory (no node needed).
+    #[arg(long, conflicts_with = "export")]
+    pub bundle: Option<PathBuf>,
 }
 
 /// `blob` subcommands.
@@ -245,6 +302,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Blob(command) => blob(&cli, command).await,
         Command::Pin(command) => pin(&cli, command).await,
         Command::Key(command) => key(&cli, command),
+        Command::Event(args) => event(&cli, args).await,
+        Command::Account(args) => account(&cli, args).await,
+        Command::Audit(args) => audit(&cli, args).await,
+        Command::Get { path } => {
+            let client = client(&cli)?;
+            let path = if path.starts_with('/') {
+                path.clone()
+            } else {
+                format!("/{path}")
+            };
+            let response = client
+                .send(client.request(reqwest::Method::GET, &path))
+                .await?;
+            let text = response.text().await?;
+            match serde_json::from_str::<Value>(&text) {
+                Ok(value) if !cli.json => println!("{}", serde_json::to_string_pretty(&value)?),
+                Ok(value) => println!("{value}"),
+                Err(_) => print!("{text}"),
+            }
+            Ok(())
+        }
         Command::Status => {
             let client = client(&cli)?;
             let value: Value = client
@@ -606,6 +684,205 @@ fn key(cli: &Cli, command: &KeyCommand) -> anyhow::Result<()> {
             let value = serde_json::json!({"public": public.to_hex()});
             print_value(cli, &value, |_| public.to_hex());
         }
+    }
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+async fn event(cli: &Cli, args: &EventArgs) -> anyhow::Result<()> {
+    use meshnode_schemas::{AuthorKey, EventBody, EventId, Kind, SignedEvent};
+    let kind = Kind::parse(&args.kind).map_err(|e| anyhow!("{e}"))?;
+    let key = node::read_key_file(&args.key)?;
+    let author = match &args.author {
+        Some(a) => AuthorKey::from_hex(a).map_err(|e| anyhow!("--author: {e}"))?,
+        None => meshnode_schemas::author_of(&key),
+    };
+    let payload_text = match args.payload.strip_prefix('@') {
+        Some(file) => std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?,
+        None => args.payload.clone(),
+    };
+    let payload_json: Value =
+        serde_json::from_str(&payload_text).context("--payload is not valid JSON")?;
+    let payload = crate::events_json::payload_from_json(kind, &payload_json)
+        .map_err(|e| anyhow!("--payload: {e}"))?;
+    let client = client(cli)?;
+    let status: Value = client
+        .json(client.request(reqwest::Method::GET, "/v1/status"))
+        .await?;
+    let net = meshnode_schemas::BlobHash::from_hex(status["net"].as_str().unwrap_or(""))
+        .map_err(|e| anyhow!("node status has no net: {e}"))?;
+    let account: Value = client
+        .json(client.request(reqwest::Method::GET, &format!("/v1/accounts/{author}")))
+        .await?;
+    let head_seq = account["head_seq"].as_u64().unwrap_or(0);
+    let prev = match account["head_id"].as_str() {
+        Some(h) => Some(EventId::from_hex(h).map_err(|e| anyhow!("head_id: {e}"))?),
+        None => None,
+    };
+    let mut deps = Vec::new();
+    for d in &args.deps {
+        deps.push(EventId::from_hex(d.trim()).map_err(|e| anyhow!("--deps {d}: {e}"))?);
+    }
+    if kind == Kind::TokenTransfer && !args.no_auto_deps {
+        // Name the credits this log has not referenced yet, so that they are spendable.
+        for c in account["unreferenced_credits"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            if let Some(id) = c.as_str().and_then(|h| EventId::from_hex(h).ok()) {
+                deps.push(id);
+            }
+        }
+    }
+    deps.sort();
+    deps.dedup();
+    deps.truncate(meshnode_schemas::limits::DEPS_MAX);
+    let body = EventBody {
+        net,
+        author,
+        seq: head_seq + 1,
+        prev,
+        deps,
+        ts: now_ms(),
+        payload,
+    };
+    let signed = SignedEvent::sign(body, &key).map_err(|e| anyhow!("{e}"))?;
+    if let Some(out) = &args.out {
+        std::fs::write(out, &signed.envelope)?;
+        let value =
+            serde_json::json!({"id": signed.id.to_hex(), "file": out.display().to_string()});
+        print_value(cli, &value, |_| {
+            format!("{}  written to {}", signed.id, out.display())
+        });
+        return Ok(());
+    }
+    let value: Value = client
+        .json(
+            client
+                .request(reqwest::Method::POST, "/v1/events")
+                .header(reqwest::header::CONTENT_TYPE, "application/cbor")
+                .body(signed.envelope.clone()),
+        )
+        .await?;
+    print_value(cli, &value, |v| {
+        let mut line = format!(
+            "{}  seq {}  {}",
+            plain(&v["id"]),
+            v["seq"],
+            plain(&v["status"])
+        );
+        if v["status"] == "pending" {
+            line.push_str(&format!(" ({})", plain(&v["reason"])));
+        }
+        line
+    });
+    Ok(())
+}
+
+async fn account(cli: &Cli, args: &AccountArgs) -> anyhow::Result<()> {
+    let key = match (&args.key, &args.key_file) {
+        (Some(k), _) => k.clone(),
+        (None, Some(file)) => meshnode_schemas::author_of(&node::read_key_file(file)?).to_hex(),
+        (None, None) => bail!("give an account key or --key-file"),
+    };
+    let client = client(cli)?;
+    let value: Value = client
+        .json(client.request(reqwest::Method::GET, &format!("/v1/accounts/{key}")))
+        .await?;
+    print_value(cli, &value, |v| {
+        format!(
+            "key            {}\nbalance        {}\nreceived       {} ({} contested)\nsent           {}\nminted         {}\nhead seq       {}\nunreferenced   {} credits\nreputation     {}{}",
+            plain(&v["key"]),
+            v["balance"],
+            v["received"],
+            v["received_contested"],
+            v["sent"],
+            v["minted"],
+            v["head_seq"],
+            v["unreferenced_credits"]
+                .as_array()
+                .map(|a| a.len())
+                .unwrap_or(0),
+            v["reputation"],
+            if v["frozen_from"].is_null() {
+                String::new()
+            } else {
+                format!("\nfrozen from    seq {} (fork)", v["frozen_from"])
+            }
+        )
+    });
+    Ok(())
+}
+
+fn audit_summary(v: &Value) -> String {
+    let mut out = format!(
+        "{}  {} events, tree size {}, root {}\nsupply {}, {} authors, {} forks, {} findings, {} ms",
+        if v["ok"] == true { "OK" } else { "FAILED" },
+        v["n_events"],
+        v["tree_size"],
+        plain(&v["root"]),
+        v["supply"],
+        v["n_authors"],
+        v["n_forks"],
+        v["n_findings"],
+        v["duration_ms"]
+    );
+    for f in v["findings"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "\n  {}: {}",
+            plain(&f["code"]),
+            plain(&f["message"])
+        ));
+    }
+    out
+}
+
+async fn audit(cli: &Cli, args: &AuditArgs) -> anyhow::Result<()> {
+    let report: Value = if let Some(dir) = &args.bundle {
+        serde_json::to_value(meshnode_ledger::verify_bundle(dir)?)?
+    } else {
+        let client = client(cli)?;
+        let answered = match &args.export {
+            None => {
+                client
+                    .json::<Value>(client.request(reqwest::Method::GET, "/v1/audit"))
+                    .await
+            }
+            Some(dir) => {
+                let dir = std::path::absolute(dir)?;
+                client
+                    .json::<Value>(
+                        client
+                            .request(reqwest::Method::POST, "/v1/audit/export")
+                            .json(&serde_json::json!({"dir": dir.display().to_string()})),
+                    )
+                    .await
+            }
+        };
+        match answered {
+            Ok(v) => v,
+            Err(e) if e.to_string().contains("no meshnode is answering") => {
+                // No node running: audit the data directory directly.
+                let dir = data_dir(cli)?;
+                let config = Config::load(&dir)?;
+                let node = Node::open(&dir, config).await?;
+                let report = node.ledger.audit(args.export.as_deref()).await;
+                node.shutdown().await?;
+                serde_json::to_value(report?)?
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    print_value(cli, &report, audit_summary);
+    if report["ok"] != true {
+        bail!("audit found {} problems", report["n_findings"]);
     }
     Ok(())
 }

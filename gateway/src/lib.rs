@@ -6,5 +6,6 @@
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod events_json;
 pub mod http;
 pub mod node;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
+use meshnode_ledger::{Ledger, LedgerConfig};
 use meshnode_schemas::{AuthorKey, BlobHash, Genesis, SigningKey, author_of, key_file_text};
 use meshnode_store::{PinMode, Store, StoreConfig};
 
@@ -21,6 +22,8 @@ pub mod files {
     pub const API_TOKEN: &str = "api-token";
     /// The blob store directory.
     pub const BLOBS: &str = "blobs";
+    /// The ledger index directory.
+    pub const LEDGER: &str = "ledger";
 }
 
 /// What `meshnode init` created.
@@ -144,6 +147,8 @@ pub struct Node {
     pub net: BlobHash,
     /// The blob store.
     pub store: Store,
+    /// The ledger.
+    pub ledger: Ledger,
     /// The bearer token that authorises writes.
     pub token: String,
     /// When the node started.
@@ -177,6 +182,16 @@ impl Node {
         )
         .await?;
         store.add_bytes(genesis_bytes, PinMode::Pin).await?;
+        let ledger = Ledger::open(
+            &data_dir.join(files::LEDGER),
+            store.clone(),
+            genesis.clone(),
+            net,
+            key.clone(),
+            LedgerConfig::default(),
+        )
+        .await
+        .context("opening the ledger")?;
         Ok(Self {
             data_dir: data_dir.to_path_buf(),
             config,
@@ -185,6 +200,7 @@ impl Node {
             genesis,
             net,
             store,
+            ledger,
             token,
             started: Instant::now(),
         })
@@ -192,6 +208,7 @@ impl Node {
 
     /// Flushes and closes every component.
     pub async fn shutdown(&self) -> anyhow::Result<()> {
+        self.ledger.shutdown().await;
         self.store.shutdown().await?;
         Ok(())
     }

@@ -335,6 +335,25 @@ fn compare<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
     }
 }
 
+/// Reads envelopes (verified by the store) with bounded concurrency, in order.
+async fn fetch_envelopes(
+    store: meshnode_store::Store,
+    hashes: Vec<BlobHash>,
+) -> Vec<Result<bytes::Bytes>> {
+    futures::stream::iter(hashes.into_iter().map(move |hash| {
+        let store = store.clone();
+        async move {
+            store
+                .get_bytes(&hash, meshnode_schemas::limits::EVENT_BYTES_MAX as u64)
+                .await
+                .map_err(Error::from)
+        }
+    }))
+    .buffered(64)
+    .collect()
+    .await
+}
+
 /// Checks signatures on all cores.
 fn verify_all(events: &[SignedEvent], keys: &[AuthorKey]) -> Vec<Option<AuthorKey>> {
     events
@@ -439,19 +458,8 @@ impl Ledger {
         let store = self.store().clone();
         for (chunk_idx, chunk) in records.chunks(AUDIT_CHUNK_EVENTS).enumerate() {
             let base = (chunk_idx * AUDIT_CHUNK_EVENTS) as u64;
-            let fetched: Vec<Result<bytes::Bytes>> = futures::stream::iter(chunk.iter().map(|r| {
-                let store = store.clone();
-                let hash = r.envelope;
-                async move {
-                    store
-                        .get_bytes(&hash, meshnode_schemas::limits::EVENT_BYTES_MAX as u64)
-                        .await
-                        .map_err(Error::from)
-                }
-            }))
-            .buffered(64)
-            .collect()
-            .await;
+            let hashes: Vec<BlobHash> = chunk.iter().map(|r| r.envelope).collect();
+            let fetched = fetch_envelopes(store.clone(), hashes).await;
             let mut decoded = Vec::with_capacity(chunk.len());
             let mut positions = Vec::with_capacity(chunk.len());
             for (offset, (record, bytes)) in chunk.iter().zip(fetched).enumerate() {

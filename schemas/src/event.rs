@@ -457,7 +457,7 @@ impl Payload {
             Payload::ReputationDelta(p) => {
                 p.subject
                     .validate()
-                    .map_err(|e| field("subject", e.to_string()))?;
+                    .map_err(|e| Error::BadKey(format!("subject: {e}")))?;
                 if p.delta.abs() > REPUTATION_DELTA_ABS_MAX {
                     return Err(field(
                         "delta",
@@ -467,14 +467,16 @@ impl Payload {
                 text("reason", &p.reason, TEXT_SHORT_BYTES_MAX)?;
             }
             Payload::TokenMint(p) => {
-                p.to.validate().map_err(|e| field("to", e.to_string()))?;
+                p.to.validate()
+                    .map_err(|e| Error::BadKey(format!("to: {e}")))?;
                 if p.amount == 0 {
                     return Err(field("amount", "must be positive"));
                 }
                 text("reason", &p.reason, TEXT_SHORT_BYTES_MAX)?;
             }
             Payload::TokenTransfer(p) => {
-                p.to.validate().map_err(|e| field("to", e.to_string()))?;
+                p.to.validate()
+                    .map_err(|e| Error::BadKey(format!("to: {e}")))?;
                 if p.amount == 0 {
                     return Err(field("amount", "must be positive"));
                 }
@@ -484,7 +486,7 @@ impl Payload {
             Payload::KeyRotate(p) => {
                 p.new_key
                     .validate()
-                    .map_err(|e| field("new_key", e.to_string()))?;
+                    .map_err(|e| Error::BadKey(format!("new_key: {e}")))?;
             }
         }
         Ok(())
@@ -645,7 +647,7 @@ impl EventBody {
     pub fn validate(&self) -> Result<()> {
         self.author
             .validate()
-            .map_err(|e| field("author", e.to_string()))?;
+            .map_err(|e| Error::BadKey(format!("author: {e}")))?;
         if self.seq == 0 {
             return Err(field("seq", "must be >= 1"));
         }

@@ -40,6 +40,14 @@ pub struct Metrics {
     pub blobs_corrupt: Gauge,
     /// Pinned blobs (at scrape time).
     pub pins: Gauge,
+    /// Events accepted through `POST /v1/events`.
+    pub events_accepted: Counter,
+    /// Events rejected by `POST /v1/events`.
+    pub events_rejected: Counter,
+    /// Ledger size (transparency-log leaves, at scrape time).
+    pub ledger_events: Gauge,
+    /// Events waiting for prev or deps (at scrape time).
+    pub ledger_pending: Gauge,
 }
 
 impl Default for Metrics {
@@ -98,6 +106,30 @@ impl Metrics {
         );
         let pins = Gauge::default();
         registry.register("pins", "Pinned blobs", pins.clone());
+        let events_accepted = Counter::default();
+        registry.register(
+            "events_accepted",
+            "Events accepted over HTTP",
+            events_accepted.clone(),
+        );
+        let events_rejected = Counter::default();
+        registry.register(
+            "events_rejected",
+            "Events rejected over HTTP",
+            events_rejected.clone(),
+        );
+        let ledger_events = Gauge::default();
+        registry.register(
+            "ledger_events",
+            "Accepted events (log size)",
+            ledger_events.clone(),
+        );
+        let ledger_pending = Gauge::default();
+        registry.register(
+            "ledger_pending",
+            "Events waiting for prev or deps",
+            ledger_pending.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
@@ -108,6 +140,10 @@ impl Metrics {
             blob_cache_hits,
             blobs_corrupt,
             pins,
+            events_accepted,
+            events_rejected,
+            ledger_events,
+            ledger_pending,
         }
     }
 
@@ -167,10 +203,16 @@ pub fn route_of(method: &http::Method, path: &str) -> &'static str {
         ["v1", "proofs", "inclusion"] => "/v1/proofs/inclusion",
         ["v1", "proofs", "consistency"] => "/v1/proofs/consistency",
         ["v1", "audit"] => "/v1/audit",
+        ["v1", "audit", "export"] => "/v1/audit/export",
         ["v1", "sql"] => "/v1/sql",
         ["v1", "search"] => "/v1/search",
         ["v1", "tables"] => "/v1/tables",
         ["v1", "peers"] => "/v1/peers",
+        ["v1", "skills"] => "/v1/skills",
+        ["v1", "basins"] => "/v1/basins",
+        ["v1", "basins", _] => "/v1/basins/{id}",
+        ["v1", "reputation"] => "/v1/reputation",
+        ["v1", "nodes"] => "/v1/nodes",
         ["v1", rest @ ..] if !rest.is_empty() && *method == http::Method::GET => "/v1/other",
         _ => "other",
     }

@@ -2,6 +2,7 @@
 
 mod blobs;
 pub mod error;
+mod ledger;
 pub mod metrics;
 mod openapi;
 mod ops;
@@ -46,6 +47,8 @@ struct StateInner {
     /// cache is cleared after GC so that deleted blobs stop being served.
     cache: BlobCache,
     ready: AtomicBool,
+    /// One audit at a time (it re-reads every event).
+    audit_lock: tokio::sync::Mutex<()>,
 }
 
 /// Everything a request handler needs. Cheap to clone.
@@ -73,6 +76,7 @@ impl AppState {
                 metrics,
                 cache,
                 ready: AtomicBool::new(false),
+                audit_lock: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -226,6 +230,152 @@ pub fn routes(
         .and(s())
         .then(|state| async move { ops::metrics(state).await })
         .boxed();
+    let event_limit = meshnode_schemas::limits::EVENT_BYTES_MAX as u64 + 1024;
+    let events_post =
+        warp::path!("v1" / "events")
+            .and(warp::post())
+            .and(s())
+            .and(headers())
+            .and(warp::body::content_length_limit(event_limit))
+            .and(warp::body::bytes())
+            .then(|state, headers, body| async move {
+                respond(ledger::submit(state, headers, body).await)
+            })
+            .boxed();
+    let event_get = warp::path!("v1" / "events" / String)
+        .and(warp::get())
+        .and(s())
+        .and(headers())
+        .then(|id: String, state, headers| async move {
+            respond(ledger::event(state, id, headers).await)
+        })
+        .boxed();
+    let log = warp::path!("v1" / "logs" / String)
+        .and(warp::get())
+        .and(s())
+        .and(warp::query::<ledger::LogQuery>())
+        .and(headers())
+        .then(|author: String, state, query, headers| async move {
+            respond(ledger::log(state, author, query, headers).await)
+        })
+        .boxed();
+    let account = warp::path!("v1" / "accounts" / String)
+        .and(warp::get())
+        .and(s())
+        .and(headers())
+        .then(|key: String, state, headers| async move {
+            respond(ledger::account(state, key, headers).await)
+        })
+        .boxed();
+    let forks = warp::path!("v1" / "forks")
+        .and(warp::get())
+        .and(s())
+        .and(headers())
+        .then(|state, headers| async move { respond(ledger::forks(state, headers).await) })
+        .boxed();
+    let checkpoint = warp::path!("v1" / "checkpoint")
+        .and(warp::get())
+        .and(s())
+        .and(headers())
+        .then(|state, headers| async move { respond(ledger::checkpoint(state, headers).await) })
+        .boxed();
+    let inclusion = warp::path!("v1" / "proofs" / "inclusion")
+        .and(warp::get())
+        .and(s())
+        .and(warp::query::<std::collections::HashMap<String, String>>())
+        .and(headers())
+        .then(|state, query, headers| async move {
+            respond(ledger::inclusion(state, query, headers).await)
+        })
+        .boxed();
+    let consistency = warp::path!("v1" / "proofs" / "consistency")
+        .and(warp::get())
+        .and(s())
+        .and(warp::query::<std::collections::HashMap<String, String>>())
+        .and(headers())
+        .then(|state, query, headers| async move {
+            respond(ledger::consistency(state, query, headers).await)
+        })
+        .boxed();
+    let audit = warp::path!("v1" / "audit")
+        .and(warp::get())
+        .and(s())
+        .and(headers())
+        .then(|state, headers| async move { respond(ledger::audit(state, headers).await) })
+        .boxed();
+    let json_limit = state.node().config.limits.json_bytes_max;
+    let audit_export = warp::path!("v1" / "audit" / "export")
+        .and(warp::post())
+        .and(s())
+        .and(headers())
+        .and(warp::body::content_length_limit(json_limit))
+        .and(warp::body::json::<ledger::ExportRequest>())
+        .then(|state, headers, request| async move {
+            respond(ledger::audit_export(state, headers, request).await)
+        })
+        .boxed();
+    let skills = warp::path!("v1" / "skills")
+        .and(warp::get())
+        .and(s())
+        .and(headers())
+        .then(|state, headers| async move { respond(ledger::skills(state, headers).await) })
+        .boxed();
+    let basins = warp::path!("v1" / "basins")
+        .and(warp::get())
+        .and(s())
+        .and(headers())
+        .then(|state, headers| async move { respond(ledger::basins(state, headers).await) })
+        .boxed();
+    let basin = warp::path!("v1" / "basins" / String)
+        .and(warp::get())
+        .and(s())
+        .and(headers())
+        .then(|id: String, state, headers| async move {
+            respond(ledger::basin(state, id, headers).await)
+        })
+        .boxed();
+    let reputation = warp::path!("v1" / "reputation")
+        .and(warp::get())
+        .and(s())
+        .and(headers())
+        .then(|state, headers| async move { respond(ledger::reputation(state, headers).await) })
+        .boxed();
+    let nodes = warp::path!("v1" / "nodes")
+        .and(warp::get())
+        .and(s())
+        .and(headers())
+        .then(|state, headers| async move { respond(ledger::nodes(state, headers).await) })
+        .boxed();
+    let ledger_routes = events_post
+        .or(event_get)
+        .unify()
+        .or(log)
+        .unify()
+        .or(account)
+        .unify()
+        .or(forks)
+        .unify()
+        .or(checkpoint)
+        .unify()
+        .or(inclusion)
+        .unify()
+        .or(consistency)
+        .unify()
+        .or(audit)
+        .unify()
+        .or(audit_export)
+        .unify()
+        .or(skills)
+        .unify()
+        .or(basins)
+        .unify()
+        .or(basin)
+        .unify()
+        .or(reputation)
+        .unify()
+        .or(nodes)
+        .unify()
+        .boxed();
     let openapi = warp::path!("openapi.json")
         .and(warp::get())
         .map(|| {
@@ -262,6 +412,8 @@ pub fn routes(
         .or(metrics)
         .unify()
         .or(openapi)
+        .unify()
+        .or(ledger_routes)
         .unify()
         .recover(error::recover)
         .unify()

@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use super::{blobs, error, ops, pins};
+use super::{blobs, error, ledger, ops, pins};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -14,6 +14,10 @@ use super::{blobs, error, ops, pins};
         blobs::upload, blobs::get, blobs::head, blobs::fetch,
         pins::put, pins::delete, pins::list,
         ops::healthz, ops::readyz, ops::metrics, ops::status, ops::gc,
+        ledger::submit, ledger::event, ledger::log, ledger::account, ledger::forks,
+        ledger::checkpoint, ledger::inclusion, ledger::consistency, ledger::audit,
+        ledger::audit_export,
+        ledger::skills, ledger::basins, ledger::basin, ledger::reputation, ledger::nodes,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail)),
     modifiers(&BearerAuth),

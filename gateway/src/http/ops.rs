@@ -31,6 +31,12 @@ pub(crate) struct Status {
     pins: u64,
     /// Corrupt blobs detected since start.
     blobs_corrupt: u64,
+    /// Accepted events (transparency-log size).
+    events: u64,
+    /// Events waiting for their prev or deps.
+    pending: u64,
+    /// Total token supply.
+    supply: u64,
 }
 
 /// Answer of `POST /v1/gc`.
@@ -71,6 +77,14 @@ pub(crate) async fn metrics(state: AppState) -> Response {
     if let Ok(pins) = store.pins().await {
         state.metrics().pins.set(pins.len() as i64);
     }
+    let ledger = &state.node().ledger;
+    if let Ok(size) = ledger.tree_size() {
+        state.metrics().ledger_events.set(size as i64);
+    }
+    state
+        .metrics()
+        .ledger_pending
+        .set(ledger.n_pending() as i64);
     warp::reply::with_header(
         state.metrics().encode(),
         http::header::CONTENT_TYPE,
@@ -96,6 +110,9 @@ pub(crate) async fn status(state: AppState, headers: HeaderMap) -> Result<Respon
             uptime_secs: node.started.elapsed().as_secs(),
             pins,
             blobs_corrupt: node.store.n_corrupt(),
+            events: node.ledger.tree_size()?,
+            pending: node.ledger.n_pending() as u64,
+            supply: node.ledger.supply()?,
         },
     ))
 }

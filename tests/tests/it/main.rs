@@ -7,3 +7,4 @@ mod gateway_rules;
 mod harness;
 mod interop;
 mod layering;
+mod ledger_http;

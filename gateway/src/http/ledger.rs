@@ -1,0 +1,525 @@
+//! Ledger routes: submit events, read events and logs, accounts, forks, the transparency log,
+//! audit, and the derived catalog (skills, basins, reputation, nodes).
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use meshnode_ledger::{EventRecord, ForkProof, Status};
+use meshnode_schemas::{AuthorKey, EventId};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use warp::Reply;
+use warp::reply::Response;
+
+use super::{ApiError, AppState, json};
+use crate::events_json::body_to_json;
+
+/// Most log entries one request returns.
+const LOG_PAGE_MAX: usize = 1000;
+
+impl From<meshnode_ledger::Error> for ApiError {
+    fn from(error: meshnode_ledger::Error) -> Self {
+        use meshnode_ledger::Error as E;
+        let code = error.code();
+        match &error {
+            E::Rejected { .. } => {
+                let status = match code {
+                    "too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+                    "fork_detected" | "author_frozen" => StatusCode::CONFLICT,
+                    "pending_full" => StatusCode::SERVICE_UNAVAILABLE,
+                    "malformed_encoding"
+                    | "non_canonical"
+                    | "invalid_field"
+                    | "invalid_vector"
+                    | "unknown_kind"
+                    | "unsupported_version"
+                    | "bad_key"
+                    | "bad_signature"
+                    | "invalid_id"
+                    | "wrong_net" => StatusCode::BAD_REQUEST,
+                    _ => StatusCode::UNPROCESSABLE_ENTITY,
+                };
+                ApiError::new(status, code, error.to_string())
+            }
+            E::NotFound(what) => ApiError::not_found("not_found", format!("{what} not found")),
+            E::Invalid(message) => ApiError::bad_request("invalid_request", message.clone()),
+            E::Unavailable(message) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                message.clone(),
+            ),
+            _ => ApiError::internal(error),
+        }
+    }
+}
+
+fn parse_event_id(text: &str) -> Result<EventId, ApiError> {
+    EventId::from_hex(text).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_id",
+            format!(
+                "`{}` is not an event id: {e}",
+                text.chars().take(80).collect::<String>()
+            ),
+        )
+    })
+}
+
+pub(crate) fn parse_key(text: &str) -> Result<AuthorKey, ApiError> {
+    AuthorKey::from_hex(text).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_id",
+            format!(
+                "`{}` is not a key: {e}",
+                text.chars().take(80).collect::<String>()
+            ),
+        )
+    })
+}
+
+fn record_json(record: &EventRecord) -> Value {
+    json!({
+        "id": record.id.to_hex(),
+        "blob": record.envelope.to_hex(),
+        "author": record.author.to_hex(),
+        "seq": record.seq,
+        "kind": record.kind.as_str(),
+        "ts": record.ts,
+        "prev": record.prev.map(|p| p.to_hex()),
+        "deps": record.deps.iter().map(|d| d.to_hex()).collect::<Vec<_>>(),
+        "index": record.index,
+        "contested": record.contested,
+    })
+}
+
+/// Submit a signed event envelope (DAG-CBOR bytes).
+#[utoipa::path(post, path = "/v1/events", tag = "ledger",
+    request_body(content = Vec<u8>, content_type = "application/cbor",
+        description = "The envelope `{\"body\": bytes, \"sig\": bytes}` (docs/formats.md)"),
+    responses(
+        (status = 201, description = "Accepted and durable: {id, blob, seq, index, status}"),
+        (status = 200, description = "Accepted before; the original result"),
+        (status = 202, description = "Stored, waiting for its prev or deps: {id, blob, seq, status: pending, reason, missing}"),
+        (status = 400, description = "Malformed, non-canonical, bad signature, wrong net", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = super::error::ErrorBody),
+        (status = 409, description = "fork_detected or author_frozen", body = super::error::ErrorBody),
+        (status = 413, description = "Larger than 64 KiB", body = super::error::ErrorBody),
+        (status = 422, description = "Breaks a ledger rule; error.code names it", body = super::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(crate) async fn submit(
+    state: AppState,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, true)?;
+    let result = state.node().ledger.submit(body).await;
+    let submitted = match result {
+        Ok(s) => s,
+        Err(e) => {
+            state.metrics().events_rejected.inc();
+            return Err(e.into());
+        }
+    };
+    let mut value = json!({
+        "id": submitted.id.to_hex(),
+        "blob": submitted.blob.to_hex(),
+        "seq": submitted.seq,
+        "index": submitted.index,
+    });
+    let status = match &submitted.status {
+        Status::Accepted => {
+            state.metrics().events_accepted.inc();
+            value["status"] = json!("accepted");
+            StatusCode::CREATED
+        }
+        Status::Duplicate => {
+            value["status"] = json!("accepted");
+            value["duplicate"] = json!(true);
+            StatusCode::OK
+        }
+        Status::Pending(w) => {
+            value["status"] = json!("pending");
+            value["reason"] = json!(w.reason);
+            value["missing"] = json!(w.missing.iter().map(|m| m.to_hex()).collect::<Vec<_>>());
+            StatusCode::ACCEPTED
+        }
+    };
+    Ok(json(status, &value))
+}
+
+/// An accepted event: its record and decoded body.
+#[utoipa::path(get, path = "/v1/events/{id}", tag = "ledger",
+    params(("id" = String, Path, description = "EventId (hex)")),
+    responses((status = 200, description = "The event"), (status = 404, description = "Not accepted here")))]
+pub(crate) async fn event(
+    state: AppState,
+    id: String,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, false)?;
+    let id = parse_event_id(&id)?;
+    let Some((record, event)) = state.node().ledger.event(&id).await? else {
+        return Err(ApiError::not_found(
+            "event_not_found",
+            format!("event {id} is not accepted on this node"),
+        ));
+    };
+    let mut value = record_json(&record);
+    value["body"] = body_to_json(&event.body);
+    value["sig"] = json!(hex::encode(event.sig));
+    Ok(json(StatusCode::OK, &value))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct LogQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// An author's log, oldest first, paged by seq.
+#[utoipa::path(get, path = "/v1/logs/{author}", tag = "ledger",
+    params(("author" = String, Path, description = "Author key (hex)"),
+           ("after" = Option<u64>, Query, description = "Return events with seq > after"),
+           ("limit" = Option<usize>, Query, description = "At most this many (≤ 1000)")),
+    responses((status = 200, description = "{author, head_seq, events}")))]
+pub(crate) async fn log(
+    state: AppState,
+    author: String,
+    query: LogQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, false)?;
+    let author = parse_key(&author)?;
+    let limit = query.limit.unwrap_or(100).min(LOG_PAGE_MAX);
+    let ledger = &state.node().ledger;
+    let records = ledger.log(&author, query.after.unwrap_or(0), limit)?;
+    let account = ledger.account(&author)?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({
+            "author": author.to_hex(),
+            "head_seq": account.head_seq,
+            "head_id": account.head_id.map(|h| h.to_hex()),
+            "frozen_from": account.frozen_from,
+            "events": records.iter().map(record_json).collect::<Vec<_>>(),
+        }),
+    ))
+}
+
+/// An account: spendable balance and what makes it up.
+#[utoipa::path(get, path = "/v1/accounts/{key}", tag = "ledger",
+    params(("key" = String, Path, description = "Author key (hex)")),
+    responses((status = 200, description = "{key, balance, received, received_contested, sent, minted, unreferenced_credits, head_seq, head_id, signing_key, frozen_from, reputation}")))]
+pub(crate) async fn account(
+    state: AppState,
+    key: String,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, false)?;
+    let key = parse_key(&key)?;
+    let a = state.node().ledger.account(&key)?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({
+            "key": a.key.to_hex(),
+            "balance": a.balance.max(i128::from(i64::MIN)) as i64,
+            "received": a.received,
+            "received_contested": a.received_contested,
+            "sent": a.sent,
+            "minted": a.minted,
+            "unreferenced_credits": a.unreferenced_credits.iter().map(|c| c.to_hex()).collect::<Vec<_>>(),
+            "head_seq": a.head_seq,
+            "head_id": a.head_id.map(|h| h.to_hex()),
+            "signing_key": a.signing_key.to_hex(),
+            "frozen_from": a.frozen_from,
+            "reputation": a.reputation,
+        }),
+    ))
+}
+
+fn fork_json(proof: &ForkProof) -> Value {
+    let ids: Vec<String> = proof
+        .envelopes
+        .iter()
+        .map(|e| {
+            meshnode_schemas::SignedEvent::decode(e)
+                .map(|s| s.id.to_hex())
+                .unwrap_or_default()
+        })
+        .collect();
+    json!({
+        "author": proof.author.to_hex(),
+        "seq": proof.seq,
+        "signer": proof.signer.to_hex(),
+        "ids": ids,
+        "envelopes": proof.envelopes.iter().map(hex::encode).collect::<Vec<_>>(),
+        "rotations": proof.rotations.iter().map(hex::encode).collect::<Vec<_>>(),
+        "detected_at": proof.detected_at,
+    })
+}
+
+/// Detected forks with self-contained proofs (two envelopes signed by the same key).
+#[utoipa::path(get, path = "/v1/forks", tag = "ledger",
+    responses((status = 200, description = "{forks: [{author, seq, signer, ids, envelopes, rotations}]}")))]
+pub(crate) async fn forks(state: AppState, headers: HeaderMap) -> Result<Response, ApiError> {
+    state.authorize(&headers, false)?;
+    let forks = state.node().ledger.forks()?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({"forks": forks.iter().map(fork_json).collect::<Vec<_>>()}),
+    ))
+}
+
+/// The latest signed checkpoint (C2SP signed note).
+#[utoipa::path(get, path = "/v1/checkpoint", tag = "ledger",
+    responses((status = 200, description = "origin, size and base64 root, signed", content_type = "text/plain", body = String)))]
+pub(crate) async fn checkpoint(state: AppState, headers: HeaderMap) -> Result<Response, ApiError> {
+    state.authorize(&headers, false)?;
+    Ok(warp::reply::with_header(
+        state.node().ledger.checkpoint(),
+        http::header::CONTENT_TYPE,
+        "text/plain; charset=utf-8",
+    )
+    .into_response())
+}
+
+fn query_u64(query: &HashMap<String, String>, name: &str) -> Result<Option<u64>, ApiError> {
+    query
+        .get(name)
+        .map(|v| {
+            v.parse::<u64>().map_err(|_| {
+                ApiError::bad_request(
+                    "invalid_query",
+                    format!("`{name}` must be a non-negative integer"),
+                )
+            })
+        })
+        .transpose()
+}
+
+/// Inclusion proof of an event in the tree of `tree_size` leaves (RFC 9162).
+#[utoipa::path(get, path = "/v1/proofs/inclusion", tag = "ledger",
+    params(("id" = String, Query, description = "EventId (hex)"),
+           ("tree_size" = Option<u64>, Query, description = "Default: the current size")),
+    responses((status = 200, description = "{leaf_index, tree_size, path: [hex]}"),
+              (status = 400, description = "Bad parameters", body = super::error::ErrorBody),
+              (status = 404, description = "Event not in the log", body = super::error::ErrorBody)))]
+pub(crate) async fn inclusion(
+    state: AppState,
+    query: HashMap<String, String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, false)?;
+    let id = query
+        .get("id")
+        .ok_or_else(|| ApiError::bad_request("invalid_query", "`id` is required"))?;
+    let id = parse_event_id(id)?;
+    let tree_size = query_u64(&query, "tree_size")?;
+    let (leaf_index, tree_size, path) = state.node().ledger.inclusion_proof(&id, tree_size)?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({
+            "leaf_index": leaf_index,
+            "tree_size": tree_size,
+            "path": path.iter().map(hex::encode).collect::<Vec<_>>(),
+        }),
+    ))
+}
+
+/// Consistency proof between two tree sizes (RFC 9162).
+#[utoipa::path(get, path = "/v1/proofs/consistency", tag = "ledger",
+    params(("from" = u64, Query, description = "Older size"),
+           ("to" = Option<u64>, Query, description = "Newer size (default: current)")),
+    responses((status = 200, description = "{from, to, path: [hex]}"),
+              (status = 400, description = "Bad parameters", body = super::error::ErrorBody)))]
+pub(crate) async fn consistency(
+    state: AppState,
+    query: HashMap<String, String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, false)?;
+    let from = query_u64(&query, "from")?
+        .ok_or_else(|| ApiError::bad_request("invalid_query", "`from` is required"))?;
+    let to = query_u64(&query, "to")?;
+    let (to, path) = state.node().ledger.consistency_proof(from, to)?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({"from": from, "to": to, "path": path.iter().map(hex::encode).collect::<Vec<_>>()}),
+    ))
+}
+
+/// Re-verify the whole ledger from its blobs (one audit at a time).
+#[utoipa::path(get, path = "/v1/audit", tag = "ledger",
+    responses((status = 200, description = "Audit report {ok, n_events, tree_size, root, checkpoint, findings, …}"),
+              (status = 429, description = "An audit is already running", body = super::error::ErrorBody)))]
+pub(crate) async fn audit(state: AppState, headers: HeaderMap) -> Result<Response, ApiError> {
+    state.authorize(&headers, false)?;
+    let Ok(_running) = state.inner.audit_lock.try_lock() else {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "audit_running",
+            "an audit is already running; try again when it finished",
+        ));
+    };
+    let report = state.node().ledger.audit(None).await?;
+    Ok(json(StatusCode::OK, &report))
+}
+
+/// The skill catalog with endorsements and hosts.
+#[utoipa::path(get, path = "/v1/skills", tag = "catalog",
+    responses((status = 200, description = "{skills: [...]}")))]
+pub(crate) async fn skills(state: AppState, headers: HeaderMap) -> Result<Response, ApiError> {
+    state.authorize(&headers, false)?;
+    let ledger = &state.node().ledger;
+    let mut out = Vec::new();
+    for s in ledger.skills()? {
+        let hosts = ledger.hosts(&s.blob)?;
+        out.push(json!({
+            "id": s.id.to_hex(), "author": s.author.to_hex(), "skill_id": s.skill_id,
+            "name": s.name, "version": s.version, "domain": s.domain, "blob": s.blob.to_hex(),
+            "size": s.size, "price": s.price, "dim": s.dim,
+            "endorsements": {"valid": s.n_valid, "invalid": s.n_invalid, "score_sum": s.score_sum},
+            "hosts": hosts.iter().map(|h| h.to_hex()).collect::<Vec<_>>(),
+            "contested": s.contested,
+        }));
+    }
+    Ok(json(StatusCode::OK, &json!({"skills": out})))
+}
+
+/// Basins with their current coordinates.
+#[utoipa::path(get, path = "/v1/basins", tag = "catalog",
+    responses((status = 200, description = "{basins: [...]}")))]
+pub(crate) async fn basins(state: AppState, headers: HeaderMap) -> Result<Response, ApiError> {
+    state.authorize(&headers, false)?;
+    let out: Vec<Value> = state
+        .node()
+        .ledger
+        .basins()?
+        .iter()
+        .map(|b| {
+            json!({
+                "id": b.id.to_hex(), "owner": b.owner.to_hex(), "basin_id": b.basin_id,
+                "coordinates": b.coordinates(), "n_versions": b.n_versions, "head": b.head.to_hex(),
+            })
+        })
+        .collect();
+    Ok(json(StatusCode::OK, &json!({"basins": out})))
+}
+
+/// One basin: current coordinates and full version history (a Merkle DAG by parent).
+#[utoipa::path(get, path = "/v1/basins/{id}", tag = "catalog",
+    params(("id" = String, Path, description = "EventId of the basin.publish")),
+    responses((status = 200, description = "{id, owner, basin_id, coordinates, versions: [...]}"),
+              (status = 404, description = "No such basin", body = super::error::ErrorBody)))]
+pub(crate) async fn basin(
+    state: AppState,
+    id: String,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, false)?;
+    let id = parse_event_id(&id)?;
+    let ledger = &state.node().ledger;
+    let Some(b) = ledger.basin(&id)? else {
+        return Err(ApiError::not_found(
+            "basin_not_found",
+            format!("no basin published by event {id}"),
+        ));
+    };
+    let versions: Vec<Value> = ledger
+        .basin_history(&id)?
+        .iter()
+        .map(|v| {
+            json!({
+                "id": v.id.to_hex(), "parent": v.parent.map(|p| p.to_hex()),
+                "author": v.author.to_hex(), "coordinates": v.coordinates,
+                "distance": v.distance, "weight_ppm": v.weight_ppm,
+            })
+        })
+        .collect();
+    Ok(json(
+        StatusCode::OK,
+        &json!({
+            "id": b.id.to_hex(), "owner": b.owner.to_hex(), "basin_id": b.basin_id,
+            "coordinates": b.coordinates(), "n_versions": b.n_versions, "head": b.head.to_hex(),
+            "versions": versions,
+        }),
+    ))
+}
+
+/// Reputation scores.
+#[utoipa::path(get, path = "/v1/reputation", tag = "catalog",
+    responses((status = 200, description = "{reputation: [{subject, score, n_deltas}]}")))]
+pub(crate) async fn reputation(state: AppState, headers: HeaderMap) -> Result<Response, ApiError> {
+    state.authorize(&headers, false)?;
+    let out: Vec<Value> = state
+        .node()
+        .ledger
+        .reputation()?
+        .iter()
+        .map(|(k, r)| json!({"subject": k.to_hex(), "score": r.score, "n_deltas": r.n_deltas}))
+        .collect();
+    Ok(json(StatusCode::OK, &json!({"reputation": out})))
+}
+
+/// The node registry with each node's last heartbeat (its latest node.announce).
+#[utoipa::path(get, path = "/v1/nodes", tag = "catalog",
+    responses((status = 200, description = "{nodes: [...]}")))]
+pub(crate) async fn nodes(state: AppState, headers: HeaderMap) -> Result<Response, ApiError> {
+    state.authorize(&headers, false)?;
+    let out: Vec<Value> = state
+        .node()
+        .ledger
+        .nodes()?
+        .iter()
+        .map(|n| {
+            json!({
+                "author": n.author.to_hex(), "service": n.service, "endpoints": n.endpoints,
+                "capabilities": n.capabilities, "addr": n.addr, "dim": n.dim,
+                "last_event": n.last_event.to_hex(), "last_heartbeat_ms": n.last_ts,
+                "n_announces": n.n_announces,
+            })
+        })
+        .collect();
+    Ok(json(StatusCode::OK, &json!({"nodes": out})))
+}
+
+/// Body of `POST /v1/audit/export`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(crate) struct ExportRequest {
+    /// Absolute directory on the node's machine to write the bundle to.
+    dir: String,
+}
+
+/// Audit and write an offline bundle (events, fork proofs, checkpoint, consistency proof) to a
+/// directory on the node's machine; `meshnode audit --bundle DIR` verifies it without a node.
+#[utoipa::path(post, path = "/v1/audit/export", tag = "ledger",
+    request_body = ExportRequest,
+    responses((status = 200, description = "Audit report; the bundle is written"),
+              (status = 400, description = "Not an absolute path", body = super::error::ErrorBody),
+              (status = 401, description = "Missing or wrong bearer token", body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn audit_export(
+    state: AppState,
+    headers: HeaderMap,
+    request: ExportRequest,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, true)?;
+    let dir = std::path::PathBuf::from(&request.dir);
+    if !dir.is_absolute() || request.dir.contains('\0') {
+        return Err(ApiError::bad_request(
+            "invalid_path",
+            "`dir` must be an absolute path",
+        ));
+    }
+    let Ok(_running) = state.inner.audit_lock.try_lock() else {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "audit_running",
+            "an audit is already running; try again when it finished",
+        ));
+    };
+    let report = state.node().ledger.audit(Some(&dir)).await?;
+    Ok(json(StatusCode::OK, &report))
+}
