@@ -17,7 +17,7 @@ build: deps
 	$(CARGO) build --bin meshnode
 
 run: build
-	@$(BIN) --data-dir "$(DATA_DIR)" serve --init --http-addr $(HTTP_ADDR)
+	@$(BIN) --data-dir "$(DATA_DIR)" serve --init --demo --http-addr $(HTTP_ADDR)
 
 test:
 	@scripts/ensure-deps.sh test

@@ -73,6 +73,15 @@ pub enum Command {
     Account(AccountArgs),
     /// Re-verify the ledger from its blobs; export or verify an offline bundle.
     Audit(AuditArgs),
+    /// Run a read-only SQL query over the ledger tables.
+    Sql(SqlArgs),
+    /// The k nearest rows of a vector table (skills, basins, nodes, basin_versions).
+    Search(SearchArgs),
+    /// Query tables: status, rebuild from the ledger, rebuild ANN indexes.
+    #[command(subcommand)]
+    Query(QueryCommand),
+    /// Write the query tables to a directory (Parquet).
+    Export(ExportArgs),
     /// GET a read route as JSON, e.g. `meshnode get /v1/skills`.
     Get {
         /// Path under the API, e.g. `/v1/logs/<author>`.
@@ -105,6 +114,9 @@ pub struct ServeArgs {
     /// Create the data directory first if it is not initialised yet.
     #[arg(long)]
     pub init: bool,
+    /// Load a small demo network (agents, skills, basins, payments) if the ledger is empty.
+    #[arg(long)]
+    pub demo: bool,
 }
 
 /// `event` arguments.
@@ -130,6 +142,66 @@ pub struct EventArgs {
     /// Write the signed envelope to this file instead of submitting it.
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+/// `sql` arguments.
+#[derive(Debug, Args)]
+pub struct SqlArgs {
+    /// The statement (read-only).
+    pub sql: Option<String>,
+    /// List the tables and their columns instead.
+    #[arg(long)]
+    pub tables: bool,
+    /// Output format: table (default for terminals), json, csv, arrow (binary to stdout).
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Query the first N accepted events only (a transparency-log tree size).
+    #[arg(long)]
+    pub as_of: Option<u64>,
+}
+
+/// `search` arguments.
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    /// Table: skills, basins, nodes, basin_versions.
+    #[arg(long, default_value = "skills")]
+    pub table: String,
+    /// Query vector as JSON, e.g. '[0.1, 0.2, ...]'.
+    #[arg(long)]
+    pub vector: String,
+    /// How many results.
+    #[arg(short, long, default_value_t = 10)]
+    pub k: u64,
+    /// cosine, l2 or dot.
+    #[arg(long, default_value = "cosine")]
+    pub metric: String,
+    /// SQL filter applied before ranking, e.g. "domain = 'viticulture'".
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// Exact search even with an ANN index.
+    #[arg(long)]
+    pub exact: bool,
+}
+
+/// `query` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum QueryCommand {
+    /// Materialization progress and tables.
+    Status,
+    /// Drop the tables and rebuild them from the ledger.
+    Rebuild,
+    /// Rebuild the ANN indexes of the vector tables.
+    Reindex,
+}
+
+/// `export` arguments.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Output format.
+    #[arg(long, default_value = "parquet")]
+    pub format: String,
+    /// Directory to write to.
+    pub dir: PathBuf,
 }
 
 /// `account` arguments.
@@ -251,14 +323,17 @@ pub fn main() -> i32 {
 }
 
 fn init_logging(cli: &Cli) {
+    // The libraries underneath log their routine work at info; keep them at warn.
+    const QUIET: &str = "lance=warn,lance_core=warn,lance_file=warn,lance_encoding=warn,\
+        lance_index=warn,lance_io=warn,lance_table=warn,datafusion=warn,iroh=warn,iroh_blobs=warn";
     let default = match (cli.verbose, &cli.command) {
-        (0, Command::Serve(_)) => "info",
-        (0, _) => "warn",
-        (1, _) => "info",
-        _ => "debug",
+        (0, Command::Serve(_)) => format!("info,{QUIET}"),
+        (0, _) => "warn".to_string(),
+        (1, _) => format!("info,{QUIET}"),
+        _ => "debug".to_string(),
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -277,9 +352,14 @@ pub fn data_dir(cli: &Cli) -> anyhow::Result<PathBuf> {
 
 fn client(cli: &Cli) -> anyhow::Result<Client> {
     let dir = data_dir(cli)?;
-    let base = match &cli.api {
-        Some(api) => api.clone(),
-        None => {
+    let running = std::fs::read_to_string(dir.join(node::files::API))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty());
+    let base = match (&cli.api, running) {
+        (Some(api), _) => api.clone(),
+        (None, Some(api)) => api,
+        (None, None) => {
             let config = Config::load(&dir)?;
             let mut addr = config.http_addr;
             if addr.ip().is_unspecified() {
@@ -305,6 +385,90 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Event(args) => event(&cli, args).await,
         Command::Account(args) => account(&cli, args).await,
         Command::Audit(args) => audit(&cli, args).await,
+        Command::Sql(args) => sql(&cli, args).await,
+        Command::Search(args) => search(&cli, args).await,
+        Command::Query(command) => {
+            let client = client(&cli)?;
+            let value: Value = match command {
+                QueryCommand::Status => {
+                    client
+                        .json(client.request(reqwest::Method::GET, "/v1/tables"))
+                        .await?
+                }
+                QueryCommand::Rebuild | QueryCommand::Reindex => {
+                    let action = if matches!(command, QueryCommand::Rebuild) {
+                        "rebuild"
+                    } else {
+                        "reindex"
+                    };
+                    client
+                        .json(
+                            client
+                                .request(reqwest::Method::POST, "/v1/query")
+                                .json(&serde_json::json!({"action": action})),
+                        )
+                        .await?
+                }
+            };
+            print_value(&cli, &value, |v| match command {
+                QueryCommand::Status => {
+                    let mut out = format!(
+                        "{} of {} events materialized{}",
+                        v["status"]["applied"],
+                        v["status"]["ledger_size"],
+                        if v["status"]["caught_up"] == true {
+                            ""
+                        } else {
+                            " (catching up)"
+                        }
+                    );
+                    for t in v["tables"].as_array().into_iter().flatten() {
+                        out.push_str(&format!(
+                            "\n  {:<20} {:>10} rows",
+                            plain(&t["name"]),
+                            t["rows"]
+                        ));
+                    }
+                    out
+                }
+                _ => format!(
+                    "{} done: {} of {} events materialized",
+                    plain(&v["action"]),
+                    v["applied"],
+                    v["ledger_size"]
+                ),
+            });
+            Ok(())
+        }
+        Command::Export(args) => {
+            if args.format != "parquet" {
+                bail!("only --format parquet is supported");
+            }
+            let client = client(&cli)?;
+            let dir = std::path::absolute(&args.dir)?;
+            let value: Value = client
+                .json(client.request(reqwest::Method::POST, "/v1/export").json(
+                    &serde_json::json!({"dir": dir.display().to_string(), "format": "parquet"}),
+                ))
+                .await?;
+            print_value(&cli, &value, |v| {
+                v["tables"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|t| {
+                        format!(
+                            "{:<20} {:>10} rows  {}",
+                            plain(&t["name"]),
+                            t["rows"],
+                            plain(&t["file"])
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+            Ok(())
+        }
         Command::Get { path } => {
             let client = client(&cli)?;
             let path = if path.starts_with('/') {
@@ -399,12 +563,22 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
         config.http_addr = addr;
     }
     let node = Arc::new(Node::open(&dir, config.clone()).await?);
+    if args.demo && crate::demo::load(&node).await? {
+        eprintln!(
+            "loaded the demo network: {} events (agents: {})",
+            node.ledger.tree_size()?,
+            crate::demo::AGENTS.join(", ")
+        );
+    }
     let metrics = Arc::new(Metrics::new());
     let state = AppState::new(node.clone(), metrics.clone());
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.http_addr))?;
     let addr = listener.local_addr()?;
+    // Tell CLI invocations on this data dir where the node listens.
+    let api_file = dir.join(node::files::API);
+    std::fs::write(&api_file, format!("http://{addr}\n"))?;
     state.set_ready(true);
     let value = serde_json::json!({
         "listening": format!("http://{addr}"),
@@ -436,6 +610,7 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
     )
     .await;
     state.set_ready(false);
+    std::fs::remove_file(&api_file).ok();
     tracing::info!("shutting down");
     node.shutdown().await?;
     Ok(())
@@ -884,5 +1059,184 @@ async fn audit(cli: &Cli, args: &AuditArgs) -> anyhow::Result<()> {
     if report["ok"] != true {
         bail!("audit found {} problems", report["n_findings"]);
     }
+    Ok(())
+}
+
+/// Renders `{columns, rows}` as an aligned text table.
+fn text_table(v: &Value) -> String {
+    let columns: Vec<String> = v["columns"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(plain)
+        .collect();
+    let rows: Vec<Vec<String>> = v["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            r.as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| {
+                    let text = plain(c);
+                    if text.chars().count() > 48 {
+                        format!("{}…", text.chars().take(47).collect::<String>())
+                    } else {
+                        text
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let mut widths: Vec<usize> = columns.iter().map(|c| c.chars().count()).collect();
+    for row in &rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = vec![line(&columns)];
+    out.push(
+        widths
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .join("-+-"),
+    );
+    for row in &rows {
+        out.push(line(row));
+    }
+    out.push(format!(
+        "({} row{}{})",
+        rows.len(),
+        if rows.len() == 1 { "" } else { "s" },
+        if v["truncated"] == true {
+            ", truncated"
+        } else {
+            ""
+        }
+    ));
+    out.join("\n")
+}
+
+async fn sql(cli: &Cli, args: &SqlArgs) -> anyhow::Result<()> {
+    let client = client(cli)?;
+    if args.tables {
+        let value: Value = client
+            .json(client.request(reqwest::Method::GET, "/v1/tables"))
+            .await?;
+        print_value(cli, &value, |v| {
+            v["tables"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| {
+                    let columns: Vec<String> = t["columns"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|c| format!("{} {}", plain(&c["name"]), plain(&c["type"])))
+                        .collect();
+                    format!(
+                        "{} ({} rows)\n    {}",
+                        plain(&t["name"]),
+                        t["rows"],
+                        columns.join("\n    ")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        });
+        return Ok(());
+    }
+    let Some(text) = &args.sql else {
+        bail!("give a SQL statement, or --tables");
+    };
+    let format = args.format.clone().unwrap_or_else(|| {
+        if cli.json {
+            "json".into()
+        } else {
+            "table".into()
+        }
+    });
+    let wire = if format == "table" {
+        "json"
+    } else {
+        format.as_str()
+    };
+    let mut body = serde_json::json!({"sql": text, "format": wire});
+    if let Some(n) = args.as_of {
+        body["as_of"] = serde_json::json!(n);
+    }
+    let response = client
+        .send(client.request(reqwest::Method::POST, "/v1/sql").json(&body))
+        .await?;
+    match format.as_str() {
+        "json" | "table" => {
+            let value: Value = response.json().await?;
+            if format == "table" {
+                println!("{}", text_table(&value));
+            } else {
+                println!("{value}");
+            }
+        }
+        _ => {
+            let bytes = response.bytes().await?;
+            std::io::stdout().write_all(&bytes)?;
+        }
+    }
+    Ok(())
+}
+
+async fn search(cli: &Cli, args: &SearchArgs) -> anyhow::Result<()> {
+    let vector: Value =
+        serde_json::from_str(&args.vector).context("--vector is not a JSON array")?;
+    let client = client(cli)?;
+    let mut body = serde_json::json!({
+        "table": args.table, "vector": vector, "k": args.k, "metric": args.metric, "exact": args.exact,
+    });
+    if let Some(filter) = &args.filter {
+        body["filter"] = serde_json::json!(filter);
+    }
+    let value: Value = client
+        .json(
+            client
+                .request(reqwest::Method::POST, "/v1/search")
+                .json(&body),
+        )
+        .await?;
+    print_value(cli, &value, |v| {
+        v["results"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                let row = &r["row"];
+                let label = ["name", "basin_id", "service", "id"]
+                    .iter()
+                    .find_map(|k| row.get(*k).and_then(|x| x.as_str()))
+                    .unwrap_or("");
+                format!(
+                    "{:.4}  {}  {}",
+                    r["distance"].as_f64().unwrap_or(f64::NAN),
+                    label,
+                    plain(&row["id"])
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
     Ok(())
 }

@@ -24,6 +24,38 @@ pub struct Config {
     pub server: ServerConfig,
     /// Blob store settings.
     pub store: StoreSettings,
+    /// SQL and vector search settings.
+    pub query: QuerySettings,
+}
+
+/// SQL and vector search settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuerySettings {
+    /// Longest a SQL query or search may run, in milliseconds. Default 10 000.
+    /// Env: `MESHNODE_QUERY_TIMEOUT_MS`.
+    pub timeout_ms: u64,
+    /// Most rows a query returns. Default 10 000.
+    pub rows_max: usize,
+    /// Memory one query may use, in bytes. Default 512 MiB.
+    pub memory_bytes_max: usize,
+    /// Rows from which a vector table gets an ANN index. Default 20 000.
+    /// Env: `MESHNODE_ANN_ROWS_MIN`.
+    pub ann_rows_min: usize,
+    /// Metric of the ANN index (`cosine`, `l2`, `dot`). Default `cosine`.
+    pub ann_metric: String,
+}
+
+impl Default for QuerySettings {
+    fn default() -> Self {
+        Self {
+            timeout_ms: 10_000,
+            rows_max: 10_000,
+            memory_bytes_max: 512 * 1024 * 1024,
+            ann_rows_min: 20_000,
+            ann_metric: "cosine".into(),
+        }
+    }
 }
 
 /// Size limits of request bodies.
@@ -75,6 +107,7 @@ impl Default for Config {
             limits: Limits::default(),
             server: ServerConfig::default(),
             store: StoreSettings::default(),
+            query: QuerySettings::default(),
         }
     }
 }
@@ -155,6 +188,12 @@ impl Config {
         }
         if let Some(v) = get("MESHNODE_IO_TIMEOUT_MS") {
             self.server.io_timeout_ms = parse("MESHNODE_IO_TIMEOUT_MS", v)?;
+        }
+        if let Some(v) = get("MESHNODE_QUERY_TIMEOUT_MS") {
+            self.query.timeout_ms = parse("MESHNODE_QUERY_TIMEOUT_MS", v)?;
+        }
+        if let Some(v) = get("MESHNODE_ANN_ROWS_MIN") {
+            self.query.ann_rows_min = parse("MESHNODE_ANN_ROWS_MIN", v)?;
         }
         Ok(())
     }

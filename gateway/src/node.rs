@@ -7,6 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use meshnode_ledger::{Ledger, LedgerConfig};
+use meshnode_query::{Query, QueryConfig, SqlLimits};
 use meshnode_schemas::{AuthorKey, BlobHash, Genesis, SigningKey, author_of, key_file_text};
 use meshnode_store::{PinMode, Store, StoreConfig};
 
@@ -24,6 +25,10 @@ pub mod files {
     pub const BLOBS: &str = "blobs";
     /// The ledger index directory.
     pub const LEDGER: &str = "ledger";
+    /// The query tables directory.
+    pub const QUERY: &str = "query";
+    /// The API URL of the running node (written by `serve`, removed when it stops).
+    pub const API: &str = "api";
 }
 
 /// What `meshnode init` created.
@@ -149,6 +154,8 @@ pub struct Node {
     pub store: Store,
     /// The ledger.
     pub ledger: Ledger,
+    /// SQL and vector search over the ledger.
+    pub query: Query,
     /// The bearer token that authorises writes.
     pub token: String,
     /// When the node started.
@@ -192,6 +199,24 @@ impl Node {
         )
         .await
         .context("opening the ledger")?;
+        let query = Query::open(
+            &data_dir.join(files::QUERY),
+            ledger.clone(),
+            store.clone(),
+            QueryConfig {
+                ann_rows_min: config.query.ann_rows_min,
+                ann_metric: config.query.ann_metric.clone(),
+                ..QueryConfig::default()
+            },
+            SqlLimits {
+                timeout: Duration::from_millis(config.query.timeout_ms.max(1)),
+                rows_max: config.query.rows_max.max(1),
+                memory_bytes_max: config.query.memory_bytes_max.max(1 << 20),
+                ..SqlLimits::default()
+            },
+        )
+        .await
+        .context("opening the query tables")?;
         Ok(Self {
             data_dir: data_dir.to_path_buf(),
             config,
@@ -201,6 +226,7 @@ impl Node {
             net,
             store,
             ledger,
+            query,
             token,
             started: Instant::now(),
         })
@@ -208,6 +234,7 @@ impl Node {
 
     /// Flushes and closes every component.
     pub async fn shutdown(&self) -> anyhow::Result<()> {
+        self.query.shutdown().await;
         self.ledger.shutdown().await;
         self.store.shutdown().await?;
         Ok(())

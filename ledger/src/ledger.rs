@@ -196,6 +196,7 @@ struct Shared {
     origin: String,
     checkpoint: RwLock<String>,
     feed: broadcast::Sender<Arc<Accepted>>,
+    fork_feed: broadcast::Sender<ForkProof>,
     tx: mpsc::Sender<Job>,
     n_pending: Mutex<usize>,
     dir: PathBuf,
@@ -270,6 +271,7 @@ impl Ledger {
         let origin = format!("meshnode/{net}/{node}");
         let (tx, rx) = mpsc::channel(QUEUE_EVENTS_MAX);
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
+        let (fork_feed, _) = broadcast::channel(FEED_CAPACITY);
         let shared = Arc::new(Shared {
             db: database,
             store,
@@ -279,6 +281,7 @@ impl Ledger {
             origin,
             checkpoint: RwLock::new(String::new()),
             feed,
+            fork_feed,
             tx,
             n_pending: Mutex::new(0),
             dir: dir.to_path_buf(),
@@ -485,6 +488,11 @@ impl Ledger {
     /// [`Ledger::events_since`]).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Accepted>> {
         self.shared.feed.subscribe()
+    }
+
+    /// Subscribes to detected forks (bounded; [`Ledger::forks`] lists them all).
+    pub fn subscribe_forks(&self) -> broadcast::Receiver<ForkProof> {
+        self.shared.fork_feed.subscribe()
     }
 
     /// The network rules (genesis and net).
@@ -1034,6 +1042,11 @@ impl Worker {
                             record,
                             event: Arc::new(event),
                         }));
+                    }
+                }
+                for key in &overlay.touched.forks {
+                    if let Some(proof) = self.state.forks.get(key) {
+                        let _ = self.shared.fork_feed.send(proof.clone());
                     }
                 }
                 for (job, outcome) in jobs.into_iter().zip(outcomes) {

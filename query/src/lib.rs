@@ -1,2 +1,317 @@
 //! meshnode query: Lance datasets materialised from the ledger's event feed, read-only
-//! DataFusion SQL and vector search.
+//! DataFusion SQL and vector search (DESIGN.md §6).
+//!
+//! The tables live under `<data-dir>/query`, one Lance dataset each, appended in batches from
+//! the feed ([`materialize`]); they can be dropped and rebuilt from the ledger at any time.
+//! SQL ([`Query::sql`]) and vector search ([`Query::search`]) read a consistent snapshot of
+//! them, optionally "as of" a transparency-log size.
+
+mod error;
+mod export;
+mod knn;
+mod materialize;
+mod rows;
+mod sql;
+mod tables;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use meshnode_ledger::Ledger;
+use meshnode_store::Store;
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot};
+
+pub use error::{Error, Result};
+pub use knn::{K_MAX, Search, parse_metric, parse_vector, vector_from_json};
+pub use materialize::QueryConfig;
+pub use sql::{Answer, SqlLimits, cell};
+
+use crate::error::{bad, internal};
+use crate::materialize::{Command, Materializer, Shared};
+use crate::sql::{Engine, Snapshot};
+
+/// One column of a table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ColumnInfo {
+    /// Name.
+    pub name: String,
+    /// Arrow type, as text.
+    pub data_type: String,
+}
+
+/// A table: name, rows, columns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableInfo {
+    /// Name.
+    pub name: String,
+    /// Rows.
+    pub rows: u64,
+    /// Lance version.
+    pub version: u64,
+    /// Columns.
+    pub columns: Vec<ColumnInfo>,
+    /// Metric of the ANN index on its vector column, if any.
+    pub ann_index: Option<String>,
+}
+
+/// Progress of the materialization.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueryStatus {
+    /// Events in the tables.
+    pub applied: u64,
+    /// Events in the ledger.
+    pub ledger_size: u64,
+    /// Whether the tables had caught up with the ledger at least once since start.
+    pub caught_up: bool,
+}
+
+/// A search hit: distance and the row as JSON.
+#[derive(Clone, Debug)]
+pub struct Hit {
+    /// Distance under the requested metric (cosine: 1 − similarity; l2: squared Euclidean;
+    /// dot: negated dot product).
+    pub distance: f32,
+    /// The row's columns.
+    pub row: Map<String, Value>,
+}
+
+/// The query layer of a node. Cheap to clone.
+#[derive(Clone)]
+pub struct Query {
+    shared: Arc<Shared>,
+    engine: Arc<Engine>,
+}
+
+impl std::fmt::Debug for Query {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Query")
+            .field("dir", &self.shared.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Query {
+    /// Opens the tables under `dir` and starts keeping them current from `ledger`. Tables
+    /// that are behind the ledger (after a crash or downtime) catch up in the background;
+    /// [`Query::status`] tells when they did.
+    pub async fn open(
+        dir: &Path,
+        ledger: Ledger,
+        store: Store,
+        config: QueryConfig,
+        limits: SqlLimits,
+    ) -> Result<Self> {
+        let tables = Arc::new(tables::Tables::open(dir).await?);
+        let (commands, rx) = mpsc::channel(16);
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            tables,
+            ledger,
+            store,
+            config,
+            applied: AtomicU64::new(0),
+            caught_up: AtomicBool::new(false),
+            history: std::sync::Mutex::new(Vec::new()),
+            commands,
+        });
+        let materializer = Materializer::open(shared.clone()).await?;
+        tokio::spawn(materializer.run(rx));
+        let engine = Arc::new(Engine::new(limits)?);
+        Ok(Self { shared, engine })
+    }
+
+    fn live_tables(&self) -> &tables::Tables {
+        &self.shared.tables
+    }
+
+    /// Materialization progress.
+    pub fn status(&self) -> Result<QueryStatus> {
+        Ok(QueryStatus {
+            applied: self.shared.applied.load(Ordering::Acquire),
+            ledger_size: self.shared.ledger.tree_size()?,
+            caught_up: self.shared.caught_up.load(Ordering::Acquire),
+        })
+    }
+
+    async fn command<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T>>) -> Command,
+        timeout: Duration,
+    ) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .commands
+            .send(make(tx))
+            .await
+            .map_err(|_| Error::Unavailable("materializer stopped".into()))?;
+        tokio::time::timeout(timeout, rx)
+            .await
+            .map_err(|_| Error::Unavailable("materializer did not answer in time".into()))?
+            .map_err(|_| Error::Unavailable("materializer stopped".into()))?
+    }
+
+    /// Waits until every event the ledger has now is in the tables (and the state tables are
+    /// written).
+    pub async fn sync(&self, timeout: Duration) -> Result<()> {
+        self.command(Command::Sync, timeout).await
+    }
+
+    /// Drops every table and rebuilds them from the ledger.
+    pub async fn rebuild(&self) -> Result<()> {
+        self.command(Command::Rebuild, Duration::from_secs(24 * 3600))
+            .await
+    }
+
+    /// Builds (or rebuilds) the ANN indexes of the vector tables; returns the indexed tables.
+    pub async fn reindex(&self) -> Result<Vec<String>> {
+        self.command(Command::Reindex, Duration::from_secs(24 * 3600))
+            .await
+    }
+
+    /// The tables, their rows and columns.
+    pub async fn tables(&self) -> Result<Vec<TableInfo>> {
+        let mut out = Vec::new();
+        for (name, ds) in self.live_tables().all() {
+            let schema = arrow_schema::Schema::from(ds.schema());
+            out.push(TableInfo {
+                name: name.to_string(),
+                rows: ds.count_rows(None).await.map_err(internal)? as u64,
+                version: ds.version().version,
+                columns: schema
+                    .fields()
+                    .iter()
+                    .map(|f| ColumnInfo {
+                        name: f.name().clone(),
+                        data_type: f.data_type().to_string(),
+                    })
+                    .collect(),
+                ann_index: self
+                    .live_tables()
+                    .index_metric(name)
+                    .await
+                    .map(|m| format!("{m:?}").to_lowercase()),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The tables as of `as_of` events (or now). Append tables are filtered to
+    /// `leaf_index < as_of`; state tables are taken at the last write at or before it.
+    async fn snapshot(&self, as_of: Option<u64>) -> Result<(Snapshot, Option<u64>)> {
+        let Some(n) = as_of else {
+            return Ok((
+                Snapshot {
+                    tables: self.live_tables().all(),
+                    as_of: None,
+                },
+                None,
+            ));
+        };
+        let applied = self.shared.applied.load(Ordering::Acquire);
+        if n > applied {
+            return Err(bad(
+                "as_of_ahead",
+                format!("as_of {n} is beyond the {applied} events in the tables"),
+            ));
+        }
+        let entry = {
+            let history = self
+                .shared
+                .history
+                .lock()
+                .expect("invariant: history lock is never poisoned");
+            history.iter().rev().find(|e| e.applied <= n).cloned()
+        };
+        let mut tables = Vec::new();
+        let mut state_at = None;
+        for (name, ds) in self.live_tables().all() {
+            let is_append = meshnode_schemas::tables::APPEND_TABLES.contains(&name);
+            if is_append {
+                tables.push((name, ds));
+                continue;
+            }
+            // A state table without an entry did not exist yet at that point.
+            if let Some(version) = entry.as_ref().and_then(|e| e.versions.get(name)) {
+                tables.push((name, self.live_tables().at_version(name, *version).await?));
+                state_at = entry.as_ref().map(|e| e.applied);
+            }
+        }
+        Ok((
+            Snapshot {
+                tables,
+                as_of: Some(n),
+            },
+            state_at.or(Some(0)),
+        ))
+    }
+
+    /// Runs a read-only SQL query, optionally as of the first `as_of` events. Returns the
+    /// answer and, for `as_of`, the event count the state tables reflect.
+    pub async fn sql(&self, text: &str, as_of: Option<u64>) -> Result<(Answer, Option<u64>)> {
+        let (snapshot, state_at) = self.snapshot(as_of).await?;
+        let ctx = self.engine.session(&snapshot, &self.shared.tables).await?;
+        let answer = self.engine.run(ctx, text.to_string()).await?;
+        Ok((answer, state_at))
+    }
+
+    /// The k nearest rows of a vector table, nearest first.
+    pub async fn search(&self, request: &Search) -> Result<Vec<Hit>> {
+        let table = tables::table_name(&request.table).ok_or_else(|| {
+            bad(
+                "unknown_table",
+                format!(
+                    "no table `{}`",
+                    request.table.chars().take(64).collect::<String>()
+                ),
+            )
+        })?;
+        let Some(dataset) = self.live_tables().get(table) else {
+            // A known table that has no rows yet.
+            knn::check(request, self.live_tables())?;
+            return Ok(Vec::new());
+        };
+        let batches = tokio::time::timeout(
+            self.engine.limits.timeout,
+            knn::search(&self.shared.tables, dataset, request),
+        )
+        .await
+        .map_err(|_| Error::Timeout(self.engine.limits.timeout.as_millis() as u64))??;
+        let answer = Answer {
+            schema: batches
+                .first()
+                .map(|b| b.schema())
+                .unwrap_or_else(|| Arc::new(arrow_schema::Schema::empty())),
+            batches,
+            truncated: false,
+        };
+        let mut hits: Vec<Hit> = answer
+            .to_objects()
+            .into_iter()
+            .map(|mut row| {
+                let distance = row
+                    .remove("_distance")
+                    .and_then(|d| d.as_f64())
+                    .unwrap_or(f64::NAN) as f32;
+                Hit { distance, row }
+            })
+            .collect();
+        hits.sort_by(|a, b| a.distance.total_cmp(&b.distance));
+        Ok(hits)
+    }
+
+    /// Stops materializing (after the flush in progress).
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.shared.commands.send(Command::Stop(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Writes every table as `<dir>/<table>.parquet`; returns (table, rows).
+    pub async fn export_parquet(&self, dir: &Path) -> Result<Vec<(String, u64)>> {
+        export::parquet(self.live_tables(), dir).await
+    }
+}

@@ -12,6 +12,7 @@ mod genesis;
 mod ids;
 mod keys;
 pub mod limits;
+pub mod tables;
 
 pub use cbor::{from_canonical, to_canonical};
 pub use ed25519_dalek::SigningKey;

@@ -207,6 +207,8 @@ pub fn route_of(method: &http::Method, path: &str) -> &'static str {
         ["v1", "sql"] => "/v1/sql",
         ["v1", "search"] => "/v1/search",
         ["v1", "tables"] => "/v1/tables",
+        ["v1", "query"] => "/v1/query",
+        ["v1", "export"] => "/v1/export",
         ["v1", "peers"] => "/v1/peers",
         ["v1", "skills"] => "/v1/skills",
         ["v1", "basins"] => "/v1/basins",

@@ -7,6 +7,7 @@ pub mod metrics;
 mod openapi;
 mod ops;
 mod pins;
+mod query;
 pub mod server;
 
 use std::convert::Infallible;
@@ -376,6 +377,62 @@ pub fn routes(
         .or(nodes)
         .unify()
         .boxed();
+    let sql = warp::path!("v1" / "sql")
+        .and(warp::post())
+        .and(s())
+        .and(headers())
+        .and(warp::body::content_length_limit(json_limit))
+        .and(warp::body::json::<query::SqlRequest>())
+        .then(|state, headers, request| async move {
+            respond(query::sql(state, headers, request).await)
+        })
+        .boxed();
+    let search = warp::path!("v1" / "search")
+        .and(warp::post())
+        .and(s())
+        .and(headers())
+        .and(warp::body::content_length_limit(json_limit))
+        .and(warp::body::json::<query::SearchRequest>())
+        .then(|state, headers, request| async move {
+            respond(query::search(state, headers, request).await)
+        })
+        .boxed();
+    let tables = warp::path!("v1" / "tables")
+        .and(warp::get())
+        .and(s())
+        .and(headers())
+        .then(|state, headers| async move { respond(query::tables(state, headers).await) })
+        .boxed();
+    let maintenance = warp::path!("v1" / "query")
+        .and(warp::post())
+        .and(s())
+        .and(headers())
+        .and(warp::body::content_length_limit(json_limit))
+        .and(warp::body::json::<query::Maintenance>())
+        .then(|state, headers, request| async move {
+            respond(query::maintenance(state, headers, request).await)
+        })
+        .boxed();
+    let export = warp::path!("v1" / "export")
+        .and(warp::post())
+        .and(s())
+        .and(headers())
+        .and(warp::body::content_length_limit(json_limit))
+        .and(warp::body::json::<query::ExportRequest>())
+        .then(|state, headers, request| async move {
+            respond(query::export(state, headers, request).await)
+        })
+        .boxed();
+    let query_routes = sql
+        .or(search)
+        .unify()
+        .or(tables)
+        .unify()
+        .or(maintenance)
+        .unify()
+        .or(export)
+        .unify()
+        .boxed();
     let openapi = warp::path!("openapi.json")
         .and(warp::get())
         .map(|| {
@@ -414,6 +471,8 @@ pub fn routes(
         .or(openapi)
         .unify()
         .or(ledger_routes)
+        .unify()
+        .or(query_routes)
         .unify()
         .recover(error::recover)
         .unify()

@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use super::{blobs, error, ledger, ops, pins};
+use super::{blobs, error, ledger, ops, pins, query};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -18,6 +18,7 @@ use super::{blobs, error, ledger, ops, pins};
         ledger::checkpoint, ledger::inclusion, ledger::consistency, ledger::audit,
         ledger::audit_export,
         ledger::skills, ledger::basins, ledger::basin, ledger::reputation, ledger::nodes,
+        query::sql, query::search, query::tables, query::maintenance, query::export,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail)),
     modifiers(&BearerAuth),

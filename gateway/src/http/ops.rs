@@ -37,6 +37,9 @@ pub(crate) struct Status {
     pending: u64,
     /// Total token supply.
     supply: u64,
+    /// Query tables: events materialized, and whether they caught up since start.
+    #[schema(value_type = Object)]
+    query: serde_json::Value,
 }
 
 /// Answer of `POST /v1/gc`.
@@ -113,6 +116,10 @@ pub(crate) async fn status(state: AppState, headers: HeaderMap) -> Result<Respon
             events: node.ledger.tree_size()?,
             pending: node.ledger.n_pending() as u64,
             supply: node.ledger.supply()?,
+            query: match node.query.status() {
+                Ok(q) => serde_json::json!({"applied": q.applied, "caught_up": q.caught_up}),
+                Err(e) => serde_json::json!({"error": e.to_string()}),
+            },
         },
     ))
 }

@@ -33,6 +33,7 @@ pub(crate) struct TestNode {
     pub(crate) addr: String,
     child: Option<Child>,
     env: Vec<(String, String)>,
+    serve_args: Vec<String>,
 }
 
 impl TestNode {
@@ -43,6 +44,15 @@ impl TestNode {
 
     /// Like [`TestNode::start`], with extra environment (e.g. `MESHNODE_CONNECTIONS_MAX`).
     pub(crate) fn start_with(env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::start_full(env, &[])
+    }
+
+    /// A node started with the demo network loaded (`serve --demo`).
+    pub(crate) fn start_demo(env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::start_full(env, &["--demo"])
+    }
+
+    fn start_full(env: &[(&str, &str)], serve_args: &[&str]) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("meshnode-it-").tempdir()?;
         let output = Command::new(meshnode_bin())
             .arg("--data-dir")
@@ -65,6 +75,7 @@ impl TestNode {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            serve_args: serve_args.iter().map(|s| s.to_string()).collect(),
         };
         node.spawn()?;
         Ok(node)
@@ -83,6 +94,7 @@ impl TestNode {
             .arg("serve")
             .arg("--http-addr")
             .arg(&self.addr)
+            .args(&self.serve_args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env(
                 "RUST_LOG",

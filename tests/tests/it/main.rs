@@ -8,3 +8,4 @@ mod harness;
 mod interop;
 mod layering;
 mod ledger_http;
+mod query_http;

@@ -1,0 +1,289 @@
+//! Query routes: read-only SQL (JSON, CSV, Arrow IPC), vector search, table listing,
+//! rebuild, reindex and Parquet export.
+
+use http::{HeaderMap, StatusCode, header};
+use meshnode_query::{Search, parse_metric, vector_from_json};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use warp::Reply;
+use warp::reply::Response;
+
+use super::{ApiError, AppState, json};
+
+impl From<meshnode_query::Error> for ApiError {
+    fn from(error: meshnode_query::Error) -> Self {
+        use meshnode_query::Error as E;
+        let code = error.code();
+        match &error {
+            E::Query { message, .. } => {
+                let status = match code {
+                    "unknown_table" => StatusCode::NOT_FOUND,
+                    "sql_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                ApiError::new(status, code, message.clone())
+            }
+            E::Timeout(_) => ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                code,
+                format!("{error}; narrow the query or add LIMIT"),
+            ),
+            E::ResourcesExhausted(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                code,
+                format!("{error}; narrow the query"),
+            ),
+            E::Busy | E::Unavailable(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, error.to_string())
+                    .with_header(header::RETRY_AFTER, "1".into())
+            }
+            _ => ApiError::internal(error),
+        }
+    }
+}
+
+/// Body of `POST /v1/sql`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SqlRequest {
+    /// One read-only statement.
+    sql: String,
+    /// Run against the first `as_of` accepted events (a transparency-log tree size).
+    as_of: Option<u64>,
+    /// `json` (default), `csv` or `arrow` (also chosen by the Accept header).
+    format: Option<String>,
+}
+
+/// Run a read-only SQL query over the ledger tables.
+#[utoipa::path(post, path = "/v1/sql", tag = "query",
+    request_body = SqlRequest,
+    responses(
+        (status = 200, description = "{columns, rows, truncated, applied}; or CSV; or an Arrow IPC stream (Accept: application/vnd.apache.arrow.stream)"),
+        (status = 400, description = "sql_error, read_only, sql_too_deep, unknown_table…", body = super::error::ErrorBody),
+        (status = 408, description = "query_timeout", body = super::error::ErrorBody),
+        (status = 413, description = "sql_too_large", body = super::error::ErrorBody),
+        (status = 422, description = "query_too_expensive (memory limit)", body = super::error::ErrorBody),
+        (status = 503, description = "too_many_queries", body = super::error::ErrorBody),
+    ))]
+pub(crate) async fn sql(
+    state: AppState,
+    headers: HeaderMap,
+    request: SqlRequest,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, false)?;
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let format = match request.format.as_deref() {
+        Some(f) => f.to_string(),
+        None if accept.contains("application/vnd.apache.arrow.stream") => "arrow".into(),
+        None if accept.contains("text/csv") => "csv".into(),
+        None => "json".into(),
+    };
+    let query = &state.node().query;
+    let (answer, state_at) = query.sql(&request.sql, request.as_of).await?;
+    let applied = query.status()?.applied;
+    match format.as_str() {
+        "json" => {
+            let mut value = answer.to_json();
+            value["applied"] = json!(applied);
+            if let Some(n) = request.as_of {
+                value["as_of"] = json!({"tree_size": n, "state_tables_at": state_at});
+            }
+            Ok(json(StatusCode::OK, &value))
+        }
+        "csv" => Ok(warp::reply::with_header(
+            answer.to_csv()?,
+            header::CONTENT_TYPE,
+            "text/csv; charset=utf-8",
+        )
+        .into_response()),
+        "arrow" => Ok(warp::reply::with_header(
+            answer.to_arrow_ipc()?,
+            header::CONTENT_TYPE,
+            "application/vnd.apache.arrow.stream",
+        )
+        .into_response()),
+        other => Err(ApiError::bad_request(
+            "invalid_format",
+            format!("format `{other}` is not json, csv or arrow"),
+        )),
+    }
+}
+
+/// Body of `POST /v1/search`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SearchRequest {
+    /// skills, basins, basin_versions or nodes.
+    table: String,
+    /// Query vector (same dimension as the table's).
+    #[schema(value_type = Vec<f32>)]
+    vector: Value,
+    /// How many results, 1..=1000.
+    k: Option<u64>,
+    /// cosine (default), l2 or dot.
+    metric: Option<String>,
+    /// SQL boolean expression applied before ranking, e.g. `domain = 'viticulture'`.
+    filter: Option<String>,
+    /// Force exact search even if an ANN index exists.
+    exact: Option<bool>,
+}
+
+/// The k nearest rows of a vector table, nearest first, filtered before ranking.
+#[utoipa::path(post, path = "/v1/search", tag = "query",
+    request_body = SearchRequest,
+    responses(
+        (status = 200, description = "{results: [{distance, row}]}"),
+        (status = 400, description = "invalid_vector, dimension_mismatch, invalid_k, invalid_metric, invalid_filter…", body = super::error::ErrorBody),
+        (status = 404, description = "unknown_table", body = super::error::ErrorBody),
+    ))]
+pub(crate) async fn search(
+    state: AppState,
+    headers: HeaderMap,
+    request: SearchRequest,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, false)?;
+    let vector = vector_from_json(&request.vector)?;
+    let k = request.k.unwrap_or(10);
+    let search = Search {
+        table: request.table,
+        vector,
+        k: usize::try_from(k).unwrap_or(usize::MAX),
+        metric: parse_metric(request.metric.as_deref().unwrap_or("cosine"))?,
+        filter: request.filter,
+        exact: request.exact.unwrap_or(false),
+    };
+    let hits = state.node().query.search(&search).await?;
+    let results: Vec<Value> = hits
+        .into_iter()
+        .map(|h| json!({"distance": h.distance, "row": h.row}))
+        .collect();
+    Ok(json(StatusCode::OK, &json!({"results": results})))
+}
+
+/// The query tables with their columns, and materialization progress.
+#[utoipa::path(get, path = "/v1/tables", tag = "query",
+    responses((status = 200, description = "{tables: [{name, rows, version, columns, ann_index}], status}")))]
+pub(crate) async fn tables(state: AppState, headers: HeaderMap) -> Result<Response, ApiError> {
+    state.authorize(&headers, false)?;
+    let query = &state.node().query;
+    let tables: Vec<Value> = query
+        .tables()
+        .await?
+        .into_iter()
+        .map(|t| {
+            json!({
+                "name": t.name,
+                "rows": t.rows,
+                "version": t.version,
+                "ann_index": t.ann_index,
+                "columns": t.columns.iter().map(|c| json!({"name": c.name, "type": c.data_type})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let status = query.status()?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({
+            "tables": tables,
+            "status": {"applied": status.applied, "ledger_size": status.ledger_size, "caught_up": status.caught_up},
+        }),
+    ))
+}
+
+/// Body of maintenance routes.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Maintenance {
+    /// `rebuild` (drop the tables and rebuild them from the ledger), `reindex` (rebuild the
+    /// ANN indexes) or `sync` (wait until the tables hold every accepted event).
+    action: String,
+}
+
+/// Rebuild the query tables, rebuild their indexes, or wait until they are current.
+#[utoipa::path(post, path = "/v1/query", tag = "query",
+    request_body = Maintenance,
+    responses((status = 200, description = "Done"),
+              (status = 401, description = "Missing or wrong bearer token", body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn maintenance(
+    state: AppState,
+    headers: HeaderMap,
+    request: Maintenance,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, true)?;
+    let query = &state.node().query;
+    let detail = match request.action.as_str() {
+        "rebuild" => {
+            query.rebuild().await?;
+            json!(null)
+        }
+        "reindex" => json!(query.reindex().await?),
+        "sync" => {
+            query.sync(std::time::Duration::from_secs(600)).await?;
+            json!(null)
+        }
+        other => {
+            return Err(ApiError::bad_request(
+                "invalid_action",
+                format!("action `{other}` is not rebuild, reindex or sync"),
+            ));
+        }
+    };
+    let status = query.status()?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({"action": request.action, "detail": detail, "applied": status.applied, "ledger_size": status.ledger_size}),
+    ))
+}
+
+/// Body of `POST /v1/export`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ExportRequest {
+    /// Absolute directory on the node's machine.
+    dir: String,
+    /// `parquet` (the only format).
+    format: Option<String>,
+}
+
+/// Write every query table as Parquet to a directory on the node's machine.
+#[utoipa::path(post, path = "/v1/export", tag = "query",
+    request_body = ExportRequest,
+    responses((status = 200, description = "{tables: [{name, rows, file}]}"),
+              (status = 400, description = "Not an absolute path, or another format", body = super::error::ErrorBody),
+              (status = 401, description = "Missing or wrong bearer token", body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn export(
+    state: AppState,
+    headers: HeaderMap,
+    request: ExportRequest,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, true)?;
+    if request.format.as_deref().unwrap_or("parquet") != "parquet" {
+        return Err(ApiError::bad_request(
+            "invalid_format",
+            "only parquet export is supported",
+        ));
+    }
+    let dir = std::path::PathBuf::from(&request.dir);
+    if !dir.is_absolute() || request.dir.contains('\0') {
+        return Err(ApiError::bad_request(
+            "invalid_path",
+            "`dir` must be an absolute path",
+        ));
+    }
+    let query = &state.node().query;
+    query.sync(std::time::Duration::from_secs(600)).await?;
+    let written = query.export_parquet(&dir).await?;
+    let tables: Vec<Value> = written
+        .into_iter()
+        .map(|(name, rows)| {
+            let file = dir.join(format!("{name}.parquet")).display().to_string();
+            json!({"name": name, "rows": rows, "file": file})
+        })
+        .collect();
+    Ok(json(StatusCode::OK, &json!({"tables": tables})))
+}

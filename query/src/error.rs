@@ -1,0 +1,72 @@
+//! The query error type.
+
+/// Errors of the query layer. [`Error::Query`] is bad input (the SQL, the vector, the
+/// parameters); the others are failures of this node.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is invalid: `code` is stable (`sql_error`, `read_only`, `unknown_table`,
+    /// `invalid_vector`, `dimension_mismatch`, `invalid_k`, …).
+    #[error("{code}: {message}")]
+    Query {
+        /// Stable code.
+        code: &'static str,
+        /// What is wrong and what to fix.
+        message: String,
+    },
+    /// The query ran longer than the limit and was cancelled.
+    #[error("query cancelled after {0} ms")]
+    Timeout(u64),
+    /// The query needed more memory than the limit.
+    #[error("query exceeded the memory limit: {0}")]
+    ResourcesExhausted(String),
+    /// Too many queries at once.
+    #[error("too many queries running; retry shortly")]
+    Busy,
+    /// The tables are being rebuilt or caught up.
+    #[error("query tables unavailable: {0}")]
+    Unavailable(String),
+    /// The ledger failed.
+    #[error("ledger: {0}")]
+    Ledger(#[from] meshnode_ledger::Error),
+    /// The blob store failed.
+    #[error("store: {0}")]
+    Store(#[from] meshnode_store::Error),
+    /// A filesystem operation failed.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// Our bug or a failure inside Lance/DataFusion.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The stable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Query { code, .. } => code,
+            Error::Timeout(_) => "query_timeout",
+            Error::ResourcesExhausted(_) => "query_too_expensive",
+            Error::Busy => "too_many_queries",
+            Error::Unavailable(_) => "unavailable",
+            Error::Ledger(e) => e.code(),
+            Error::Store(_) => "store_error",
+            Error::Io(_) => "io_error",
+            Error::Internal(_) => "internal",
+        }
+    }
+}
+
+pub(crate) fn bad(code: &'static str, message: impl Into<String>) -> Error {
+    Error::Query {
+        code,
+        message: message.into(),
+    }
+}
+
+pub(crate) fn internal(e: impl std::fmt::Display) -> Error {
+    Error::Internal(e.to_string())
+}
+
+/// The query result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

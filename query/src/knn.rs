@@ -1,0 +1,364 @@
+//! Vector search: k nearest rows by cosine, L2 or dot, with a SQL filter applied before
+//! ranking; exact below the ANN threshold, IVF-HNSW past it. Also the `knn` SQL table
+//! function, whose `WHERE` clause is pushed into the search as that filter.
+
+use std::sync::Arc;
+
+use arrow_array::{Float32Array, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use async_trait::async_trait;
+use datafusion::catalog::{Session, TableFunctionImpl, TableProvider};
+use datafusion::common::ScalarValue;
+use datafusion::datasource::MemTable;
+use datafusion::error::DataFusionError;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
+use datafusion::physical_plan::ExecutionPlan;
+use futures::TryStreamExt;
+use lance::Dataset;
+use lance_linalg::distance::DistanceType;
+
+use crate::error::{Result, bad, internal};
+use crate::tables::{Tables, vector_column};
+
+/// Largest k.
+pub const K_MAX: usize = 1000;
+
+/// Parses `cosine`, `l2` (or `euclidean`) and `dot`.
+pub fn parse_metric(text: &str) -> Result<DistanceType> {
+    match text.to_ascii_lowercase().as_str() {
+        "cosine" => Ok(DistanceType::Cosine),
+        "l2" | "euclidean" => Ok(DistanceType::L2),
+        "dot" => Ok(DistanceType::Dot),
+        other => Err(bad(
+            "invalid_metric",
+            format!("metric `{other}` is not one of cosine, l2, dot"),
+        )),
+    }
+}
+
+/// Parses a vector from JSON text (`[0.1, 0.2, …]`).
+pub fn parse_vector(text: &str) -> Result<Vec<f32>> {
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| bad("invalid_vector", format!("vector is not a JSON array: {e}")))?;
+    vector_from_json(&value)
+}
+
+/// Checks and converts a JSON array of numbers to f32 values.
+pub fn vector_from_json(value: &serde_json::Value) -> Result<Vec<f32>> {
+    let items = value
+        .as_array()
+        .ok_or_else(|| bad("invalid_vector", "vector must be an array of numbers"))?;
+    if items.is_empty() || items.len() > meshnode_schemas::limits::VECTOR_DIM_MAX {
+        return Err(bad(
+            "invalid_vector",
+            format!(
+                "vector must have 1..={} values",
+                meshnode_schemas::limits::VECTOR_DIM_MAX
+            ),
+        ));
+    }
+    items
+        .iter()
+        .map(|v| {
+            let x = v
+                .as_f64()
+                .ok_or_else(|| bad("invalid_vector", "vector must be an array of numbers"))?;
+            let f = x as f32;
+            if !f.is_finite() {
+                return Err(bad("invalid_vector", format!("{x} is not a finite f32")));
+            }
+            Ok(f)
+        })
+        .collect()
+}
+
+/// A search request.
+#[derive(Clone, Debug)]
+pub struct Search {
+    /// Table with a vector column: skills, basins, nodes, basin_versions.
+    pub table: String,
+    /// Query vector.
+    pub vector: Vec<f32>,
+    /// How many rows (1..=1000).
+    pub k: usize,
+    /// Distance.
+    pub metric: DistanceType,
+    /// SQL boolean expression applied before ranking, e.g. `domain = 'viticulture'`.
+    pub filter: Option<String>,
+    /// Exact search even when an index exists.
+    pub exact: bool,
+}
+
+/// Checks a request against a dataset and returns the vector column.
+pub(crate) fn check(search: &Search, tables: &Tables) -> Result<&'static str> {
+    let column = vector_column(&search.table).ok_or_else(|| {
+        bad(
+            "not_a_vector_table",
+            format!(
+                "table `{}` has no vector column; use skills, basins, basin_versions or nodes",
+                search.table.chars().take(64).collect::<String>()
+            ),
+        )
+    })?;
+    if search.k == 0 || search.k > K_MAX {
+        return Err(bad("invalid_k", format!("k must be 1..={K_MAX}")));
+    }
+    if let Some(dim) = tables.dim(&search.table)
+        && dim as usize != search.vector.len()
+    {
+        return Err(bad(
+            "dimension_mismatch",
+            format!(
+                "table `{}` has {dim}-dimensional vectors; the query has {}",
+                search.table,
+                search.vector.len()
+            ),
+        ));
+    }
+    if let Some(filter) = &search.filter {
+        if filter.len() > 8 * 1024 {
+            return Err(bad("filter_too_large", "filter is longer than 8 KiB"));
+        }
+        // Parse it here (bounded depth) so that a broken filter is the caller's error.
+        use datafusion::sql::sqlparser::{dialect::GenericDialect, parser::Parser};
+        Parser::new(&GenericDialect {})
+            .with_recursion_limit(64)
+            .try_with_sql(filter)
+            .and_then(|mut p| p.parse_expr())
+            .map_err(|e| bad("invalid_filter", format!("filter `{filter}`: {e}")))?;
+    }
+    Ok(column)
+}
+
+/// Runs a search on one dataset version. Rows carry every column plus `_distance`.
+pub(crate) async fn run(
+    dataset: &Dataset,
+    column: &str,
+    search: &Search,
+    filter_expr: Option<Expr>,
+    use_index: bool,
+) -> Result<Vec<RecordBatch>> {
+    let query = Float32Array::from(search.vector.clone());
+    let mut scan = dataset.scan();
+    scan.nearest(column, &query, search.k)
+        .map_err(|e| bad("knn_error", e.to_string()))?;
+    scan.distance_metric(search.metric);
+    scan.prefilter(true);
+    scan.use_index(use_index && !search.exact);
+    if use_index && !search.exact {
+        // Wider beams and a re-rank with the full vectors keep recall high.
+        scan.ef((search.k * 8).max(128));
+        scan.nprobes(16);
+        scan.refine(4);
+    }
+    if let Some(filter) = &search.filter {
+        scan.filter(filter)
+            .map_err(|e| bad("invalid_filter", format!("filter `{filter}`: {e}")))?;
+    }
+    if let Some(expr) = filter_expr {
+        scan.filter_expr(expr);
+    }
+    let stream = scan.try_into_stream().await.map_err(|e| {
+        let text = e.to_string();
+        if text.contains("parsing") || text.contains("not found") || text.contains("No field named")
+        {
+            bad("invalid_filter", text)
+        } else {
+            bad("knn_error", text)
+        }
+    })?;
+    let batches: Vec<RecordBatch> = stream
+        .try_collect()
+        .await
+        .map_err(|e| bad("knn_error", e.to_string()))?;
+    Ok(batches)
+}
+
+/// The `knn(table, vector_json, k [, metric])` SQL table function.
+pub(crate) struct KnnFunction {
+    datasets: Vec<(&'static str, Arc<Dataset>)>,
+    tables: Arc<Tables>,
+}
+
+impl std::fmt::Debug for KnnFunction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KnnFunction").finish_non_exhaustive()
+    }
+}
+
+impl KnnFunction {
+    pub(crate) fn new(datasets: Vec<(&'static str, Arc<Dataset>)>, tables: Arc<Tables>) -> Self {
+        Self { datasets, tables }
+    }
+}
+
+fn literal_text(expr: Option<&Expr>) -> Option<String> {
+    match expr {
+        Some(Expr::Literal(ScalarValue::Utf8(Some(s)), _))
+        | Some(Expr::Literal(ScalarValue::LargeUtf8(Some(s)), _))
+        | Some(Expr::Literal(ScalarValue::Utf8View(Some(s)), _)) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn literal_int(expr: Option<&Expr>) -> Option<i64> {
+    match expr {
+        Some(Expr::Literal(ScalarValue::Int64(Some(v)), _)) => Some(*v),
+        Some(Expr::Literal(ScalarValue::Int32(Some(v)), _)) => Some(i64::from(*v)),
+        Some(Expr::Literal(ScalarValue::UInt64(Some(v)), _)) => i64::try_from(*v).ok(),
+        _ => None,
+    }
+}
+
+fn df_error(e: crate::error::Error) -> DataFusionError {
+    DataFusionError::Execution(format!("knn: {e}"))
+}
+
+impl TableFunctionImpl for KnnFunction {
+    fn call(&self, args: &[Expr]) -> datafusion::common::Result<Arc<dyn TableProvider>> {
+        let usage = "knn(table, '[v1, v2, ...]', k [, 'cosine'|'l2'|'dot'])";
+        if args.len() < 3 || args.len() > 4 {
+            return Err(DataFusionError::Plan(format!(
+                "knn takes 3 or 4 arguments: {usage}"
+            )));
+        }
+        let table = literal_text(args.first()).ok_or_else(|| {
+            DataFusionError::Plan(format!("knn: the table must be a string literal: {usage}"))
+        })?;
+        let vector_text = literal_text(args.get(1)).ok_or_else(|| {
+            DataFusionError::Plan(format!("knn: the vector must be a string literal: {usage}"))
+        })?;
+        let k = literal_int(args.get(2)).ok_or_else(|| {
+            DataFusionError::Plan(format!("knn: k must be an integer literal: {usage}"))
+        })?;
+        let metric = match literal_text(args.get(3)) {
+            Some(m) => parse_metric(&m).map_err(|e| DataFusionError::Plan(e.to_string()))?,
+            None if args.len() == 4 => {
+                return Err(DataFusionError::Plan(format!(
+                    "knn: the metric must be a string: {usage}"
+                )));
+            }
+            None => DistanceType::Cosine,
+        };
+        let vector =
+            parse_vector(&vector_text).map_err(|e| DataFusionError::Plan(e.to_string()))?;
+        let search = Search {
+            table: table.clone(),
+            vector,
+            k: usize::try_from(k).unwrap_or(0),
+            metric,
+            filter: None,
+            exact: false,
+        };
+        let column =
+            check(&search, &self.tables).map_err(|e| DataFusionError::Plan(e.to_string()))?;
+        let dataset = self
+            .datasets
+            .iter()
+            .find(|(t, _)| *t == table)
+            .map(|(_, d)| d.clone())
+            .ok_or_else(|| {
+                DataFusionError::Plan(format!("knn: table `{table}` is empty or unknown"))
+            })?;
+        let mut fields: Vec<Field> = Schema::from(dataset.schema())
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.push(Field::new("_distance", DataType::Float32, true));
+        Ok(Arc::new(KnnProvider {
+            dataset,
+            column,
+            search,
+            schema: Arc::new(Schema::new(fields)),
+            tables: self.tables.clone(),
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct KnnProvider {
+    dataset: Arc<Dataset>,
+    column: &'static str,
+    search: Search,
+    schema: SchemaRef,
+    tables: Arc<Tables>,
+}
+
+#[async_trait]
+impl TableProvider for KnnProvider {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Temporary
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::common::Result<Vec<TableProviderFilterPushDown>> {
+        // Filters on the table's own columns run inside the search, before ranking.
+        Ok(filters
+            .iter()
+            .map(|f| {
+                let columns = f.column_refs();
+                if columns.iter().any(|c| c.name == "_distance") {
+                    TableProviderFilterPushDown::Unsupported
+                } else {
+                    TableProviderFilterPushDown::Exact
+                }
+            })
+            .collect())
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        let filter = filters.iter().cloned().reduce(Expr::and);
+        let index = self.tables.index_metric(&self.search.table).await;
+        let use_index = index == Some(self.search.metric);
+        let batches = run(&self.dataset, self.column, &self.search, filter, use_index)
+            .await
+            .map_err(df_error)?;
+        // Lance returns the table's columns and `_distance`; align to our declared schema.
+        let mut aligned = Vec::with_capacity(batches.len());
+        for batch in batches {
+            let columns = self
+                .schema
+                .fields()
+                .iter()
+                .map(|f| {
+                    batch.column_by_name(f.name()).cloned().ok_or_else(|| {
+                        DataFusionError::Execution(format!("knn: no column {}", f.name()))
+                    })
+                })
+                .collect::<datafusion::common::Result<Vec<_>>>()?;
+            aligned.push(RecordBatch::try_new(self.schema.clone(), columns)?);
+        }
+        let table = MemTable::try_new(self.schema.clone(), vec![aligned])?;
+        table.scan(state, projection, &[], limit).await
+    }
+}
+
+/// A search on the current version (used by `POST /v1/search`).
+pub(crate) async fn search(
+    tables: &Arc<Tables>,
+    dataset: Arc<Dataset>,
+    search: &Search,
+) -> Result<Vec<RecordBatch>> {
+    let column = check(search, tables)?;
+    let index = tables.index_metric(&search.table).await;
+    let use_index = index == Some(search.metric);
+    run(&dataset, column, search, None, use_index)
+        .await
+        .map_err(|e| match e {
+            crate::error::Error::Query { .. } => e,
+            other => internal(other),
+        })
+}

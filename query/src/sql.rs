@@ -1,0 +1,521 @@
+//! Read-only, bounded SQL over the query tables (DataFusion), and result encodings.
+//!
+//! Every query gets a fresh session with only our tables and the `knn` table function
+//! registered: no DDL, DML or `SET`, no table factories or file formats (so no file or URL
+//! access), no default table functions (no `generate_series` bombs). Text size, parser
+//! recursion depth, memory, time and result rows are capped; queries run on their own
+//! runtime so that an expensive one cannot stall the node's other requests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use arrow_array::{Array, RecordBatch};
+use arrow_schema::{DataType, SchemaRef};
+use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::SessionStateDefaults;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext, col, lit};
+use lance::datafusion::LanceTableProvider;
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result, bad, internal};
+use crate::knn::KnnFunction;
+use crate::tables::Tables;
+
+/// Limits of one SQL query.
+#[derive(Clone, Debug)]
+pub struct SqlLimits {
+    /// Longest SQL text, in bytes. Default 64 KiB.
+    pub text_bytes_max: usize,
+    /// Most result rows returned (more are cut and `truncated` is set). Default 10 000.
+    pub rows_max: usize,
+    /// Longest a query may run. Default 10 s.
+    pub timeout: Duration,
+    /// Memory a query may use for sorts, joins and aggregations. Default 512 MiB.
+    pub memory_bytes_max: usize,
+    /// Nesting depth the SQL parser accepts. Default 64.
+    pub depth_max: usize,
+    /// Queries running at once; more wait up to `timeout`. Default 4.
+    pub concurrent_max: usize,
+}
+
+impl Default for SqlLimits {
+    fn default() -> Self {
+        Self {
+            text_bytes_max: 64 * 1024,
+            rows_max: 10_000,
+            timeout: Duration::from_secs(10),
+            memory_bytes_max: 512 * 1024 * 1024,
+            depth_max: 64,
+            concurrent_max: 4,
+        }
+    }
+}
+
+/// The rows of a query.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// Result schema.
+    pub schema: SchemaRef,
+    /// Result rows (at most `rows_max`).
+    pub batches: Vec<RecordBatch>,
+    /// Whether rows beyond `rows_max` were cut.
+    pub truncated: bool,
+}
+
+impl Answer {
+    /// Number of rows.
+    pub fn n_rows(&self) -> usize {
+        self.batches.iter().map(|b| b.num_rows()).sum()
+    }
+
+    /// `{"columns": [...], "rows": [[...]], "truncated": bool}`.
+    pub fn to_json(&self) -> Value {
+        let columns: Vec<Value> = self
+            .schema
+            .fields()
+            .iter()
+            .map(|f| Value::String(f.name().clone()))
+            .collect();
+        let mut rows = Vec::with_capacity(self.n_rows());
+        for batch in &self.batches {
+            for row in 0..batch.num_rows() {
+                rows.push(Value::Array(
+                    batch
+                        .columns()
+                        .iter()
+                        .map(|c| cell(c.as_ref(), row))
+                        .collect(),
+                ));
+            }
+        }
+        serde_json::json!({"columns": columns, "rows": rows, "truncated": self.truncated})
+    }
+
+    /// Rows as JSON objects keyed by column name.
+    pub fn to_objects(&self) -> Vec<Map<String, Value>> {
+        let mut out = Vec::with_capacity(self.n_rows());
+        for batch in &self.batches {
+            for row in 0..batch.num_rows() {
+                let mut object = Map::new();
+                for (field, column) in self.schema.fields().iter().zip(batch.columns()) {
+                    object.insert(field.name().clone(), cell(column.as_ref(), row));
+                }
+                out.push(object);
+            }
+        }
+        out
+    }
+
+    /// CSV with a header row.
+    pub fn to_csv(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        {
+            let mut writer = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(&mut out);
+            for batch in &self.batches {
+                // CSV has no lists: render nested columns as JSON text.
+                writer.write(&flatten_for_csv(batch)?).map_err(internal)?;
+            }
+            if self.batches.is_empty() {
+                writer
+                    .write(&RecordBatch::new_empty(flat_schema(&self.schema)))
+                    .map_err(internal)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// An Arrow IPC stream.
+    pub fn to_arrow_ipc(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        {
+            let mut writer = arrow::ipc::writer::StreamWriter::try_new(&mut out, &self.schema)
+                .map_err(internal)?;
+            for batch in &self.batches {
+                writer.write(batch).map_err(internal)?;
+            }
+            writer.finish().map_err(internal)?;
+        }
+        Ok(out)
+    }
+}
+
+fn is_nested(t: &DataType) -> bool {
+    matches!(
+        t,
+        DataType::List(_)
+            | DataType::LargeList(_)
+            | DataType::FixedSizeList(_, _)
+            | DataType::Struct(_)
+            | DataType::Map(_, _)
+    )
+}
+
+fn flat_schema(schema: &SchemaRef) -> SchemaRef {
+    Arc::new(arrow_schema::Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| {
+                if is_nested(f.data_type()) {
+                    arrow_schema::Field::new(f.name(), DataType::Utf8, true)
+                } else {
+                    f.as_ref().clone()
+                }
+            })
+            .collect::<Vec<_>>(),
+    ))
+}
+
+fn flatten_for_csv(batch: &RecordBatch) -> Result<RecordBatch> {
+    let schema = batch.schema();
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(c, f)| -> arrow_array::ArrayRef {
+            if is_nested(f.data_type()) {
+                let values: Vec<Option<String>> = (0..c.len())
+                    .map(|row| {
+                        if c.is_null(row) {
+                            None
+                        } else {
+                            Some(cell(c.as_ref(), row).to_string())
+                        }
+                    })
+                    .collect();
+                Arc::new(arrow_array::StringArray::from(values))
+            } else {
+                c.clone()
+            }
+        })
+        .collect();
+    RecordBatch::try_new(flat_schema(&schema), columns).map_err(internal)
+}
+
+/// One cell as JSON: numbers, strings, booleans, lists as arrays, structs as objects, other
+/// types as their display text; NaN and ±Inf become null.
+pub fn cell(array: &dyn Array, row: usize) -> Value {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::*;
+    if array.is_null(row) {
+        return Value::Null;
+    }
+    let float = |x: f64| {
+        serde_json::Number::from_f64(x)
+            .map(Value::Number)
+            .unwrap_or(Value::Null)
+    };
+    match array.data_type() {
+        DataType::Boolean => Value::Bool(array.as_boolean().value(row)),
+        DataType::Int8 => Value::from(array.as_primitive::<Int8Type>().value(row)),
+        DataType::Int16 => Value::from(array.as_primitive::<Int16Type>().value(row)),
+        DataType::Int32 => Value::from(array.as_primitive::<Int32Type>().value(row)),
+        DataType::Int64 => Value::from(array.as_primitive::<Int64Type>().value(row)),
+        DataType::UInt8 => Value::from(array.as_primitive::<UInt8Type>().value(row)),
+        DataType::UInt16 => Value::from(array.as_primitive::<UInt16Type>().value(row)),
+        DataType::UInt32 => Value::from(array.as_primitive::<UInt32Type>().value(row)),
+        DataType::UInt64 => Value::from(array.as_primitive::<UInt64Type>().value(row)),
+        DataType::Float32 => float(f64::from(array.as_primitive::<Float32Type>().value(row))),
+        DataType::Float64 => float(array.as_primitive::<Float64Type>().value(row)),
+        DataType::Utf8 => Value::String(array.as_string::<i32>().value(row).to_string()),
+        DataType::LargeUtf8 => Value::String(array.as_string::<i64>().value(row).to_string()),
+        DataType::Utf8View => Value::String(array.as_string_view().value(row).to_string()),
+        DataType::Binary => Value::String(hex::encode(array.as_binary::<i32>().value(row))),
+        DataType::LargeBinary => Value::String(hex::encode(array.as_binary::<i64>().value(row))),
+        DataType::List(_) => {
+            let list = array.as_list::<i32>().value(row);
+            Value::Array((0..list.len()).map(|i| cell(list.as_ref(), i)).collect())
+        }
+        DataType::LargeList(_) => {
+            let list = array.as_list::<i64>().value(row);
+            Value::Array((0..list.len()).map(|i| cell(list.as_ref(), i)).collect())
+        }
+        DataType::FixedSizeList(_, _) => {
+            let list = array.as_fixed_size_list().value(row);
+            Value::Array((0..list.len()).map(|i| cell(list.as_ref(), i)).collect())
+        }
+        DataType::Decimal128(_, 0) => {
+            let v = array.as_primitive::<Decimal128Type>().value(row);
+            match i64::try_from(v) {
+                Ok(v) => Value::from(v),
+                Err(_) => match u64::try_from(v) {
+                    Ok(v) => Value::from(v),
+                    Err(_) => Value::String(v.to_string()),
+                },
+            }
+        }
+        DataType::Struct(fields) => {
+            let s = array.as_struct();
+            let mut object = Map::new();
+            for (field, column) in fields.iter().zip(s.columns()) {
+                object.insert(field.name().clone(), cell(column.as_ref(), row));
+            }
+            Value::Object(object)
+        }
+        _ => match ArrayFormatter::try_new(array, &FormatOptions::default()) {
+            Ok(f) => Value::String(f.value(row).to_string()),
+            Err(_) => Value::Null,
+        },
+    }
+}
+
+/// A runtime that may be dropped from async code (it shuts down in the background).
+struct OwnedRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for OwnedRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl OwnedRuntime {
+    fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.0
+            .as_ref()
+            .expect("invariant: the runtime lives until drop")
+            .spawn(future)
+    }
+}
+
+/// The SQL engine: a dedicated runtime and a cap on concurrent queries.
+pub(crate) struct Engine {
+    runtime: OwnedRuntime,
+    permits: Arc<tokio::sync::Semaphore>,
+    pub(crate) limits: SqlLimits,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the tables of one query are pinned.
+#[derive(Clone, Debug)]
+pub(crate) struct Snapshot {
+    /// `(table, dataset)` pairs to register.
+    pub(crate) tables: Vec<(&'static str, Arc<lance::Dataset>)>,
+    /// Append tables are filtered to `leaf_index < as_of` when set.
+    pub(crate) as_of: Option<u64>,
+}
+
+impl Engine {
+    pub(crate) fn new(limits: SqlLimits) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("meshnode-query")
+            .enable_all()
+            .build()?;
+        Ok(Self {
+            runtime: OwnedRuntime(Some(runtime)),
+            permits: Arc::new(tokio::sync::Semaphore::new(limits.concurrent_max.max(1))),
+            limits,
+        })
+    }
+
+    /// A fresh read-only session over `snapshot`.
+    pub(crate) async fn session(
+        &self,
+        snapshot: &Snapshot,
+        tables: &Arc<Tables>,
+    ) -> Result<SessionContext> {
+        let mut config = SessionConfig::new()
+            .with_target_partitions(2)
+            .with_information_schema(false);
+        config.options_mut().sql_parser.recursion_limit = self.limits.depth_max;
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(self.limits.memory_bytes_max, 1.0)
+            .with_disk_manager_builder(
+                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+            )
+            .build_arc()
+            .map_err(internal)?;
+        let state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_runtime_env(runtime)
+            .with_scalar_functions(SessionStateDefaults::default_scalar_functions())
+            .with_aggregate_functions(SessionStateDefaults::default_aggregate_functions())
+            .with_window_functions(SessionStateDefaults::default_window_functions())
+            .with_expr_planners(SessionStateDefaults::default_expr_planners())
+            .build();
+        let ctx = SessionContext::new_with_state(state);
+        for (name, dataset) in &snapshot.tables {
+            let provider = Arc::new(LanceTableProvider::new(dataset.clone(), false, false));
+            let is_append = meshnode_schemas::tables::APPEND_TABLES.contains(name);
+            match (snapshot.as_of, is_append) {
+                (Some(n), true) => {
+                    let df = ctx
+                        .read_table(provider)
+                        .map_err(internal)?
+                        .filter(col("leaf_index").lt(lit(n)))
+                        .map_err(internal)?;
+                    ctx.register_table(*name, df.into_view())
+                        .map_err(internal)?;
+                }
+                _ => {
+                    ctx.register_table(*name, provider).map_err(internal)?;
+                }
+            }
+        }
+        ctx.register_udtf(
+            "knn",
+            Arc::new(KnnFunction::new(snapshot.tables.clone(), tables.clone())),
+        );
+        Ok(ctx)
+    }
+
+    /// Runs one read-only query under the limits.
+    pub(crate) async fn run(&self, ctx: SessionContext, text: String) -> Result<Answer> {
+        if text.len() > self.limits.text_bytes_max {
+            return Err(bad(
+                "sql_too_large",
+                format!(
+                    "SQL text is {} bytes, at most {} allowed",
+                    text.len(),
+                    self.limits.text_bytes_max
+                ),
+            ));
+        }
+        if text.contains('\0') {
+            return Err(bad("sql_error", "SQL text contains NUL"));
+        }
+        check_read_only(&text, self.limits.depth_max)?;
+        let timeout = self.limits.timeout;
+        let permit = tokio::time::timeout(timeout, self.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| Error::Busy)?
+            .map_err(|_| Error::Busy)?;
+        let rows_max = self.limits.rows_max;
+        let task = self.runtime.spawn(async move {
+            let _permit = permit;
+            let options = SQLOptions::new()
+                .with_allow_ddl(false)
+                .with_allow_dml(false)
+                .with_allow_statements(false);
+            let df = ctx
+                .sql_with_options(&text, options)
+                .await
+                .map_err(classify)?;
+            let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+            let df = df.limit(0, Some(rows_max + 1)).map_err(classify)?;
+            let mut batches = df.collect().await.map_err(classify)?;
+            let mut n = 0usize;
+            let mut truncated = false;
+            let mut kept = Vec::new();
+            for batch in batches.drain(..) {
+                if n + batch.num_rows() > rows_max {
+                    let take = rows_max - n;
+                    if take > 0 {
+                        kept.push(batch.slice(0, take));
+                    }
+                    truncated = true;
+                    break;
+                }
+                n += batch.num_rows();
+                kept.push(batch);
+            }
+            Ok::<_, Error>(Answer {
+                schema,
+                batches: kept,
+                truncated,
+            })
+        });
+        let abort = task.abort_handle();
+        match tokio::time::timeout(timeout, task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(internal(format!("query task failed: {e}"))),
+            Err(_) => {
+                abort.abort();
+                Err(Error::Timeout(timeout.as_millis() as u64))
+            }
+        }
+    }
+}
+
+/// Parses the text (with the recursion limit) and accepts exactly one query statement
+/// (`SELECT`, `WITH`, `VALUES`, or `EXPLAIN` of one).
+fn check_read_only(text: &str, depth_max: usize) -> Result<()> {
+    use datafusion::sql::parser::{DFParserBuilder, Statement as DfStatement};
+    use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+    let mut parser = DFParserBuilder::new(text)
+        .with_recursion_limit(depth_max)
+        .build()
+        .map_err(classify)?;
+    let statements = parser.parse_statements().map_err(classify)?;
+    if statements.len() != 1 {
+        return Err(bad(
+            "sql_error",
+            format!("expected exactly one statement, got {}", statements.len()),
+        ));
+    }
+    let is_query = |s: &SqlStatement| matches!(s, SqlStatement::Query(_));
+    let ok = match &statements[0] {
+        DfStatement::Statement(s) => match s.as_ref() {
+            SqlStatement::Explain {
+                statement, analyze, ..
+            } => !*analyze && is_query(statement),
+            other => is_query(other),
+        },
+        DfStatement::Explain(e) => {
+            matches!(e.statement.as_ref(), DfStatement::Statement(s) if is_query(s))
+        }
+        _ => false,
+    };
+    if !ok {
+        return Err(bad(
+            "read_only",
+            "only read-only queries (SELECT, WITH, VALUES, EXPLAIN) are allowed",
+        ));
+    }
+    Ok(())
+}
+
+/// Maps DataFusion errors: planning and SQL problems are the user's; resource limits get
+/// their own code; anything else is ours.
+pub(crate) fn classify(e: datafusion::error::DataFusionError) -> Error {
+    use datafusion::error::DataFusionError as D;
+    let root = e.find_root();
+    match root {
+        D::SQL(..) | D::Plan(..) | D::SchemaError(..) | D::NotImplemented(..) => {
+            let text = root.to_string();
+            let code = if text.to_lowercase().contains("recursion limit") {
+                "sql_too_deep"
+            } else if text.contains("not supported")
+                && (text.contains("DDL") || text.contains("DML") || text.contains("Statement"))
+            {
+                "read_only"
+            } else if text.contains("table function") && text.contains("not found") {
+                "unknown_function"
+            } else if text.contains("table") && text.contains("not found") {
+                "unknown_table"
+            } else {
+                "sql_error"
+            };
+            bad(code, text)
+        }
+        D::ResourcesExhausted(m) => Error::ResourcesExhausted(m.clone()),
+        D::Execution(m) if m.contains("knn") => bad("knn_error", m.clone()),
+        _ => {
+            let text = root.to_string();
+            let lower = text.to_lowercase();
+            if lower.contains("recursion limit") || lower.contains("nested too deeply") {
+                bad("sql_too_deep", text)
+            } else {
+                Error::Internal(text)
+            }
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! The Lance datasets of the query tables: create, append, overwrite, fsync, compaction,
+//! vector indexes, versions.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arrow_array::{RecordBatch, RecordBatchIterator, UInt64Array};
+use futures::TryStreamExt;
+use lance::Dataset;
+use lance::dataset::optimize::{CompactionOptions, compact_files};
+use lance::dataset::{WriteMode, WriteParams};
+use lance::index::DatasetIndexExt;
+use lance::index::vector::VectorIndexParams;
+use lance_index::IndexType;
+use lance_index::vector::hnsw::builder::HnswBuildParams;
+use lance_index::vector::ivf::IvfBuildParams;
+use lance_index::vector::sq::builder::SQBuildParams;
+use lance_linalg::distance::DistanceType;
+use meshnode_schemas::tables::{TABLES, VECTOR_COLUMNS};
+
+use crate::error::{Error, Result, internal};
+
+/// Compact a table once it has this many fragments (every append adds at least one).
+const COMPACT_FRAGMENTS_MIN: usize = 64;
+
+/// The datasets under `<data-dir>/query`.
+pub(crate) struct Tables {
+    dir: PathBuf,
+    current: Mutex<HashMap<&'static str, Arc<Dataset>>>,
+}
+
+impl std::fmt::Debug for Tables {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tables")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn table_name(name: &str) -> Option<&'static str> {
+    TABLES.iter().copied().find(|t| *t == name)
+}
+
+pub(crate) fn vector_column(table: &str) -> Option<&'static str> {
+    VECTOR_COLUMNS
+        .iter()
+        .find(|(t, _)| *t == table)
+        .map(|(_, c)| *c)
+}
+
+/// Fsyncs every file under `dir` modified at or after `since`, and every directory, so that a
+/// Lance commit survives power loss (Lance does not fsync local files itself).
+fn fsync_since(dir: &Path, since: SystemTime) -> std::io::Result<()> {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if meta.modified().map(|m| m >= since).unwrap_or(true) {
+                std::fs::File::open(entry.path())?.sync_all()?;
+            }
+        }
+        std::fs::File::open(&d)?.sync_all()?;
+    }
+    Ok(())
+}
+
+impl Tables {
+    /// Opens every table that exists under `dir`.
+    pub(crate) async fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut current = HashMap::new();
+        for table in TABLES {
+            let path = dir.join(format!("{table}.lance"));
+            if path.exists() {
+                let ds = Dataset::open(&path.display().to_string())
+                    .await
+                    .map_err(|e| internal(format!("opening table {table}: {e}")))?;
+                current.insert(table, Arc::new(ds));
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            current: Mutex::new(current),
+        })
+    }
+
+    fn path(&self, table: &str) -> PathBuf {
+        self.dir.join(format!("{table}.lance"))
+    }
+
+    /// The current dataset of a table, if it exists.
+    pub(crate) fn get(&self, table: &str) -> Option<Arc<Dataset>> {
+        self.current
+            .lock()
+            .expect("invariant: tables lock is never poisoned")
+            .get(table)
+            .cloned()
+    }
+
+    /// Every existing table with its current dataset.
+    pub(crate) fn all(&self) -> Vec<(&'static str, Arc<Dataset>)> {
+        let current = self
+            .current
+            .lock()
+            .expect("invariant: tables lock is never poisoned");
+        TABLES
+            .iter()
+            .filter_map(|t| current.get(t).map(|d| (*t, d.clone())))
+            .collect()
+    }
+
+    /// A table at an older version.
+    pub(crate) async fn at_version(&self, table: &str, version: u64) -> Result<Arc<Dataset>> {
+        let ds = self
+            .get(table)
+            .ok_or_else(|| internal(format!("table {table} does not exist")))?;
+        Ok(Arc::new(ds.checkout_version(version).await.map_err(
+            |e| internal(format!("{table} version {version}: {e}")),
+        )?))
+    }
+
+    /// The dimension of a table's vector column (fixed when the table was created).
+    pub(crate) fn dim(&self, table: &str) -> Option<i32> {
+        let column = vector_column(table)?;
+        let ds = self.get(table)?;
+        let schema = arrow_schema::Schema::from(ds.schema());
+        match schema.field_with_name(column).ok()?.data_type() {
+            arrow_schema::DataType::FixedSizeList(_, d) => Some(*d),
+            _ => None,
+        }
+    }
+
+    async fn write(&self, table: &'static str, batch: RecordBatch, mode: WriteMode) -> Result<()> {
+        if batch.num_rows() == 0 && matches!(mode, WriteMode::Append) {
+            return Ok(());
+        }
+        let started = SystemTime::now();
+        let schema = batch.schema();
+        let reader = RecordBatchIterator::new(vec![Ok(batch)], schema);
+        let path = self.path(table);
+        let ds = match (self.get(table), mode) {
+            (Some(mut ds), WriteMode::Append) => {
+                Arc::make_mut(&mut ds)
+                    .append(reader, None)
+                    .await
+                    .map_err(|e| internal(format!("appending to {table}: {e}")))?;
+                ds
+            }
+            _ => {
+                let mode = if path.exists() {
+                    WriteMode::Overwrite
+                } else {
+                    WriteMode::Create
+                };
+                let params = WriteParams {
+                    mode,
+                    ..WriteParams::default()
+                };
+                Arc::new(
+                    Dataset::write(reader, path.display().to_string().as_str(), Some(params))
+                        .await
+                        .map_err(|e| internal(format!("writing {table}: {e}")))?,
+                )
+            }
+        };
+        let dir = path.clone();
+        tokio::task::spawn_blocking(move || fsync_since(&dir, started))
+            .await
+            .map_err(internal)??;
+        self.current
+            .lock()
+            .expect("invariant: tables lock is never poisoned")
+            .insert(table, ds);
+        Ok(())
+    }
+
+    /// Appends rows (creating the table on first use). Durable on return.
+    pub(crate) async fn append(&self, table: &'static str, batch: RecordBatch) -> Result<()> {
+        self.write(table, batch, WriteMode::Append).await
+    }
+
+    /// Replaces a table's rows with a new version. Durable on return.
+    pub(crate) async fn overwrite(&self, table: &'static str, batch: RecordBatch) -> Result<()> {
+        self.write(table, batch, WriteMode::Overwrite).await
+    }
+
+    /// The largest `leaf_index` of an append-only table (`None` if empty or missing).
+    pub(crate) async fn max_leaf_index(&self, table: &str) -> Result<Option<u64>> {
+        let Some(ds) = self.get(table) else {
+            return Ok(None);
+        };
+        let mut scan = ds.scan();
+        scan.project(&["leaf_index"]).map_err(internal)?;
+        let mut stream = scan.try_into_stream().await.map_err(internal)?;
+        let mut max: Option<u64> = None;
+        while let Some(batch) = stream.try_next().await.map_err(internal)? {
+            if let Some(col) = batch.column(0).as_any().downcast_ref::<UInt64Array>()
+                && let Some(m) = arrow::compute::max(col)
+            {
+                max = Some(max.map_or(m, |x: u64| x.max(m)));
+            }
+        }
+        Ok(max)
+    }
+
+    /// Merges small fragments when a table has many.
+    pub(crate) async fn maybe_compact(&self, table: &'static str) -> Result<()> {
+        let Some(ds) = self.get(table) else {
+            return Ok(());
+        };
+        if ds.count_fragments() < COMPACT_FRAGMENTS_MIN {
+            return Ok(());
+        }
+        let started = SystemTime::now();
+        let mut ds = (*ds).clone();
+        compact_files(&mut ds, CompactionOptions::default(), None)
+            .await
+            .map_err(|e| internal(format!("compacting {table}: {e}")))?;
+        let dir = self.path(table);
+        tokio::task::spawn_blocking(move || fsync_since(&dir, started))
+            .await
+            .map_err(internal)??;
+        self.current
+            .lock()
+            .expect("invariant: tables lock is never poisoned")
+            .insert(table, Arc::new(ds));
+        Ok(())
+    }
+
+    /// Builds (or rebuilds) the ANN index of a table's vector column for `metric`:
+    /// IVF partitions with an HNSW graph over scalar-quantised vectors.
+    pub(crate) async fn build_index(
+        &self,
+        table: &'static str,
+        metric: DistanceType,
+    ) -> Result<bool> {
+        let Some(column) = vector_column(table) else {
+            return Ok(false);
+        };
+        let Some(ds) = self.get(table) else {
+            return Ok(false);
+        };
+        let n_rows = ds.count_rows(None).await.map_err(internal)?;
+        if n_rows < 256 {
+            return Ok(false);
+        }
+        let started = SystemTime::now();
+        let partitions = ((n_rows as f64).sqrt() / 4.0).clamp(1.0, 256.0) as usize;
+        let params = VectorIndexParams::with_ivf_hnsw_sq_params(
+            metric,
+            IvfBuildParams::new(partitions),
+            HnswBuildParams::default(),
+            SQBuildParams::default(),
+        );
+        let mut ds = (*ds).clone();
+        ds.create_index(
+            &[column],
+            IndexType::Vector,
+            Some(format!("{column}_ann")),
+            &params,
+            true,
+        )
+        .await
+        .map_err(|e| internal(format!("indexing {table}.{column}: {e}")))?;
+        let dir = self.path(table);
+        tokio::task::spawn_blocking(move || fsync_since(&dir, started))
+            .await
+            .map_err(internal)??;
+        self.current
+            .lock()
+            .expect("invariant: tables lock is never poisoned")
+            .insert(table, Arc::new(ds));
+        Ok(true)
+    }
+
+    /// Whether a table has an ANN index on its vector column, and for which metric.
+    pub(crate) async fn index_metric(&self, table: &str) -> Option<DistanceType> {
+        let column = vector_column(table)?;
+        let ds = self.get(table)?;
+        let indices = ds.load_indices().await.ok()?;
+        let name = format!("{column}_ann");
+        let index = indices.iter().find(|i| i.name == name)?;
+        let _ = index;
+        // The metric is recorded in our own sidecar (Lance keeps it inside the index files).
+        let text = std::fs::read_to_string(self.dir.join(format!("{table}.index-metric"))).ok()?;
+        crate::knn::parse_metric(text.trim()).ok()
+    }
+
+    /// Records the metric an index was built for.
+    pub(crate) fn record_index_metric(&self, table: &str, metric: &str) -> Result<()> {
+        let path = self.dir.join(format!("{table}.index-metric"));
+        std::fs::write(&path, metric)?;
+        std::fs::File::open(&path)?.sync_all()?;
+        Ok(())
+    }
+
+    /// Deletes every table (the ledger is the truth; they are rebuilt from it).
+    pub(crate) fn drop_all(&self) -> Result<()> {
+        let mut current = self
+            .current
+            .lock()
+            .expect("invariant: tables lock is never poisoned");
+        current.clear();
+        for table in TABLES {
+            let path = self.path(table);
+            if path.exists() {
+                std::fs::remove_dir_all(&path)?;
+            }
+            std::fs::remove_file(self.dir.join(format!("{table}.index-metric"))).ok();
+        }
+        Ok(())
+    }
+
+    /// Row count of a table.
+    pub(crate) async fn count(&self, table: &str) -> Result<usize> {
+        match self.get(table) {
+            Some(ds) => ds.count_rows(None).await.map_err(internal),
+            None => Ok(0),
+        }
+    }
+
+    /// Current version of every existing table.
+    pub(crate) fn versions(&self) -> HashMap<&'static str, u64> {
+        self.all()
+            .into_iter()
+            .map(|(t, d)| (t, d.version().version))
+            .collect()
+    }
+}
+
+impl From<lance::Error> for Error {
+    fn from(e: lance::Error) -> Self {
+        Error::Internal(e.to_string())
+    }
+}

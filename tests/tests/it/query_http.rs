@@ -1,0 +1,778 @@
+//! SQL and vector search over HTTP and the CLI against real nodes: the demo network's tables,
+//! formats, read-only and bounded execution, filtered kNN and the `knn` table function, ANN
+//! recall, time travel, rebuild, crash catch-up, and DuckDB over the Parquet export.
+
+use std::time::{Duration, Instant};
+
+use meshnode_schemas::{
+    BlobHash, EventBody, EventId, Payload, SignedEvent, SigningKey, SkillPublish, Vector, author_of,
+};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::harness::{TestNode, python};
+
+fn client() -> reqwest::Client {
+    meshnode_gateway::client::install_crypto_provider();
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
+}
+
+async fn sql(node: &TestNode, text: &str) -> (StatusCode, Value) {
+    let r = client()
+        .post(format!("{}/v1/sql", node.url))
+        .json(&json!({"sql": text}))
+        .send()
+        .await
+        .expect("sql");
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn rows(node: &TestNode, text: &str) -> Vec<Value> {
+    let (status, body) = sql(node, text).await;
+    assert_eq!(status, StatusCode::OK, "{text}: {body}");
+    body["rows"].as_array().expect("rows").clone()
+}
+
+async fn scalar(node: &TestNode, text: &str) -> Value {
+    rows(node, text).await[0][0].clone()
+}
+
+async fn post(node: &TestNode, path: &str, body: Value, token: bool) -> (StatusCode, Value) {
+    let mut r = client().post(format!("{}{path}", node.url)).json(&body);
+    if token {
+        r = r.bearer_auth(&node.token);
+    }
+    let r = r.send().await.expect("post");
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn demo_tables_answer_sql_in_every_format() {
+    let node = TestNode::start_demo(&[]).expect("node");
+    let tables: Value = client()
+        .get(format!("{}/v1/tables", node.url))
+        .send()
+        .await
+        .expect("tables")
+        .json()
+        .await
+        .expect("json");
+    let names: Vec<&str> = tables["tables"]
+        .as_array()
+        .expect("tables")
+        .iter()
+        .map(|t| t["name"].as_str().expect("name"))
+        .collect();
+    for table in [
+        "events",
+        "transfers",
+        "balances",
+        "skills",
+        "skill_endorsements",
+        "basins",
+        "basin_versions",
+        "reputation",
+        "reputation_deltas",
+        "nodes",
+        "blobs",
+    ] {
+        assert!(names.contains(&table), "{table} missing from {names:?}");
+    }
+    let skills = &tables["tables"]
+        .as_array()
+        .expect("t")
+        .iter()
+        .find(|t| t["name"] == "skills")
+        .expect("skills")["columns"];
+    let embedding = skills
+        .as_array()
+        .expect("cols")
+        .iter()
+        .find(|c| c["name"] == "embedding")
+        .expect("embedding");
+    assert!(
+        embedding["type"]
+            .as_str()
+            .expect("type")
+            .starts_with("FixedSizeList"),
+        "{embedding}"
+    );
+
+    let size = client()
+        .get(format!("{}/v1/status", node.url))
+        .send()
+        .await
+        .expect("s")
+        .json::<Value>()
+        .await
+        .expect("j")["events"]
+        .clone();
+    assert_eq!(scalar(&node, "SELECT count(*) FROM events").await, size);
+    assert_eq!(
+        scalar(&node, "SELECT count(DISTINCT id) FROM events").await,
+        size
+    );
+    assert_eq!(
+        scalar(&node, "SELECT count(*) FROM transfers WHERE kind = 'mint'").await,
+        4
+    );
+    assert_eq!(scalar(&node, "SELECT count(*) FROM skills").await, 7);
+    // Balances add up to the supply, and every row carries provenance.
+    let supply = scalar(
+        &node,
+        "SELECT sum(amount) FROM transfers WHERE kind = 'mint'",
+    )
+    .await;
+    assert_eq!(
+        scalar(&node, "SELECT sum(received) - sum(sent) FROM balances").await,
+        supply
+    );
+    let row = &rows(
+        &node,
+        "SELECT id, author, leaf_index FROM skill_endorsements ORDER BY leaf_index LIMIT 1",
+    )
+    .await[0];
+    assert_eq!(row[0].as_str().map(str::len), Some(64));
+    assert_eq!(row[1].as_str().map(str::len), Some(64));
+    // Joins across tables.
+    let endorsed = rows(
+        &node,
+        "SELECT s.name, e.verdict, e.score FROM skills s JOIN skill_endorsements e ON e.skill = s.id \
+         ORDER BY e.score DESC",
+    )
+    .await;
+    assert_eq!(endorsed.len(), 5);
+    assert_eq!(endorsed[0][0], "Pinot grape classifier");
+    assert_eq!(
+        scalar(&node, "SELECT count(*) FROM basin_versions").await,
+        5
+    );
+    assert_eq!(scalar(&node, "SELECT max(n_versions) FROM basins").await, 3);
+    assert_eq!(scalar(&node, "SELECT count(*) FROM nodes").await, 3);
+    assert_eq!(
+        scalar(
+            &node,
+            "SELECT count(*) FROM blobs WHERE pinned AND n_hosts = 1"
+        )
+        .await,
+        7
+    );
+
+    // CSV and Arrow IPC.
+    let csv = client()
+        .post(format!("{}/v1/sql", node.url))
+        .header("accept", "text/csv")
+        .json(&json!({"sql": "SELECT name, price FROM skills ORDER BY price DESC LIMIT 2"}))
+        .send()
+        .await
+        .expect("csv")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(csv.lines().next(), Some("name,price"), "{csv}");
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    let arrow_bytes = client()
+        .post(format!("{}/v1/sql", node.url))
+        .header("accept", "application/vnd.apache.arrow.stream")
+        .json(&json!({"sql": "SELECT name, price, embedding FROM skills ORDER BY price"}))
+        .send()
+        .await
+        .expect("arrow")
+        .bytes()
+        .await
+        .expect("bytes");
+    let reader =
+        arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(arrow_bytes.to_vec()), None)
+            .expect("ipc");
+    let batches: Vec<_> = reader.collect::<Result<_, _>>().expect("batches");
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 7);
+    assert_eq!(batches[0].schema().field(2).name(), "embedding");
+
+    // The CLI prints the same.
+    let out = node.cli(&["--json", "sql", "SELECT count(*) AS n FROM skills"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let value: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(value["rows"][0][0], 7);
+    let out = node.cli(&["sql", "--tables"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("skills (7 rows)"));
+}
+
+#[tokio::test]
+async fn sql_is_read_only_and_bounded() {
+    let node = TestNode::start_demo(&[("MESHNODE_QUERY_TIMEOUT_MS", "2000")]).expect("node");
+    for (statement, code) in [
+        ("DROP TABLE skills", "read_only"),
+        ("CREATE TABLE x (a INT)", "read_only"),
+        (
+            "INSERT INTO balances VALUES ('a', 1, 1, 1, 1, 1)",
+            "read_only",
+        ),
+        ("DELETE FROM events", "read_only"),
+        ("UPDATE balances SET balance = 0", "read_only"),
+        ("SET datafusion.execution.batch_size = 1", "read_only"),
+        (
+            "CREATE EXTERNAL TABLE t STORED AS CSV LOCATION '/etc/passwd'",
+            "read_only",
+        ),
+        ("COPY skills TO '/tmp/out.csv'", "read_only"),
+        (
+            "SELECT * FROM generate_series(1, 9876543210)",
+            "unknown_function",
+        ),
+        (
+            "SELECT * FROM read_parquet('/etc/passwd')",
+            "unknown_function",
+        ),
+        ("SELECT * FROM '/etc/passwd'", "unknown_table"),
+        ("SELECT * FROM no_such_table", "unknown_table"),
+        ("SELECT no_such_column FROM skills", "sql_error"),
+        ("SELEKT 1", "sql_error"),
+    ] {
+        let (status, body) = sql(&node, statement).await;
+        assert!(status.is_client_error(), "{statement}: {status} {body}");
+        assert_eq!(body["error"]["code"], code, "{statement}: {body}");
+    }
+    // Deep expressions are refused by the parser before planning.
+    let deep = format!("SELECT {}1{}", "(".repeat(5000), ")".repeat(5000));
+    let (status, body) = sql(&node, &deep).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let deep = format!("SELECT 1{}", " + 1".repeat(20_000));
+    let (status, body) = sql(&node, &deep).await;
+    assert!(status.is_client_error(), "{status} {body}");
+    // Text over the cap.
+    let long = format!("SELECT '{}'", "x".repeat(70_000));
+    let (status, body) = sql(&node, &long).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    // An endless query is cancelled at the timeout while the node keeps answering others.
+    let bomb = tokio::spawn({
+        let url = node.url.clone();
+        async move {
+            let started = Instant::now();
+            let r = client()
+                .post(format!("{url}/v1/sql"))
+                .json(&json!({"sql": "WITH RECURSIVE t(n) AS (SELECT 1 AS n UNION ALL SELECT n + 1 FROM t) SELECT count(*) FROM t"}))
+                .send()
+                .await
+                .expect("bomb");
+            (
+                r.status(),
+                r.json::<Value>().await.expect("json"),
+                started.elapsed(),
+            )
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let healthz = client()
+        .get(format!("{}/healthz", node.url))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(healthz.status(), StatusCode::OK);
+    assert!(
+        !bomb.is_finished(),
+        "the endless query finished before the health check"
+    );
+    let (status, body, _) = bomb.await.expect("join");
+    assert!(
+        [
+            StatusCode::REQUEST_TIMEOUT,
+            StatusCode::UNPROCESSABLE_ENTITY
+        ]
+        .contains(&status),
+        "{status} {body}"
+    );
+    // Results are capped and say so.
+    let cross = "SELECT a.id FROM events a, events b, events c";
+    let (status, body) = sql(&node, cross).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["rows"].as_array().expect("rows").len(), 10_000);
+    assert_eq!(body["truncated"], true);
+    // Still healthy.
+    assert_eq!(scalar(&node, "SELECT count(*) FROM skills").await, 7);
+}
+
+#[tokio::test]
+async fn vector_search_filters_before_ranking() {
+    let node = TestNode::start_demo(&[]).expect("node");
+    let query = meshnode_gateway::demo::embed("grape harvest vineyard");
+    let (status, body) = post(
+        &node,
+        "/v1/search",
+        json!({"table": "skills", "vector": query, "k": 3}),
+        false,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let results = body["results"].as_array().expect("results");
+    assert_eq!(results.len(), 3);
+    let distances: Vec<f64> = results
+        .iter()
+        .map(|r| r["distance"].as_f64().expect("d"))
+        .collect();
+    assert!(distances.windows(2).all(|w| w[0] <= w[1]), "{distances:?}");
+    assert!(
+        results[0]["row"]["id"].as_str().is_some()
+            && results[0]["row"]["author"].as_str().is_some()
+    );
+    // Exact distances agree with a cosine computed here.
+    for r in results {
+        let v: Vec<f32> = r["row"]["embedding"]
+            .as_array()
+            .expect("e")
+            .iter()
+            .map(|x| x.as_f64().expect("f") as f32)
+            .collect();
+        let dot: f32 = v.iter().zip(&query).map(|(a, b)| a * b).sum();
+        let norms = v.iter().map(|x| x * x).sum::<f32>().sqrt()
+            * query.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let cosine = 1.0 - dot / norms;
+        assert!((cosine - r["distance"].as_f64().expect("d") as f32).abs() < 1e-4);
+    }
+    // The filter applies before ranking: k results, all matching, even if they rank low.
+    let (_, body) = post(
+        &node,
+        "/v1/search",
+        json!({"table": "skills", "vector": query, "k": 2, "filter": "domain = 'medicine'"}),
+        false,
+    )
+    .await;
+    let results = body["results"].as_array().expect("results");
+    assert_eq!(results.len(), 2, "{body}");
+    assert!(results.iter().all(|r| r["row"]["domain"] == "medicine"));
+    // The same through SQL with the knn table function.
+    let text = format!(
+        "SELECT name, domain, _distance FROM knn('skills', '{}', 2) WHERE domain = 'medicine' ORDER BY _distance",
+        serde_json::to_string(&query).expect("json")
+    );
+    let got = rows(&node, &text).await;
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0][0], results[0]["row"]["name"]);
+    // L2 and dot work too; basins and nodes are searchable.
+    for metric in ["l2", "dot"] {
+        let (status, body) = post(
+            &node,
+            "/v1/search",
+            json!({"table": "skills", "vector": query, "k": 7, "metric": metric}),
+            false,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["results"].as_array().expect("r").len(), 7);
+    }
+    for table in ["basins", "nodes"] {
+        let (status, body) = post(
+            &node,
+            "/v1/search",
+            json!({"table": table, "vector": query, "k": 1}),
+            false,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{table}: {body}");
+        assert_eq!(body["results"].as_array().expect("r").len(), 1);
+    }
+    // Bad input: 4xx with a code, and nothing else happens.
+    for (request, status, code) in [
+        (
+            json!({"table": "skills", "vector": [1.0, 2.0], "k": 3}),
+            400,
+            "dimension_mismatch",
+        ),
+        (
+            json!({"table": "skills", "vector": vec![1e39; 8], "k": 3}),
+            400,
+            "invalid_vector",
+        ),
+        (
+            json!({"table": "skills", "vector": [], "k": 3}),
+            400,
+            "invalid_vector",
+        ),
+        (
+            json!({"table": "skills", "vector": ["a"], "k": 3}),
+            400,
+            "invalid_vector",
+        ),
+        (
+            json!({"table": "skills", "vector": query, "k": 0}),
+            400,
+            "invalid_k",
+        ),
+        (
+            json!({"table": "skills", "vector": query, "k": 1_000_000}),
+            400,
+            "invalid_k",
+        ),
+        (
+            json!({"table": "skills", "vector": query, "metric": "manhattan"}),
+            400,
+            "invalid_metric",
+        ),
+        (
+            json!({"table": "skills", "vector": query, "filter": "domain = "}),
+            400,
+            "invalid_filter",
+        ),
+        (
+            json!({"table": "transfers", "vector": query}),
+            400,
+            "not_a_vector_table",
+        ),
+        (
+            json!({"table": "nope", "vector": query}),
+            404,
+            "unknown_table",
+        ),
+    ] {
+        let (got, body) = post(&node, "/v1/search", request.clone(), false).await;
+        assert_eq!(
+            (got.as_u16(), body["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{request}: {body}"
+        );
+    }
+    let (status, body) = sql(&node, "SELECT * FROM knn('skills', '[1, 2]', 3)").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, body) = sql(&node, "SELECT * FROM knn('skills', 'not json', 3)").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    // The CLI searches too.
+    let out = node.cli(&[
+        "search",
+        "--vector",
+        &serde_json::to_string(&query).expect("j"),
+        "-k",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+}
+
+fn random_vector(seed: u64, dim: usize) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..dim)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x % 2000) as f32 / 1000.0) - 1.0
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ann_index_keeps_recall_high_and_time_travel_and_rebuild_work() {
+    let node = TestNode::start_with(&[("MESHNODE_ANN_ROWS_MIN", "1000")]).expect("node");
+    let key = meshnode_schemas::parse_key_file(
+        &std::fs::read_to_string(node.data_dir().join("node.key")).expect("key"),
+    )
+    .expect("key");
+    let status: Value = client()
+        .get(format!("{}/v1/status", node.url))
+        .send()
+        .await
+        .expect("s")
+        .json()
+        .await
+        .expect("j");
+    let net = BlobHash::from_hex(status["net"].as_str().expect("net")).expect("hex");
+    let dim = 32;
+    let n = 1500u64;
+    let mut prev: Option<EventId> = None;
+    let mut envelopes = Vec::new();
+    for i in 1..=n {
+        let body = EventBody {
+            net,
+            author: author_of(&key),
+            seq: i,
+            prev,
+            deps: vec![],
+            ts: i as i64,
+            payload: Payload::SkillPublish(SkillPublish {
+                skill_id: format!("s{i}"),
+                name: format!("skill {i}"),
+                version: "1".into(),
+                description: String::new(),
+                domain: if i % 100 == 0 {
+                    "rare".into()
+                } else {
+                    "common".into()
+                },
+                capabilities: vec![],
+                specializations: vec![],
+                embedding: Vector::new(&random_vector(i, dim)).expect("v"),
+                blob: BlobHash::of(&i.to_le_bytes()),
+                size: 1,
+                base_model: "m".into(),
+                license: "MIT".into(),
+                price: i,
+            }),
+        };
+        let event = SignedEvent::sign(body, &key).expect("sign");
+        prev = Some(event.id);
+        envelopes.push(event.envelope);
+    }
+    let c = client();
+    for chunk in envelopes.chunks(100) {
+        let futures = chunk.iter().map(|e| {
+            c.post(format!("{}/v1/events", node.url))
+                .bearer_auth(&node.token)
+                .header("content-type", "application/cbor")
+                .body(e.clone())
+                .send()
+        });
+        for r in futures::future::join_all(futures).await {
+            let r = r.expect("post");
+            assert!(r.status().is_success(), "{}", r.status());
+        }
+    }
+    let (status, body) = post(&node, "/v1/query", json!({"action": "sync"}), true).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = post(&node, "/v1/query", json!({"action": "reindex"}), true).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body["detail"]
+            .as_array()
+            .expect("detail")
+            .iter()
+            .any(|t| t == "skills"),
+        "{body}"
+    );
+
+    // Recall@10 of the ANN index against exact search.
+    let mut found = 0;
+    let queries = 30;
+    for q in 0..queries {
+        let vector = random_vector(10_000 + q, dim);
+        let (_, exact) = post(
+            &node,
+            "/v1/search",
+            json!({"table": "skills", "vector": vector, "k": 10, "exact": true}),
+            false,
+        )
+        .await;
+        let (_, ann) = post(
+            &node,
+            "/v1/search",
+            json!({"table": "skills", "vector": vector, "k": 10}),
+            false,
+        )
+        .await;
+        let ids = |v: &Value| -> Vec<String> {
+            v["results"]
+                .as_array()
+                .expect("r")
+                .iter()
+                .map(|r| r["row"]["id"].as_str().expect("id").to_string())
+                .collect()
+        };
+        let truth = ids(&exact);
+        assert_eq!(truth.len(), 10);
+        found += ids(&ann).iter().filter(|id| truth.contains(id)).count();
+    }
+    let recall = found as f64 / (queries as f64 * 10.0);
+    assert!(recall >= 0.9, "recall@10 = {recall}");
+    // A selective filter (1%) still returns k matching rows with the index.
+    let (_, filtered) = post(&node, "/v1/search", json!({"table": "skills", "vector": random_vector(7, dim), "k": 10, "filter": "domain = 'rare'"}), false).await;
+    let results = filtered["results"].as_array().expect("results");
+    assert_eq!(results.len(), 10, "{filtered}");
+    assert!(results.iter().all(|r| r["row"]["domain"] == "rare"));
+
+    // Time travel: as of the first 500 events.
+    let (status, body) = post(
+        &node,
+        "/v1/sql",
+        json!({"sql": "SELECT count(*), max(price) FROM skills", "as_of": 500}),
+        false,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["rows"][0], json!([500, 500]));
+    let (status, body) = post(
+        &node,
+        "/v1/sql",
+        json!({"sql": "SELECT 1", "as_of": 99_999}),
+        false,
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("as_of_ahead"))
+    );
+
+    // Rebuild from the ledger gives the same answers.
+    let before = rows(&node, "SELECT count(*), sum(price) FROM skills").await;
+    let out = node.cli(&["query", "rebuild"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        rows(&node, "SELECT count(*), sum(price) FROM skills").await,
+        before
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tables_catch_up_after_sigkill_and_match_duckdb() {
+    let mut node = TestNode::start_demo(&[]).expect("node");
+    let key = meshnode_schemas::parse_key_file(
+        &std::fs::read_to_string(node.data_dir().join("node.key")).expect("key"),
+    )
+    .expect("key");
+    // Keep minting while killing the node.
+    let url = node.url.clone();
+    let token = node.token.clone();
+    let head: Value = client()
+        .get(format!("{url}/v1/accounts/{}", author_of(&key)))
+        .send()
+        .await
+        .expect("a")
+        .json()
+        .await
+        .expect("j");
+    let status: Value = client()
+        .get(format!("{url}/v1/status"))
+        .send()
+        .await
+        .expect("s")
+        .json()
+        .await
+        .expect("j");
+    let net = BlobHash::from_hex(status["net"].as_str().expect("net")).expect("hex");
+    let mut seq = head["head_seq"].as_u64().expect("seq");
+    let mut prev = head["head_id"]
+        .as_str()
+        .map(|h| EventId::from_hex(h).expect("hex"));
+    let writer = tokio::spawn(async move {
+        let c = client();
+        let mut acked = 0;
+        loop {
+            seq += 1;
+            let body = EventBody {
+                net,
+                author: author_of(&key),
+                seq,
+                prev,
+                deps: vec![],
+                ts: 0,
+                payload: Payload::TokenMint(meshnode_schemas::TokenMint {
+                    to: author_of(&SigningKey::from_bytes(&[9; 32])),
+                    amount: seq,
+                    reason: String::new(),
+                }),
+            };
+            let event = SignedEvent::sign(body, &key).expect("sign");
+            match c
+                .post(format!("{url}/v1/events"))
+                .bearer_auth(&token)
+                .header("content-type", "application/cbor")
+                .body(event.envelope.clone())
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => {
+                    acked += 1;
+                    prev = Some(event.id);
+                }
+                _ => return acked,
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    node.kill9();
+    let acked = writer.await.expect("writer");
+    assert!(acked > 10);
+    node.restart().expect("restart");
+    let (status, body) = post(&node, "/v1/query", json!({"action": "sync"}), true).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let size: Value = client()
+        .get(format!("{}/v1/status", node.url))
+        .send()
+        .await
+        .expect("s")
+        .json::<Value>()
+        .await
+        .expect("j")["events"]
+        .clone();
+    assert_eq!(scalar(&node, "SELECT count(*) FROM events").await, size);
+    assert_eq!(
+        scalar(&node, "SELECT count(DISTINCT leaf_index) FROM events").await,
+        size
+    );
+    assert_eq!(
+        scalar(&node, "SELECT max(leaf_index) + 1 FROM events").await,
+        size
+    );
+    let supply = scalar(
+        &node,
+        "SELECT sum(amount) FROM transfers WHERE kind = 'mint'",
+    )
+    .await;
+    let status: Value = client()
+        .get(format!("{}/v1/status", node.url))
+        .send()
+        .await
+        .expect("s")
+        .json()
+        .await
+        .expect("j");
+    assert_eq!(supply, status["supply"]);
+
+    // Export to Parquet; DuckDB reading it gives the same answers as our SQL.
+    let dir = node.data_dir().join("export");
+    let out = node.cli(&[
+        "--json",
+        "export",
+        "--format",
+        "parquet",
+        dir.to_str().expect("utf8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for query in [
+        "SELECT count(*) FROM events",
+        "SELECT kind, count(*), sum(amount) FROM transfers GROUP BY kind ORDER BY kind",
+        "SELECT account, balance FROM balances ORDER BY balance DESC, account LIMIT 5",
+        "SELECT s.name, count(e.id) FROM skills s LEFT JOIN skill_endorsements e ON e.skill = s.id GROUP BY s.name ORDER BY s.name",
+        "SELECT subject, score FROM reputation ORDER BY score DESC, subject",
+        "SELECT basin_id, n_versions FROM basins ORDER BY basin_id",
+    ] {
+        let ours = rows(&node, query).await;
+        let theirs: Value = serde_json::from_str(
+            &python("duckdb_check.py", &[dir.to_str().expect("utf8"), query]).expect("duckdb"),
+        )
+        .expect("json");
+        let theirs = theirs["rows"].as_array().expect("rows").clone();
+        let normalize = |rows: &[Value]| -> Vec<Vec<String>> {
+            rows.iter()
+                .map(|r| {
+                    r.as_array()
+                        .expect("row")
+                        .iter()
+                        .map(|v| match v {
+                            Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        assert_eq!(normalize(&ours), normalize(&theirs), "{query}");
+    }
+}
