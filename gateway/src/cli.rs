@@ -82,6 +82,9 @@ pub enum Command {
     Query(QueryCommand),
     /// Write the query tables to a directory (Parquet).
     Export(ExportArgs),
+    /// Read the ledger: logs, events, forks, checkpoint, catalog.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
     /// GET a read route as JSON, e.g. `meshnode get /v1/skills`.
     Get {
         /// Path under the API, e.g. `/v1/logs/<author>`.
@@ -181,6 +184,39 @@ pub struct SearchArgs {
     /// Exact search even with an ANN index.
     #[arg(long)]
     pub exact: bool,
+}
+
+/// `ledger` subcommands (each prints the JSON of the matching route).
+#[derive(Debug, Subcommand)]
+pub enum LedgerCommand {
+    /// An author's log (GET /v1/logs/{author}).
+    Log {
+        /// Author key (hex).
+        author: String,
+        /// Events after this seq.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
+    /// One event with its body (GET /v1/events/{id}).
+    Event {
+        /// EventId (hex).
+        id: String,
+    },
+    /// Detected forks and their proofs (GET /v1/forks).
+    Forks,
+    /// The latest signed checkpoint (GET /v1/checkpoint).
+    Checkpoint,
+    /// The skill catalog with endorsements and hosts (GET /v1/skills).
+    Skills,
+    /// Basins, or one basin with its history (GET /v1/basins[/{id}]).
+    Basins {
+        /// A basin's publish EventId.
+        id: Option<String>,
+    },
+    /// Reputation scores (GET /v1/reputation).
+    Reputation,
+    /// The node registry with last heartbeats (GET /v1/nodes).
+    Nodes,
 }
 
 /// `query` subcommands.
@@ -469,24 +505,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
             Ok(())
         }
-        Command::Get { path } => {
-            let client = client(&cli)?;
-            let path = if path.starts_with('/') {
-                path.clone()
-            } else {
-                format!("/{path}")
+        Command::Ledger(command) => {
+            let path = match command {
+                LedgerCommand::Log { author, after } => {
+                    format!("/v1/logs/{author}?after={after}&limit=1000")
+                }
+                LedgerCommand::Event { id } => format!("/v1/events/{id}"),
+                LedgerCommand::Forks => "/v1/forks".into(),
+                LedgerCommand::Checkpoint => "/v1/checkpoint".into(),
+                LedgerCommand::Skills => "/v1/skills".into(),
+                LedgerCommand::Basins { id: Some(id) } => format!("/v1/basins/{id}"),
+                LedgerCommand::Basins { id: None } => "/v1/basins".into(),
+                LedgerCommand::Reputation => "/v1/reputation".into(),
+                LedgerCommand::Nodes => "/v1/nodes".into(),
             };
-            let response = client
-                .send(client.request(reqwest::Method::GET, &path))
-                .await?;
-            let text = response.text().await?;
-            match serde_json::from_str::<Value>(&text) {
-                Ok(value) if !cli.json => println!("{}", serde_json::to_string_pretty(&value)?),
-                Ok(value) => println!("{value}"),
-                Err(_) => print!("{text}"),
-            }
-            Ok(())
+            get_and_print(&cli, &path).await
         }
+        Command::Get { path } => get_and_print(&cli, path).await,
         Command::Status => {
             let client = client(&cli)?;
             let value: Value = client
@@ -1238,5 +1273,24 @@ async fn search(cli: &Cli, args: &SearchArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join("\n")
     });
+    Ok(())
+}
+
+async fn get_and_print(cli: &Cli, path: &str) -> anyhow::Result<()> {
+    let client = client(cli)?;
+    let path = if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("/{path}")
+    };
+    let response = client
+        .send(client.request(reqwest::Method::GET, &path))
+        .await?;
+    let text = response.text().await?;
+    match serde_json::from_str::<Value>(&text) {
+        Ok(value) if !cli.json => println!("{}", serde_json::to_string_pretty(&value)?),
+        Ok(value) => println!("{value}"),
+        Err(_) => print!("{text}"),
+    }
     Ok(())
 }

@@ -1,0 +1,200 @@
+//! Ledger benchmark: ingest of N signed events (verify + validate + index + durable, in
+//! batches) and a full audit, each against raw `verify_strict` of the same events on all
+//! cores; then restart-after-SIGKILL time of a real node on the ingested data dir.
+//!
+//! Usage: cargo bench -p meshnode-gateway --bench ledger -- [N_EVENTS] [SCRATCH_DIR]
+//! Prints one JSON object on stdout.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use meshnode_gateway::node::{self, files};
+use meshnode_ledger::{Ledger, LedgerConfig, Status};
+use meshnode_schemas::*;
+use meshnode_store::{Store, StoreConfig};
+use rayon::prelude::*;
+
+fn key(i: u64) -> SigningKey {
+    SigningKey::from_bytes(blake3::hash(&i.to_le_bytes()).as_bytes())
+}
+
+/// Builds `n` events: the issuer grants every user, then users append transfers (naming the
+/// grant in their first one) and host records, round-robin.
+fn workload(n: usize, net: BlobHash, issuer: &SigningKey, n_users: usize) -> Vec<SignedEvent> {
+    let users: Vec<SigningKey> = (0..n_users as u64).map(key).collect();
+    let issuer_author = author_of(issuer);
+    // Sequential part: chain links need the previous event's id, so sign log by log.
+    let mut grants = Vec::with_capacity(n_users);
+    let mut prev = None;
+    let mut out = Vec::with_capacity(n);
+    for (i, user) in users.iter().enumerate() {
+        let body = EventBody {
+            net,
+            author: issuer_author,
+            seq: i as u64 + 1,
+            prev,
+            deps: vec![],
+            ts: i as i64,
+            payload: Payload::TokenMint(TokenMint {
+                to: author_of(user),
+                amount: 1_000_000_000,
+                reason: String::new(),
+            }),
+        };
+        let e = SignedEvent::sign(body, issuer).expect("sign");
+        prev = Some(e.id);
+        grants.push(e.id);
+        out.push(e);
+    }
+    let per_user = (n.saturating_sub(n_users)).div_ceil(n_users);
+    // Each user's log is independent of the others: sign logs in parallel.
+    let logs: Vec<Vec<SignedEvent>> = users
+        .par_iter()
+        .enumerate()
+        .map(|(u, user)| {
+            let mut log = Vec::with_capacity(per_user);
+            let mut prev = None;
+            for s in 0..per_user {
+                let payload = if s % 2 == 0 {
+                    Payload::TokenTransfer(TokenTransfer {
+                        to: author_of(&users[(u + s + 1) % users.len()]),
+                        amount: 1,
+                        memo: String::new(),
+                    })
+                } else {
+                    Payload::BlobHost(BlobHost {
+                        blob: BlobHash::of(&(s as u64).to_le_bytes()),
+                        pinned: true,
+                    })
+                };
+                let body = EventBody {
+                    net,
+                    author: author_of(user),
+                    seq: s as u64 + 1,
+                    prev,
+                    deps: if s == 0 { vec![grants[u]] } else { vec![] },
+                    ts: s as i64,
+                    payload,
+                };
+                let e = SignedEvent::sign(body, user).expect("sign");
+                prev = Some(e.id);
+                log.push(e);
+            }
+            log
+        })
+        .collect();
+    // Interleave the logs round-robin, as many agents would submit them.
+    for s in 0..per_user {
+        for log in &logs {
+            if out.len() >= n {
+                break;
+            }
+            if let Some(e) = log.get(s) {
+                out.push(e.clone());
+            }
+        }
+    }
+    out
+}
+
+fn raw_verify(events: &[SignedEvent]) -> Duration {
+    let started = Instant::now();
+    let ok = events
+        .par_iter()
+        .filter(|e| e.verify(&e.body.author).is_ok())
+        .count();
+    assert_eq!(ok, events.len());
+    started.elapsed()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
+    let n: usize = args
+        .next()
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(1_000_000);
+    let scratch = args
+        .next()
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = tempfile::Builder::new()
+        .prefix("meshnode-bench-ledger-")
+        .tempdir_in(&scratch)?;
+    let data = dir.path().join("node");
+    let report = node::init(&data, None, "bench")?;
+    let issuer = node::read_key_file(&data.join(files::NODE_KEY))?;
+    let genesis_bytes = std::fs::read(data.join(files::GENESIS))?;
+    let genesis = Genesis::decode(&genesis_bytes)?;
+    let net = report.net;
+    eprintln!("signing {n} events");
+    let events = workload(n, net, &issuer, 1000);
+    eprintln!("raw verify_strict on all cores");
+    let raw = raw_verify(&events);
+    let raw_rate = n as f64 / raw.as_secs_f64();
+
+    eprintln!("ingest");
+    let store = Store::open(&data.join(files::BLOBS), StoreConfig::default()).await?;
+    store
+        .add_bytes(genesis_bytes.clone(), meshnode_store::PinMode::Pin)
+        .await?;
+    let ledger = Ledger::open(
+        &data.join(files::LEDGER),
+        store.clone(),
+        genesis,
+        net,
+        issuer.clone(),
+        LedgerConfig::default(),
+    )
+    .await?;
+    let envelopes: Vec<Bytes> = events
+        .iter()
+        .map(|e| Bytes::from(e.envelope.clone()))
+        .collect();
+    drop(events);
+    let started = Instant::now();
+    let mut accepted = 0usize;
+    for chunk in envelopes.chunks(50_000) {
+        for result in ledger.submit_many(chunk.to_vec()).await {
+            if matches!(result?.status, Status::Accepted) {
+                accepted += 1;
+            }
+        }
+    }
+    let ingest = started.elapsed();
+    assert_eq!(accepted, n, "every event is accepted");
+    let ingest_rate = n as f64 / ingest.as_secs_f64();
+
+    eprintln!("audit");
+    let started = Instant::now();
+    let audit = ledger.audit(None).await?;
+    let audit_time = started.elapsed();
+    assert!(audit.ok, "audit findings: {:?}", audit.findings);
+    ledger.shutdown().await;
+    store.shutdown().await?;
+    drop(ledger);
+    drop(store);
+
+    println!(
+        "{}",
+        serde_json::json!({
+            "n_events": n,
+            "raw_verify_secs": raw.as_secs_f64(),
+            "raw_verify_per_sec": raw_rate,
+            "ingest_secs": ingest.as_secs_f64(),
+            "ingest_per_sec": ingest_rate,
+            "ingest_ratio": ingest_rate / raw_rate,
+            "audit_secs": audit_time.as_secs_f64(),
+            "audit_ratio": audit_time.as_secs_f64() / raw.as_secs_f64(),
+            "data_dir": data.display().to_string(),
+        })
+    );
+    // Keep the data dir for the restart measurement when asked.
+    if std::env::var_os("BENCH_KEEP").is_some() {
+        let kept = dir.keep();
+        eprintln!("kept {}", kept.display());
+    }
+    Ok(())
+}
