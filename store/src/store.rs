@@ -28,6 +28,19 @@ use crate::quarantine::Journal;
 /// Tag-name prefix of pins. A pin of blob `h` is the iroh-blobs tag `pin/<hex of h>`.
 const PIN_PREFIX: &str = "pin/";
 
+/// Reads being started at once (each holds a permit only until its first item arrives).
+const READS_STARTING_MAX: usize = 16;
+
+/// Attempts to start a read that iroh-blobs refuses as busy.
+const READ_BUSY_RETRIES: u32 = 20;
+
+fn is_busy(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::ResourceBusy | std::io::ErrorKind::WouldBlock
+    )
+}
+
 /// Largest blob [`Store::get_bytes`] returns in memory by default.
 pub const GET_BYTES_MAX_DEFAULT: u64 = 64 * 1024 * 1024;
 
@@ -107,6 +120,10 @@ struct Inner {
     gc: Arc<GcShared>,
     journal: Journal,
     n_corrupt: AtomicU64,
+    /// Bounds concurrent starts of reads: iroh-blobs refuses commands beyond a per-blob inbox.
+    read_permits: tokio::sync::Semaphore,
+    /// Blobs that failed one read and are being re-checked; not served meanwhile.
+    suspect: std::sync::Mutex<HashSet<BlobHash>>,
     /// The data-dir lock, released by `shutdown` (or when the last handle drops).
     lock: std::sync::Mutex<Option<std::fs::File>>,
 }
@@ -175,6 +192,8 @@ impl Store {
                 gc,
                 journal,
                 n_corrupt: AtomicU64::new(0),
+                read_permits: tokio::sync::Semaphore::new(READS_STARTING_MAX),
+                suspect: std::sync::Mutex::new(HashSet::new()),
                 lock: std::sync::Mutex::new(Some(lock)),
             }),
         };
@@ -377,8 +396,18 @@ impl Store {
         Err(Error::Quarantined(*hash))
     }
 
-    /// Whether the blob failed verification and is being purged (it is not served meanwhile).
+    /// Whether the blob failed verification and is being re-checked or purged (it is not
+    /// served meanwhile).
     pub fn is_quarantined(&self, hash: &BlobHash) -> bool {
+        if self
+            .inner
+            .suspect
+            .lock()
+            .expect("invariant: suspect lock is never poisoned")
+            .contains(hash)
+        {
+            return true;
+        }
         self.inner
             .gc
             .quarantined
@@ -480,12 +509,36 @@ impl Store {
         } else {
             ChunkRanges::bytes(range.start..range.end)
         };
-        let items = self
-            .inner
-            .fs
-            .blobs()
-            .export_bao(to_iroh(hash), chunks)
-            .stream();
+        // Start the read, retrying while iroh-blobs reports the blob's inbox as full.
+        let mut attempt = 0;
+        let (first, items) = loop {
+            let permit = self
+                .inner
+                .read_permits
+                .acquire()
+                .await
+                .map_err(|_| Error::Backend("store closed".into()))?;
+            let mut items = Box::pin(
+                self.inner
+                    .fs
+                    .blobs()
+                    .export_bao(to_iroh(hash), chunks.clone())
+                    .stream(),
+            );
+            let first = items.next().await;
+            drop(permit);
+            match &first {
+                Some(EncodedItem::Error(EncodeError::Io(e))) if is_busy(e) => {
+                    attempt += 1;
+                    if attempt > READ_BUSY_RETRIES {
+                        return Err(Error::Busy);
+                    }
+                    tokio::time::sleep(Duration::from_millis(2 * u64::from(attempt))).await;
+                }
+                _ => break (first, items),
+            }
+        };
+        let items = futures::stream::iter(first).chain(items);
         let store = self.clone();
         let hash = *hash;
         let wanted = range.clone();
@@ -531,24 +584,82 @@ impl Store {
             EncodeError::Io(ref e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Error::NotFound(hash)
             }
+            EncodeError::Io(ref e) if is_busy(e) => Error::Busy,
+            EncodeError::Io(ref e) if e.kind() != std::io::ErrorKind::UnexpectedEof => {
+                Error::Backend(format!("read of {hash} failed: {error}"))
+            }
             EncodeError::ParentWrite(_) | EncodeError::LeafWrite(_) => {
                 Error::Backend(format!("read of {hash} interrupted: {error}"))
             }
-            // A hash mismatch, a size mismatch or an unreadable file of a complete blob: the
-            // bytes on disk are not the blob. Never serve them; quarantine.
+            // A hash mismatch, a size mismatch or a data file shorter than the blob: the bytes
+            // on disk are not the blob. Never serve them; confirm with a second read, then
+            // quarantine.
             other => {
                 tracing::error!(%hash, "blob failed verification: {other}");
-                self.inner.n_corrupt.fetch_add(1, Ordering::Relaxed);
-                let store = self.clone();
-                let reason = other.to_string();
-                tokio::spawn(async move {
-                    if let Err(e) = store.quarantine(hash, &reason).await {
-                        tracing::error!(%hash, "quarantine failed: {e}");
-                    }
-                });
+                let first = self
+                    .inner
+                    .suspect
+                    .lock()
+                    .expect("invariant: suspect lock is never poisoned")
+                    .insert(hash);
+                if first {
+                    let store = self.clone();
+                    let reason = other.to_string();
+                    tokio::spawn(async move {
+                        let confirmed = store.confirm_corrupt(&hash).await;
+                        if let Ok(true) = confirmed {
+                            store.inner.n_corrupt.fetch_add(1, Ordering::Relaxed);
+                            // Marked quarantined before the suspicion is lifted: never served.
+                            if let Err(e) = store.quarantine(hash, &reason).await {
+                                tracing::error!(%hash, "quarantine failed: {e}");
+                            }
+                        }
+                        store
+                            .inner
+                            .suspect
+                            .lock()
+                            .expect("invariant: suspect lock is never poisoned")
+                            .remove(&hash);
+                        match confirmed {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                tracing::warn!(%hash, "a second read verified; not quarantined")
+                            }
+                            Err(e) => tracing::warn!(%hash, "could not re-check the blob: {e}"),
+                        }
+                    });
+                }
                 Error::Corrupt(hash)
             }
         }
+    }
+
+    /// Reads a whole blob again: whether it fails verification (true) or verifies (false).
+    async fn confirm_corrupt(&self, hash: &BlobHash) -> Result<bool> {
+        let items = self
+            .inner
+            .fs
+            .blobs()
+            .export_bao(to_iroh(hash), ChunkRanges::all())
+            .stream();
+        tokio::pin!(items);
+        while let Some(item) = items.next().await {
+            match item {
+                EncodedItem::Error(
+                    EncodeError::ParentHashMismatch(_)
+                    | EncodeError::LeafHashMismatch(_)
+                    | EncodeError::SizeMismatch,
+                ) => return Ok(true),
+                EncodedItem::Error(EncodeError::Io(e))
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+                {
+                    return Ok(true);
+                }
+                EncodedItem::Error(e) => return Err(Error::Backend(e.to_string())),
+                _ => {}
+            }
+        }
+        Ok(false)
     }
 
     /// Quarantines a blob whose bytes failed verification: it is no longer served, its data is
@@ -828,6 +939,55 @@ pub struct ScrubReport {
     pub n_corrupt: u64,
     /// Their hashes.
     pub corrupt: Vec<BlobHash>,
+}
+
+/// Joins small pieces of a byte stream into pieces of about `target_bytes` (fewer, larger
+/// writes downstream). Errors are passed through after the bytes before them.
+pub fn coalesce<S, E>(
+    stream: S,
+    target_bytes: usize,
+) -> impl Stream<Item = std::result::Result<Bytes, E>> + Send
+where
+    S: Stream<Item = std::result::Result<Bytes, E>> + Send + Unpin,
+    E: Send,
+{
+    futures::stream::unfold(
+        (stream, Some(bytes::BytesMut::new()), None::<E>),
+        move |(mut stream, buffer, pending_error)| async move {
+            if let Some(error) = pending_error {
+                return Some((Err(error), (stream, None, None)));
+            }
+            let mut buffer = buffer?;
+            loop {
+                match stream.next().await {
+                    Some(Ok(piece)) => {
+                        if buffer.is_empty() && piece.len() >= target_bytes {
+                            return Some((Ok(piece), (stream, Some(buffer), None)));
+                        }
+                        buffer.extend_from_slice(&piece);
+                        if buffer.len() >= target_bytes {
+                            let out = buffer.split().freeze();
+                            return Some((Ok(out), (stream, Some(buffer), None)));
+                        }
+                    }
+                    Some(Err(e)) => {
+                        if buffer.is_empty() {
+                            return Some((Err(e), (stream, None, None)));
+                        }
+                        let out = buffer.split().freeze();
+                        return Some((Ok(out), (stream, None, Some(e))));
+                    }
+                    None => {
+                        if buffer.is_empty() {
+                            return None;
+                        }
+                        let out = buffer.split().freeze();
+                        return Some((Ok(out), (stream, None, None)));
+                    }
+                }
+            }
+        },
+    )
 }
 
 /// Collects a verified read into memory.

@@ -17,6 +17,10 @@ use super::{ApiError, AppState, json, parse_hash};
 /// corrupt blob gets a clean error status; larger ones stream, verified piece by piece.
 const BUFFERED_READ_BYTES_MAX: u64 = 1024 * 1024;
 
+/// Size of the pieces blob bodies are streamed in (uploads to the store, downloads to the
+/// socket).
+const STREAM_CHUNK_BYTES: usize = 1024 * 1024;
+
 /// Immutable content: cache for a year.
 const CACHE_CONTROL: &str = "public, max-age=31536000, immutable";
 
@@ -84,10 +88,12 @@ where
     } else {
         PinMode::NoPin
     };
-    let chunks = body.map(|item| {
+    let chunks = Box::pin(body.map(|item| {
         item.map(|mut buf| buf.copy_to_bytes(buf.remaining()))
             .map_err(std::io::Error::other)
-    });
+    }));
+    // The store writes each piece it gets; give it large ones.
+    let chunks = Box::pin(meshnode_store::coalesce(chunks, STREAM_CHUNK_BYTES));
     let stream = Box::pin(sync_wrapper::SyncStream::new(chunks));
     let added = state.node().store.add_stream(stream, limit, pin).await?;
     state.metrics().blob_bytes_added.inc_by(added.size);
@@ -136,12 +142,35 @@ pub(crate) async fn get(
         .get(header::RANGE)
         .map(|v| v.to_str().map(str::to_string).unwrap_or_default());
 
-    if let Some(bytes) = state.inner.cache.get(&hash) {
+    if let Some(cached) = state.inner.cache.get(&hash) {
         state.metrics().blob_cache_hits.inc();
-        let size = bytes.len() as u64;
+        let size = cached.bytes.len() as u64;
+        if range_header.is_none() && !head {
+            // The common case, with headers prepared when the blob was cached.
+            let mut response = Response::new(cached.bytes.clone().into());
+            let headers = response.headers_mut();
+            headers.insert(header::ETAG, cached.etag.clone());
+            headers.insert(
+                header::CACHE_CONTROL,
+                http::HeaderValue::from_static(CACHE_CONTROL),
+            );
+            headers.insert("x-blob-cid", cached.cid.clone());
+            headers.insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/octet-stream"),
+            );
+            headers.insert(
+                header::ACCEPT_RANGES,
+                http::HeaderValue::from_static("bytes"),
+            );
+            headers.insert(header::CONTENT_LENGTH, http::HeaderValue::from(size));
+            return Ok(response);
+        }
         let range = parse_range(range_header.as_deref(), size)?;
         let wanted = range.clone().unwrap_or(0..size);
-        let body = bytes.slice(wanted.start as usize..wanted.end as usize);
+        let body = cached
+            .bytes
+            .slice(wanted.start as usize..wanted.end as usize);
         return Ok(blob_response(&hash, &etag, size, range, head, body.into()));
     }
 
@@ -164,8 +193,21 @@ pub(crate) async fn get(
     let length = read.range.end - read.range.start;
     if length <= BUFFERED_READ_BYTES_MAX {
         let bytes = meshnode_store::collect(read).await?;
-        if range.is_none() && size <= state.node().config.limits.cache_blob_bytes_max {
-            state.inner.cache.insert(hash, bytes.clone());
+        if range.is_none()
+            && size <= state.node().config.limits.cache_blob_bytes_max
+            && let (Ok(etag_value), Ok(cid)) = (
+                http::HeaderValue::from_str(&etag),
+                http::HeaderValue::from_str(&hash.to_cid()),
+            )
+        {
+            state.inner.cache.insert(
+                hash,
+                super::CachedBlob {
+                    bytes: bytes.clone(),
+                    etag: etag_value,
+                    cid,
+                },
+            );
         }
         return Ok(blob_response(
             &hash,

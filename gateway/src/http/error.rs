@@ -120,6 +120,12 @@ impl From<meshnode_store::Error> for ApiError {
                 format!("range {start}..{end} is outside the blob of {size} bytes"),
             )
             .with_header(http::header::CONTENT_RANGE, format!("bytes */{size}")),
+            E::Busy => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_busy",
+                "the blob store is busy; retry shortly",
+            )
+            .with_header(http::header::RETRY_AFTER, "1".to_string()),
             E::Corrupt(hash) | E::Quarantined(hash) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "blob_quarantined",

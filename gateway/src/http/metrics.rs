@@ -13,8 +13,22 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     route: &'static str,
-    method: String,
+    method: &'static str,
     status: u16,
+}
+
+/// Bounded label values for methods.
+fn method_label(method: &str) -> &'static str {
+    match method {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "OPTIONS" => "OPTIONS",
+        "PATCH" => "PATCH",
+        _ => "OTHER",
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -152,7 +166,7 @@ impl Metrics {
         self.requests
             .get_or_create(&RequestLabels {
                 route,
-                method: method.to_string(),
+                method: method_label(method),
                 status,
             })
             .inc();

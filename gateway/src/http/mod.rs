@@ -29,17 +29,25 @@ pub use openapi::openapi_json;
 
 use crate::node::Node;
 
+/// A small blob's verified bytes with its response headers, ready to serve.
+#[derive(Clone)]
+pub(crate) struct CachedBlob {
+    pub(crate) bytes: Bytes,
+    pub(crate) etag: http::HeaderValue,
+    pub(crate) cid: http::HeaderValue,
+}
+
 #[derive(Clone)]
 struct BytesWeighter;
 
-impl Weighter<BlobHash, Bytes> for BytesWeighter {
-    fn weight(&self, _key: &BlobHash, value: &Bytes) -> u64 {
+impl Weighter<BlobHash, CachedBlob> for BytesWeighter {
+    fn weight(&self, _key: &BlobHash, value: &CachedBlob) -> u64 {
         // Count a fixed overhead so that many empty blobs still have a bound.
-        value.len() as u64 + 64
+        value.bytes.len() as u64 + 256
     }
 }
 
-type BlobCache = quick_cache::sync::Cache<BlobHash, Bytes, BytesWeighter>;
+type BlobCache = quick_cache::sync::Cache<BlobHash, CachedBlob, BytesWeighter>;
 
 struct StateInner {
     node: Arc<Node>,

@@ -81,7 +81,7 @@ pub async fn serve<F>(
         let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
             request.extensions_mut().insert(PeerAddr(peer));
             let route = route_of(request.method(), request.uri().path());
-            let method = request.method().to_string();
+            let method = request.method().clone();
             let started = Instant::now();
             let mut inner = warp_service.clone();
             let metrics = request_metrics.clone();
@@ -89,7 +89,7 @@ pub async fn serve<F>(
                 let response = inner.call(request).await?;
                 metrics.observe(
                     route,
-                    &method,
+                    method.as_str(),
                     response.status().as_u16(),
                     started.elapsed(),
                 );

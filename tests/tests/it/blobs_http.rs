@@ -540,3 +540,50 @@ async fn ops_routes_metrics_and_openapi() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reads_of_one_blob_never_fail_or_quarantine() {
+    let node = TestNode::start().expect("node");
+    // Larger than the in-memory cache's per-blob limit: every GET reads the store.
+    let bytes = data(200_000, 5);
+    let hash = upload(&node, bytes.clone()).await["hash"]
+        .as_str()
+        .expect("hash")
+        .to_string();
+    let c = client();
+    let requests = (0..256).map(|_| {
+        let c = c.clone();
+        let url = format!("{}/v1/blobs/{hash}", node.url);
+        async move {
+            let r = c.get(url).send().await.expect("get");
+            (r.status(), r.bytes().await.expect("body").len())
+        }
+    });
+    for (status, len) in futures::future::join_all(requests).await {
+        assert!(
+            status == StatusCode::OK || status == StatusCode::SERVICE_UNAVAILABLE,
+            "{status}"
+        );
+        if status == StatusCode::OK {
+            assert_eq!(len, bytes.len());
+        }
+    }
+    let metrics = c
+        .get(format!("{}/metrics", node.url))
+        .send()
+        .await
+        .expect("m")
+        .text()
+        .await
+        .expect("t");
+    assert!(
+        metrics.contains("meshnode_blobs_corrupt 0"),
+        "a healthy blob was counted corrupt"
+    );
+    let r = c
+        .get(format!("{}/v1/blobs/{hash}", node.url))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::OK, "the blob was quarantined");
+}
