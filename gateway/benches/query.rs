@@ -295,7 +295,7 @@ async fn sql_bench(n: usize, scratch: &Path) -> anyhow::Result<serde_json::Value
             b.1.append_value(hex_id(i, 0xe0d0));
             b.2.append_value(&accounts[(rng.next() % n_accounts) as usize]);
             b.3.append_value(&skill_ids[s]);
-            b.4.append_value(if rng.next() % 5 == 0 {
+            b.4.append_value(if rng.next().is_multiple_of(5) {
                 "invalid"
             } else {
                 "valid"
@@ -512,7 +512,7 @@ async fn knn_bench(n: usize, scratch: &Path) -> anyhow::Result<serde_json::Value
             }
             queries.push(v);
         }
-        let mut measure = |filter: Option<&str>| {
+        let measure = |filter: Option<&str>| {
             let query = query.clone();
             let queries = queries.clone();
             let filter = filter.map(str::to_string);

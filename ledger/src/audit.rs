@@ -6,7 +6,6 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 use std::time::Instant;
 
-use futures::StreamExt;
 use meshnode_schemas::{AuthorKey, BlobHash, EventId, Genesis, SignedEvent};
 use rayon::prelude::*;
 use redb::{ReadableDatabase, ReadableTable};
@@ -335,23 +334,17 @@ fn compare<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
     }
 }
 
-/// Reads envelopes (verified by the store) with bounded concurrency, in order.
+/// Reads envelopes (verified by the store), in order.
 async fn fetch_envelopes(
     store: meshnode_store::Store,
     hashes: Vec<BlobHash>,
 ) -> Vec<Result<bytes::Bytes>> {
-    futures::stream::iter(hashes.into_iter().map(move |hash| {
-        let store = store.clone();
-        async move {
-            store
-                .get_bytes(&hash, meshnode_schemas::limits::EVENT_BYTES_MAX as u64)
-                .await
-                .map_err(Error::from)
-        }
-    }))
-    .buffered(64)
-    .collect()
-    .await
+    store
+        .get_many(&hashes, meshnode_schemas::limits::EVENT_BYTES_MAX as u64)
+        .await
+        .into_iter()
+        .map(|r| r.map_err(Error::from))
+        .collect()
 }
 
 /// Checks signatures on all cores.
@@ -460,28 +453,42 @@ impl Ledger {
             let base = (chunk_idx * AUDIT_CHUNK_EVENTS) as u64;
             let hashes: Vec<BlobHash> = chunk.iter().map(|r| r.envelope).collect();
             let fetched = fetch_envelopes(store.clone(), hashes).await;
-            let mut decoded = Vec::with_capacity(chunk.len());
-            let mut positions = Vec::with_capacity(chunk.len());
+            let mut present = Vec::with_capacity(chunk.len());
             for (offset, (record, bytes)) in chunk.iter().zip(fetched).enumerate() {
                 let position = base + offset as u64;
-                let bytes = match bytes {
-                    Ok(b) => b,
-                    Err(e) => {
-                        replay.finding(
-                            "envelope_unavailable",
-                            format!(
-                                "envelope {} of event {} (leaf {position}): {e}",
-                                record.envelope, record.id
-                            ),
-                        );
-                        continue;
+                match bytes {
+                    Ok(bytes) => {
+                        if let Some(w) = writer.as_mut() {
+                            w.write_all(&(bytes.len() as u32).to_be_bytes())?;
+                            w.write_all(&bytes)?;
+                        }
+                        present.push((position, bytes));
                     }
-                };
-                if let Some(w) = writer.as_mut() {
-                    w.write_all(&(bytes.len() as u32).to_be_bytes())?;
-                    w.write_all(&bytes)?;
+                    Err(e) => replay.finding(
+                        "envelope_unavailable",
+                        format!(
+                            "envelope {} of event {} (leaf {position}): {e}",
+                            record.envelope, record.id
+                        ),
+                    ),
                 }
-                match SignedEvent::decode(&bytes) {
+            }
+            // Decoding (canonical checks) runs on all cores too.
+            let decoded_all: Vec<(u64, Result<SignedEvent>)> =
+                tokio::task::spawn_blocking(move || {
+                    present
+                        .into_par_iter()
+                        .map(|(position, bytes)| {
+                            (position, SignedEvent::decode(&bytes).map_err(Error::from))
+                        })
+                        .collect()
+                })
+                .await
+                .map_err(|e| Error::Unavailable(e.to_string()))?;
+            let mut decoded = Vec::with_capacity(decoded_all.len());
+            let mut positions = Vec::with_capacity(decoded_all.len());
+            for (position, result) in decoded_all {
+                match result {
                     Ok(event) if event.id == ids[position as usize] => {
                         decoded.push(event);
                         positions.push(position);

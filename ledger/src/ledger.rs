@@ -27,6 +27,9 @@ pub const BATCH_EVENTS_MAX: usize = 4096;
 pub const QUEUE_EVENTS_MAX: usize = 16_384;
 /// Most events waiting for their prev or deps.
 pub const PENDING_EVENTS_MAX: usize = 10_000;
+/// Envelope writes to the blob store in flight at once during a commit.
+const STORE_ADDS_IN_FLIGHT: usize = 64;
+
 /// Accepted events buffered for slow feed subscribers (they then catch up with
 /// [`Ledger::events_since`]).
 pub const FEED_CAPACITY: usize = 4096;
@@ -449,9 +452,18 @@ impl Ledger {
 
     /// Submits many envelopes at once (import, benchmarks); results in the same order.
     pub async fn submit_many(&self, envelopes: Vec<Bytes>) -> Vec<Result<Submitted>> {
-        let mut waits = Vec::with_capacity(envelopes.len());
-        for envelope in envelopes {
-            match SignedEvent::decode(&envelope) {
+        // Decoding (canonical checks) is CPU work: spread it over the cores.
+        let decoded: Vec<Result<SignedEvent>> = tokio::task::spawn_blocking(move || {
+            envelopes
+                .par_iter()
+                .map(|e| SignedEvent::decode(e).map_err(Error::from))
+                .collect()
+        })
+        .await
+        .unwrap_or_default();
+        let mut waits = Vec::with_capacity(decoded.len());
+        for event in decoded {
+            match event {
                 Ok(event) => {
                     let (reply, wait) = oneshot::channel();
                     if self
@@ -469,7 +481,7 @@ impl Ledger {
                         waits.push(Ok(wait));
                     }
                 }
-                Err(e) => waits.push(Err(e.into())),
+                Err(e) => waits.push(Err(e)),
             }
         }
         let mut out = Vec::with_capacity(waits.len());
@@ -588,17 +600,15 @@ impl Ledger {
             }
             out
         };
+        let hashes: Vec<BlobHash> = records.iter().map(|r| r.envelope).collect();
+        let envelopes = self
+            .shared
+            .store
+            .get_many(&hashes, meshnode_schemas::limits::EVENT_BYTES_MAX as u64)
+            .await;
         let mut out = Vec::with_capacity(records.len());
-        for record in records {
-            let bytes = self
-                .shared
-                .store
-                .get_bytes(
-                    &record.envelope,
-                    meshnode_schemas::limits::EVENT_BYTES_MAX as u64,
-                )
-                .await?;
-            let event = SignedEvent::decode(&bytes)?;
+        for (record, bytes) in records.into_iter().zip(envelopes) {
+            let event = SignedEvent::decode(&bytes?)?;
             out.push((record, event));
         }
         Ok(out)
@@ -954,6 +964,8 @@ impl Worker {
 
     /// Applies, stores and commits one batch, then answers every job.
     async fn batch(&mut self, jobs: Vec<Job>) {
+        let t0 = Instant::now();
+        let n_jobs = jobs.len();
         // Signatures are the expensive part: check them in parallel against the key each log
         // uses now. The fold re-checks singly when a batch rotates a key.
         let keys: Vec<AuthorKey> = jobs
@@ -978,6 +990,7 @@ impl Worker {
         .await
         .unwrap_or_default();
 
+        let t_verify = t0.elapsed();
         let shared = self.shared.clone();
         let mut state = std::mem::take(&mut self.state);
         let mut frontier = self.frontier.clone();
@@ -1006,14 +1019,16 @@ impl Worker {
         };
         self.state = state;
         self.pending = pending;
-        let (jobs, outcomes, overlay, tree_nodes, new_pending, woken_pending) = match result {
-            Ok(parts) => parts,
-            Err(e) => {
-                tracing::error!("ledger batch failed: {e}");
-                self.reload().await;
-                return;
-            }
-        };
+        let (jobs, outcomes, overlay, tree_nodes, new_pending, woken_pending, accepted_events) =
+            match result {
+                Ok(parts) => parts,
+                Err(e) => {
+                    tracing::error!("ledger batch failed: {e}");
+                    self.reload().await;
+                    return;
+                }
+            };
+        let t_apply = t0.elapsed();
         // Envelopes are durable in the store before the index that references them commits.
         let committed = self
             .commit(
@@ -1024,23 +1039,29 @@ impl Worker {
                 &woken_pending,
             )
             .await;
+        tracing::debug!(
+            events = n_jobs,
+            verify_ms = t_verify.as_millis() as u64,
+            apply_ms = (t_apply - t_verify).as_millis() as u64,
+            commit_ms = (t0.elapsed() - t_apply).as_millis() as u64,
+            "ledger batch"
+        );
         match committed {
             Ok(()) => {
                 self.frontier = frontier;
+                // Counters first: a caller that sees its reply must also see the new state.
+                self.update_pending_count();
                 let ledger = Ledger {
                     shared: self.shared.clone(),
                 };
                 if let Err(e) = ledger.publish_checkpoint(&self.frontier) {
                     tracing::error!("checkpoint failed: {e}");
                 }
-                for id in &overlay.accepted {
-                    let record = overlay.events[id].clone();
-                    if let Some(bytes) = overlay.envelopes.get(id)
-                        && let Ok(event) = SignedEvent::decode(bytes)
-                    {
+                for event in accepted_events {
+                    if let Some(record) = overlay.events.get(&event.id) {
                         let _ = self.shared.feed.send(Arc::new(Accepted {
-                            record,
-                            event: Arc::new(event),
+                            record: record.clone(),
+                            event,
                         }));
                     }
                 }
@@ -1078,7 +1099,6 @@ impl Worker {
                     };
                     let _ = reply.send(answer);
                 }
-                self.update_pending_count();
             }
             Err(e) => {
                 tracing::error!("ledger commit failed: {e}");
@@ -1108,16 +1128,19 @@ impl Worker {
         {
             return Ok(());
         }
+        let tc = Instant::now();
         let mut writer = self.shared.store.writer().await;
-        let adds = overlay
+        let adds: Vec<Bytes> = overlay
             .accepted
             .iter()
             .filter_map(|id| overlay.envelopes.get(id).cloned())
-            .chain(new_pending.iter().map(|(_, _, _, bytes)| bytes.clone()));
-        for bytes in adds {
-            writer.add_bytes(bytes).await?;
-        }
+            .chain(new_pending.iter().map(|(_, _, _, bytes)| bytes.clone()))
+            .map(Bytes::from)
+            .collect();
+        writer.add_many(adds, STORE_ADDS_IN_FLIGHT).await?;
+        let t_adds = tc.elapsed();
         writer.commit().await?;
+        let t_barrier = tc.elapsed();
         let size = frontier.size();
         let mut rows = db::batch_rows(&self.state, overlay, tree_nodes)?;
         for (id, blob, since, _) in new_pending {
@@ -1144,6 +1167,12 @@ impl Worker {
             .and_then(|r| r);
         // GC may look at the new blobs only now that the index referencing them is durable.
         drop(writer);
+        tracing::debug!(
+            adds_ms = t_adds.as_millis() as u64,
+            barrier_ms = (t_barrier - t_adds).as_millis() as u64,
+            index_ms = (tc.elapsed() - t_barrier).as_millis() as u64,
+            "ledger commit"
+        );
         result
     }
 
@@ -1175,6 +1204,7 @@ type BatchResult = (
     Vec<(u8, u64, TreeHash)>,
     Vec<(EventId, BlobHash, u64, Vec<u8>)>,
     Vec<EventId>,
+    Vec<Arc<SignedEvent>>,
 );
 
 fn apply_batch(
@@ -1197,6 +1227,7 @@ fn apply_batch(
     let mut woken_ids: Vec<EventId> = Vec::new();
     let mut seen_in_batch: HashSet<EventId> = HashSet::new();
     let mut queue: std::collections::VecDeque<Arc<SignedEvent>> = Default::default();
+    let mut accepted_events: Vec<Arc<SignedEvent>> = Vec::new();
 
     let apply_one = |event: &Arc<SignedEvent>,
                      verified_with: Option<AuthorKey>,
@@ -1256,6 +1287,7 @@ fn apply_batch(
             }
         }
         if let Outcome::Accepted(record) = &outcome {
+            accepted_events.push(event.clone());
             queue.extend(pending.woken_by(record).into_iter().map(|e| {
                 woken_ids.push(e.event.id);
                 e.event
@@ -1266,6 +1298,7 @@ fn apply_batch(
         while let Some(event) = queue.pop_front() {
             match apply_one(&event, None, state, &mut overlay, frontier, &mut tree_nodes) {
                 Outcome::Accepted(record) => {
+                    accepted_events.push(event.clone());
                     queue.extend(pending.woken_by(&record).into_iter().map(|e| {
                         woken_ids.push(e.event.id);
                         e.event
@@ -1284,7 +1317,15 @@ fn apply_batch(
         }
     }
     drop(view);
-    Ok((jobs, outcomes, overlay, tree_nodes, new_pending, woken_ids))
+    Ok((
+        jobs,
+        outcomes,
+        overlay,
+        tree_nodes,
+        new_pending,
+        woken_ids,
+        accepted_events,
+    ))
 }
 
 /// The ledger's GC roots: every accepted and pending envelope, and the blobs this node hosts

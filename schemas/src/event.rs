@@ -6,7 +6,7 @@ use std::fmt;
 use ipld_core::ipld::Ipld;
 use serde::{Deserialize, Serialize};
 
-use crate::cbor::{from_canonical, to_canonical};
+use crate::cbor::to_canonical;
 use crate::error::{Error, Result};
 use crate::ids::{AuthorKey, BlobHash, Digest32, EventId};
 use crate::limits::*;
@@ -619,7 +619,9 @@ impl EventBody {
         if bytes.len() > EVENT_BYTES_MAX {
             return Err(too_large("event body", bytes.len(), EVENT_BYTES_MAX));
         }
-        let wire: BodyWire = from_canonical(bytes)?;
+        // Decoded loosely here; the typed re-encoding below must give exactly these bytes.
+        let wire: BodyWire =
+            serde_ipld_dagcbor::from_slice(bytes).map_err(|e| Error::Malformed(e.to_string()))?;
         if wire.v != FORMAT_VERSION {
             return Err(Error::Version(wire.v));
         }

@@ -94,6 +94,24 @@ impl GcShared {
         }
     }
 
+    /// The roots every hook reports now (for the small-blob sweep).
+    pub(crate) async fn roots(&self) -> std::result::Result<HashSet<BlobHash>, String> {
+        let hooks: Vec<Arc<dyn GcRoots>> = self
+            .hooks
+            .lock()
+            .expect("invariant: hook list lock is never poisoned")
+            .clone();
+        tokio::task::spawn_blocking(move || {
+            let mut roots = HashSet::new();
+            for hook in hooks {
+                hook.add_roots(&mut roots)?;
+            }
+            Ok(roots)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
     /// Requests a GC run and waits until it finished.
     pub(crate) async fn run_now(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();

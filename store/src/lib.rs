@@ -9,6 +9,7 @@ mod barrier;
 mod error;
 mod gc;
 mod quarantine;
+mod small;
 mod store;
 
 pub use error::{Error, Result};

@@ -24,6 +24,7 @@ use crate::barrier::Barrier;
 use crate::error::{Error, Result, backend};
 use crate::gc::{GcRoots, GcShared};
 use crate::quarantine::Journal;
+use crate::small::{SMALL_BYTES_MAX, SmallBlobs};
 
 /// Tag-name prefix of pins. A pin of blob `h` is the iroh-blobs tag `pin/<hex of h>`.
 const PIN_PREFIX: &str = "pin/";
@@ -124,6 +125,8 @@ struct Inner {
     read_permits: tokio::sync::Semaphore,
     /// Blobs that failed one read and are being re-checked; not served meanwhile.
     suspect: std::sync::Mutex<HashSet<BlobHash>>,
+    /// Small blobs written in groups (ledger envelopes).
+    small: SmallBlobs,
     /// The data-dir lock, released by `shutdown` (or when the last handle drops).
     lock: std::sync::Mutex<Option<std::fs::File>>,
 }
@@ -181,6 +184,7 @@ impl Store {
             .map_err(backend)?;
         let barrier = Barrier::start(fs.clone(), paths.data_path.clone());
         let journal = Journal::open(&root.join("quarantine.log"))?;
+        let small = SmallBlobs::open(&root.join("small.redb"))?;
         std::fs::write(&running_marker, b"")?;
         std::fs::File::open(root)?.sync_all()?;
         let store = Store {
@@ -194,10 +198,28 @@ impl Store {
                 n_corrupt: AtomicU64::new(0),
                 read_permits: tokio::sync::Semaphore::new(READS_STARTING_MAX),
                 suspect: std::sync::Mutex::new(HashSet::new()),
+                small,
                 lock: std::sync::Mutex::new(Some(lock)),
             }),
         };
         store.finish_pending_quarantines().await?;
+        {
+            // GC of the small-blob table, on the same schedule as iroh-blobs' GC.
+            let sweeper = Arc::downgrade(&store.inner);
+            let interval = config.gc_interval;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(interval).await;
+                    let Some(inner) = sweeper.upgrade() else {
+                        return;
+                    };
+                    let store = Store { inner };
+                    if let Err(e) = store.sweep_small().await {
+                        tracing::warn!("small blob GC failed: {e}");
+                    }
+                }
+            });
+        }
         if unclean {
             tracing::warn!("store was not shut down cleanly; verifying blobs in the background");
             let scrubber = store.clone();
@@ -424,6 +446,7 @@ impl Store {
         Writer {
             store: self.clone(),
             files: Vec::new(),
+            small: Vec::new(),
             _guard: guard,
         }
     }
@@ -432,6 +455,13 @@ impl Store {
     pub async fn stat(&self, hash: &BlobHash) -> Result<Option<BlobStat>> {
         if self.is_quarantined(hash) {
             return Ok(None);
+        }
+        if let Some(size) = self.inner.small.size(hash)? {
+            return Ok(Some(BlobStat {
+                size,
+                complete: true,
+                pinned: self.is_pinned(hash).await?,
+            }));
         }
         let status = self
             .inner
@@ -458,6 +488,9 @@ impl Store {
         if self.is_quarantined(hash) {
             return Ok(false);
         }
+        if self.inner.small.contains(hash)? {
+            return Ok(true);
+        }
         self.inner
             .fs
             .blobs()
@@ -476,7 +509,11 @@ impl Store {
             .hashes()
             .await
             .map_err(backend)?;
-        Ok(hashes.iter().map(from_iroh).collect())
+        let mut out: Vec<BlobHash> = hashes.iter().map(from_iroh).collect();
+        out.extend(self.inner.small.list()?);
+        out.sort();
+        out.dedup();
+        Ok(out)
     }
 
     /// Opens a verified read of `range` (the whole blob if `None`). Errors with
@@ -485,6 +522,29 @@ impl Store {
     pub async fn read(&self, hash: &BlobHash, range: Option<Range<u64>>) -> Result<BlobRead> {
         if self.is_quarantined(hash) {
             return Err(Error::Quarantined(*hash));
+        }
+        if let Some(bytes) = self.inner.small.get(hash)? {
+            let bytes = self.verify_small(hash, bytes)?;
+            let size = bytes.len() as u64;
+            let range = range.unwrap_or(0..size);
+            if range.start > range.end || range.end > size || (range.start == size && size > 0) {
+                return Err(Error::InvalidRange {
+                    start: range.start,
+                    end: range.end,
+                    size,
+                });
+            }
+            let piece = bytes.slice(range.start as usize..range.end as usize);
+            let pieces: Vec<Result<Bytes>> = if piece.is_empty() {
+                vec![]
+            } else {
+                vec![Ok(piece)]
+            };
+            return Ok(BlobRead {
+                size,
+                range,
+                stream: Box::pin(futures::stream::iter(pieces)),
+            });
         }
         let status = self
             .inner
@@ -568,6 +628,49 @@ impl Store {
             range,
             stream: Box::pin(stream),
         })
+    }
+
+    /// Checks a small blob's bytes against its hash; a mismatch removes it (it is never
+    /// served) and counts it as corrupt.
+    fn verify_small(&self, hash: &BlobHash, bytes: Bytes) -> Result<Bytes> {
+        if BlobHash::of(&bytes) == *hash {
+            return Ok(bytes);
+        }
+        tracing::error!(%hash, "small blob failed verification; removed");
+        self.inner.n_corrupt.fetch_add(1, Ordering::Relaxed);
+        self.inner.small.remove(hash)?;
+        Err(Error::Corrupt(*hash))
+    }
+
+    /// Reads many whole blobs (verified), small ones in one database read; results in order.
+    pub async fn get_many(&self, hashes: &[BlobHash], limit_bytes: u64) -> Vec<Result<Bytes>> {
+        let small = match self.inner.small.get_many(hashes) {
+            Ok(found) => found,
+            Err(e) => {
+                return hashes
+                    .iter()
+                    .map(|_| Err(Error::Backend(e.to_string())))
+                    .collect();
+            }
+        };
+        let mut out = Vec::with_capacity(hashes.len());
+        for (hash, found) in hashes.iter().zip(small) {
+            out.push(match found {
+                Some(bytes) if !self.is_quarantined(hash) => self.verify_small(hash, bytes),
+                _ => self.get_bytes(hash, limit_bytes).await,
+            });
+        }
+        out
+    }
+
+    /// Deletes small blobs that nothing pins or references (GC of the small-blob table).
+    pub async fn sweep_small(&self) -> Result<u64> {
+        let _exclusive = self.inner.gc.lock.clone().write_owned().await;
+        let mut live: HashSet<BlobHash> = self.inner.gc.roots().await.map_err(Error::Gc)?;
+        live.extend(self.pins().await?);
+        let small = &self.inner.small;
+        let removed = small.sweep(&live)?;
+        Ok(removed)
     }
 
     /// Reads a whole blob into memory, verified. Refuses blobs larger than `limit_bytes`.
@@ -849,6 +952,7 @@ impl Store {
     pub async fn gc(&self) -> Result<GcReport> {
         let before: HashSet<BlobHash> = self.list().await?.into_iter().collect();
         self.inner.gc.run_now().await?;
+        self.sweep_small().await?;
         let after: HashSet<BlobHash> = self.list().await?.into_iter().collect();
         Ok(GcReport {
             n_deleted: before.difference(&after).count() as u64,
@@ -861,6 +965,7 @@ impl Store {
 pub struct Writer {
     store: Store,
     files: Vec<PathBuf>,
+    small: Vec<(BlobHash, Bytes)>,
     _guard: tokio::sync::OwnedRwLockReadGuard<()>,
 }
 
@@ -899,10 +1004,75 @@ impl Writer {
         Ok(Added { hash, size })
     }
 
+    /// Stores many blobs concurrently (up to `concurrency` in flight); results in input order.
+    /// Not durable until [`Writer::commit`].
+    pub async fn add_many(&mut self, items: Vec<Bytes>, concurrency: usize) -> Result<Vec<Added>> {
+        if items.iter().all(|b| b.len() <= SMALL_BYTES_MAX) {
+            // Small blobs go to the grouped table, written in one transaction by `commit`.
+            let mut out = Vec::with_capacity(items.len());
+            for data in items {
+                let hash = BlobHash::of(&data);
+                if self.store.is_quarantined(&hash) {
+                    return Err(Error::Quarantined(hash));
+                }
+                out.push(Added {
+                    hash,
+                    size: data.len() as u64,
+                });
+                self.small.push((hash, data));
+            }
+            return Ok(out);
+        }
+        let store = self.store.clone();
+        let results: Vec<Result<Added>> = futures::stream::iter(items.into_iter().map(|data| {
+            let store = store.clone();
+            async move {
+                let size = data.len() as u64;
+                let tag = store
+                    .inner
+                    .fs
+                    .blobs()
+                    .add_bytes(data)
+                    .temp_tag()
+                    .await
+                    .map_err(backend)?;
+                let hash = from_iroh(&tag.hash());
+                if store.is_quarantined(&hash) {
+                    return Err(Error::Quarantined(hash));
+                }
+                // The GC lock held by this writer protects the blob from here on.
+                drop(tag);
+                Ok(Added { hash, size })
+            }
+        }))
+        .buffered(concurrency.max(1))
+        .collect()
+        .await;
+        let mut out = Vec::with_capacity(results.len());
+        for result in results {
+            let added = result?;
+            if added.size > INLINE_BYTES_MAX {
+                self.files.extend(self.store.data_files(&added.hash));
+            }
+            out.push(added);
+        }
+        Ok(out)
+    }
+
     /// Makes every blob added through this writer durable (one barrier for all of them).
     /// GC stays held off until the writer is dropped.
     pub async fn commit(&mut self) -> Result<()> {
+        let small = std::mem::take(&mut self.small);
+        if !small.is_empty() {
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || store.inner.small.put_many(&small))
+                .await
+                .map_err(|e| Error::Backend(e.to_string()))??;
+        }
         let files = std::mem::take(&mut self.files);
+        if files.is_empty() {
+            return Ok(());
+        }
         self.store.inner.barrier.sync(files).await
     }
 }

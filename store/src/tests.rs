@@ -357,3 +357,58 @@ async fn scrub_finds_damage_and_a_second_open_is_refused() {
     assert_eq!(report.corrupt, vec![bad]);
     assert!(store.has(&good).await.expect("has"));
 }
+
+#[tokio::test]
+async fn grouped_small_blobs_are_durable_verified_and_collected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    let roots = Arc::new(Roots(Mutex::new(HashSet::new())));
+    store.add_gc_roots(roots.clone());
+    let items: Vec<Bytes> = (0..50u8)
+        .map(|i| Bytes::from(data(300 + i as usize, i)))
+        .collect();
+    let added = {
+        let mut writer = store.writer().await;
+        let added = writer.add_many(items.clone(), 8).await.expect("add");
+        writer.commit().await.expect("commit");
+        added
+    };
+    for (a, bytes) in added.iter().zip(&items) {
+        assert_eq!(a.hash, BlobHash::of(bytes));
+        assert_eq!(
+            store.get_bytes(&a.hash, u64::MAX).await.expect("get"),
+            *bytes
+        );
+        assert!(store.has(&a.hash).await.expect("has"));
+        assert_eq!(
+            collect(store.read(&a.hash, Some(1..5)).await.expect("range"))
+                .await
+                .expect("c")
+                .as_ref(),
+            &bytes[1..5]
+        );
+    }
+    let hashes: Vec<BlobHash> = added.iter().map(|a| a.hash).collect();
+    let many = store.get_many(&hashes, u64::MAX).await;
+    assert!(
+        many.iter()
+            .zip(&items)
+            .all(|(r, b)| r.as_ref().ok() == Some(b))
+    );
+    // Roots keep the first ten, a pin keeps one more, GC removes the rest.
+    roots
+        .0
+        .lock()
+        .expect("lock")
+        .extend(hashes[..10].iter().copied());
+    store.pin(&hashes[10]).await.expect("pin");
+    store.gc().await.expect("gc");
+    for (i, hash) in hashes.iter().enumerate() {
+        assert_eq!(store.has(hash).await.expect("has"), i <= 10, "blob {i}");
+    }
+    // They survive a restart.
+    store.shutdown().await.expect("shutdown");
+    drop(store);
+    let store = open(dir.path()).await;
+    assert!(store.has(&hashes[0]).await.expect("has"));
+}

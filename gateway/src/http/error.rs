@@ -156,6 +156,21 @@ pub(crate) async fn recover(rejection: warp::Rejection) -> Result<Response, Infa
             "method_not_allowed",
             "method not allowed on this route; see /openapi.json",
         )
+    } else if let Some(super::body::TooLarge(limit)) = rejection.find() {
+        ApiError::too_large(*limit)
+    } else if let Some(super::body::InvalidJson(e)) = rejection.find() {
+        ApiError::bad_request("invalid_json", format!("request body is not valid: {e}"))
+    } else if let Some(super::body::NotJson(t)) = rejection.find() {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("this route takes application/json, not {t}"),
+        )
+    } else if let Some(super::body::Unreadable(e)) = rejection.find() {
+        ApiError::bad_request(
+            "unreadable_body",
+            format!("could not read the request body: {e}"),
+        )
     } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -1,6 +1,7 @@
 //! The HTTP API (DESIGN.md §8): warp routes, shared state, auth, errors, server.
 
 mod blobs;
+mod body;
 pub mod error;
 mod ledger;
 pub mod metrics;
@@ -245,8 +246,7 @@ pub fn routes(
             .and(warp::post())
             .and(s())
             .and(headers())
-            .and(warp::body::content_length_limit(event_limit))
-            .and(warp::body::bytes())
+            .and(body::bounded(event_limit))
             .then(|state, headers, body| async move {
                 respond(ledger::submit(state, headers, body).await)
             })
@@ -317,8 +317,7 @@ pub fn routes(
         .and(warp::post())
         .and(s())
         .and(headers())
-        .and(warp::body::content_length_limit(json_limit))
-        .and(warp::body::json::<ledger::ExportRequest>())
+        .and(body::json::<ledger::ExportRequest>(json_limit))
         .then(|state, headers, request| async move {
             respond(ledger::audit_export(state, headers, request).await)
         })
@@ -389,8 +388,7 @@ pub fn routes(
         .and(warp::post())
         .and(s())
         .and(headers())
-        .and(warp::body::content_length_limit(json_limit))
-        .and(warp::body::json::<query::SqlRequest>())
+        .and(body::json::<query::SqlRequest>(json_limit))
         .then(|state, headers, request| async move {
             respond(query::sql(state, headers, request).await)
         })
@@ -399,8 +397,7 @@ pub fn routes(
         .and(warp::post())
         .and(s())
         .and(headers())
-        .and(warp::body::content_length_limit(json_limit))
-        .and(warp::body::json::<query::SearchRequest>())
+        .and(body::json::<query::SearchRequest>(json_limit))
         .then(|state, headers, request| async move {
             respond(query::search(state, headers, request).await)
         })
@@ -415,8 +412,7 @@ pub fn routes(
         .and(warp::post())
         .and(s())
         .and(headers())
-        .and(warp::body::content_length_limit(json_limit))
-        .and(warp::body::json::<query::Maintenance>())
+        .and(body::json::<query::Maintenance>(json_limit))
         .then(|state, headers, request| async move {
             respond(query::maintenance(state, headers, request).await)
         })
@@ -425,8 +421,7 @@ pub fn routes(
         .and(warp::post())
         .and(s())
         .and(headers())
-        .and(warp::body::content_length_limit(json_limit))
-        .and(warp::body::json::<query::ExportRequest>())
+        .and(body::json::<query::ExportRequest>(json_limit))
         .then(|state, headers, request| async move {
             respond(query::export(state, headers, request).await)
         })
