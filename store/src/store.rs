@@ -854,8 +854,16 @@ impl Store {
     pub async fn scrub(&self) -> Result<ScrubReport> {
         let mut report = ScrubReport::default();
         for hash in self.list().await? {
-            let Ok(read) = self.read(&hash, None).await else {
-                continue;
+            let read = match self.read(&hash, None).await {
+                Ok(read) => read,
+                // Small blobs are verified whole when read.
+                Err(Error::Corrupt(_)) => {
+                    report.n_checked += 1;
+                    report.n_corrupt += 1;
+                    report.corrupt.push(hash);
+                    continue;
+                }
+                Err(_) => continue,
             };
             report.n_checked += 1;
             let mut stream = read.stream;
