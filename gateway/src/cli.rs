@@ -624,8 +624,9 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "meshnode".into());
+    let has_events = node.ledger.tree_size()? > 0;
     print_value(cli, &value, |_| {
-        format!(
+        let mut text = format!(
             "meshnode {} listening on http://{addr}\n  node     {}\n  net      {}\n  data dir {}\n\
              try:  {exe} --data-dir {} status",
             env!("CARGO_PKG_VERSION"),
@@ -633,7 +634,14 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
             node.net,
             dir.display(),
             dir.display()
-        )
+        );
+        if has_events {
+            text.push_str(&format!(
+                "\n      {exe} --data-dir {} sql \"SELECT name, domain, price FROM skills\"",
+                dir.display()
+            ));
+        }
+        text
     });
     std::io::stdout().flush().ok();
     server::serve(

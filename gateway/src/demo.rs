@@ -14,6 +14,9 @@ use crate::node::Node;
 /// Dimension of the demo embeddings.
 pub const DEMO_DIM: usize = 8;
 
+/// Where the demo writes its agents' key files, under the data dir.
+pub const KEYS_DIR: &str = "demo-keys";
+
 /// The demo agents (deterministic keys, so the README's examples are reproducible).
 pub const AGENTS: [&str; 4] = ["vintner", "banker", "medic", "validator"];
 
@@ -98,6 +101,15 @@ pub async fn load(node: &Node) -> anyhow::Result<bool> {
     };
     let issuer = node.key.clone();
     let agents: BTreeMap<&str, SigningKey> = AGENTS.iter().map(|n| (*n, agent_key(n))).collect();
+    // The agents' key files, so that a newcomer can sign events as them.
+    let keys_dir = node.data_dir.join(KEYS_DIR);
+    std::fs::create_dir_all(&keys_dir)?;
+    for (name, key) in &agents {
+        let path = keys_dir.join(format!("{name}.key"));
+        if !path.exists() {
+            crate::node::write_new_file(&path, key_file_text(key).as_bytes(), 0o600)?;
+        }
+    }
     let vintner = &agents["vintner"];
     let banker = &agents["banker"];
     let medic = &agents["medic"];

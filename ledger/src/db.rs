@@ -50,6 +50,11 @@ pub(crate) const HOSTS: TableDefinition<'static, Key32, &[u8]> =
 pub(crate) const FORKS: TableDefinition<'static, (Key32, u64), &[u8]> =
     TableDefinition::new("state_forks");
 /// EventId → envelope BlobHash and arrival time (ms) of events waiting for prev or deps.
+/// Unreferenced credits: (recipient, credit event) → ().
+pub(crate) const UNCOVERED: TableDefinition<'static, (Key32, Key32), ()> =
+    TableDefinition::new("uncovered");
+/// Version of the row formats in this database (META `format`).
+pub(crate) const FORMAT: u64 = 2;
 pub(crate) const PENDING: TableDefinition<'static, Key32, (Key32, u64)> =
     TableDefinition::new("pending");
 
@@ -82,8 +87,26 @@ pub(crate) fn open(path: &Path) -> Result<Database> {
         tx.open_table(HOSTS)?;
         tx.open_table(FORKS)?;
         tx.open_table(PENDING)?;
+        tx.open_table(UNCOVERED)?;
     }
     tx.commit()?;
+    let tx = db.begin_read()?;
+    let n_events = meta_u64(&tx, "n_events")?;
+    let format = meta_u64(&tx, "format")?;
+    drop(tx);
+    if format != FORMAT {
+        if n_events > 0 {
+            return Err(Error::Corrupt(format!(
+                "the ledger index at {} has row format {format}, this build reads {FORMAT}; it \
+                 was written by an older development build: start from a new data dir",
+                path.display()
+            )));
+        }
+        let tx = db.begin_write()?;
+        tx.open_table(META)?
+            .insert("format", FORMAT.to_le_bytes().as_slice())?;
+        tx.commit()?;
+    }
     Ok(db)
 }
 
@@ -119,6 +142,16 @@ pub(crate) fn load_state_in(tx: &ReadTransaction) -> Result<State> {
             AuthorKey::from_bytes(k.value()),
             decode::<AuthorState>(v.value())?,
         );
+    }
+    for entry in tx.open_table(UNCOVERED)?.iter()? {
+        let (k, _) = entry?;
+        let (author, credit) = k.value();
+        state
+            .authors
+            .entry(AuthorKey::from_bytes(author))
+            .or_default()
+            .uncovered
+            .insert(EventId::from_bytes(credit));
     }
     for entry in tx.open_table(SKILLS)?.iter()? {
         let (k, v) = entry?;
@@ -190,6 +223,7 @@ pub(crate) struct BatchRows {
     history: Vec<((Key32, u64), Key32)>,
     state: Vec<(StateTable, Key32, Option<Vec<u8>>)>,
     forks: Vec<ForkRow>,
+    uncovered: Vec<((Key32, Key32), bool)>,
     n_events: u64,
     supply: u64,
     pub(crate) pending_add: Vec<(Key32, (Key32, u64))>,
@@ -228,6 +262,10 @@ pub(crate) fn batch_rows(
         let index = overlay.events[id].index;
         rows.history
             .push(((*version.basin.as_bytes(), index), *id.as_bytes()));
+    }
+    for (author, credit, added) in &overlay.uncovered {
+        rows.uncovered
+            .push(((*author.as_bytes(), *credit.as_bytes()), *added));
     }
     let t = &overlay.touched;
     for key in &t.authors {
@@ -337,6 +375,14 @@ pub(crate) fn write_rows(db: &Database, rows: BatchRows) -> Result<()> {
                 None => {
                     forks.remove(*k)?;
                 }
+            }
+        }
+        let mut uncovered = tx.open_table(UNCOVERED)?;
+        for (k, added) in &rows.uncovered {
+            if *added {
+                uncovered.insert(*k, ())?;
+            } else {
+                uncovered.remove(*k)?;
             }
         }
         let mut pending = tx.open_table(PENDING)?;

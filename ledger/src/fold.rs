@@ -71,10 +71,29 @@ pub struct AuthorState {
     /// Amount minted by this author (issuers).
     pub minted: u64,
     /// Credits to this author not yet in the causal past of its log (candidates for `deps`).
+    /// Kept in a table of its own by the ledger (a popular account can collect many), so not
+    /// part of the serialized row.
+    #[serde(skip)]
     pub uncovered: BTreeSet<EventId>,
 }
 
 impl AuthorState {
+    /// A copy of everything but the unreferenced credits.
+    pub fn without_credits(&self) -> AuthorState {
+        AuthorState {
+            head_seq: self.head_seq,
+            head_id: self.head_id,
+            keys: self.keys.clone(),
+            frozen_from: self.frozen_from,
+            received: self.received,
+            received_contested: self.received_contested,
+            covered: self.covered,
+            sent: self.sent,
+            minted: self.minted,
+            uncovered: BTreeSet::new(),
+        }
+    }
+
     /// The key that must sign the event at `seq`.
     pub fn key_at(&self, author: &AuthorKey, seq: u64) -> AuthorKey {
         self.keys
@@ -360,6 +379,8 @@ pub struct Overlay {
     pub accepted: Vec<EventId>,
     /// State entries changed, to persist.
     pub touched: Touched,
+    /// Changes to the authors' unreferenced credits, in order: `(author, credit, added)`.
+    pub uncovered: Vec<(AuthorKey, EventId, bool)>,
 }
 
 /// Keys of [`State`] entries changed by applying events.
@@ -478,7 +499,12 @@ impl State {
         }
         let author = body.author;
         let lookup = Layered { base, overlay };
-        let state = self.authors.get(&author).cloned().unwrap_or_default();
+        // A copy without the unreferenced credits (they can be many; read in place below).
+        let state = self
+            .authors
+            .get(&author)
+            .map(AuthorState::without_credits)
+            .unwrap_or_default();
         let signer = state.key_at(&author, body.seq);
         let check_signature = |key: &AuthorKey| -> Result<()> {
             if verified_with == Some(*key) {
@@ -596,8 +622,10 @@ impl State {
             let spendable =
                 |extra: u64| i128::from(state.covered) + i128::from(extra) - i128::from(state.sent);
             if i128::from(p.amount) > spendable(0) {
-                let mut candidates = Vec::with_capacity(state.uncovered.len());
-                for credit_id in &state.uncovered {
+                let empty = BTreeSet::new();
+                let uncovered = self.authors.get(&author).map_or(&empty, |a| &a.uncovered);
+                let mut candidates = Vec::with_capacity(uncovered.len());
+                for credit_id in uncovered {
                     let credit = lookup
                         .event(credit_id)?
                         .ok_or_else(|| Error::Corrupt(format!("credit {credit_id} not indexed")))?;
@@ -795,6 +823,9 @@ impl State {
             for id in &newly_covered {
                 a.uncovered.remove(id);
             }
+            overlay
+                .uncovered
+                .extend(newly_covered.iter().map(|id| (author, *id, false)));
             a.covered += covered_amount;
             a.sent += record.debit;
         }
@@ -921,6 +952,7 @@ impl State {
                 recipient.covered += credit.amount;
             } else {
                 recipient.uncovered.insert(event.id);
+                overlay.uncovered.push((credit.to, event.id, true));
             }
         }
         let touched = &mut overlay.touched;

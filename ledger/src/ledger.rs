@@ -668,9 +668,20 @@ impl Ledger {
 
     /// An account (every key has one; unknown keys have zero balances).
     pub fn account(&self, key: &AuthorKey) -> Result<Account> {
-        let state: AuthorState = self
+        let mut state: AuthorState = self
             .get_state(db::AUTHORS, key.as_bytes())?
             .unwrap_or_default();
+        {
+            let tx = self.read()?;
+            let table = tx.open_table(db::UNCOVERED)?;
+            let k = *key.as_bytes();
+            for entry in table.range((k, [0u8; 32])..=(k, [0xffu8; 32]))? {
+                let (credit, _) = entry?;
+                state
+                    .uncovered
+                    .insert(EventId::from_bytes(credit.value().1));
+            }
+        }
         let reputation: ReputationState = self
             .get_state(db::REPUTATION, key.as_bytes())?
             .unwrap_or_default();

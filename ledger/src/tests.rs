@@ -229,6 +229,19 @@ async fn tokens_follow_the_causal_past() {
         .map(|(_, a)| a.held())
         .sum();
     assert_eq!(held, 100);
+
+    // Unreferenced credits survive a restart: Alice can still name and spend hers.
+    let credit = alice_account.unreferenced_credits[0];
+    let mut net = net.reopen().await;
+    net.refuse(&alice, &[], transfer(&bob, 60), "insufficient_balance")
+        .await;
+    net.accept(&alice, &[credit], transfer(&bob, 60)).await;
+    let alice_account = net.ledger.account(&author_of(&alice)).expect("account");
+    assert!(alice_account.unreferenced_credits.is_empty());
+    assert_eq!(alice_account.balance, 0);
+    // The stored state (credits table included) matches a replay from the blobs.
+    let report = net.ledger.audit(None).await.expect("audit");
+    assert!(report.ok, "{:?}", report.findings);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

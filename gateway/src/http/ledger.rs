@@ -23,7 +23,7 @@ impl From<meshnode_ledger::Error> for ApiError {
         use meshnode_ledger::Error as E;
         let code = error.code();
         match &error {
-            E::Rejected { .. } => {
+            E::Rejected { message, .. } => {
                 let status = match code {
                     "too_large" => StatusCode::PAYLOAD_TOO_LARGE,
                     "fork_detected" | "author_frozen" => StatusCode::CONFLICT,
@@ -40,7 +40,7 @@ impl From<meshnode_ledger::Error> for ApiError {
                     | "wrong_net" => StatusCode::BAD_REQUEST,
                     _ => StatusCode::UNPROCESSABLE_ENTITY,
                 };
-                ApiError::new(status, code, error.to_string())
+                ApiError::new(status, code, message.clone())
             }
             E::NotFound(what) => ApiError::not_found("not_found", format!("{what} not found")),
             E::Invalid(message) => ApiError::bad_request("invalid_request", message.clone()),
