@@ -25,7 +25,9 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
 pub use error::{Error, Result};
-pub use knn::{K_MAX, Search, parse_metric, parse_vector, vector_from_json};
+pub use knn::{
+    FILTERED_EXACT_ROWS_MAX, K_MAX, Search, parse_metric, parse_vector, vector_from_json,
+};
 pub use materialize::QueryConfig;
 pub use sql::{Answer, SqlLimits, cell};
 

@@ -250,11 +250,20 @@ impl Tables {
             return Ok(false);
         }
         let started = SystemTime::now();
-        let partitions = ((n_rows as f64).sqrt() / 4.0).clamp(1.0, 256.0) as usize;
+        // Few large partitions, each one HNSW graph, all probed by every search: IVF's
+        // coarse cut loses neighbours on data without clusters, HNSW does not. A denser
+        // graph (32 edges, ef_construction 300) is what gets recall@10 past 0.95 on 384-dim
+        // random vectors.
+        let partitions = n_rows
+            .div_ceil(crate::knn::ANN_ROWS_PER_PARTITION)
+            .clamp(1, crate::knn::ANN_PARTITIONS_MAX);
+        let hnsw = HnswBuildParams::default()
+            .num_edges(32)
+            .ef_construction(300);
         let params = VectorIndexParams::with_ivf_hnsw_sq_params(
             metric,
             IvfBuildParams::new(partitions),
-            HnswBuildParams::default(),
+            hnsw,
             SQBuildParams::default(),
         );
         let mut ds = (*ds).clone();
