@@ -347,6 +347,118 @@ async fn fetch_envelopes(
         .collect()
 }
 
+/// One chunk of the audit, read, decoded and signature-checked.
+struct Prepared {
+    findings: Vec<(&'static str, String)>,
+    events: Vec<SignedEvent>,
+    positions: Vec<u64>,
+    verified: Vec<Option<AuthorKey>>,
+}
+
+/// The audit's first stage: reads every envelope in acceptance order (writing it to the
+/// bundle when exporting), decodes and verifies chunk by chunk, and hands the chunks on.
+async fn prepare_chunks(
+    store: meshnode_store::Store,
+    records: Vec<EventRecord>,
+    ids: Vec<EventId>,
+    keys: HashMap<AuthorKey, crate::fold::AuthorState>,
+    mut writer: Option<BufWriter<std::fs::File>>,
+    tx: tokio::sync::mpsc::Sender<Prepared>,
+) -> Result<()> {
+    let keys = std::sync::Arc::new(keys);
+    for (chunk_idx, chunk) in records.chunks(AUDIT_CHUNK_EVENTS).enumerate() {
+        let base = (chunk_idx * AUDIT_CHUNK_EVENTS) as u64;
+        let hashes: Vec<BlobHash> = chunk.iter().map(|r| r.envelope).collect();
+        let fetched = fetch_envelopes(store.clone(), hashes).await;
+        let mut findings = Vec::new();
+        let mut present = Vec::with_capacity(chunk.len());
+        for (offset, (record, bytes)) in chunk.iter().zip(fetched).enumerate() {
+            let position = base + offset as u64;
+            match bytes {
+                Ok(bytes) => {
+                    if let Some(w) = writer.as_mut() {
+                        w.write_all(&(bytes.len() as u32).to_be_bytes())?;
+                        w.write_all(&bytes)?;
+                    }
+                    present.push((position, bytes));
+                }
+                Err(e) => findings.push((
+                    "envelope_unavailable",
+                    format!(
+                        "envelope {} of event {} (leaf {position}): {e}",
+                        record.envelope, record.id
+                    ),
+                )),
+            }
+        }
+        let expected: Vec<EventId> = present
+            .iter()
+            .map(|(position, _)| ids[*position as usize])
+            .collect();
+        let keys = keys.clone();
+        // Decoding (canonical checks) and signatures run on all cores.
+        let prepared = tokio::task::spawn_blocking(move || {
+            let decoded_all: Vec<(u64, EventId, Result<SignedEvent>)> = present
+                .into_par_iter()
+                .zip(expected.into_par_iter())
+                .map(|((position, bytes), expected)| {
+                    (
+                        position,
+                        expected,
+                        SignedEvent::decode(&bytes).map_err(Error::from),
+                    )
+                })
+                .collect();
+            let mut events = Vec::with_capacity(decoded_all.len());
+            let mut positions = Vec::with_capacity(decoded_all.len());
+            for (position, expected, result) in decoded_all {
+                match result {
+                    Ok(event) if event.id == expected => {
+                        events.push(event);
+                        positions.push(position);
+                    }
+                    Ok(event) => findings.push((
+                        "id_mismatch",
+                        format!(
+                            "leaf {position} names {expected} but its envelope is {}",
+                            event.id
+                        ),
+                    )),
+                    Err(e) => findings.push((
+                        e.code(),
+                        format!("envelope of leaf {position} does not decode: {e}"),
+                    )),
+                }
+            }
+            let signers: Vec<AuthorKey> = events
+                .iter()
+                .map(|e| {
+                    let author = e.body.author;
+                    keys.get(&author)
+                        .map(|a| a.key_at(&author, e.body.seq))
+                        .unwrap_or(author)
+                })
+                .collect();
+            let verified = verify_all(&events, &signers);
+            Prepared {
+                findings,
+                events,
+                positions,
+                verified,
+            }
+        })
+        .await
+        .map_err(|e| Error::Unavailable(e.to_string()))?;
+        if tx.send(prepared).await.is_err() {
+            return Ok(());
+        }
+    }
+    if let Some(mut w) = writer {
+        w.flush()?;
+    }
+    Ok(())
+}
+
 /// Checks signatures on all cores.
 fn verify_all(events: &[SignedEvent], keys: &[AuthorKey]) -> Vec<Option<AuthorKey>> {
     events
@@ -439,7 +551,7 @@ impl Ledger {
             wanted.push(p.size);
         }
         let mut replay = Replay::new(self.rules().clone(), forks, wanted);
-        let mut writer = match export {
+        let writer = match export {
             Some(dir) => {
                 std::fs::create_dir_all(dir)?;
                 Some(BufWriter::new(std::fs::File::create(
@@ -448,79 +560,32 @@ impl Ledger {
             }
             None => None,
         };
+        // Two stages: a producer reads, decodes and verifies chunk N+1 (on all cores) while
+        // the fold applies chunk N. Signatures are checked against the key the stored state
+        // says each log used at that seq; where that is wrong (a tampered index), the fold
+        // finds the mismatch and checks the signature itself with the key it derived.
         let store = self.store().clone();
-        for (chunk_idx, chunk) in records.chunks(AUDIT_CHUNK_EVENTS).enumerate() {
-            let base = (chunk_idx * AUDIT_CHUNK_EVENTS) as u64;
-            let hashes: Vec<BlobHash> = chunk.iter().map(|r| r.envelope).collect();
-            let fetched = fetch_envelopes(store.clone(), hashes).await;
-            let mut present = Vec::with_capacity(chunk.len());
-            for (offset, (record, bytes)) in chunk.iter().zip(fetched).enumerate() {
-                let position = base + offset as u64;
-                match bytes {
-                    Ok(bytes) => {
-                        if let Some(w) = writer.as_mut() {
-                            w.write_all(&(bytes.len() as u32).to_be_bytes())?;
-                            w.write_all(&bytes)?;
-                        }
-                        present.push((position, bytes));
-                    }
-                    Err(e) => replay.finding(
-                        "envelope_unavailable",
-                        format!(
-                            "envelope {} of event {} (leaf {position}): {e}",
-                            record.envelope, record.id
-                        ),
-                    ),
-                }
+        let keys: HashMap<AuthorKey, crate::fold::AuthorState> = stored
+            .authors
+            .iter()
+            .map(|(k, a)| (*k, a.without_credits()))
+            .collect();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Prepared>(2);
+        let producer = tokio::spawn(prepare_chunks(store, records, ids, keys, writer, tx));
+        while let Some(chunk) = rx.recv().await {
+            for (code, message) in chunk.findings {
+                replay.finding(code, message);
             }
-            // Decoding (canonical checks) runs on all cores too.
-            let decoded_all: Vec<(u64, Result<SignedEvent>)> =
-                tokio::task::spawn_blocking(move || {
-                    present
-                        .into_par_iter()
-                        .map(|(position, bytes)| {
-                            (position, SignedEvent::decode(&bytes).map_err(Error::from))
-                        })
-                        .collect()
-                })
-                .await
-                .map_err(|e| Error::Unavailable(e.to_string()))?;
-            let mut decoded = Vec::with_capacity(decoded_all.len());
-            let mut positions = Vec::with_capacity(decoded_all.len());
-            for (position, result) in decoded_all {
-                match result {
-                    Ok(event) if event.id == ids[position as usize] => {
-                        decoded.push(event);
-                        positions.push(position);
-                    }
-                    Ok(event) => replay.finding(
-                        "id_mismatch",
-                        format!(
-                            "leaf {position} names {} but its envelope is {}",
-                            ids[position as usize], event.id
-                        ),
-                    ),
-                    Err(e) => replay.finding(
-                        e.code(),
-                        format!("envelope of leaf {position} does not decode: {e}"),
-                    ),
-                }
-            }
-            let keys = replay.keys_for(&decoded);
-            let (decoded, verified) = tokio::task::spawn_blocking(move || {
-                let verified = verify_all(&decoded, &keys);
-                (decoded, verified)
-            })
-            .await
-            .map_err(|e| Error::Unavailable(e.to_string()))?;
-            for ((event, position), verified_with) in decoded.iter().zip(positions).zip(verified) {
+            for ((event, position), verified_with) in
+                chunk.events.iter().zip(chunk.positions).zip(chunk.verified)
+            {
                 replay.apply(position, event, verified_with);
             }
         }
+        producer
+            .await
+            .map_err(|e| Error::Unavailable(format!("audit reader stopped: {e}")))??;
         replay.forks_at(replay.state.n_events);
-        if let Some(mut w) = writer {
-            w.flush()?;
-        }
 
         // Derived tables equal a fresh fold.
         let ours = replay.state.clone();
