@@ -23,9 +23,11 @@ def cpu_features():
 def cargo_bench(crate, bench, *args, env=None):
     cmd = ["cargo", "bench", "-q", "-p", crate, "--bench", bench, "--", *map(str, args)]
     log("$", " ".join(cmd))
-    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True,
+    out = subprocess.run(cmd, cwd=ROOT, check=False, capture_output=True, text=True,
                          env=dict(os.environ, **(env or {})))
     sys.stderr.write(out.stderr[-4000:])
+    if out.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed with exit code {out.returncode} (its stderr is above)")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -31,6 +31,7 @@ def get(url):
 def main():
     binary = os.environ["MESHNODE_BIN"]
     scratch = Path(os.environ.get("BENCH_SCRATCH", tempfile.gettempdir()))
+    scratch.mkdir(parents=True, exist_ok=True)
     n = int(os.environ.get("BENCH_LEDGER_EVENTS", "1000000"))
     report = Report("ledger")
     result = cargo_bench("meshnode-gateway", "ledger", n, scratch, env={"BENCH_KEEP": "1"})

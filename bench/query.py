@@ -75,6 +75,7 @@ def faiss_at_recall(vectors_path, queries_path, dim, target=0.95, k=10):
 
 def main():
     scratch = Path(os.environ.get("BENCH_SCRATCH", tempfile.gettempdir()))
+    scratch.mkdir(parents=True, exist_ok=True)
     n_transfers = int(os.environ.get("BENCH_TRANSFERS", "10000000"))
     n_vectors = int(os.environ.get("BENCH_KNN", "100000"))
     report = Report("query")
