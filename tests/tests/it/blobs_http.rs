@@ -326,6 +326,35 @@ async fn bodies_over_the_limit_are_refused_without_buffering() {
     // Just under the limit works.
     let added = upload(&node, data(100_000, 4)).await;
     assert_eq!(added["size"], 100_000);
+
+    // A JSON body somewhat over its cap (1 MiB) is read and thrown away, so the client gets
+    // the 413 and its code rather than a reset connection — with a length and chunked.
+    let sql = format!("{{\"sql\": \"SELECT 1 -- {}\"}}", "x".repeat(1_200_000));
+    for chunked in [false, true] {
+        let request = client()
+            .post(format!("{}/v1/sql", node.url))
+            .header("content-type", "application/json");
+        let request = if chunked {
+            let pieces: Vec<Result<bytes::Bytes, std::io::Error>> = sql
+                .as_bytes()
+                .chunks(64 * 1024)
+                .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+                .collect();
+            request.body(reqwest::Body::wrap_stream(futures::stream::iter(pieces)))
+        } else {
+            request.body(sql.clone())
+        };
+        let (status, body) = get_json(request).await;
+        assert_eq!(
+            status,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "chunked {chunked}: {body}"
+        );
+        assert_eq!(body["error"]["code"], "body_too_large", "chunked {chunked}");
+    }
+    // The node is fine afterwards.
+    let (status, _) = get_json(client().get(format!("{}/healthz", node.url))).await;
+    assert_eq!(status, StatusCode::OK);
 }
 
 #[tokio::test]
