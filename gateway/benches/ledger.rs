@@ -110,6 +110,11 @@ fn raw_verify(events: &[SignedEvent]) -> Duration {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Batch timings: RUST_LOG=meshnode_ledger=debug.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
     let n: usize = args
         .next()

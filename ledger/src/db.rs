@@ -45,16 +45,18 @@ pub(crate) const REPUTATION: TableDefinition<'static, Key32, &[u8]> =
     TableDefinition::new("state_reputation");
 pub(crate) const NODES: TableDefinition<'static, Key32, &[u8]> =
     TableDefinition::new("state_nodes");
-pub(crate) const HOSTS: TableDefinition<'static, Key32, &[u8]> =
+/// Who hosts which blob: (blob, host) → (), one row per pair so that a popular blob costs
+/// one small row per announcement, not a rewrite of its whole host set.
+pub(crate) const HOSTS: TableDefinition<'static, (Key32, Key32), ()> =
     TableDefinition::new("state_hosts");
 pub(crate) const FORKS: TableDefinition<'static, (Key32, u64), &[u8]> =
     TableDefinition::new("state_forks");
-/// EventId → envelope BlobHash and arrival time (ms) of events waiting for prev or deps.
 /// Unreferenced credits: (recipient, credit event) → ().
 pub(crate) const UNCOVERED: TableDefinition<'static, (Key32, Key32), ()> =
     TableDefinition::new("uncovered");
 /// Version of the row formats in this database (META `format`).
-pub(crate) const FORMAT: u64 = 2;
+pub(crate) const FORMAT: u64 = 3;
+/// EventId → envelope BlobHash and arrival time (ms) of events waiting for prev or deps.
 pub(crate) const PENDING: TableDefinition<'static, Key32, (Key32, u64)> =
     TableDefinition::new("pending");
 
@@ -182,10 +184,12 @@ pub(crate) fn load_state_in(tx: &ReadTransaction) -> Result<State> {
         );
     }
     for entry in tx.open_table(HOSTS)?.iter()? {
-        let (k, v) = entry?;
+        let (blob, host) = entry?.0.value();
         state
             .hosts
-            .insert(BlobHash::from_bytes(k.value()), decode(v.value())?);
+            .entry(BlobHash::from_bytes(blob))
+            .or_default()
+            .insert(AuthorKey::from_bytes(host));
     }
     for entry in tx.open_table(FORKS)?.iter()? {
         let (k, v) = entry?;
@@ -209,7 +213,6 @@ pub(crate) enum StateTable {
     Basins,
     Reputation,
     Nodes,
-    Hosts,
 }
 
 /// Everything one batch writes, encoded, so that the write can run on a blocking thread.
@@ -224,6 +227,7 @@ pub(crate) struct BatchRows {
     state: Vec<(StateTable, Key32, Option<Vec<u8>>)>,
     forks: Vec<ForkRow>,
     uncovered: Vec<((Key32, Key32), bool)>,
+    hosts: Vec<((Key32, Key32), bool)>,
     n_events: u64,
     supply: u64,
     pub(crate) pending_add: Vec<(Key32, (Key32, u64))>,
@@ -267,6 +271,10 @@ pub(crate) fn batch_rows(
         rows.uncovered
             .push(((*author.as_bytes(), *credit.as_bytes()), *added));
     }
+    for (blob, host, added) in &overlay.hosts {
+        rows.hosts
+            .push(((*blob.as_bytes(), *host.as_bytes()), *added));
+    }
     let t = &overlay.touched;
     for key in &t.authors {
         rows.state.push((
@@ -301,13 +309,6 @@ pub(crate) fn batch_rows(
             StateTable::Nodes,
             *key.as_bytes(),
             row(state.nodes.get(key))?,
-        ));
-    }
-    for key in &t.hosts {
-        rows.state.push((
-            StateTable::Hosts,
-            *key.as_bytes(),
-            row(state.hosts.get(key))?,
         ));
     }
     for (author, seq) in &t.forks {
@@ -354,7 +355,6 @@ pub(crate) fn write_rows(db: &Database, rows: BatchRows) -> Result<()> {
                 StateTable::Basins => BASINS,
                 StateTable::Reputation => REPUTATION,
                 StateTable::Nodes => NODES,
-                StateTable::Hosts => HOSTS,
             };
             let mut t = tx.open_table(definition)?;
             match value {
@@ -383,6 +383,14 @@ pub(crate) fn write_rows(db: &Database, rows: BatchRows) -> Result<()> {
                 uncovered.insert(*k, ())?;
             } else {
                 uncovered.remove(*k)?;
+            }
+        }
+        let mut hosts = tx.open_table(HOSTS)?;
+        for (k, added) in &rows.hosts {
+            if *added {
+                hosts.insert(*k, ())?;
+            } else {
+                hosts.remove(*k)?;
             }
         }
         let mut pending = tx.open_table(PENDING)?;

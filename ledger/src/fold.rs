@@ -381,6 +381,8 @@ pub struct Overlay {
     pub touched: Touched,
     /// Changes to the authors' unreferenced credits, in order: `(author, credit, added)`.
     pub uncovered: Vec<(AuthorKey, EventId, bool)>,
+    /// Changes to who hosts which blob, in order: `(blob, host, added)`.
+    pub hosts: Vec<(BlobHash, AuthorKey, bool)>,
 }
 
 /// Keys of [`State`] entries changed by applying events.
@@ -396,8 +398,6 @@ pub struct Touched {
     pub reputation: BTreeSet<AuthorKey>,
     /// Node registry entries.
     pub nodes: BTreeSet<AuthorKey>,
-    /// Hosted blobs.
-    pub hosts: BTreeSet<BlobHash>,
     /// Forks.
     pub forks: BTreeSet<(AuthorKey, u64)>,
 }
@@ -409,7 +409,6 @@ impl Touched {
         self.basins.extend(other.basins);
         self.reputation.extend(other.reputation);
         self.nodes.extend(other.nodes);
-        self.hosts.extend(other.hosts);
         self.forks.extend(other.forks);
     }
 }
@@ -933,13 +932,17 @@ impl State {
             }
             Payload::BlobHost(p) => {
                 let hosts = self.hosts.entry(p.blob).or_default();
-                if p.pinned {
-                    hosts.insert(author);
+                let changed = if p.pinned {
+                    hosts.insert(author)
                 } else {
-                    hosts.remove(&author);
+                    let removed = hosts.remove(&author);
                     if hosts.is_empty() {
                         self.hosts.remove(&p.blob);
                     }
+                    removed
+                };
+                if changed {
+                    overlay.hosts.push((p.blob, author, p.pinned));
                 }
             }
             Payload::TokenTransfer(_) => {}
@@ -975,9 +978,6 @@ impl State {
             }
             Payload::NodeAnnounce(_) => {
                 touched.nodes.insert(author);
-            }
-            Payload::BlobHost(p) => {
-                touched.hosts.insert(p.blob);
             }
             _ => {}
         }

@@ -16,8 +16,8 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::db::{self, DbView};
 use crate::error::{Error, Result, Waiting, reject};
 use crate::fold::{
-    Applied, AuthorState, BasinState, BasinVersion, EventRecord, ForkProof, NodeState, Overlay,
-    ReputationState, Rules, SkillState, State,
+    Applied, AuthorState, BasinState, BasinVersion, EventRecord, ForkProof, Layered, NodeState,
+    Overlay, ReputationState, Rules, SkillState, State,
 };
 use crate::tlog::{self, Checkpoint, Frontier, TreeHash};
 
@@ -244,6 +244,8 @@ struct Worker {
     frontier: Frontier,
     pending: Pending,
     config: LedgerConfig,
+    /// The batch whose commit is running, if any.
+    in_flight: Option<InFlight>,
 }
 
 /// Outcome of applying one job inside a batch.
@@ -325,6 +327,7 @@ impl Ledger {
             frontier,
             pending: Pending::default(),
             config,
+            in_flight: None,
         };
         // Events that were waiting when the node stopped wait again.
         let mut reloaded = Vec::new();
@@ -742,9 +745,15 @@ impl Ledger {
 
     /// Hosts of a blob.
     pub fn hosts(&self, blob: &BlobHash) -> Result<Vec<AuthorKey>> {
-        let set: Option<std::collections::BTreeSet<AuthorKey>> =
-            self.get_state(db::HOSTS, blob.as_bytes())?;
-        Ok(set.map(|s| s.into_iter().collect()).unwrap_or_default())
+        let tx = self.shared.db.begin_read()?;
+        let table = tx.open_table(db::HOSTS)?;
+        let from = (*blob.as_bytes(), [0u8; 32]);
+        let to = (*blob.as_bytes(), [0xffu8; 32]);
+        let mut out = Vec::new();
+        for entry in table.range(from..=to)? {
+            out.push(AuthorKey::from_bytes(entry?.0.value().1));
+        }
+        Ok(out)
     }
 
     /// Basins.
@@ -906,6 +915,20 @@ impl Worker {
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let mut jobs = std::mem::take(&mut carry);
+            if jobs.is_empty() && self.in_flight.is_some() {
+                // Nothing queued behind the committing batch: land it before waiting.
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => {
+                        if let Some(f) = self.in_flight.take() {
+                            if !self.land(f).await {
+                                self.reload().await;
+                            }
+                        }
+                        continue;
+                    }
+                }
+            }
             if jobs.is_empty() {
                 tokio::select! {
                     _ = &mut stop => return,
@@ -973,10 +996,41 @@ impl Worker {
             self.pending.entries.len();
     }
 
-    /// Applies, stores and commits one batch, then answers every job.
+    /// Verifies and applies one batch in memory on top of the batch still committing (if
+    /// any), then lands that one and starts this one's commit. Applying batch N+1 while
+    /// batch N's writes reach the disk keeps both cores busy instead of waiting on fsync.
     async fn batch(&mut self, jobs: Vec<Job>) {
+        let prev = self
+            .in_flight
+            .as_ref()
+            .map(|f| f.overlay.clone())
+            .unwrap_or_default();
+        let prepared = self.prepare(jobs, prev).await;
+        let landed = match self.in_flight.take() {
+            Some(f) => self.land(f).await,
+            None => true,
+        };
+        match prepared {
+            Some(prepared) if landed => self.in_flight = Some(self.start_commit(prepared)),
+            Some(prepared) => {
+                // It was applied on top of a batch that did not commit.
+                for job in prepared.jobs {
+                    if let Some(reply) = job.reply {
+                        let _ = reply.send(Err(Error::Unavailable(
+                            "an earlier batch failed to commit; retry".into(),
+                        )));
+                    }
+                }
+                self.reload().await;
+            }
+            None => self.reload().await,
+        }
+    }
+
+    /// Verifies signatures (both cores), applies the batch to the in-memory state and encodes
+    /// its rows. `None` when applying failed (the jobs' callers see the worker gone).
+    async fn prepare(&mut self, jobs: Vec<Job>, prev: Arc<Overlay>) -> Option<Prepared> {
         let t0 = Instant::now();
-        let n_jobs = jobs.len();
         // Signatures are the expensive part: check them in parallel against the key each log
         // uses now. The fold re-checks singly when a batch rotates a key.
         let keys: Vec<AuthorKey> = jobs
@@ -1000,8 +1054,8 @@ impl Worker {
         })
         .await
         .unwrap_or_default();
-
         let t_verify = t0.elapsed();
+
         let shared = self.shared.clone();
         let mut state = std::mem::take(&mut self.state);
         let mut frontier = self.frontier.clone();
@@ -1010,13 +1064,15 @@ impl Worker {
         let applied = tokio::task::spawn_blocking(move || {
             let result = apply_batch(
                 &shared,
+                &prev,
                 &mut state,
                 &mut frontier,
                 &mut pending,
                 pending_max,
                 jobs,
                 verified,
-            );
+            )
+            .and_then(|parts| encode_batch(&shared, &state, &frontier, parts));
             (state, frontier, pending, result)
         })
         .await;
@@ -1024,64 +1080,99 @@ impl Worker {
             Ok(parts) => parts,
             Err(e) => {
                 tracing::error!("ledger batch panicked: {e}");
-                self.reload().await;
-                return;
+                return None;
             }
         };
         self.state = state;
         self.pending = pending;
-        let (jobs, outcomes, overlay, tree_nodes, new_pending, woken_pending, accepted_events) =
-            match result {
-                Ok(parts) => parts,
-                Err(e) => {
-                    tracing::error!("ledger batch failed: {e}");
-                    self.reload().await;
-                    return;
-                }
-            };
-        let t_apply = t0.elapsed();
-        // Envelopes are durable in the store before the index that references them commits.
-        let committed = self
-            .commit(
-                &overlay,
-                &tree_nodes,
-                &frontier,
-                &new_pending,
-                &woken_pending,
-            )
-            .await;
-        tracing::debug!(
-            events = n_jobs,
-            verify_ms = t_verify.as_millis() as u64,
-            apply_ms = (t_apply - t_verify).as_millis() as u64,
-            commit_ms = (t0.elapsed() - t_apply).as_millis() as u64,
-            "ledger batch"
-        );
-        match committed {
-            Ok(()) => {
+        match result {
+            Ok(mut prepared) => {
                 self.frontier = frontier;
+                prepared.t_verify = t_verify;
+                prepared.t_apply = t0.elapsed() - t_verify;
+                Some(prepared)
+            }
+            Err(e) => {
+                tracing::error!("ledger batch failed: {e}");
+                None
+            }
+        }
+    }
+
+    /// Writes a prepared batch in the background: envelopes durable in the store first, then
+    /// the index rows that reference them, in one redb transaction.
+    fn start_commit(&mut self, mut prepared: Prepared) -> InFlight {
+        let shared = self.shared.clone();
+        let rows = prepared.rows.take();
+        let adds = std::mem::take(&mut prepared.adds);
+        let task = tokio::spawn(async move {
+            let Some(rows) = rows else {
+                return Ok(Duration::ZERO);
+            };
+            let tc = Instant::now();
+            let mut writer = shared.store.writer().await;
+            writer.add_many(adds, STORE_ADDS_IN_FLIGHT).await?;
+            writer.commit().await?;
+            let t_barrier = tc.elapsed();
+            let db_shared = shared.clone();
+            let result = tokio::task::spawn_blocking(move || db::write_rows(&db_shared.db, rows))
+                .await
+                .map_err(|e| Error::Unavailable(e.to_string()))
+                .and_then(|r| r);
+            // GC may look at the new blobs only now that the index referencing them is durable.
+            drop(writer);
+            tracing::debug!(
+                store_ms = t_barrier.as_millis() as u64,
+                index_ms = (tc.elapsed() - t_barrier).as_millis() as u64,
+                "ledger commit"
+            );
+            result.map(|()| tc.elapsed())
+        });
+        InFlight {
+            overlay: prepared.overlay.clone(),
+            task,
+            prepared,
+        }
+    }
+
+    /// Waits for a batch's commit, then publishes its checkpoint and events and answers its
+    /// jobs. Returns whether it committed.
+    async fn land(&mut self, f: InFlight) -> bool {
+        let committed = match f.task.await {
+            Ok(r) => r,
+            Err(e) => Err(Error::Unavailable(format!("commit task failed: {e}"))),
+        };
+        let p = f.prepared;
+        match committed {
+            Ok(t_commit) => {
+                tracing::debug!(
+                    events = p.jobs.len(),
+                    verify_ms = p.t_verify.as_millis() as u64,
+                    apply_ms = p.t_apply.as_millis() as u64,
+                    commit_ms = t_commit.as_millis() as u64,
+                    "ledger batch"
+                );
                 // Counters first: a caller that sees its reply must also see the new state.
                 self.update_pending_count();
-                let ledger = Ledger {
-                    shared: self.shared.clone(),
-                };
-                if let Err(e) = ledger.publish_checkpoint(&self.frontier) {
-                    tracing::error!("checkpoint failed: {e}");
+                if let Some(note) = p.note {
+                    *self
+                        .shared
+                        .checkpoint
+                        .write()
+                        .expect("invariant: checkpoint lock is never poisoned") = note;
                 }
-                for event in accepted_events {
-                    if let Some(record) = overlay.events.get(&event.id) {
+                for event in p.accepted_events {
+                    if let Some(record) = p.overlay.events.get(&event.id) {
                         let _ = self.shared.feed.send(Arc::new(Accepted {
                             record: record.clone(),
                             event,
                         }));
                     }
                 }
-                for key in &overlay.touched.forks {
-                    if let Some(proof) = self.state.forks.get(key) {
-                        let _ = self.shared.fork_feed.send(proof.clone());
-                    }
+                for proof in p.fork_proofs {
+                    let _ = self.shared.fork_feed.send(proof);
                 }
-                for (job, outcome) in jobs.into_iter().zip(outcomes) {
+                for (job, outcome) in p.jobs.into_iter().zip(p.outcomes) {
                     let Some(reply) = job.reply else { continue };
                     let body = &job.event.body;
                     let answer = match outcome {
@@ -1110,81 +1201,18 @@ impl Worker {
                     };
                     let _ = reply.send(answer);
                 }
+                true
             }
             Err(e) => {
                 tracing::error!("ledger commit failed: {e}");
-                for job in jobs {
+                for job in p.jobs {
                     if let Some(reply) = job.reply {
                         let _ = reply.send(Err(Error::Unavailable(format!("commit failed: {e}"))));
                     }
                 }
-                self.reload().await;
+                false
             }
         }
-    }
-
-    async fn commit(
-        &self,
-        overlay: &Overlay,
-        tree_nodes: &[(u8, u64, TreeHash)],
-        frontier: &Frontier,
-        new_pending: &[(EventId, BlobHash, u64, Vec<u8>)],
-        woken_pending: &[EventId],
-    ) -> Result<()> {
-        if overlay.accepted.is_empty()
-            && overlay.events.is_empty()
-            && new_pending.is_empty()
-            && woken_pending.is_empty()
-            && overlay.touched.forks.is_empty()
-        {
-            return Ok(());
-        }
-        let tc = Instant::now();
-        let mut writer = self.shared.store.writer().await;
-        let adds: Vec<Bytes> = overlay
-            .accepted
-            .iter()
-            .filter_map(|id| overlay.envelopes.get(id).cloned())
-            .chain(new_pending.iter().map(|(_, _, _, bytes)| bytes.clone()))
-            .map(Bytes::from)
-            .collect();
-        writer.add_many(adds, STORE_ADDS_IN_FLIGHT).await?;
-        let t_adds = tc.elapsed();
-        writer.commit().await?;
-        let t_barrier = tc.elapsed();
-        let size = frontier.size();
-        let mut rows = db::batch_rows(&self.state, overlay, tree_nodes)?;
-        for (id, blob, since, _) in new_pending {
-            rows.pending_add
-                .push((*id.as_bytes(), (*blob.as_bytes(), *since)));
-        }
-        rows.pending_remove = woken_pending.iter().map(|id| *id.as_bytes()).collect();
-        if !overlay.accepted.is_empty() {
-            let note = tlog::sign_checkpoint(
-                &Checkpoint {
-                    origin: self.shared.origin.clone(),
-                    size,
-                    root: frontier.root(),
-                },
-                &self.shared.origin,
-                &self.shared.key,
-            );
-            rows.checkpoint = Some((size, note));
-        }
-        let shared = self.shared.clone();
-        let result = tokio::task::spawn_blocking(move || db::write_rows(&shared.db, rows))
-            .await
-            .map_err(|e| Error::Unavailable(e.to_string()))
-            .and_then(|r| r);
-        // GC may look at the new blobs only now that the index referencing them is durable.
-        drop(writer);
-        tracing::debug!(
-            adds_ms = t_adds.as_millis() as u64,
-            barrier_ms = (t_barrier - t_adds).as_millis() as u64,
-            index_ms = (tc.elapsed() - t_barrier).as_millis() as u64,
-            "ledger commit"
-        );
-        result
     }
 
     async fn reload(&mut self) {
@@ -1218,8 +1246,102 @@ type BatchResult = (
     Vec<Arc<SignedEvent>>,
 );
 
+/// A batch applied in memory: its answers, and everything its commit writes and publishes.
+struct Prepared {
+    jobs: Vec<Job>,
+    outcomes: Vec<Outcome>,
+    /// What the batch added; the next batch looks here before the database.
+    overlay: Arc<Overlay>,
+    /// Index rows; `None` when the batch changed nothing durable.
+    rows: Option<db::BatchRows>,
+    /// Envelopes to store before the rows commit.
+    adds: Vec<Bytes>,
+    /// The signed checkpoint after this batch, published once it commits.
+    note: Option<String>,
+    accepted_events: Vec<Arc<SignedEvent>>,
+    fork_proofs: Vec<ForkProof>,
+    t_verify: Duration,
+    t_apply: Duration,
+}
+
+/// A batch whose commit runs in the background.
+struct InFlight {
+    overlay: Arc<Overlay>,
+    task: tokio::task::JoinHandle<Result<Duration>>,
+    prepared: Prepared,
+}
+
+/// Encodes what a batch writes (rows, envelopes, checkpoint) while the state is exactly the
+/// state after it.
+fn encode_batch(
+    shared: &Shared,
+    state: &State,
+    frontier: &Frontier,
+    parts: BatchResult,
+) -> Result<Prepared> {
+    let (jobs, outcomes, overlay, tree_nodes, new_pending, woken_pending, accepted_events) = parts;
+    let fork_proofs = overlay
+        .touched
+        .forks
+        .iter()
+        .filter_map(|key| state.forks.get(key).cloned())
+        .collect();
+    let changed = !(overlay.accepted.is_empty()
+        && overlay.events.is_empty()
+        && new_pending.is_empty()
+        && woken_pending.is_empty()
+        && overlay.touched.forks.is_empty());
+    let mut adds = Vec::new();
+    let mut rows = None;
+    let mut note = None;
+    if changed {
+        adds = overlay
+            .accepted
+            .iter()
+            .filter_map(|id| overlay.envelopes.get(id).cloned())
+            .chain(new_pending.iter().map(|(_, _, _, bytes)| bytes.clone()))
+            .map(Bytes::from)
+            .collect();
+        let mut r = db::batch_rows(state, &overlay, &tree_nodes)?;
+        for (id, blob, since, _) in &new_pending {
+            r.pending_add
+                .push((*id.as_bytes(), (*blob.as_bytes(), *since)));
+        }
+        r.pending_remove = woken_pending.iter().map(|id| *id.as_bytes()).collect();
+        if !overlay.accepted.is_empty() {
+            let size = frontier.size();
+            let signed = tlog::sign_checkpoint(
+                &Checkpoint {
+                    origin: shared.origin.clone(),
+                    size,
+                    root: frontier.root(),
+                },
+                &shared.origin,
+                &shared.key,
+            );
+            r.checkpoint = Some((size, signed.clone()));
+            note = Some(signed);
+        }
+        rows = Some(r);
+    }
+    Ok(Prepared {
+        jobs,
+        outcomes,
+        overlay: Arc::new(overlay),
+        rows,
+        adds,
+        note,
+        accepted_events,
+        fork_proofs,
+        t_verify: Duration::ZERO,
+        t_apply: Duration::ZERO,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
 fn apply_batch(
     shared: &Shared,
+    prev: &Overlay,
     state: &mut State,
     frontier: &mut Frontier,
     pending: &mut Pending,
@@ -1230,7 +1352,12 @@ fn apply_batch(
     let tx = shared.db.begin_read()?;
     let store = shared.store.clone();
     let fetch = move |hash: &BlobHash| read_envelope(&store, hash);
-    let view = DbView::new(&tx, &fetch)?;
+    let db_view = DbView::new(&tx, &fetch)?;
+    // The batch still committing is not in the database yet.
+    let view = Layered {
+        base: &db_view,
+        overlay: prev,
+    };
     let mut overlay = Overlay::default();
     let mut outcomes = Vec::with_capacity(jobs.len());
     let mut tree_nodes = Vec::new();
@@ -1328,6 +1455,7 @@ fn apply_batch(
         }
     }
     drop(view);
+    drop(db_view);
     Ok((
         jobs,
         outcomes,
@@ -1366,10 +1494,9 @@ impl GcRoots for LedgerRoots {
                 roots.insert(BlobHash::from_bytes(v.value().0));
             }
             for entry in tx.open_table(db::HOSTS)?.iter()? {
-                let (k, v) = entry?;
-                let hosts: std::collections::BTreeSet<AuthorKey> = db::decode(v.value())?;
-                if hosts.contains(&shared.node) {
-                    roots.insert(BlobHash::from_bytes(k.value()));
+                let (blob, host) = entry?.0.value();
+                if host == *shared.node.as_bytes() {
+                    roots.insert(BlobHash::from_bytes(blob));
                 }
             }
             for entry in tx.open_table(db::SKILLS)?.iter()? {
