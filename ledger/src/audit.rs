@@ -519,14 +519,17 @@ impl Ledger {
             let mut ids = Vec::with_capacity(stored.n_events as usize);
             let mut records = Vec::with_capacity(stored.n_events as usize);
             for entry in leaves.range(0..stored.n_events)? {
-                let (_, id) = entry?;
-                let id = EventId::from_bytes(id.value());
-                let record: EventRecord = match events.get(*id.as_bytes())? {
-                    Some(v) => db::decode(v.value())?,
-                    None => return Err(Error::Corrupt(format!("leaf {id} has no record"))),
-                };
-                ids.push(id);
-                records.push(record);
+                ids.push(EventId::from_bytes(entry?.1.value()));
+            }
+            for entry in events.range(0..stored.n_events)? {
+                records.push(db::decode::<EventRecord>(entry?.1.value())?);
+            }
+            if records.len() != ids.len() {
+                return Err(Error::Corrupt(format!(
+                    "{} leaves but {} event records",
+                    ids.len(),
+                    records.len()
+                )));
             }
             let mut sizes = Vec::new();
             for entry in tx.open_table(db::CHECKPOINTS)?.iter()? {

@@ -1,6 +1,7 @@
 //! The ledger's index database (redb): events, logs, the transparency tree, derived state,
 //! checkpoints and pending events. Values are postcard-encoded records of `fold`.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use meshnode_schemas::{AuthorKey, BlobHash, EventId};
@@ -18,8 +19,24 @@ type Key32 = [u8; 32];
 
 /// Scalars: `n_events`, `supply` (u64 as 8 bytes LE) and `last_audit` (a signed note).
 pub(crate) const META: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("meta");
-/// EventId → EventRecord.
-pub(crate) const EVENTS: TableDefinition<'static, Key32, &[u8]> = TableDefinition::new("events");
+/// Leaf index → EventRecord. Keyed by acceptance order so that a batch appends at the right
+/// edge of the tree; the EventId → leaf index map is kept in memory ([`EventIds`]), rebuilt
+/// from `leaves` on open.
+pub(crate) const EVENTS: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("events");
+
+/// EventId → leaf index of every committed event.
+pub(crate) type EventIds = HashMap<EventId, u64>;
+
+/// Builds [`EventIds`] from the `leaves` table.
+pub(crate) fn load_ids(tx: &ReadTransaction, n_events: u64) -> Result<EventIds> {
+    let leaves = tx.open_table(LEAVES)?;
+    let mut ids = HashMap::with_capacity(n_events as usize);
+    for entry in leaves.range(0..n_events)? {
+        let (index, id) = entry?;
+        ids.insert(EventId::from_bytes(id.value()), index.value());
+    }
+    Ok(ids)
+}
 /// (author, seq) → EventId of the accepted event.
 pub(crate) const LOG: TableDefinition<'static, (Key32, u64), Key32> = TableDefinition::new("log");
 /// Transparency-log leaf index → EventId (acceptance order).
@@ -55,7 +72,7 @@ pub(crate) const FORKS: TableDefinition<'static, (Key32, u64), &[u8]> =
 pub(crate) const UNCOVERED: TableDefinition<'static, (Key32, Key32), ()> =
     TableDefinition::new("uncovered");
 /// Version of the row formats in this database (META `format`).
-pub(crate) const FORMAT: u64 = 3;
+pub(crate) const FORMAT: u64 = 4;
 /// EventId → envelope BlobHash and arrival time (ms) of events waiting for prev or deps.
 pub(crate) const PENDING: TableDefinition<'static, Key32, (Key32, u64)> =
     TableDefinition::new("pending");
@@ -71,7 +88,28 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
 /// Opens (or creates) the database and every table.
 pub(crate) fn open(path: &Path) -> Result<Database> {
     let db = Database::create(path)?;
+    // The format first: tables of an older layout may have other key types.
     let tx = db.begin_write()?;
+    tx.open_table(META)?;
+    tx.commit()?;
+    let tx = db.begin_read()?;
+    let n_events = meta_u64(&tx, "n_events")?;
+    let format = meta_u64(&tx, "format")?;
+    drop(tx);
+    if format != FORMAT && n_events > 0 {
+        return Err(Error::Corrupt(format!(
+            "the ledger index at {} has row format {format}, this build reads {FORMAT}; it \
+             was written by an older development build: start from a new data dir",
+            path.display()
+        )));
+    }
+    let tx = db.begin_write()?;
+    if format != FORMAT {
+        // An empty index of an older layout: drop the tables whose key types changed.
+        for name in ["events", "state_hosts"] {
+            tx.delete_table(redb::TableDefinition::<&str, ()>::new(name))?;
+        }
+    }
     {
         tx.open_table(META)?;
         tx.open_table(EVENTS)?;
@@ -92,18 +130,7 @@ pub(crate) fn open(path: &Path) -> Result<Database> {
         tx.open_table(UNCOVERED)?;
     }
     tx.commit()?;
-    let tx = db.begin_read()?;
-    let n_events = meta_u64(&tx, "n_events")?;
-    let format = meta_u64(&tx, "format")?;
-    drop(tx);
     if format != FORMAT {
-        if n_events > 0 {
-            return Err(Error::Corrupt(format!(
-                "the ledger index at {} has row format {format}, this build reads {FORMAT}; it \
-                 was written by an older development build: start from a new data dir",
-                path.display()
-            )));
-        }
         let tx = db.begin_write()?;
         tx.open_table(META)?
             .insert("format", FORMAT.to_le_bytes().as_slice())?;
@@ -218,7 +245,7 @@ pub(crate) enum StateTable {
 /// Everything one batch writes, encoded, so that the write can run on a blocking thread.
 #[derive(Default)]
 pub(crate) struct BatchRows {
-    events: Vec<(Key32, Vec<u8>)>,
+    events: Vec<(u64, Vec<u8>)>,
     log: Vec<((Key32, u64), Key32)>,
     leaves: Vec<(u64, Key32)>,
     tree: Vec<(u8, u64, TreeHash)>,
@@ -253,7 +280,8 @@ pub(crate) fn batch_rows(
         ..BatchRows::default()
     };
     for (id, record) in &overlay.events {
-        rows.events.push((*id.as_bytes(), encode(record)?));
+        debug_assert_eq!(*id, record.id);
+        rows.events.push((record.index, encode(record)?));
     }
     for ((author, seq), id) in &overlay.log {
         rows.log.push(((*author.as_bytes(), *seq), *id.as_bytes()));
@@ -413,7 +441,8 @@ pub(crate) fn write_rows(db: &Database, rows: BatchRows) -> Result<()> {
 
 /// [`Lookup`] and [`Nodes`] over a read transaction, with envelopes read through `envelope`.
 pub(crate) struct DbView<'a, F: Fn(&BlobHash) -> Result<Option<Vec<u8>>>> {
-    pub(crate) events: redb::ReadOnlyTable<Key32, &'static [u8]>,
+    pub(crate) ids: &'a EventIds,
+    pub(crate) events: redb::ReadOnlyTable<u64, &'static [u8]>,
     pub(crate) log: redb::ReadOnlyTable<(Key32, u64), Key32>,
     pub(crate) versions: redb::ReadOnlyTable<Key32, &'static [u8]>,
     pub(crate) leaves: redb::ReadOnlyTable<u64, Key32>,
@@ -422,8 +451,9 @@ pub(crate) struct DbView<'a, F: Fn(&BlobHash) -> Result<Option<Vec<u8>>>> {
 }
 
 impl<'a, F: Fn(&BlobHash) -> Result<Option<Vec<u8>>>> DbView<'a, F> {
-    pub(crate) fn new(tx: &ReadTransaction, envelope: &'a F) -> Result<Self> {
+    pub(crate) fn new(tx: &ReadTransaction, ids: &'a EventIds, envelope: &'a F) -> Result<Self> {
         Ok(Self {
+            ids,
             events: tx.open_table(EVENTS)?,
             log: tx.open_table(LOG)?,
             versions: tx.open_table(VERSIONS)?,
@@ -436,9 +466,14 @@ impl<'a, F: Fn(&BlobHash) -> Result<Option<Vec<u8>>>> DbView<'a, F> {
 
 impl<F: Fn(&BlobHash) -> Result<Option<Vec<u8>>>> Lookup for DbView<'_, F> {
     fn event(&self, id: &EventId) -> Result<Option<EventRecord>> {
-        match self.events.get(*id.as_bytes())? {
+        let Some(index) = self.ids.get(id) else {
+            return Ok(None);
+        };
+        match self.events.get(*index)? {
             Some(v) => Ok(Some(decode(v.value())?)),
-            None => Ok(None),
+            None => Err(Error::Corrupt(format!(
+                "event {id} is leaf {index} but has no record"
+            ))),
         }
     }
     fn at(&self, author: &AuthorKey, seq: u64) -> Result<Option<EventId>> {

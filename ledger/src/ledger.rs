@@ -198,6 +198,8 @@ struct Shared {
     node: AuthorKey,
     origin: String,
     checkpoint: RwLock<String>,
+    /// EventId → leaf index of every committed event (the `events` table is keyed by leaf).
+    ids: RwLock<db::EventIds>,
     feed: broadcast::Sender<Arc<Accepted>>,
     fork_feed: broadcast::Sender<ForkProof>,
     tx: mpsc::Sender<Job>,
@@ -205,6 +207,22 @@ struct Shared {
     dir: PathBuf,
     stop: Mutex<Option<oneshot::Sender<()>>>,
     worker: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// The answer to one queued submission ([`Ledger::enqueue_many`]).
+#[derive(Debug)]
+pub struct Receipt(Result<oneshot::Receiver<Result<Submitted>>>);
+
+impl Receipt {
+    /// Waits until the event is durably accepted, known as a duplicate, pending or rejected.
+    pub async fn wait(self) -> Result<Submitted> {
+        match self.0 {
+            Ok(wait) => wait
+                .await
+                .unwrap_or_else(|_| Err(Error::Unavailable("ledger worker stopped".into()))),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// The ledger of one node. Cheap to clone.
@@ -285,6 +303,7 @@ impl Ledger {
             node,
             origin,
             checkpoint: RwLock::new(String::new()),
+            ids: RwLock::new(db::EventIds::new()),
             feed,
             fork_feed,
             tx,
@@ -297,9 +316,15 @@ impl Ledger {
         let (state, frontier, pending_rows) = tokio::task::spawn_blocking(move || {
             let state = db::load_state(&load.db)?;
             let tx = load.db.begin_read()?;
+            let ids = db::load_ids(&tx, state.n_events)?;
             let noop = |_: &BlobHash| Ok(None);
-            let view = DbView::new(&tx, &noop)?;
+            let view = DbView::new(&tx, &ids, &noop)?;
             let frontier = Frontier::load(&view, state.n_events)?;
+            drop(view);
+            *load
+                .ids
+                .write()
+                .expect("invariant: id map lock is never poisoned") = ids;
             let mut rows = Vec::new();
             for entry in tx.open_table(db::PENDING)?.iter()? {
                 let (k, v) = entry?;
@@ -455,6 +480,19 @@ impl Ledger {
 
     /// Submits many envelopes at once (import, benchmarks); results in the same order.
     pub async fn submit_many(&self, envelopes: Vec<Bytes>) -> Vec<Result<Submitted>> {
+        let receipts = self.enqueue_many(envelopes).await;
+        let mut out = Vec::with_capacity(receipts.len());
+        for receipt in receipts {
+            out.push(receipt.wait().await);
+        }
+        out
+    }
+
+    /// Queues many envelopes in order (waiting for room in the queue) and returns without
+    /// waiting for them to commit; each [`Receipt`] resolves when its event's batch is
+    /// durable. Callers that keep the queue full this way let the worker apply one batch
+    /// while the previous one commits.
+    pub async fn enqueue_many(&self, envelopes: Vec<Bytes>) -> Vec<Receipt> {
         // Decoding (canonical checks) is CPU work: spread it over the cores.
         let decoded: Vec<Result<SignedEvent>> = tokio::task::spawn_blocking(move || {
             envelopes
@@ -487,16 +525,7 @@ impl Ledger {
                 Err(e) => waits.push(Err(e)),
             }
         }
-        let mut out = Vec::with_capacity(waits.len());
-        for wait in waits {
-            out.push(match wait {
-                Ok(wait) => wait
-                    .await
-                    .unwrap_or_else(|_| Err(Error::Unavailable("ledger worker stopped".into()))),
-                Err(e) => Err(e),
-            });
-        }
-        out
+        waits.into_iter().map(Receipt).collect()
     }
 
     /// Subscribes to accepted events (bounded; a lagging subscriber catches up with
@@ -559,12 +588,25 @@ impl Ledger {
 
     /// The record of an accepted event.
     pub fn event_record(&self, id: &EventId) -> Result<Option<EventRecord>> {
+        // The map first: an id in it is committed, so a transaction begun after sees it.
+        let Some(index) = self.ids().get(id).copied() else {
+            return Ok(None);
+        };
         let tx = self.read()?;
         let table = tx.open_table(db::EVENTS)?;
-        match table.get(*id.as_bytes())? {
+        match table.get(index)? {
             Some(v) => Ok(Some(db::decode(v.value())?)),
-            None => Ok(None),
+            None => Err(Error::Corrupt(format!(
+                "event {id} is leaf {index} but has no record"
+            ))),
         }
+    }
+
+    fn ids(&self) -> std::sync::RwLockReadGuard<'_, db::EventIds> {
+        self.shared
+            .ids
+            .read()
+            .expect("invariant: id map lock is never poisoned")
     }
 
     /// An accepted event with its decoded envelope.
@@ -591,15 +633,10 @@ impl Ledger {
     ) -> Result<Vec<(EventRecord, SignedEvent)>> {
         let records: Vec<EventRecord> = {
             let tx = self.read()?;
-            let leaves = tx.open_table(db::LEAVES)?;
             let events = tx.open_table(db::EVENTS)?;
             let mut out = Vec::new();
-            for entry in leaves.range(start..)?.take(limit) {
-                let (_, id) = entry?;
-                let v = events
-                    .get(id.value())?
-                    .ok_or_else(|| Error::Corrupt("leaf without event".into()))?;
-                out.push(db::decode(v.value())?);
+            for entry in events.range(start..)?.take(limit) {
+                out.push(db::decode(entry?.1.value())?);
             }
             out
         };
@@ -624,6 +661,7 @@ impl Ledger {
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<EventRecord>> {
+        let ids = self.ids();
         let tx = self.read()?;
         let log = tx.open_table(db::LOG)?;
         let events = tx.open_table(db::EVENTS)?;
@@ -634,8 +672,11 @@ impl Ledger {
             .take(limit)
         {
             let (_, id) = entry?;
-            let v = events
-                .get(id.value())?
+            let v = ids
+                .get(&EventId::from_bytes(id.value()))
+                .map(|index| events.get(*index))
+                .transpose()?
+                .flatten()
                 .ok_or_else(|| Error::Corrupt("log entry without event".into()))?;
             out.push(db::decode(v.value())?);
         }
@@ -822,7 +863,8 @@ impl Ledger {
             }
         };
         let noop: fn(&BlobHash) -> Result<Option<Vec<u8>>> = |_| Ok(None);
-        let view = DbView::new(&tx, &noop)?;
+        let ids = self.ids();
+        let view = DbView::new(&tx, &ids, &noop)?;
         f(&view, size)
     }
 
@@ -920,10 +962,10 @@ impl Worker {
                 match rx.try_recv() {
                     Ok(job) => jobs.push(job),
                     Err(_) => {
-                        if let Some(f) = self.in_flight.take() {
-                            if !self.land(f).await {
-                                self.reload().await;
-                            }
+                        if let Some(f) = self.in_flight.take()
+                            && !self.land(f).await
+                        {
+                            self.reload().await;
                         }
                         continue;
                     }
@@ -1154,6 +1196,18 @@ impl Worker {
                 );
                 // Counters first: a caller that sees its reply must also see the new state.
                 self.update_pending_count();
+                if !p.overlay.accepted.is_empty() {
+                    let mut ids = self
+                        .shared
+                        .ids
+                        .write()
+                        .expect("invariant: id map lock is never poisoned");
+                    for id in &p.overlay.accepted {
+                        if let Some(record) = p.overlay.events.get(id) {
+                            ids.insert(*id, record.index);
+                        }
+                    }
+                }
                 if let Some(note) = p.note {
                     *self
                         .shared
@@ -1220,8 +1274,12 @@ impl Worker {
         let loaded = tokio::task::spawn_blocking(move || {
             let state = db::load_state(&shared.db)?;
             let tx = shared.db.begin_read()?;
+            let ids = shared
+                .ids
+                .read()
+                .expect("invariant: id map lock is never poisoned");
             let noop = |_: &BlobHash| Ok(None);
-            let view = DbView::new(&tx, &noop)?;
+            let view = DbView::new(&tx, &ids, &noop)?;
             let frontier = Frontier::load(&view, state.n_events)?;
             Ok::<_, Error>((state, frontier))
         })
@@ -1352,7 +1410,11 @@ fn apply_batch(
     let tx = shared.db.begin_read()?;
     let store = shared.store.clone();
     let fetch = move |hash: &BlobHash| read_envelope(&store, hash);
-    let db_view = DbView::new(&tx, &fetch)?;
+    let ids = shared
+        .ids
+        .read()
+        .expect("invariant: id map lock is never poisoned");
+    let db_view = DbView::new(&tx, &ids, &fetch)?;
     // The batch still committing is not in the database yet.
     let view = Layered {
         base: &db_view,
@@ -1454,8 +1516,8 @@ fn apply_batch(
             }
         }
     }
-    drop(view);
     drop(db_view);
+    drop(ids);
     Ok((
         jobs,
         outcomes,

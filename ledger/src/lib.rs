@@ -21,7 +21,7 @@ pub use fold::{
 };
 pub use ledger::{
     Accepted, Account, BATCH_EVENTS_MAX, FEED_CAPACITY, Ledger, LedgerConfig, PENDING_EVENTS_MAX,
-    QUEUE_EVENTS_MAX, Status, Submitted,
+    QUEUE_EVENTS_MAX, Receipt, Status, Submitted,
 };
 
 #[cfg(test)]
