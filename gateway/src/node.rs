@@ -181,6 +181,7 @@ impl Node {
             .with_context(|| format!("genesis {}", genesis_path.display()))?;
         let net = BlobHash::of(&genesis_bytes);
         let token = read_token(data_dir)?;
+        let opening = Instant::now();
         let store = Store::open(
             &data_dir.join(files::BLOBS),
             StoreConfig {
@@ -189,6 +190,7 @@ impl Node {
         )
         .await?;
         store.add_bytes(genesis_bytes, PinMode::Pin).await?;
+        tracing::info!(ms = opening.elapsed().as_millis() as u64, "blob store open");
         let ledger = Ledger::open(
             &data_dir.join(files::LEDGER),
             store.clone(),
@@ -199,6 +201,7 @@ impl Node {
         )
         .await
         .context("opening the ledger")?;
+        tracing::info!(ms = opening.elapsed().as_millis() as u64, "ledger open");
         let query = Query::open(
             &data_dir.join(files::QUERY),
             ledger.clone(),
@@ -217,6 +220,10 @@ impl Node {
         )
         .await
         .context("opening the query tables")?;
+        tracing::info!(
+            ms = opening.elapsed().as_millis() as u64,
+            "query tables open"
+        );
         Ok(Self {
             data_dir: data_dir.to_path_buf(),
             config,

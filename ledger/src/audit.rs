@@ -730,7 +730,7 @@ impl Ledger {
         }
         let report = replay.report(audited.clone(), previous_size, started);
         if report.ok {
-            let tx = self.db().begin_write()?;
+            let tx = db::begin_write(self.db())?;
             tx.open_table(db::META)?
                 .insert("last_audit", audited.as_bytes())?;
             tx.commit()?;

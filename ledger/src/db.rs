@@ -89,7 +89,7 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
 pub(crate) fn open(path: &Path) -> Result<Database> {
     let db = Database::create(path)?;
     // The format first: tables of an older layout may have other key types.
-    let tx = db.begin_write()?;
+    let tx = begin_write(&db)?;
     tx.open_table(META)?;
     tx.commit()?;
     let tx = db.begin_read()?;
@@ -103,7 +103,7 @@ pub(crate) fn open(path: &Path) -> Result<Database> {
             path.display()
         )));
     }
-    let tx = db.begin_write()?;
+    let tx = begin_write(&db)?;
     if format != FORMAT {
         // An empty index of an older layout: drop the tables whose key types changed.
         for name in ["events", "state_hosts"] {
@@ -131,7 +131,7 @@ pub(crate) fn open(path: &Path) -> Result<Database> {
     }
     tx.commit()?;
     if format != FORMAT {
-        let tx = db.begin_write()?;
+        let tx = begin_write(&db)?;
         tx.open_table(META)?
             .insert("format", FORMAT.to_le_bytes().as_slice())?;
         tx.commit()?;
@@ -349,8 +349,18 @@ pub(crate) fn batch_rows(
 }
 
 /// Writes a batch in one transaction and commits it durably.
+/// A write transaction that records the allocator state with its commit (redb quick-repair),
+/// so that opening after a crash does not walk the whole index (seconds per GiB).
+pub(crate) fn begin_write(
+    db: &Database,
+) -> std::result::Result<redb::WriteTransaction, redb::TransactionError> {
+    let mut tx = db.begin_write()?;
+    tx.set_quick_repair(true);
+    Ok(tx)
+}
+
 pub(crate) fn write_rows(db: &Database, rows: BatchRows) -> Result<()> {
-    let tx = db.begin_write()?;
+    let tx = begin_write(db)?;
     {
         let mut events = tx.open_table(EVENTS)?;
         for (k, v) in &rows.events {

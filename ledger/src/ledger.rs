@@ -1012,7 +1012,7 @@ impl Worker {
         }
         let shared = self.shared.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let tx = shared.db.begin_write()?;
+            let tx = db::begin_write(&shared.db)?;
             {
                 let mut table = tx.open_table(db::PENDING)?;
                 for id in &expired {

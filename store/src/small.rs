@@ -35,6 +35,14 @@ fn db_error(e: impl std::fmt::Display) -> Error {
     Error::Backend(format!("small blob table: {e}"))
 }
 
+/// A write transaction that records the allocator state with its commit (redb quick-repair),
+/// so that opening after a crash does not walk the whole table (seconds per GiB).
+fn begin_write(db: &Database) -> Result<redb::WriteTransaction> {
+    let mut tx = db.begin_write().map_err(db_error)?;
+    tx.set_quick_repair(true);
+    Ok(tx)
+}
+
 #[derive(Debug)]
 pub(crate) struct SmallBlobs {
     db: Database,
@@ -47,7 +55,7 @@ pub(crate) struct SmallBlobs {
 impl SmallBlobs {
     pub(crate) fn open(path: &Path) -> Result<Self> {
         let db = Database::create(path).map_err(db_error)?;
-        let tx = db.begin_write().map_err(db_error)?;
+        let tx = begin_write(&db)?;
         tx.open_table(DATA).map_err(db_error)?;
         tx.open_table(KEYS).map_err(db_error)?;
         tx.commit().map_err(db_error)?;
@@ -116,7 +124,7 @@ impl SmallBlobs {
         }
         let mut next = self.next.lock().expect("invariant: lock is never poisoned");
         let mut added: Vec<(BlobHash, u64)> = Vec::with_capacity(items.len());
-        let tx = self.db.begin_write().map_err(db_error)?;
+        let tx = begin_write(&self.db)?;
         {
             let index = self
                 .index
@@ -233,7 +241,7 @@ impl SmallBlobs {
         if seqs.is_empty() {
             return Ok(0);
         }
-        let tx = self.db.begin_write().map_err(db_error)?;
+        let tx = begin_write(&self.db)?;
         {
             let mut data = tx.open_table(DATA).map_err(db_error)?;
             let mut keys = tx.open_table(KEYS).map_err(db_error)?;
