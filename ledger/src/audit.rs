@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use meshnode_schemas::{AuthorKey, BlobHash, EventId, Genesis, SignedEvent};
 use rayon::prelude::*;
@@ -366,10 +366,14 @@ async fn prepare_chunks(
     tx: tokio::sync::mpsc::Sender<Prepared>,
 ) -> Result<()> {
     let keys = std::sync::Arc::new(keys);
+    let (mut fetching, mut verifying, mut sending) =
+        (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     for (chunk_idx, chunk) in records.chunks(AUDIT_CHUNK_EVENTS).enumerate() {
         let base = (chunk_idx * AUDIT_CHUNK_EVENTS) as u64;
         let hashes: Vec<BlobHash> = chunk.iter().map(|r| r.envelope).collect();
+        let t0 = Instant::now();
         let fetched = fetch_envelopes(store.clone(), hashes).await;
+        fetching += t0.elapsed();
         let mut findings = Vec::new();
         let mut present = Vec::with_capacity(chunk.len());
         for (offset, (record, bytes)) in chunk.iter().zip(fetched).enumerate() {
@@ -396,6 +400,7 @@ async fn prepare_chunks(
             .map(|(position, _)| ids[*position as usize])
             .collect();
         let keys = keys.clone();
+        let t0 = Instant::now();
         // Decoding (canonical checks) and signatures run on all cores.
         let prepared = tokio::task::spawn_blocking(move || {
             let decoded_all: Vec<(u64, EventId, Result<SignedEvent>)> = present
@@ -449,10 +454,14 @@ async fn prepare_chunks(
         })
         .await
         .map_err(|e| Error::Unavailable(e.to_string()))?;
+        verifying += t0.elapsed();
+        let t0 = Instant::now();
         if tx.send(prepared).await.is_err() {
             return Ok(());
         }
+        sending += t0.elapsed();
     }
+    tracing::debug!(?fetching, ?verifying, ?sending, "audit reader done");
     if let Some(mut w) = writer {
         w.flush()?;
     }
@@ -575,7 +584,11 @@ impl Ledger {
             .collect();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Prepared>(2);
         let producer = tokio::spawn(prepare_chunks(store, records, ids, keys, writer, tx));
+        let (mut waiting, mut folding) = (Duration::ZERO, Duration::ZERO);
+        let mut t0 = Instant::now();
         while let Some(chunk) = rx.recv().await {
+            waiting += t0.elapsed();
+            t0 = Instant::now();
             for (code, message) in chunk.findings {
                 replay.finding(code, message);
             }
@@ -584,7 +597,10 @@ impl Ledger {
             {
                 replay.apply(position, event, verified_with);
             }
+            folding += t0.elapsed();
+            t0 = Instant::now();
         }
+        tracing::debug!(?waiting, ?folding, "audit fold done");
         producer
             .await
             .map_err(|e| Error::Unavailable(format!("audit reader stopped: {e}")))??;

@@ -209,18 +209,35 @@ impl FromStr for EventId {
     }
 }
 
+/// Keys that passed [`AuthorKey::verifying_key`], decompressed. A mesh has far fewer authors than
+/// events, and every event names its author (and transfers a recipient): without this each
+/// event would pay two or three point decompressions on top of its signature check.
+const KEY_CACHE_ENTRIES: usize = 1 << 16;
+
+fn key_cache() -> &'static quick_cache::sync::Cache<[u8; ID_BYTES], ed25519_dalek::VerifyingKey> {
+    static CACHE: OnceLock<quick_cache::sync::Cache<[u8; ID_BYTES], ed25519_dalek::VerifyingKey>> =
+        OnceLock::new();
+    CACHE.get_or_init(|| quick_cache::sync::Cache::new(KEY_CACHE_ENTRIES))
+}
+
 impl AuthorKey {
     /// Decodes the key for verification, refusing encodings that are not canonical and
-    /// small-order (weak) keys.
+    /// small-order (weak) keys. Valid keys are remembered (a bounded cache), so repeated
+    /// authors cost a lookup, not a decompression.
     pub fn verifying_key(&self) -> Result<ed25519_dalek::VerifyingKey> {
+        if let Some(key) = key_cache().get(&self.0) {
+            return Ok(key);
+        }
         let key = ed25519_dalek::VerifyingKey::from_bytes(&self.0)
             .map_err(|_| Error::BadKey("not a valid Ed25519 point".into()))?;
-        if key.to_bytes() != self.0 {
+        // Decompression reduces y modulo p, so y + p decodes too; re-encoding tells.
+        if key.to_edwards().compress().to_bytes() != self.0 {
             return Err(Error::BadKey("non-canonical point encoding".into()));
         }
         if key.is_weak() {
             return Err(Error::BadKey("small-order (weak) key".into()));
         }
+        key_cache().insert(self.0, key);
         Ok(key)
     }
 

@@ -252,6 +252,21 @@ fn refuses_weak_and_non_canonical_keys() {
         AuthorKey::from_hex("edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f")
             .expect("hex");
     assert!(non_canonical.validate().is_err());
+    // y = 3 is on the curve and of large order; y = 3 + p encodes the same point.
+    let three =
+        AuthorKey::from_hex("0300000000000000000000000000000000000000000000000000000000000000")
+            .expect("hex");
+    assert!(three.validate().is_ok());
+    let three_plus_p =
+        AuthorKey::from_hex("f0ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f")
+            .expect("hex");
+    assert!(
+        matches!(three_plus_p.validate(), Err(Error::BadKey(m)) if m.contains("non-canonical")),
+        "a non-canonical encoding of a valid point was accepted"
+    );
+    // The cache of valid keys must not let the other encoding through either.
+    assert!(three.validate().is_ok());
+    assert!(three_plus_p.validate().is_err());
     assert!(author_of(&key(1)).validate().is_ok());
 }
 
