@@ -190,7 +190,7 @@ impl Node {
         )
         .await?;
         store.add_bytes(genesis_bytes, PinMode::Pin).await?;
-        tracing::info!(ms = opening.elapsed().as_millis() as u64, "blob store open");
+        let store_ms = opening.elapsed().as_millis() as u64;
         let ledger = Ledger::open(
             &data_dir.join(files::LEDGER),
             store.clone(),
@@ -201,7 +201,7 @@ impl Node {
         )
         .await
         .context("opening the ledger")?;
-        tracing::info!(ms = opening.elapsed().as_millis() as u64, "ledger open");
+        let ledger_ms = opening.elapsed().as_millis() as u64;
         let query = Query::open(
             &data_dir.join(files::QUERY),
             ledger.clone(),
@@ -220,10 +220,13 @@ impl Node {
         )
         .await
         .context("opening the query tables")?;
-        tracing::info!(
-            ms = opening.elapsed().as_millis() as u64,
-            "query tables open"
-        );
+        let total_ms = opening.elapsed().as_millis() as u64;
+        // Cumulative milliseconds; worth a line at the default level only when slow.
+        if total_ms >= 1000 {
+            tracing::info!(store_ms, ledger_ms, total_ms, "node opened");
+        } else {
+            tracing::debug!(store_ms, ledger_ms, total_ms, "node opened");
+        }
         Ok(Self {
             data_dir: data_dir.to_path_buf(),
             config,
