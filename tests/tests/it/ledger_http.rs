@@ -257,6 +257,11 @@ async fn bad_events_get_specific_codes_and_change_nothing() {
             "non-canonical key",
             "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
         ),
+        // y = 3 + p: the same (large-order) point as y = 3, in a non-canonical encoding.
+        (
+            "non-canonical key of a valid point",
+            "f0ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        ),
     ] {
         let mut b = w.body(author_of(&alice), &[], transfer(&bob, 1));
         b.author = AuthorKey::from_hex(hex_key).expect("hex");
