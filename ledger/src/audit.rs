@@ -584,23 +584,36 @@ impl Ledger {
             .collect();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Prepared>(2);
         let producer = tokio::spawn(prepare_chunks(store, records, ids, keys, writer, tx));
-        let (mut waiting, mut folding) = (Duration::ZERO, Duration::ZERO);
-        let mut t0 = Instant::now();
-        while let Some(chunk) = rx.recv().await {
-            waiting += t0.elapsed();
-            t0 = Instant::now();
-            for (code, message) in chunk.findings {
-                replay.finding(code, message);
+        // The fold is CPU work (seconds at a million events): off the async workers, so the
+        // node keeps answering requests while it audits.
+        let folded = tokio::task::spawn_blocking(move || {
+            let (mut waiting, mut folding) = (Duration::ZERO, Duration::ZERO);
+            let mut t0 = Instant::now();
+            while let Some(chunk) = rx.blocking_recv() {
+                waiting += t0.elapsed();
+                t0 = Instant::now();
+                for (code, message) in chunk.findings {
+                    replay.finding(code, message);
+                }
+                for ((event, position), verified_with) in
+                    chunk.events.iter().zip(chunk.positions).zip(chunk.verified)
+                {
+                    replay.apply(position, event, verified_with);
+                }
+                folding += t0.elapsed();
+                t0 = Instant::now();
             }
-            for ((event, position), verified_with) in
-                chunk.events.iter().zip(chunk.positions).zip(chunk.verified)
-            {
-                replay.apply(position, event, verified_with);
+            tracing::debug!(?waiting, ?folding, "audit fold done");
+            replay
+        })
+        .await;
+        let mut replay = match folded {
+            Ok(replay) => replay,
+            Err(e) => {
+                producer.abort();
+                return Err(Error::Unavailable(format!("audit fold stopped: {e}")));
             }
-            folding += t0.elapsed();
-            t0 = Instant::now();
-        }
-        tracing::debug!(?waiting, ?folding, "audit fold done");
+        };
         producer
             .await
             .map_err(|e| Error::Unavailable(format!("audit reader stopped: {e}")))??;
