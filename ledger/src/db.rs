@@ -348,7 +348,6 @@ pub(crate) fn batch_rows(
     Ok(rows)
 }
 
-/// Writes a batch in one transaction and commits it durably.
 /// A write transaction that records the allocator state with its commit (redb quick-repair),
 /// so that opening after a crash does not walk the whole index (seconds per GiB).
 pub(crate) fn begin_write(
@@ -359,6 +358,22 @@ pub(crate) fn begin_write(
     Ok(tx)
 }
 
+/// Inserts (`true`) or removes (`false`) the keys of a set-valued table, in order.
+fn apply_set_changes(
+    table: &mut redb::Table<'_, (Key32, Key32), ()>,
+    changes: &[((Key32, Key32), bool)],
+) -> Result<()> {
+    for (k, added) in changes {
+        if *added {
+            table.insert(*k, ())?;
+        } else {
+            table.remove(*k)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes a batch in one transaction and commits it durably.
 pub(crate) fn write_rows(db: &Database, rows: BatchRows) -> Result<()> {
     let tx = begin_write(db)?;
     {
@@ -415,22 +430,8 @@ pub(crate) fn write_rows(db: &Database, rows: BatchRows) -> Result<()> {
                 }
             }
         }
-        let mut uncovered = tx.open_table(UNCOVERED)?;
-        for (k, added) in &rows.uncovered {
-            if *added {
-                uncovered.insert(*k, ())?;
-            } else {
-                uncovered.remove(*k)?;
-            }
-        }
-        let mut hosts = tx.open_table(HOSTS)?;
-        for (k, added) in &rows.hosts {
-            if *added {
-                hosts.insert(*k, ())?;
-            } else {
-                hosts.remove(*k)?;
-            }
-        }
+        apply_set_changes(&mut tx.open_table(UNCOVERED)?, &rows.uncovered)?;
+        apply_set_changes(&mut tx.open_table(HOSTS)?, &rows.hosts)?;
         let mut pending = tx.open_table(PENDING)?;
         for (k, v) in &rows.pending_add {
             pending.insert(*k, *v)?;

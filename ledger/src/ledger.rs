@@ -1045,7 +1045,7 @@ impl Worker {
         let prev = self
             .in_flight
             .as_ref()
-            .map(|f| f.overlay.clone())
+            .map(|f| f.prepared.overlay.clone())
             .unwrap_or_default();
         let prepared = self.prepare(jobs, prev).await;
         let landed = match self.in_flight.take() {
@@ -1170,11 +1170,7 @@ impl Worker {
             );
             result.map(|()| tc.elapsed())
         });
-        InFlight {
-            overlay: prepared.overlay.clone(),
-            task,
-            prepared,
-        }
+        InFlight { task, prepared }
     }
 
     /// Waits for a batch's commit, then publishes its checkpoint and events and answers its
@@ -1324,7 +1320,6 @@ struct Prepared {
 
 /// A batch whose commit runs in the background.
 struct InFlight {
-    overlay: Arc<Overlay>,
     task: tokio::task::JoinHandle<Result<Duration>>,
     prepared: Prepared,
 }

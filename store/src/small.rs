@@ -133,15 +133,14 @@ impl SmallBlobs {
             let mut in_batch = HashSet::with_capacity(items.len());
             let mut data = tx.open_table(DATA).map_err(db_error)?;
             let mut keys = tx.open_table(KEYS).map_err(db_error)?;
-            let mut seq = *next;
             for (hash, bytes) in items {
                 if index.contains_key(hash) || !in_batch.insert(*hash) {
                     continue;
                 }
+                let seq = *next + added.len() as u64;
                 data.insert(seq, bytes.as_ref()).map_err(db_error)?;
                 keys.insert(seq, *hash.as_bytes()).map_err(db_error)?;
                 added.push((*hash, seq));
-                seq += 1;
             }
         }
         if drop_legacy {
@@ -152,10 +151,8 @@ impl SmallBlobs {
             .index
             .write()
             .expect("invariant: lock is never poisoned");
-        for (hash, seq) in added {
-            index.insert(hash, seq);
-            *next = seq + 1;
-        }
+        *next += added.len() as u64;
+        index.extend(added);
         Ok(())
     }
 
