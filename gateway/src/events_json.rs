@@ -188,7 +188,11 @@ pub fn payload_from_json(kind: Kind, value: &Value) -> Result<Payload> {
             })
         }
         Kind::BasinPublish => {
-            let f = Fields::new(kind, value, &["basin_id", "coordinates", "metadata"])?;
+            let f = Fields::new(
+                kind,
+                value,
+                &["basin_id", "coordinates", "metadata", "writers"],
+            )?;
             let mut metadata = BTreeMap::new();
             if let Some(m) = f.map.get("metadata") {
                 let m = m
@@ -203,10 +207,21 @@ pub fn payload_from_json(kind: Kind, value: &Value) -> Result<Payload> {
                     );
                 }
             }
+            let writers = f
+                .texts("writers")?
+                .iter()
+                .map(|text| {
+                    let mut key = [0u8; 32];
+                    hex::decode_to_slice(text, &mut key)
+                        .map_err(|_| "`writers` must be keys of 64 hex characters".to_string())?;
+                    Ok(AuthorKey::from_bytes(key))
+                })
+                .collect::<Result<Vec<_>>>()?;
             Payload::BasinPublish(BasinPublish {
                 basin_id: f.text("basin_id")?,
                 coordinates: f.vector("coordinates")?,
                 metadata,
+                writers,
             })
         }
         Kind::BasinDelta => {
@@ -301,6 +316,7 @@ pub fn payload_to_json(payload: &Payload) -> Value {
         }),
         Payload::BasinPublish(p) => json!({
             "basin_id": p.basin_id, "coordinates": floats(&p.coordinates), "metadata": p.metadata,
+            "writers": p.writers.iter().map(|k| k.to_hex()).collect::<Vec<_>>(),
         }),
         Payload::BasinDelta(p) => json!({
             "basin_id": p.basin_id, "parent": p.parent.to_hex(), "indices": p.indices,

@@ -1,7 +1,7 @@
 //! Audit: re-verify everything from the blobs alone (signatures, chains, kind rules, balances,
 //! supply, the transparency log and its checkpoints), and offline audit bundles.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -48,8 +48,10 @@ pub struct AuditReport {
     pub previous_size: Option<u64>,
     /// Forks found (each with a verified proof).
     pub n_forks: u64,
-    /// Total supply.
-    pub supply: u64,
+    /// Total supply (uncontested mints).
+    pub supply: u128,
+    /// The state digest of the replayed state (hex; equal on every node with the same events).
+    pub state_digest: String,
     /// Authors with activity.
     pub n_authors: u64,
     /// Number of findings (all of them; `findings` holds the first 200).
@@ -64,17 +66,26 @@ pub struct AuditReport {
 #[derive(Default)]
 struct MemLookup {
     events: HashMap<EventId, EventRecord>,
-    log: HashMap<(AuthorKey, u64), EventId>,
+    log: BTreeSet<(AuthorKey, u64, EventId)>,
     versions: HashMap<EventId, BasinVersion>,
     envelopes: HashMap<EventId, Vec<u8>>,
+    covered_by: HashMap<EventId, Vec<EventId>>,
 }
 
 impl Lookup for MemLookup {
     fn event(&self, id: &EventId) -> Result<Option<EventRecord>> {
         Ok(self.events.get(id).cloned())
     }
-    fn at(&self, author: &AuthorKey, seq: u64) -> Result<Option<EventId>> {
-        Ok(self.log.get(&(*author, seq)).copied())
+    fn at(&self, author: &AuthorKey, seq: u64) -> Result<Vec<EventId>> {
+        let (lo, hi) = (EventId::from_bytes([0; 32]), EventId::from_bytes([0xff; 32]));
+        Ok(self
+            .log
+            .range((*author, seq, lo)..=(*author, seq, hi))
+            .map(|(_, _, id)| *id)
+            .collect())
+    }
+    fn covered_by(&self, credit: &EventId) -> Result<Vec<EventId>> {
+        Ok(self.covered_by.get(credit).cloned().unwrap_or_default())
     }
     fn basin_version(&self, id: &EventId) -> Result<Option<BasinVersion>> {
         Ok(self.versions.get(id).cloned())
@@ -88,6 +99,9 @@ impl MemLookup {
     fn absorb(&mut self, overlay: Overlay) {
         self.events.extend(overlay.events);
         self.log.extend(overlay.log);
+        for (credit, ys) in overlay.covered_by {
+            self.covered_by.entry(credit).or_default().extend(ys);
+        }
         self.versions.extend(overlay.versions);
         // Envelopes are only needed to build fork proofs; keep those of every event.
         self.envelopes.extend(overlay.envelopes);
@@ -100,7 +114,6 @@ struct Replay {
     state: State,
     mem: MemLookup,
     frontier: Frontier,
-    forks: BTreeMap<u64, Vec<ForkProof>>,
     findings: Vec<Finding>,
     n_findings: u64,
     roots: HashMap<u64, TreeHash>,
@@ -108,24 +121,12 @@ struct Replay {
 }
 
 impl Replay {
-    fn new(
-        rules: Rules,
-        forks: Vec<ForkProof>,
-        wanted_roots: impl IntoIterator<Item = u64>,
-    ) -> Self {
-        let mut by_position: BTreeMap<u64, Vec<ForkProof>> = BTreeMap::new();
-        for proof in forks {
-            by_position
-                .entry(proof.detected_at)
-                .or_default()
-                .push(proof);
-        }
+    fn new(rules: Rules, wanted_roots: impl IntoIterator<Item = u64>) -> Self {
         Self {
             rules,
             state: State::default(),
             mem: MemLookup::default(),
             frontier: Frontier::default(),
-            forks: by_position,
             findings: Vec::new(),
             n_findings: 0,
             roots: HashMap::new(),
@@ -143,43 +144,23 @@ impl Replay {
         }
     }
 
-    /// Replays forks detected before the event at `position`.
-    fn forks_at(&mut self, position: u64) {
-        let Some(proofs) = self.forks.remove(&position) else {
-            return;
-        };
-        for proof in proofs {
-            if let Err(e) = proof.verify() {
+    /// Checks fork proofs given with the events (a bundle's, or the index's) against the
+    /// ones the replay derived: each must verify for this network and be exactly the
+    /// canonical proof the events give.
+    fn check_forks(&mut self, given: &BTreeMap<AuthorKey, ForkProof>) {
+        for (author, proof) in given {
+            if let Err(e) = proof.verify(&self.rules.net) {
                 self.finding(
                     "invalid_fork_proof",
-                    format!("fork of {} at seq {}: {e}", proof.author, proof.seq),
+                    format!("fork of {author} at seq {}: {e}", proof.seq),
                 );
-                continue;
             }
-            let Ok(second) = SignedEvent::decode(&proof.envelopes[1]) else {
-                continue;
-            };
-            let mut overlay = Overlay::default();
-            let hash = BlobHash::of(&second.envelope);
-            match self
-                .state
-                .apply(&self.rules, &self.mem, &mut overlay, &second, hash, None)
-            {
-                Err(e) if e.code() == "fork_detected" => {}
-                other => self.finding(
-                    "fork_not_reproduced",
-                    format!(
-                        "the fork of {} at seq {} does not replay as a fork: {other:?}",
-                        proof.author, proof.seq
-                    ),
-                ),
-            }
-            self.mem.absorb(overlay);
         }
+        let ours = self.state.forks.clone();
+        compare(self, "fork", &ours, given);
     }
 
     fn apply(&mut self, expected: u64, event: &SignedEvent, verified_with: Option<AuthorKey>) {
-        self.forks_at(expected);
         let mut overlay = Overlay::default();
         let hash = BlobHash::of(&event.envelope);
         match self.state.apply(
@@ -243,39 +224,17 @@ impl Replay {
 
     /// Invariants of the final state.
     fn check_invariants(&mut self) {
-        let minted: u128 = self
-            .state
-            .authors
-            .values()
-            .map(|a| u128::from(a.minted))
-            .sum();
-        if minted != u128::from(self.state.supply) {
-            self.finding(
-                "supply_mismatch",
-                format!("supply {} but mints sum to {minted}", self.state.supply),
-            );
+        for (code, message) in self.state.invariant_violations() {
+            self.finding(code, message);
         }
-        let held: i128 = self.state.authors.values().map(|a| a.held()).sum();
-        if held != i128::from(self.state.supply) {
+        if self.frontier.size() != self.state.n_events {
             self.finding(
-                "supply_mismatch",
+                "count_mismatch",
                 format!(
-                    "accounts hold {held} but the supply is {}",
-                    self.state.supply
+                    "the tree has {} leaves but {} events were accepted",
+                    self.frontier.size(),
+                    self.state.n_events
                 ),
-            );
-        }
-        let negative: Vec<(AuthorKey, i128)> = self
-            .state
-            .authors
-            .iter()
-            .filter(|(_, a)| a.balance() < 0)
-            .map(|(k, a)| (*k, a.balance()))
-            .collect();
-        for (key, balance) in negative {
-            self.finding(
-                "negative_balance",
-                format!("{key} has balance {balance} (credits it spent were contested by a fork)"),
             );
         }
     }
@@ -297,6 +256,7 @@ impl Replay {
             previous_size,
             n_forks,
             supply: self.state.supply,
+            state_digest: hex::encode(self.state.digest()),
             n_authors: self.state.authors.len() as u64,
             n_findings: self.n_findings,
             findings: self.findings,
@@ -499,7 +459,6 @@ struct Manifest {
 
 #[derive(Serialize, Deserialize)]
 struct ForkJson {
-    detected_at: u64,
     author: String,
     seq: u64,
     signer: String,
@@ -556,13 +515,12 @@ impl Ledger {
         let previous_checkpoint = previous
             .as_deref()
             .and_then(|note| tlog::verify_checkpoint(note, &origin, &key).ok());
-        let forks: Vec<ForkProof> = stored.forks.values().cloned().collect();
         let mut wanted = checkpoint_sizes.clone();
         wanted.push(stored.n_events);
         if let Some(p) = &previous_checkpoint {
             wanted.push(p.size);
         }
-        let mut replay = Replay::new(self.rules().clone(), forks, wanted);
+        let mut replay = Replay::new(self.rules().clone(), wanted);
         let writer = match export {
             Some(dir) => {
                 std::fs::create_dir_all(dir)?;
@@ -617,8 +575,6 @@ impl Ledger {
         producer
             .await
             .map_err(|e| Error::Unavailable(format!("audit reader stopped: {e}")))??;
-        replay.forks_at(replay.state.n_events);
-
         // Derived tables equal a fresh fold.
         let ours = replay.state.clone();
         if ours.n_events != stored.n_events || ours.supply != stored.supply {
@@ -641,7 +597,19 @@ impl Ledger {
         );
         compare(&mut replay, "node", &ours.nodes, &stored.nodes);
         compare(&mut replay, "hosts", &ours.hosts, &stored.hosts);
-        compare(&mut replay, "fork", &ours.forks, &stored.forks);
+        replay.check_forks(&stored.forks);
+        compare(
+            &mut replay,
+            "contested",
+            &ours.contested.iter().map(|id| (*id, ())).collect(),
+            &stored.contested.iter().map(|id| (*id, ())).collect(),
+        );
+        if ours.digest() != stored.digest() {
+            replay.finding(
+                "digest_mismatch",
+                "the index's state digest differs from the replay's".into(),
+            );
+        }
 
         // The transparency log: every stored checkpoint's root equals the recomputed one.
         let notes: Vec<(u64, String)> = {
@@ -725,7 +693,6 @@ impl Ledger {
                 .forks
                 .values()
                 .map(|p| ForkJson {
-                    detected_at: p.detected_at,
                     author: p.author.to_hex(),
                     seq: p.seq,
                     signer: p.signer.to_hex(),
@@ -791,11 +758,12 @@ pub fn verify_bundle(dir: &Path) -> Result<AuditReport> {
         .map_err(|_| Error::Invalid("checkpoint is not UTF-8".into()))?;
     let fork_json: Vec<ForkJson> = serde_json::from_slice(&read(bundle::FORKS)?)
         .map_err(|e| Error::Invalid(format!("{}: {e}", bundle::FORKS)))?;
-    let mut forks = Vec::new();
+    let mut forks = BTreeMap::new();
     for f in fork_json {
         let hexes = |s: &str| hex::decode(s).map_err(|e| Error::Invalid(format!("fork: {e}")));
-        forks.push(ForkProof {
-            author: AuthorKey::from_hex(&f.author)?,
+        let author = AuthorKey::from_hex(&f.author)?;
+        forks.insert(author, ForkProof {
+            author,
             seq: f.seq,
             signer: AuthorKey::from_hex(&f.signer)?,
             envelopes: [hexes(&f.envelopes[0])?, hexes(&f.envelopes[1])?],
@@ -804,7 +772,6 @@ pub fn verify_bundle(dir: &Path) -> Result<AuditReport> {
                 .iter()
                 .map(|r| hexes(r))
                 .collect::<Result<_>>()?,
-            detected_at: f.detected_at,
         });
     }
     let proofs: ProofsJson = serde_json::from_slice(&read(bundle::PROOFS)?)
@@ -817,7 +784,7 @@ pub fn verify_bundle(dir: &Path) -> Result<AuditReport> {
     if let Some(p) = &previous {
         wanted.push(p.size);
     }
-    let mut replay = Replay::new(Rules { genesis, net }, forks, wanted);
+    let mut replay = Replay::new(Rules { genesis, net }, wanted);
     let mut reader = BufReader::new(std::fs::File::open(dir.join(bundle::EVENTS))?);
     let mut position = 0u64;
     let mut chunk: Vec<SignedEvent> = Vec::new();
@@ -855,7 +822,7 @@ pub fn verify_bundle(dir: &Path) -> Result<AuditReport> {
         }
     }
     flush(&mut replay, &mut chunk, &mut position);
-    replay.forks_at(replay.state.n_events);
+    replay.check_forks(&forks);
     match tlog::verify_checkpoint(&note, &manifest.origin, &key) {
         Ok(cp) if cp.size == replay.frontier.size() && cp.root == replay.frontier.root() => {}
         Ok(cp) => replay.finding(

@@ -10,14 +10,14 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::error::{Error, Result};
 use crate::fold::{
-    AuthorState, BasinState, BasinVersion, EventRecord, ForkProof, Lookup, NodeState, Overlay,
-    ReputationState, SkillState, State,
+    AuthorState, BasinState, BasinVersion, EventRecord, ForkProof, HostMark, Lookup, NodeState,
+    Overlay, ReputationState, SkillState, State,
 };
 use crate::tlog::{Nodes, TreeHash, leaf_hash};
 
 type Key32 = [u8; 32];
 
-/// Scalars: `n_events`, `supply` (u64 as 8 bytes LE) and `last_audit` (a signed note).
+/// Scalars: `n_events` (u64, 8 bytes LE), `supply` (u128, 16 bytes LE) and `last_audit`.
 pub(crate) const META: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("meta");
 /// Leaf index → EventRecord. Keyed by acceptance order so that a batch appends at the right
 /// edge of the tree; the EventId → leaf index map is kept in memory ([`EventIds`]), rebuilt
@@ -37,8 +37,9 @@ pub(crate) fn load_ids(tx: &ReadTransaction, n_events: u64) -> Result<EventIds> 
     }
     Ok(ids)
 }
-/// (author, seq) → EventId of the accepted event.
-pub(crate) const LOG: TableDefinition<'static, (Key32, u64), Key32> = TableDefinition::new("log");
+/// (author, seq, EventId) → (): every accepted event of a log (two or more at a forked seq).
+pub(crate) const LOG: TableDefinition<'static, (Key32, u64, Key32), ()> =
+    TableDefinition::new("log");
 /// Transparency-log leaf index → EventId (acceptance order).
 pub(crate) const LEAVES: TableDefinition<'static, u64, Key32> = TableDefinition::new("leaves");
 /// (level ≥ 1, index) → hash of a perfect subtree.
@@ -62,17 +63,24 @@ pub(crate) const REPUTATION: TableDefinition<'static, Key32, &[u8]> =
     TableDefinition::new("state_reputation");
 pub(crate) const NODES: TableDefinition<'static, Key32, &[u8]> =
     TableDefinition::new("state_nodes");
-/// Who hosts which blob: (blob, host) → (), one row per pair so that a popular blob costs
-/// one small row per announcement, not a rewrite of its whole host set.
-pub(crate) const HOSTS: TableDefinition<'static, (Key32, Key32), ()> =
+/// Who hosts which blob: (blob, host) → the host's deciding `blob.host` (seq, id, pinned),
+/// one row per pair so that a popular blob costs one small row per announcement.
+pub(crate) const HOSTS: TableDefinition<'static, (Key32, Key32), (u64, Key32, bool)> =
     TableDefinition::new("state_hosts");
-pub(crate) const FORKS: TableDefinition<'static, (Key32, u64), &[u8]> =
+/// Forked log → canonical fork proof.
+pub(crate) const FORKS: TableDefinition<'static, Key32, &[u8]> =
     TableDefinition::new("state_forks");
+/// (credit, covering event) → (): which events of the recipient's log covered a credit.
+pub(crate) const COVERED_BY: TableDefinition<'static, (Key32, Key32), ()> =
+    TableDefinition::new("covered_by");
+/// Contested events.
+pub(crate) const CONTESTED: TableDefinition<'static, Key32, ()> =
+    TableDefinition::new("contested");
 /// Unreferenced credits: (recipient, credit event) → ().
 pub(crate) const UNCOVERED: TableDefinition<'static, (Key32, Key32), ()> =
     TableDefinition::new("uncovered");
 /// Version of the row formats in this database (META `format`).
-pub(crate) const FORMAT: u64 = 4;
+pub(crate) const FORMAT: u64 = 5;
 /// EventId → envelope BlobHash and arrival time (ms) of events waiting for prev or deps.
 pub(crate) const PENDING: TableDefinition<'static, Key32, (Key32, u64)> =
     TableDefinition::new("pending");
@@ -106,7 +114,7 @@ pub(crate) fn open(path: &Path) -> Result<Database> {
     let tx = begin_write(&db)?;
     if format != FORMAT {
         // An empty index of an older layout: drop the tables whose key types changed.
-        for name in ["events", "state_hosts"] {
+        for name in ["events", "log", "state_hosts", "state_forks"] {
             tx.delete_table(redb::TableDefinition::<&str, ()>::new(name))?;
         }
     }
@@ -128,6 +136,8 @@ pub(crate) fn open(path: &Path) -> Result<Database> {
         tx.open_table(FORKS)?;
         tx.open_table(PENDING)?;
         tx.open_table(UNCOVERED)?;
+        tx.open_table(COVERED_BY)?;
+        tx.open_table(CONTESTED)?;
     }
     tx.commit()?;
     if format != FORMAT {
@@ -137,6 +147,20 @@ pub(crate) fn open(path: &Path) -> Result<Database> {
         tx.commit()?;
     }
     Ok(db)
+}
+
+fn meta_u128(tx: &ReadTransaction, key: &str) -> Result<u128> {
+    let table = tx.open_table(META)?;
+    Ok(match table.get(key)? {
+        Some(v) => {
+            let bytes: [u8; 16] = v
+                .value()
+                .try_into()
+                .map_err(|_| Error::Corrupt(format!("meta {key} is not 16 bytes")))?;
+            u128::from_le_bytes(bytes)
+        }
+        None => 0,
+    })
 }
 
 fn meta_u64(tx: &ReadTransaction, key: &str) -> Result<u64> {
@@ -162,7 +186,7 @@ pub(crate) fn load_state(db: &Database) -> Result<State> {
 pub(crate) fn load_state_in(tx: &ReadTransaction) -> Result<State> {
     let mut state = State {
         n_events: meta_u64(tx, "n_events")?,
-        supply: meta_u64(tx, "supply")?,
+        supply: meta_u128(tx, "supply")?,
         ..State::default()
     };
     for entry in tx.open_table(AUTHORS)?.iter()? {
@@ -211,26 +235,33 @@ pub(crate) fn load_state_in(tx: &ReadTransaction) -> Result<State> {
         );
     }
     for entry in tx.open_table(HOSTS)?.iter()? {
-        let (blob, host) = entry?.0.value();
-        state
-            .hosts
-            .entry(BlobHash::from_bytes(blob))
-            .or_default()
-            .insert(AuthorKey::from_bytes(host));
+        let (k, v) = entry?;
+        let (blob, host) = k.value();
+        let (seq, id, pinned) = v.value();
+        state.hosts.entry(BlobHash::from_bytes(blob)).or_default().insert(
+            AuthorKey::from_bytes(host),
+            HostMark {
+                seq,
+                id: EventId::from_bytes(id),
+                pinned,
+            },
+        );
     }
     for entry in tx.open_table(FORKS)?.iter()? {
         let (k, v) = entry?;
-        let (author, seq) = k.value();
         state.forks.insert(
-            (AuthorKey::from_bytes(author), seq),
+            AuthorKey::from_bytes(k.value()),
             decode::<ForkProof>(v.value())?,
         );
+    }
+    for entry in tx.open_table(CONTESTED)?.iter()? {
+        state.contested.insert(EventId::from_bytes(entry?.0.value()));
     }
     Ok(state)
 }
 
-/// A fork row: (author, seq) and the encoded proof (`None` deletes).
-type ForkRow = ((Key32, u64), Option<Vec<u8>>);
+/// A fork row: the forked log and its encoded proof.
+type ForkRow = (Key32, Vec<u8>);
 
 /// Which state table a row belongs to.
 #[derive(Clone, Copy, Debug)]
@@ -246,7 +277,7 @@ pub(crate) enum StateTable {
 #[derive(Default)]
 pub(crate) struct BatchRows {
     events: Vec<(u64, Vec<u8>)>,
-    log: Vec<((Key32, u64), Key32)>,
+    log: Vec<(Key32, u64, Key32)>,
     leaves: Vec<(u64, Key32)>,
     tree: Vec<(u8, u64, TreeHash)>,
     versions: Vec<(Key32, Vec<u8>)>,
@@ -254,9 +285,11 @@ pub(crate) struct BatchRows {
     state: Vec<(StateTable, Key32, Option<Vec<u8>>)>,
     forks: Vec<ForkRow>,
     uncovered: Vec<((Key32, Key32), bool)>,
-    hosts: Vec<((Key32, Key32), bool)>,
+    covered_by: Vec<(Key32, Key32)>,
+    contested: Vec<Key32>,
+    hosts: Vec<((Key32, Key32), (u64, Key32, bool))>,
     n_events: u64,
-    supply: u64,
+    supply: u128,
     pub(crate) pending_add: Vec<(Key32, (Key32, u64))>,
     pub(crate) pending_remove: Vec<Key32>,
     pub(crate) checkpoint: Option<(u64, String)>,
@@ -283,9 +316,15 @@ pub(crate) fn batch_rows(
         debug_assert_eq!(*id, record.id);
         rows.events.push((record.index, encode(record)?));
     }
-    for ((author, seq), id) in &overlay.log {
-        rows.log.push(((*author.as_bytes(), *seq), *id.as_bytes()));
+    for (author, seq, id) in &overlay.log {
+        rows.log.push((*author.as_bytes(), *seq, *id.as_bytes()));
     }
+    for (credit, coverers) in &overlay.covered_by {
+        for y in coverers {
+            rows.covered_by.push((*credit.as_bytes(), *y.as_bytes()));
+        }
+    }
+    rows.contested = overlay.contested.iter().map(|id| *id.as_bytes()).collect();
     for id in &overlay.accepted {
         rows.leaves.push((overlay.events[id].index, *id.as_bytes()));
     }
@@ -299,9 +338,11 @@ pub(crate) fn batch_rows(
         rows.uncovered
             .push(((*author.as_bytes(), *credit.as_bytes()), *added));
     }
-    for (blob, host, added) in &overlay.hosts {
-        rows.hosts
-            .push(((*blob.as_bytes(), *host.as_bytes()), *added));
+    for (blob, host, mark) in &overlay.hosts {
+        rows.hosts.push((
+            (*blob.as_bytes(), *host.as_bytes()),
+            (mark.seq, *mark.id.as_bytes(), mark.pinned),
+        ));
     }
     let t = &overlay.touched;
     for key in &t.authors {
@@ -339,11 +380,12 @@ pub(crate) fn batch_rows(
             row(state.nodes.get(key))?,
         ));
     }
-    for (author, seq) in &t.forks {
-        rows.forks.push((
-            (*author.as_bytes(), *seq),
-            row(state.forks.get(&(*author, *seq)))?,
-        ));
+    for author in &t.forks {
+        let proof = state
+            .forks
+            .get(author)
+            .ok_or_else(|| Error::Corrupt(format!("fork proof of {author} missing")))?;
+        rows.forks.push((*author.as_bytes(), encode(proof)?));
     }
     Ok(rows)
 }
@@ -382,8 +424,16 @@ pub(crate) fn write_rows(db: &Database, rows: BatchRows) -> Result<()> {
             events.insert(*k, v.as_slice())?;
         }
         let mut log = tx.open_table(LOG)?;
-        for (k, v) in &rows.log {
-            log.insert(*k, *v)?;
+        for k in &rows.log {
+            log.insert(*k, ())?;
+        }
+        let mut covered_by = tx.open_table(COVERED_BY)?;
+        for k in &rows.covered_by {
+            covered_by.insert(*k, ())?;
+        }
+        let mut contested = tx.open_table(CONTESTED)?;
+        for k in &rows.contested {
+            contested.insert(*k, ())?;
         }
         let mut leaves = tx.open_table(LEAVES)?;
         for (k, v) in &rows.leaves {
@@ -421,17 +471,13 @@ pub(crate) fn write_rows(db: &Database, rows: BatchRows) -> Result<()> {
         }
         let mut forks = tx.open_table(FORKS)?;
         for (k, v) in &rows.forks {
-            match v {
-                Some(v) => {
-                    forks.insert(*k, v.as_slice())?;
-                }
-                None => {
-                    forks.remove(*k)?;
-                }
-            }
+            forks.insert(*k, v.as_slice())?;
         }
         apply_set_changes(&mut tx.open_table(UNCOVERED)?, &rows.uncovered)?;
-        apply_set_changes(&mut tx.open_table(HOSTS)?, &rows.hosts)?;
+        let mut hosts = tx.open_table(HOSTS)?;
+        for (k, v) in &rows.hosts {
+            hosts.insert(*k, *v)?;
+        }
         let mut pending = tx.open_table(PENDING)?;
         for (k, v) in &rows.pending_add {
             pending.insert(*k, *v)?;
@@ -454,7 +500,8 @@ pub(crate) fn write_rows(db: &Database, rows: BatchRows) -> Result<()> {
 pub(crate) struct DbView<'a, F: Fn(&BlobHash) -> Result<Option<Vec<u8>>>> {
     pub(crate) ids: &'a EventIds,
     pub(crate) events: redb::ReadOnlyTable<u64, &'static [u8]>,
-    pub(crate) log: redb::ReadOnlyTable<(Key32, u64), Key32>,
+    pub(crate) log: redb::ReadOnlyTable<(Key32, u64, Key32), ()>,
+    pub(crate) covered_by: redb::ReadOnlyTable<(Key32, Key32), ()>,
     pub(crate) versions: redb::ReadOnlyTable<Key32, &'static [u8]>,
     pub(crate) leaves: redb::ReadOnlyTable<u64, Key32>,
     pub(crate) tree: redb::ReadOnlyTable<(u8, u64), Key32>,
@@ -467,6 +514,7 @@ impl<'a, F: Fn(&BlobHash) -> Result<Option<Vec<u8>>>> DbView<'a, F> {
             ids,
             events: tx.open_table(EVENTS)?,
             log: tx.open_table(LOG)?,
+            covered_by: tx.open_table(COVERED_BY)?,
             versions: tx.open_table(VERSIONS)?,
             leaves: tx.open_table(LEAVES)?,
             tree: tx.open_table(TREE)?,
@@ -487,11 +535,21 @@ impl<F: Fn(&BlobHash) -> Result<Option<Vec<u8>>>> Lookup for DbView<'_, F> {
             ))),
         }
     }
-    fn at(&self, author: &AuthorKey, seq: u64) -> Result<Option<EventId>> {
-        Ok(self
-            .log
-            .get((*author.as_bytes(), seq))?
-            .map(|v| EventId::from_bytes(v.value())))
+    fn at(&self, author: &AuthorKey, seq: u64) -> Result<Vec<EventId>> {
+        let a = *author.as_bytes();
+        let mut ids = Vec::new();
+        for entry in self.log.range((a, seq, [0; 32])..=(a, seq, [0xff; 32]))? {
+            ids.push(EventId::from_bytes(entry?.0.value().2));
+        }
+        Ok(ids)
+    }
+    fn covered_by(&self, credit: &EventId) -> Result<Vec<EventId>> {
+        let c = *credit.as_bytes();
+        let mut ids = Vec::new();
+        for entry in self.covered_by.range((c, [0; 32])..=(c, [0xff; 32]))? {
+            ids.push(EventId::from_bytes(entry?.0.value().1));
+        }
+        Ok(ids)
     }
     fn basin_version(&self, id: &EventId) -> Result<Option<BasinVersion>> {
         match self.versions.get(*id.as_bytes())? {

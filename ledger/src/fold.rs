@@ -1,367 +1,43 @@
-//! The deterministic fold: validation rules 2–4 of DESIGN.md §3 and the derived state they
-//! maintain. The same code runs at ingest (over the database) and in the audit (over events
-//! re-read from blobs), so both compute exactly the same state.
+//! The deterministic fold: validation rules 1–4 of DESIGN.md §3 and the state they maintain.
+//!
+//! [`State::apply`] runs in three steps. *Resolve*: a known event is a duplicate; an event whose
+//! `prev` or `deps` are not accepted yet waits. *Check* ([`State::check`], pure): the rules,
+//! judged on the event and its causal past only, giving an [`Effect`] or a rejection. *Commit*
+//! ([`State::commit`]): applies the effect, records a fork when the event's seq is occupied
+//! (both branches are kept), and recomputes what is contested. The same code runs at ingest
+//! and in the audit, so both compute the same state, and the same events give the same state
+//! in any order (DESIGN.md §3 "Convergence").
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 
 use meshnode_schemas::{
     AuthorKey, BlobHash, EventId, Genesis, Kind, Payload, SignedEvent, verify_signature,
 };
-use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result, Waiting, reject};
-
-/// A credit an event gives (mints and transfers).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Credit {
-    /// Recipient.
-    pub to: AuthorKey,
-    /// Amount in base units.
-    pub amount: u64,
-}
-
-/// What the ledger keeps of an accepted event (the envelope itself is a blob).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EventRecord {
-    /// The event id.
-    pub id: EventId,
-    /// BlobHash of the envelope.
-    pub envelope: BlobHash,
-    /// The log.
-    pub author: AuthorKey,
-    /// Position in the log.
-    pub seq: u64,
-    /// Kind.
-    pub kind: Kind,
-    /// Author's clock (advisory).
-    pub ts: i64,
-    /// Previous event of the log.
-    pub prev: Option<EventId>,
-    /// Causal dependencies.
-    pub deps: Vec<EventId>,
-    /// Position in the transparency log (acceptance order).
-    pub index: u64,
-    /// The credit this event gives, if any.
-    pub credit: Option<Credit>,
-    /// The amount this event debits from its author (transfers).
-    pub debit: u64,
-    /// Whether the event is at or after a fork of its log.
-    pub contested: bool,
-}
-
-/// The state of one author's log and account.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuthorState {
-    /// Last accepted seq (0: none).
-    pub head_seq: u64,
-    /// Last accepted event.
-    pub head_id: Option<EventId>,
-    /// Signing keys over time: `(from_seq, key)`; the last applies to new events.
-    pub keys: Vec<(u64, AuthorKey)>,
-    /// First forked seq: the log is frozen from there on.
-    pub frozen_from: Option<u64>,
-    /// Credits to this author from accepted events.
-    pub received: u64,
-    /// The part of `received` from contested events (unspendable).
-    pub received_contested: u64,
-    /// Uncontested credits in the causal past of the log's head.
-    pub covered: u64,
-    /// Amount transferred out.
-    pub sent: u64,
-    /// Amount minted by this author (issuers).
-    pub minted: u64,
-    /// Credits to this author not yet in the causal past of its log (candidates for `deps`).
-    /// Kept in a table of its own by the ledger (a popular account can collect many), so not
-    /// part of the serialized row.
-    #[serde(skip)]
-    pub uncovered: BTreeSet<EventId>,
-}
-
-impl AuthorState {
-    /// A copy of everything but the unreferenced credits.
-    pub fn without_credits(&self) -> AuthorState {
-        AuthorState {
-            head_seq: self.head_seq,
-            head_id: self.head_id,
-            keys: self.keys.clone(),
-            frozen_from: self.frozen_from,
-            received: self.received,
-            received_contested: self.received_contested,
-            covered: self.covered,
-            sent: self.sent,
-            minted: self.minted,
-            uncovered: BTreeSet::new(),
-        }
-    }
-
-    /// The key that must sign the event at `seq`.
-    pub fn key_at(&self, author: &AuthorKey, seq: u64) -> AuthorKey {
-        self.keys
-            .iter()
-            .rev()
-            .find(|(from, _)| *from <= seq)
-            .map(|(_, key)| *key)
-            .unwrap_or(*author)
-    }
-
-    /// Spendable balance: credits to this author that are not contested, minus what it sent.
-    /// This is what the author can transfer next (after naming the uncovered credits in `deps`).
-    pub fn balance(&self) -> i128 {
-        i128::from(self.received) - i128::from(self.received_contested) - i128::from(self.sent)
-    }
-
-    /// What the author holds, contested credits included (sums to the supply over all authors).
-    pub fn held(&self) -> i128 {
-        i128::from(self.received) - i128::from(self.sent)
-    }
-}
-
-/// A skill in the catalog.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SkillState {
-    /// The `skill.publish` event.
-    pub id: EventId,
-    /// Publisher.
-    pub author: AuthorKey,
-    /// Author-chosen id.
-    pub skill_id: String,
-    /// Name.
-    pub name: String,
-    /// Version.
-    pub version: String,
-    /// Domain.
-    pub domain: String,
-    /// Weights blob.
-    pub blob: BlobHash,
-    /// Weights size.
-    pub size: u64,
-    /// Price.
-    pub price: u64,
-    /// Embedding dimension.
-    pub dim: u32,
-    /// `valid` endorsements.
-    pub n_valid: u64,
-    /// `invalid` endorsements.
-    pub n_invalid: u64,
-    /// Sum of endorsement scores.
-    pub score_sum: u64,
-    /// Published by a contested event.
-    pub contested: bool,
-}
-
-/// A basin: its publish, its running weighted average and its latest version.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct BasinState {
-    /// The `basin.publish` event (the basin's identity).
-    pub id: EventId,
-    /// Owner (publisher).
-    pub owner: AuthorKey,
-    /// Owner-chosen id.
-    pub basin_id: String,
-    /// Σ weight·value per coordinate (the publish has weight 1).
-    pub sums: Vec<f64>,
-    /// Σ weight per coordinate.
-    pub weights: Vec<f64>,
-    /// Number of versions (publish included).
-    pub n_versions: u64,
-    /// Latest accepted version.
-    pub head: EventId,
-}
-
-impl BasinState {
-    /// Current coordinates: the weighted average of the publish and every accepted delta.
-    pub fn coordinates(&self) -> Vec<f32> {
-        self.sums
-            .iter()
-            .zip(&self.weights)
-            .map(|(s, w)| (s / w) as f32)
-            .collect()
-    }
-}
-
-/// One version of a basin (a node of its Merkle-DAG history).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct BasinVersion {
-    /// The version's event.
-    pub id: EventId,
-    /// The basin (its publish event).
-    pub basin: EventId,
-    /// The version it updates (`None` for the publish).
-    pub parent: Option<EventId>,
-    /// Author of the version.
-    pub author: AuthorKey,
-    /// Coordinates along the path from the publish: each delta moves its parent's coordinates
-    /// toward its values by its weight.
-    pub coordinates: Vec<f32>,
-    /// Distance of the delta's values from the parent's coordinates (0 for the publish).
-    pub distance: f64,
-    /// Weight in parts per million (1 000 000 for the publish).
-    pub weight_ppm: u64,
-}
-
-/// Reputation of a subject.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReputationState {
-    /// Sum of deltas.
-    pub score: i64,
-    /// Number of deltas.
-    pub n_deltas: u64,
-}
-
-/// A node registry entry (latest `node.announce`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct NodeState {
-    /// The node's author key.
-    pub author: AuthorKey,
-    /// Service name.
-    pub service: String,
-    /// Endpoints.
-    pub endpoints: Vec<String>,
-    /// Capabilities.
-    pub capabilities: Vec<String>,
-    /// iroh address or ticket.
-    pub addr: String,
-    /// Basin signature dimension.
-    pub dim: u32,
-    /// The announce event.
-    pub last_event: EventId,
-    /// Author clock of the last announce (the heartbeat).
-    pub last_ts: i64,
-    /// Number of announces.
-    pub n_announces: u64,
-}
-
-/// A portable proof that an author signed two different events at the same seq.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ForkProof {
-    /// The forked log.
-    pub author: AuthorKey,
-    /// The seq with two events.
-    pub seq: u64,
-    /// The key that signed both.
-    pub signer: AuthorKey,
-    /// The two envelopes (canonical DAG-CBOR bytes), in order of arrival here.
-    #[serde(with = "serde_bytes_vec")]
-    pub envelopes: [Vec<u8>; 2],
-    /// Envelopes of the log's `key.rotate` events before `seq`, oldest first, proving that
-    /// `signer` signs this log at `seq`.
-    pub rotations: Vec<Vec<u8>>,
-    /// How many events this node had accepted when it detected the fork (to replay it in
-    /// the audit at the same point). Not part of what the proof proves.
-    pub detected_at: u64,
-}
-
-mod serde_bytes_vec {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(v: &[Vec<u8>; 2], s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeTuple;
-        let mut t = s.serialize_tuple(2)?;
-        t.serialize_element(serde_bytes::Bytes::new(&v[0]))?;
-        t.serialize_element(serde_bytes::Bytes::new(&v[1]))?;
-        t.end()
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[Vec<u8>; 2], D::Error> {
-        let (a, b): (serde_bytes::ByteBuf, serde_bytes::ByteBuf) = Deserialize::deserialize(d)?;
-        Ok([a.into_vec(), b.into_vec()])
-    }
-}
-
-impl ForkProof {
-    /// Verifies the proof on its own: both envelopes decode, name the same author and seq,
-    /// differ, and verify strictly under `signer`, and the rotation chain proves `signer` signs
-    /// the log at `seq`.
-    pub fn verify(&self) -> Result<(EventId, EventId)> {
-        let a = SignedEvent::decode(&self.envelopes[0])?;
-        let b = SignedEvent::decode(&self.envelopes[1])?;
-        for e in [&a, &b] {
-            if e.body.author != self.author || e.body.seq != self.seq {
-                return Err(reject(
-                    "invalid_fork_proof",
-                    "envelopes are not of this author and seq",
-                ));
-            }
-        }
-        if a.body.net != b.body.net {
-            return Err(reject(
-                "invalid_fork_proof",
-                "envelopes are of different networks",
-            ));
-        }
-        if a.id == b.id {
-            return Err(reject(
-                "invalid_fork_proof",
-                "the two envelopes are the same event",
-            ));
-        }
-        let mut key = self.author;
-        let mut last_seq = 0;
-        for bytes in &self.rotations {
-            let rotation = SignedEvent::decode(bytes)?;
-            let Payload::KeyRotate(r) = &rotation.body.payload else {
-                return Err(reject(
-                    "invalid_fork_proof",
-                    "rotation envelope is not key.rotate",
-                ));
-            };
-            if rotation.body.author != self.author
-                || rotation.body.seq <= last_seq
-                || rotation.body.seq >= self.seq
-            {
-                return Err(reject("invalid_fork_proof", "rotation chain out of order"));
-            }
-            rotation.verify(&key)?;
-            key = r.new_key;
-            last_seq = rotation.body.seq;
-        }
-        if key != self.signer {
-            return Err(reject(
-                "invalid_fork_proof",
-                "signer is not the log's key at this seq",
-            ));
-        }
-        a.verify(&self.signer)?;
-        b.verify(&self.signer)?;
-        Ok((a.id, b.id))
-    }
-}
-
-/// Everything derived from the accepted events. Equality of two `State`s is what the audit
-/// compares.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct State {
-    /// Accepted events.
-    pub n_events: u64,
-    /// Sum of all mints.
-    pub supply: u64,
-    /// Per author.
-    pub authors: BTreeMap<AuthorKey, AuthorState>,
-    /// Skill catalog, by publish event.
-    pub skills: BTreeMap<EventId, SkillState>,
-    /// Basins, by publish event.
-    pub basins: BTreeMap<EventId, BasinState>,
-    /// Reputation, by subject.
-    pub reputation: BTreeMap<AuthorKey, ReputationState>,
-    /// Node registry, by author.
-    pub nodes: BTreeMap<AuthorKey, NodeState>,
-    /// Who hosts which blob.
-    pub hosts: BTreeMap<BlobHash, BTreeSet<AuthorKey>>,
-    /// Detected forks, by (author, seq).
-    pub forks: BTreeMap<(AuthorKey, u64), ForkProof>,
-}
+use crate::past::Past;
+pub use crate::past::PAST_SEARCH_EVENTS_MAX;
+pub use crate::proof::ForkProof;
+use crate::state::basin_fixed;
+pub use crate::state::{
+    AuthorState, BasinState, BasinVersion, Credit, EventRecord, HostMark, NodeState,
+    ReputationState, SkillState, State, StateDigest,
+};
 
 /// Read access to accepted events and basin versions (the database at ingest, memory in the
 /// audit).
 pub trait Lookup {
     /// An accepted event by id.
     fn event(&self, id: &EventId) -> Result<Option<EventRecord>>;
-    /// The accepted event of `author` at `seq`.
-    fn at(&self, author: &AuthorKey, seq: u64) -> Result<Option<EventId>>;
+    /// Every accepted event of `author` at `seq` (more than one when the log forked there),
+    /// ordered by id.
+    fn at(&self, author: &AuthorKey, seq: u64) -> Result<Vec<EventId>>;
     /// A basin version by id.
     fn basin_version(&self, id: &EventId) -> Result<Option<BasinVersion>>;
     /// Envelope bytes of an accepted event (for fork proofs).
     fn envelope(&self, id: &EventId) -> Result<Option<Vec<u8>>>;
+    /// The events of the recipient's log that covered `credit` (one per branch at most).
+    fn covered_by(&self, credit: &EventId) -> Result<Vec<EventId>>;
 }
 
 /// New records produced by applying events, on top of a [`Lookup`].
@@ -369,20 +45,24 @@ pub trait Lookup {
 pub struct Overlay {
     /// New or updated event records.
     pub events: HashMap<EventId, EventRecord>,
-    /// New log entries.
-    pub log: HashMap<(AuthorKey, u64), EventId>,
+    /// New log entries `(author, seq, id)`.
+    pub log: BTreeSet<(AuthorKey, u64, EventId)>,
     /// New basin versions.
     pub versions: HashMap<EventId, BasinVersion>,
     /// Envelopes of events applied in this overlay.
     pub envelopes: HashMap<EventId, Vec<u8>>,
+    /// New coverings: credit → covering events.
+    pub covered_by: HashMap<EventId, Vec<EventId>>,
     /// Accepted ids in acceptance order.
     pub accepted: Vec<EventId>,
     /// State entries changed, to persist.
     pub touched: Touched,
     /// Changes to the authors' unreferenced credits, in order: `(author, credit, added)`.
     pub uncovered: Vec<(AuthorKey, EventId, bool)>,
-    /// Changes to who hosts which blob, in order: `(blob, host, added)`.
-    pub hosts: Vec<(BlobHash, AuthorKey, bool)>,
+    /// New deciding `blob.host` marks, in order.
+    pub hosts: Vec<(BlobHash, AuthorKey, HostMark)>,
+    /// Events that became contested, in order.
+    pub contested: Vec<EventId>,
 }
 
 /// Keys of [`State`] entries changed by applying events.
@@ -398,20 +78,12 @@ pub struct Touched {
     pub reputation: BTreeSet<AuthorKey>,
     /// Node registry entries.
     pub nodes: BTreeSet<AuthorKey>,
-    /// Forks.
-    pub forks: BTreeSet<(AuthorKey, u64)>,
+    /// Fork proofs (by forked log).
+    pub forks: BTreeSet<AuthorKey>,
 }
 
-impl Touched {
-    fn merge(&mut self, other: Touched) {
-        self.authors.extend(other.authors);
-        self.skills.extend(other.skills);
-        self.basins.extend(other.basins);
-        self.reputation.extend(other.reputation);
-        self.nodes.extend(other.nodes);
-        self.forks.extend(other.forks);
-    }
-}
+const ID_MIN: EventId = EventId::from_bytes([0; 32]);
+const ID_MAX: EventId = EventId::from_bytes([0xff; 32]);
 
 /// A [`Lookup`] that sees an [`Overlay`] first.
 pub(crate) struct Layered<'a, L: Lookup> {
@@ -428,11 +100,17 @@ impl<L: Lookup> Lookup for Layered<'_, L> {
             None => self.base.event(id),
         }
     }
-    fn at(&self, author: &AuthorKey, seq: u64) -> Result<Option<EventId>> {
-        match self.overlay.log.get(&(*author, seq)) {
-            Some(id) => Ok(Some(*id)),
-            None => self.base.at(author, seq),
-        }
+    fn at(&self, author: &AuthorKey, seq: u64) -> Result<Vec<EventId>> {
+        let mut ids = self.base.at(author, seq)?;
+        ids.extend(
+            self.overlay
+                .log
+                .range((*author, seq, ID_MIN)..=(*author, seq, ID_MAX))
+                .map(|(_, _, id)| *id),
+        );
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
     }
     fn basin_version(&self, id: &EventId) -> Result<Option<BasinVersion>> {
         match self.overlay.versions.get(id) {
@@ -445,6 +123,15 @@ impl<L: Lookup> Lookup for Layered<'_, L> {
             Some(e) => Ok(Some(e.clone())),
             None => self.base.envelope(id),
         }
+    }
+    fn covered_by(&self, credit: &EventId) -> Result<Vec<EventId>> {
+        let mut ids = self.base.covered_by(credit)?;
+        if let Some(more) = self.overlay.covered_by.get(credit) {
+            ids.extend(more);
+        }
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
     }
 }
 
@@ -459,6 +146,16 @@ pub enum Applied {
     Waiting(Waiting),
 }
 
+/// What a valid event changes: its record (with its chain values and coverage) and, for basin
+/// events, its version. Produced by [`State::check`], applied by [`State::commit`].
+#[derive(Debug)]
+pub struct Effect {
+    /// The record to store.
+    pub record: EventRecord,
+    /// The basin version it adds.
+    pub version: Option<BasinVersion>,
+}
+
 /// The rules, bound to a genesis.
 #[derive(Debug, Clone)]
 pub struct Rules {
@@ -468,6 +165,20 @@ pub struct Rules {
     pub net: BlobHash,
 }
 
+fn corrupt(what: impl std::fmt::Display) -> Error {
+    Error::Corrupt(what.to_string())
+}
+
+fn record_of<L: Lookup>(lookup: &L, id: &EventId) -> Result<EventRecord> {
+    lookup
+        .event(id)?
+        .ok_or_else(|| corrupt(format!("event {id} not indexed")))
+}
+
+fn ranges_meet(ranges: &[(u128, u128)], (lo, hi): (u128, u128)) -> bool {
+    lo < hi && ranges.iter().any(|&(a, b)| a < hi && lo < b)
+}
+
 impl State {
     fn author_mut(&mut self, key: &AuthorKey) -> &mut AuthorState {
         self.authors.entry(*key).or_default()
@@ -475,8 +186,7 @@ impl State {
 
     /// Applies one decoded event whose envelope is stored at `envelope_hash`. `verified_with`
     /// is the key the signature was already checked against (by a parallel pre-check), if any.
-    /// On `Err`, nothing changed (except that a detected fork is recorded, see
-    /// `fork_detected`).
+    /// On `Err`, nothing changed.
     pub fn apply<L: Lookup>(
         &mut self,
         rules: &Rules,
@@ -486,119 +196,131 @@ impl State {
         envelope_hash: BlobHash,
         verified_with: Option<AuthorKey>,
     ) -> Result<Applied> {
-        let body = &event.body;
-        if body.net != rules.net {
-            return Err(reject(
-                "wrong_net",
-                format!(
-                    "event is for network {} but this node is on {}",
-                    body.net, rules.net
-                ),
-            ));
-        }
-        let author = body.author;
-        let lookup = Layered { base, overlay };
-        // A copy without the unreferenced credits (they can be many; read in place below).
-        let state = self
-            .authors
-            .get(&author)
-            .map(AuthorState::without_credits)
-            .unwrap_or_default();
-        let signer = state.key_at(&author, body.seq);
-        let check_signature = |key: &AuthorKey| -> Result<()> {
-            if verified_with == Some(*key) {
-                Ok(())
-            } else {
-                verify_signature(key, &event.id, &event.sig).map_err(Error::from)
-            }
-        };
-
-        // Rule 4 first: an event at an occupied seq is a duplicate or a fork.
-        if body.seq <= state.head_seq {
-            let existing = lookup.at(&author, body.seq)?.ok_or_else(|| {
-                Error::Corrupt(format!("log of {author} has no event at seq {}", body.seq))
-            })?;
-            if existing == event.id {
-                let record = lookup
-                    .event(&existing)?
-                    .ok_or_else(|| Error::Corrupt(format!("event {existing} not indexed")))?;
+        let effect = {
+            let lookup = Layered {
+                base,
+                overlay: &*overlay,
+            };
+            if let Some(record) = lookup.event(&event.id)? {
                 return Ok(Applied::Duplicate(record));
             }
-            check_signature(&signer)?;
-            let (error, updates, touched) = self.fork(&lookup, event, existing, signer)?;
-            for record in updates {
-                overlay.events.insert(record.id, record);
-            }
-            overlay.touched.merge(touched);
-            return Err(error);
-        }
-        if let Some(from) = state.frozen_from {
-            return Err(reject(
-                "author_frozen",
-                format!("log {author} forked at seq {from} and accepts no more events"),
-            ));
-        }
-        if let Err(e) = check_signature(&signer) {
-            // A signature by a key this log rotated away from gets its own code.
-            if state
-                .keys
-                .iter()
-                .map(|(_, k)| *k)
-                .chain([author])
-                .any(|old| old != signer && verify_signature(&old, &event.id, &event.sig).is_ok())
-            {
+            let body = &event.body;
+            if body.net != rules.net {
                 return Err(reject(
-                    "key_rotated",
-                    format!("signed with a key that log {author} rotated away from"),
+                    "wrong_net",
+                    format!(
+                        "event is for network {} but this node is on {}",
+                        body.net, rules.net
+                    ),
                 ));
             }
-            return Err(e);
-        }
+            let prev = match &body.prev {
+                None => None,
+                Some(id) => match lookup.event(id)? {
+                    Some(r) => Some(r),
+                    None => {
+                        return Ok(Applied::Waiting(Waiting {
+                            reason: "seq_gap",
+                            missing: vec![*id],
+                        }));
+                    }
+                },
+            };
+            self.check_chain(event, prev.as_ref(), verified_with)?;
+            let mut deps = Vec::with_capacity(body.deps.len());
+            let mut missing = Vec::new();
+            for dep in &body.deps {
+                match lookup.event(dep)? {
+                    Some(r) => deps.push(r),
+                    None => missing.push(*dep),
+                }
+            }
+            if !missing.is_empty() {
+                return Ok(Applied::Waiting(Waiting {
+                    reason: "missing_deps",
+                    missing,
+                }));
+            }
+            self.check(rules, &lookup, event, envelope_hash, prev, deps)?
+        };
+        let record = self.commit(base, overlay, event, effect)?;
+        Ok(Applied::Accepted(record))
+    }
 
-        // Rule 2: chain and dependencies.
-        if body.seq > state.head_seq + 1 {
-            return Ok(Applied::Waiting(Waiting {
-                reason: "seq_gap",
-                missing: body.prev.into_iter().collect(),
-            }));
-        }
-        if body.prev != state.head_id {
+    /// Rule 1 and 2 for an event whose `prev` is accepted: `prev` is the log's event at
+    /// `seq - 1` and the signature verifies under the key that branch uses at `seq`.
+    fn check_chain(
+        &self,
+        event: &SignedEvent,
+        prev: Option<&EventRecord>,
+        verified_with: Option<AuthorKey>,
+    ) -> Result<()> {
+        let body = &event.body;
+        let author = body.author;
+        if let Some(p) = prev
+            && (p.author != author || p.seq + 1 != body.seq)
+        {
             return Err(reject(
                 "wrong_prev",
                 format!(
-                    "prev must be {} (the log's event at seq {})",
-                    state
-                        .head_id
-                        .map(|i| i.to_hex())
-                        .unwrap_or_else(|| "absent".into()),
-                    state.head_seq
+                    "prev {} is seq {} of log {}, not seq {} of log {author}",
+                    p.id,
+                    p.seq,
+                    p.author,
+                    body.seq.saturating_sub(1)
                 ),
             ));
         }
-        let mut missing = Vec::new();
-        let mut dep_records = Vec::with_capacity(body.deps.len());
-        for dep in &body.deps {
-            match lookup.event(dep)? {
-                Some(r) => dep_records.push(r),
-                None => missing.push(*dep),
-            }
+        let signer = prev.map_or(author, |p| p.key_next);
+        if verified_with == Some(signer) {
+            return Ok(());
         }
-        if !missing.is_empty() {
-            return Ok(Applied::Waiting(Waiting {
-                reason: "missing_deps",
-                missing,
-            }));
-        }
-
-        // Rule 3: kind rules. Compute everything first, mutate only once the event is valid.
-        let past = Past {
-            lookup: &lookup,
-            author,
-            prev_seq: state.head_seq,
-            deps: &dep_records,
-            visited: std::cell::Cell::new(0),
+        let Err(e) = verify_signature(&signer, &event.id, &event.sig) else {
+            return Ok(());
         };
-        let index = self.n_events;
+        // A signature by a key this log rotated away from gets its own code.
+        let old_keys = self
+            .authors
+            .get(&author)
+            .map(|a| a.keys.iter().map(|(_, k)| *k).collect::<Vec<_>>())
+            .unwrap_or_default();
+        if old_keys
+            .into_iter()
+            .chain([author])
+            .any(|old| old != signer && verify_signature(&old, &event.id, &event.sig).is_ok())
+        {
+            return Err(reject(
+                "key_rotated",
+                format!("signed with a key that log {author} rotated away from"),
+            ));
+        }
+        Err(e.into())
+    }
+
+    /// Rule 3: the kind rules, judged on the event and its causal past (`prev`, `deps` and
+    /// what they reach) only. Pure: returns the effect to commit.
+    pub fn check<L: Lookup>(
+        &self,
+        rules: &Rules,
+        lookup: &L,
+        event: &SignedEvent,
+        envelope_hash: BlobHash,
+        prev: Option<EventRecord>,
+        deps: Vec<EventRecord>,
+    ) -> Result<Effect> {
+        let body = &event.body;
+        let author = body.author;
+        let depth = prev
+            .iter()
+            .chain(&deps)
+            .map(|r| r.depth)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let (covered_prev, sent_prev, key) = prev
+            .as_ref()
+            .map_or((0, 0, author), |p| (p.covered, p.sent, p.key_next));
+        debug_assert!(sent_prev <= covered_prev, "invariant: a branch spends only coverage");
         let mut record = EventRecord {
             id: event.id,
             envelope: envelope_hash,
@@ -608,54 +330,22 @@ impl State {
             ts: body.ts,
             prev: body.prev,
             deps: body.deps.clone(),
-            index,
+            index: self.n_events,
             credit: None,
             debit: 0,
             contested: false,
+            depth,
+            key_next: key,
+            covered: covered_prev,
+            sent: sent_prev,
+            covers: Vec::new(),
         };
-        // Credits to the author that this event brings into its causal past. Only a transfer
-        // needs them, and only as many as it spends beyond what is already covered.
-        let mut newly_covered = Vec::new();
-        let mut covered_amount = 0u64;
-        if let Payload::TokenTransfer(p) = &body.payload {
-            let spendable =
-                |extra: u64| i128::from(state.covered) + i128::from(extra) - i128::from(state.sent);
-            if i128::from(p.amount) > spendable(0) {
-                let empty = BTreeSet::new();
-                let uncovered = self.authors.get(&author).map_or(&empty, |a| &a.uncovered);
-                let mut candidates = Vec::with_capacity(uncovered.len());
-                for credit_id in uncovered {
-                    let credit = lookup
-                        .event(credit_id)?
-                        .ok_or_else(|| Error::Corrupt(format!("credit {credit_id} not indexed")))?;
-                    candidates.push(credit);
-                }
-                // Newest first: the search for recent credits is short.
-                candidates.sort_by_key(|c| std::cmp::Reverse(c.index));
-                let mut remaining = Vec::new();
-                for credit in candidates {
-                    if past.contains_fast(&credit) {
-                        newly_covered.push(credit.id);
-                        if !credit.contested {
-                            covered_amount += credit.credit.map(|c| c.amount).unwrap_or(0);
-                        }
-                    } else {
-                        remaining.push(credit);
-                    }
-                }
-                for credit in remaining {
-                    if i128::from(p.amount) <= spendable(covered_amount) {
-                        break;
-                    }
-                    if past.contains(&credit.id)? {
-                        newly_covered.push(credit.id);
-                        if !credit.contested {
-                            covered_amount += credit.credit.map(|c| c.amount).unwrap_or(0);
-                        }
-                    }
-                }
-            }
-        }
+        let past = Past {
+            state: self,
+            lookup,
+            prev: prev.as_ref(),
+            deps: &deps,
+        };
         let mut version = None;
         match &body.payload {
             Payload::TokenMint(p) => {
@@ -665,50 +355,43 @@ impl State {
                         format!("{author} is not an issuer of this network's genesis"),
                     ));
                 }
-                self.supply
-                    .checked_add(p.amount)
-                    .ok_or_else(|| reject("overflow", "mint would overflow the total supply"))?;
                 record.credit = Some(Credit {
                     to: p.to,
                     amount: p.amount,
                 });
             }
             Payload::TokenTransfer(p) => {
-                let spendable =
-                    i128::from(state.covered) + i128::from(covered_amount) - i128::from(state.sent);
-                if i128::from(p.amount) > spendable {
+                let covers = self.cover(&past, lookup, author, prev.as_ref(), p.amount)?;
+                let new: u128 = covers.iter().map(|(_, a)| u128::from(*a)).sum();
+                let spendable = covered_prev + new - sent_prev;
+                if u128::from(p.amount) > spendable {
                     return Err(reject(
                         "insufficient_balance",
                         format!(
-                            "transfer of {} exceeds the {} spendable from credits in this \
-                             event's causal past; name unreferenced credits in deps",
-                            p.amount,
-                            spendable.max(0)
+                            "transfer of {} exceeds the {spendable} spendable from credits in \
+                             this event's causal past; name unreferenced credits in deps",
+                            p.amount
                         ),
                     ));
                 }
+                record.covers = covers;
+                record.covered += new;
+                record.debit = p.amount;
+                record.sent += u128::from(p.amount);
                 record.credit = Some(Credit {
                     to: p.to,
                     amount: p.amount,
                 });
-                record.debit = p.amount;
             }
             Payload::SkillEndorse(p) => {
                 let skill = lookup.event(&p.skill)?;
-                if skill.as_ref().map(|r| r.kind) != Some(Kind::SkillPublish)
-                    || !self.skills.contains_key(&p.skill)
-                {
+                if skill.as_ref().map(|r| r.kind) != Some(Kind::SkillPublish) {
                     return Err(reject(
                         "unknown_skill",
                         format!("{} is not an accepted skill.publish", p.skill),
                     ));
                 }
-                if !past.contains(&p.skill)? {
-                    return Err(reject(
-                        "not_in_causal_past",
-                        format!("skill {} must be in deps or their causal past", p.skill),
-                    ));
-                }
+                require_in_past(&past, &p.skill, "skill")?;
             }
             Payload::BasinPublish(p) => {
                 version = Some(BasinVersion {
@@ -719,130 +402,332 @@ impl State {
                     coordinates: p.coordinates.values(),
                     distance: 0.0,
                     weight_ppm: meshnode_schemas::limits::WEIGHT_PPM_MAX,
+                    anchor: event.id,
+                    depth: 0,
                 });
             }
             Payload::BasinDelta(p) => {
-                let parent = lookup.basin_version(&p.parent)?.ok_or_else(|| {
-                    reject(
-                        "unknown_parent",
-                        format!("{} is not an accepted basin version", p.parent),
-                    )
-                })?;
-                let basin = self.basins.get(&parent.basin).ok_or_else(|| {
-                    Error::Corrupt(format!(
-                        "basin {} of version {} missing",
-                        parent.basin, p.parent
-                    ))
-                })?;
-                if basin.basin_id != p.basin_id {
-                    return Err(reject(
-                        "basin_mismatch",
-                        format!(
-                            "parent {} is a version of basin `{}`, not `{}`",
-                            p.parent, basin.basin_id, p.basin_id
-                        ),
-                    ));
-                }
-                if !past.contains(&p.parent)? {
-                    return Err(reject(
-                        "not_in_causal_past",
-                        format!("parent {} must be in deps or their causal past", p.parent),
-                    ));
-                }
-                let dim = parent.coordinates.len();
-                let values = p.values.values();
-                let indices: Vec<usize> = if p.indices.is_empty() {
-                    if values.len() != dim {
-                        return Err(reject(
-                            "dimension_mismatch",
-                            format!("{} values for a basin of {dim} coordinates", values.len()),
-                        ));
-                    }
-                    (0..dim).collect()
-                } else {
-                    if p.indices.iter().any(|&i| i as usize >= dim) {
-                        return Err(reject(
-                            "dimension_mismatch",
-                            format!("an index is outside the basin's {dim} coordinates"),
-                        ));
-                    }
-                    p.indices.iter().map(|&i| i as usize).collect()
-                };
-                let distance = indices
-                    .iter()
-                    .zip(&values)
-                    .map(|(&i, &v)| {
-                        let d = f64::from(v) - f64::from(parent.coordinates[i]);
-                        d * d
-                    })
-                    .sum::<f64>()
-                    .sqrt();
-                if distance > rules.genesis.basin_outlier_max {
-                    return Err(reject(
-                        "basin_outlier",
-                        format!(
-                            "delta is {distance:.4} away from its parent, more than the \
-                             network's basin_outlier_max {}",
-                            rules.genesis.basin_outlier_max
-                        ),
-                    ));
-                }
-                let w = p.weight_ppm as f32 / meshnode_schemas::limits::WEIGHT_PPM_MAX as f32;
-                let mut coordinates = parent.coordinates.clone();
-                for (&i, &v) in indices.iter().zip(&values) {
-                    coordinates[i] += w * (v - coordinates[i]);
-                }
-                version = Some(BasinVersion {
-                    id: event.id,
-                    basin: parent.basin,
-                    parent: Some(p.parent),
-                    author,
-                    coordinates,
-                    distance,
-                    weight_ppm: p.weight_ppm,
-                });
+                version = Some(self.check_delta(rules, lookup, &past, event, p)?);
             }
             Payload::KeyRotate(p) => {
-                if p.new_key == signer {
+                if p.new_key == key {
                     return Err(reject("invalid_field", "new_key is the key already in use"));
                 }
+                record.key_next = p.new_key;
             }
             Payload::NodeAnnounce(_)
             | Payload::SkillPublish(_)
             | Payload::ReputationDelta(_)
             | Payload::BlobHost(_) => {}
         }
-
-        // The event is valid: apply it.
-        self.n_events += 1;
+        // A credit to the author itself is in the causal past of its next event: covered here.
+        if let Some(credit) = record.credit
+            && credit.to == author
         {
-            let a = self.author_mut(&author);
-            a.head_seq = body.seq;
-            a.head_id = Some(event.id);
-            for id in &newly_covered {
-                a.uncovered.remove(id);
+            record.covers.push((event.id, credit.amount));
+            record.covered += u128::from(credit.amount);
+        }
+        Ok(Effect { record, version })
+    }
+
+    /// The coverage rule: which credits a transfer of `amount` brings into its branch's
+    /// coverage. None when what the branch already covers suffices. Otherwise every candidate
+    /// (a credit to the author not yet covered on this branch) that is named in `deps` or
+    /// below a dep in its own log, then — while that is not enough — the other candidates in
+    /// EventId order that a search finds in the causal past. Candidates outside the causal past
+    /// are never found, so the result depends on the causal past alone. Ordered by EventId.
+    fn cover<L: Lookup>(
+        &self,
+        past: &Past<'_, L>,
+        lookup: &L,
+        author: AuthorKey,
+        prev: Option<&EventRecord>,
+        amount: u64,
+    ) -> Result<Vec<(EventId, u64)>> {
+        let available = prev.map_or(0, |p| p.covered - p.sent);
+        if u128::from(amount) <= available {
+            return Ok(Vec::new());
+        }
+        let need = u128::from(amount) - available;
+        let mut found = Vec::new();
+        let mut rest = Vec::new();
+        for id in self.candidates(lookup, author, prev)? {
+            let record = record_of(lookup, &id)?;
+            let credit = record
+                .credit
+                .ok_or_else(|| corrupt(format!("credit {id} gives nothing")))?;
+            if past.contains_fast(&record)? {
+                found.push((id, credit.amount));
+            } else {
+                rest.push((id, credit.amount));
+            }
+        }
+        let mut total: u128 = found.iter().map(|(_, a)| u128::from(*a)).sum();
+        for (id, amount) in rest {
+            if total >= need {
+                break;
+            }
+            if past.contains(&id)? == Some(true) {
+                found.push((id, amount));
+                total += u128::from(amount);
+            }
+        }
+        found.sort_by_key(|(id, _)| *id);
+        Ok(found)
+    }
+
+    /// Credits to `author` not yet covered on the branch ending at `prev`, ordered by id.
+    fn candidates<L: Lookup>(
+        &self,
+        lookup: &L,
+        author: AuthorKey,
+        prev: Option<&EventRecord>,
+    ) -> Result<BTreeSet<EventId>> {
+        let Some(a) = self.authors.get(&author) else {
+            return Ok(BTreeSet::new());
+        };
+        let mut out = a.uncovered.clone();
+        let Some(frozen) = a.frozen_from else {
+            // One branch: every covered credit is covered on it.
+            return Ok(out);
+        };
+        // A forked log: credits covered only on other branches are candidates on this one.
+        let mut covered_elsewhere = BTreeSet::new();
+        for seq in frozen..=a.max_seq {
+            for id in lookup.at(&author, seq)? {
+                let record = record_of(lookup, &id)?;
+                covered_elsewhere.extend(record.covers.iter().map(|(c, _)| *c));
+            }
+        }
+        for credit in covered_elsewhere {
+            let mut on_branch = false;
+            if let Some(p) = prev {
+                for y in lookup.covered_by(&credit)? {
+                    let y = record_of(lookup, &y)?;
+                    if crate::past::descends(self, lookup, p, &y)? {
+                        on_branch = true;
+                        break;
+                    }
+                }
+            }
+            if !on_branch {
+                out.insert(credit);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The rules of a `basin.delta`: its parent is a version of the basin it names, in its
+    /// causal past; its author is the basin's owner or a writer the publish names; its values
+    /// lie within `basin_outlier_max` of the anchor (the nearest version above it the owner
+    /// signed).
+    fn check_delta<L: Lookup>(
+        &self,
+        rules: &Rules,
+        lookup: &L,
+        past: &Past<'_, L>,
+        event: &SignedEvent,
+        p: &meshnode_schemas::BasinDelta,
+    ) -> Result<BasinVersion> {
+        let author = event.body.author;
+        let parent = lookup.basin_version(&p.parent)?.ok_or_else(|| {
+            reject(
+                "unknown_parent",
+                format!("{} is not an accepted basin version", p.parent),
+            )
+        })?;
+        let basin = self.basins.get(&parent.basin).ok_or_else(|| {
+            corrupt(format!(
+                "basin {} of version {} missing",
+                parent.basin, p.parent
+            ))
+        })?;
+        if basin.basin_id != p.basin_id {
+            return Err(reject(
+                "basin_mismatch",
+                format!(
+                    "parent {} is a version of basin `{}`, not `{}`",
+                    p.parent, basin.basin_id, p.basin_id
+                ),
+            ));
+        }
+        if !basin.admits(&author) {
+            return Err(reject(
+                "not_a_writer",
+                format!(
+                    "{author} is neither the owner of basin `{}` nor one of the writers its \
+                     publish names",
+                    basin.basin_id
+                ),
+            ));
+        }
+        require_in_past(past, &p.parent, "parent")?;
+        let dim = parent.coordinates.len();
+        let values = p.values.values();
+        let indices: Vec<usize> = if p.indices.is_empty() {
+            if values.len() != dim {
+                return Err(reject(
+                    "dimension_mismatch",
+                    format!("{} values for a basin of {dim} coordinates", values.len()),
+                ));
+            }
+            (0..dim).collect()
+        } else {
+            if p.indices.iter().any(|&i| i >= dim as u64) {
+                return Err(reject(
+                    "dimension_mismatch",
+                    format!("an index is outside the basin's {dim} coordinates"),
+                ));
+            }
+            p.indices.iter().map(|&i| i as usize).collect()
+        };
+        let anchor = if parent.author == basin.owner {
+            parent.clone()
+        } else {
+            lookup
+                .basin_version(&parent.anchor)?
+                .ok_or_else(|| corrupt(format!("anchor {} missing", parent.anchor)))?
+        };
+        let distance = indices
+            .iter()
+            .zip(&values)
+            .map(|(&i, &v)| {
+                let d = f64::from(v) - f64::from(anchor.coordinates[i]);
+                d * d
+            })
+            .sum::<f64>()
+            .sqrt();
+        if distance > rules.genesis.basin_outlier_max {
+            return Err(reject(
+                "basin_outlier",
+                format!(
+                    "delta is {distance:.4} away from version {} (the latest its owner signed \
+                     on this path), more than the network's basin_outlier_max {}",
+                    anchor.id, rules.genesis.basin_outlier_max
+                ),
+            ));
+        }
+        let w = p.weight_ppm as f32 / meshnode_schemas::limits::WEIGHT_PPM_MAX as f32;
+        let mut coordinates = parent.coordinates.clone();
+        for (&i, &v) in indices.iter().zip(&values) {
+            coordinates[i] += w * (v - coordinates[i]);
+        }
+        Ok(BasinVersion {
+            id: event.id,
+            basin: parent.basin,
+            parent: Some(p.parent),
+            author,
+            coordinates,
+            distance,
+            weight_ppm: p.weight_ppm,
+            anchor: if author == basin.owner {
+                event.id
+            } else {
+                anchor.id
+            },
+            depth: parent.depth + 1,
+        })
+    }
+
+    /// Applies a checked event: the log, the accounts, the kind's state, then forks and what
+    /// is contested. Returns the record as stored.
+    pub fn commit<L: Lookup>(
+        &mut self,
+        base: &L,
+        overlay: &mut Overlay,
+        event: &SignedEvent,
+        effect: Effect,
+    ) -> Result<EventRecord> {
+        let Effect { record, version } = effect;
+        assert_eq!(
+            record.index, self.n_events,
+            "invariant: an effect is committed on the state it was checked on"
+        );
+        let id = record.id;
+        let author = record.author;
+        self.n_events += 1;
+        self.commit_log(overlay, event, &record);
+        if let Some(credit) = record.credit {
+            let recipient = self.author_mut(&credit.to);
+            recipient.received += u128::from(credit.amount);
+            if credit.to != author {
+                recipient.uncovered.insert(id);
+                overlay.uncovered.push((credit.to, id, true));
+            }
+            if record.kind == Kind::TokenMint {
+                self.supply += u128::from(credit.amount);
+                self.author_mut(&author).minted += u128::from(credit.amount);
+            }
+            overlay.touched.authors.insert(credit.to);
+        }
+        self.commit_kind(overlay, event, &record, version.as_ref());
+        if let Some(v) = version {
+            overlay.versions.insert(id, v);
+        }
+        overlay.log.insert((author, record.seq, id));
+        overlay.events.insert(id, record.clone());
+        overlay.envelopes.insert(id, event.envelope.clone());
+        overlay.accepted.push(id);
+        self.contest_on_accept(base, overlay, &record)?;
+        let stored = overlay
+            .events
+            .get(&id)
+            .cloned()
+            .expect("invariant: the record was just inserted");
+        let a = &self.authors[&author];
+        assert!(
+            a.checked_balance().is_some(),
+            "invariant: spendable balance of {author} is never negative"
+        );
+        Ok(stored)
+    }
+
+    /// The author's log and account: counts, the branch this node extends first, coverage.
+    fn commit_log(&mut self, overlay: &mut Overlay, event: &SignedEvent, record: &EventRecord) {
+        let author = record.author;
+        let a = self.author_mut(&author);
+        a.n_events += 1;
+        a.max_seq = a.max_seq.max(record.seq);
+        if a.head_id == record.prev && a.head_seq + 1 == record.seq {
+            a.head_seq = record.seq;
+            a.head_id = Some(record.id);
+            if let Payload::KeyRotate(p) = &event.body.payload {
+                a.keys.push((record.seq + 1, p.new_key));
+            }
+        }
+        a.sent += u128::from(record.debit);
+        for (credit, _) in &record.covers {
+            if a.uncovered.remove(credit) {
+                overlay.uncovered.push((author, *credit, false));
             }
             overlay
-                .uncovered
-                .extend(newly_covered.iter().map(|id| (author, *id, false)));
-            a.covered += covered_amount;
-            a.sent += record.debit;
+                .covered_by
+                .entry(*credit)
+                .or_default()
+                .push(record.id);
         }
-        match &body.payload {
-            Payload::TokenMint(p) => {
-                self.supply += p.amount;
-                self.author_mut(&author).minted += p.amount;
-            }
-            Payload::KeyRotate(p) => {
-                self.author_mut(&author)
-                    .keys
-                    .push((body.seq + 1, p.new_key));
-            }
+        overlay.touched.authors.insert(author);
+    }
+
+    /// The state of the event's kind: skills, endorsements, basins, reputation, nodes, hosts.
+    /// Every update is a sum or a "greatest (seq, id) wins" choice, so the order of arrival
+    /// does not matter.
+    fn commit_kind(
+        &mut self,
+        overlay: &mut Overlay,
+        event: &SignedEvent,
+        record: &EventRecord,
+        version: Option<&BasinVersion>,
+    ) {
+        let id = record.id;
+        let author = record.author;
+        let touched = &mut overlay.touched;
+        match &event.body.payload {
             Payload::SkillPublish(p) => {
                 self.skills.insert(
-                    event.id,
+                    id,
                     SkillState {
-                        id: event.id,
+                        id,
                         author,
                         skill_id: p.skill_id.clone(),
                         name: p.name.clone(),
@@ -858,6 +743,7 @@ impl State {
                         contested: false,
                     },
                 );
+                touched.skills.insert(id);
             }
             Payload::SkillEndorse(p) => {
                 if let Some(skill) = self.skills.get_mut(&p.skill) {
@@ -866,30 +752,35 @@ impl State {
                     } else {
                         skill.n_invalid += 1;
                     }
-                    skill.score_sum += p.score;
+                    skill.score_sum += u128::from(p.score);
+                    touched.skills.insert(p.skill);
                 }
             }
             Payload::BasinPublish(p) => {
                 let values = p.coordinates.values();
+                let ppm = meshnode_schemas::limits::WEIGHT_PPM_MAX;
                 self.basins.insert(
-                    event.id,
+                    id,
                     BasinState {
-                        id: event.id,
+                        id,
                         owner: author,
                         basin_id: p.basin_id.clone(),
-                        sums: values.iter().map(|&v| f64::from(v)).collect(),
-                        weights: vec![1.0; values.len()],
+                        writers: p.writers.clone(),
+                        sums: values
+                            .iter()
+                            .map(|&v| basin_fixed(v) * i128::from(ppm))
+                            .collect(),
+                        weights: vec![u128::from(ppm); values.len()],
                         n_versions: 1,
-                        head: event.id,
+                        head: id,
+                        head_depth: 0,
                     },
                 );
+                touched.basins.insert(id);
             }
             Payload::BasinDelta(p) => {
-                let v = version
-                    .as_ref()
-                    .expect("invariant: a valid delta has a version");
+                let v = version.expect("invariant: a valid delta has a version");
                 if let Some(basin) = self.basins.get_mut(&v.basin) {
-                    let w = p.weight_ppm as f64 / meshnode_schemas::limits::WEIGHT_PPM_MAX as f64;
                     let values = p.values.values();
                     let indices: Vec<usize> = if p.indices.is_empty() {
                         (0..basin.sums.len()).collect()
@@ -897,19 +788,27 @@ impl State {
                         p.indices.iter().map(|&i| i as usize).collect()
                     };
                     for (&i, &value) in indices.iter().zip(&values) {
-                        basin.sums[i] += w * f64::from(value);
-                        basin.weights[i] += w;
+                        // At most 2^92 per delta: 2^35 deltas of one basin before i128 ends.
+                        basin.sums[i] = basin.sums[i]
+                            .saturating_add(basin_fixed(value) * i128::from(p.weight_ppm));
+                        basin.weights[i] += u128::from(p.weight_ppm);
                     }
                     basin.n_versions += 1;
-                    basin.head = event.id;
+                    if (v.depth, id) > (basin.head_depth, basin.head) {
+                        basin.head = id;
+                        basin.head_depth = v.depth;
+                    }
+                    touched.basins.insert(v.basin);
                 }
             }
             Payload::ReputationDelta(p) => {
                 let r = self.reputation.entry(p.subject).or_default();
-                r.score += p.delta;
+                r.score += i128::from(p.delta);
                 r.n_deltas += 1;
+                touched.reputation.insert(p.subject);
             }
             Payload::NodeAnnounce(p) => {
+                let seq = record.seq;
                 let entry = self.nodes.entry(author).or_insert_with(|| NodeState {
                     author,
                     service: String::new(),
@@ -917,257 +816,287 @@ impl State {
                     capabilities: Vec::new(),
                     addr: String::new(),
                     dim: 0,
-                    last_event: event.id,
-                    last_ts: body.ts,
+                    last_event: id,
+                    last_seq: 0,
+                    last_ts: record.ts,
                     n_announces: 0,
                 });
-                entry.service = p.service.clone();
-                entry.endpoints = p.endpoints.clone();
-                entry.capabilities = p.capabilities.clone();
-                entry.addr = p.addr.clone();
-                entry.dim = p.basin_signature.dim() as u32;
-                entry.last_event = event.id;
-                entry.last_ts = body.ts;
                 entry.n_announces += 1;
-            }
-            Payload::BlobHost(p) => {
-                let hosts = self.hosts.entry(p.blob).or_default();
-                let changed = if p.pinned {
-                    hosts.insert(author)
-                } else {
-                    let removed = hosts.remove(&author);
-                    if hosts.is_empty() {
-                        self.hosts.remove(&p.blob);
-                    }
-                    removed
-                };
-                if changed {
-                    overlay.hosts.push((p.blob, author, p.pinned));
+                if entry.n_announces == 1 || (seq, id) > (entry.last_seq, entry.last_event) {
+                    entry.service = p.service.clone();
+                    entry.endpoints = p.endpoints.clone();
+                    entry.capabilities = p.capabilities.clone();
+                    entry.addr = p.addr.clone();
+                    entry.dim = p.basin_signature.dim() as u32;
+                    entry.last_event = id;
+                    entry.last_seq = seq;
+                    entry.last_ts = record.ts;
                 }
-            }
-            Payload::TokenTransfer(_) => {}
-        }
-        if let Some(credit) = record.credit {
-            let recipient = self.author_mut(&credit.to);
-            recipient.received += credit.amount;
-            if credit.to == author {
-                // A transfer to oneself is in the causal past of the author's next event.
-                recipient.covered += credit.amount;
-            } else {
-                recipient.uncovered.insert(event.id);
-                overlay.uncovered.push((credit.to, event.id, true));
-            }
-        }
-        let touched = &mut overlay.touched;
-        touched.authors.insert(author);
-        if let Some(credit) = record.credit {
-            touched.authors.insert(credit.to);
-        }
-        match &body.payload {
-            Payload::SkillPublish(_) => {
-                touched.skills.insert(event.id);
-            }
-            Payload::SkillEndorse(p) => {
-                touched.skills.insert(p.skill);
-            }
-            Payload::BasinPublish(_) => {
-                touched.basins.insert(event.id);
-            }
-            Payload::ReputationDelta(p) => {
-                touched.reputation.insert(p.subject);
-            }
-            Payload::NodeAnnounce(_) => {
                 touched.nodes.insert(author);
             }
-            _ => {}
-        }
-        if let Some(v) = version {
-            if let Some(parent) = v.parent.is_some().then_some(v.basin) {
-                touched.basins.insert(parent);
+            Payload::BlobHost(p) => {
+                let mark = HostMark {
+                    seq: record.seq,
+                    id,
+                    pinned: p.pinned,
+                };
+                let marks = self.hosts.entry(p.blob).or_default();
+                if marks
+                    .get(&author)
+                    .is_none_or(|m| (m.seq, m.id) < (mark.seq, mark.id))
+                {
+                    marks.insert(author, mark);
+                    overlay.hosts.push((p.blob, author, mark));
+                }
             }
-            overlay.versions.insert(event.id, v);
+            Payload::TokenMint(_) | Payload::TokenTransfer(_) | Payload::KeyRotate(_) => {}
         }
-        overlay.log.insert((author, body.seq), event.id);
-        overlay.events.insert(event.id, record.clone());
-        overlay.envelopes.insert(event.id, event.envelope.clone());
-        overlay.accepted.push(event.id);
-        Ok(Applied::Accepted(record))
     }
 
-    /// Records a fork of `event`'s log at its seq: a proof, the log frozen from there, its
-    /// events from there contested and their credits unspendable. Returns the rejection to
-    /// report for `event`.
-    fn fork<L: Lookup>(
+    /// After an event is accepted: the ranges of contested credits it covered, a fork if its
+    /// seq was occupied, and whether it is contested itself.
+    fn contest_on_accept<L: Lookup>(
         &mut self,
-        lookup: &Layered<'_, L>,
-        event: &SignedEvent,
-        existing: EventId,
-        signer: AuthorKey,
-    ) -> Result<(Error, Vec<EventRecord>, Touched)> {
-        let author = event.body.author;
-        let seq = event.body.seq;
-        if self.forks.contains_key(&(author, seq)) {
-            return Ok((
-                reject(
-                    "fork_detected",
-                    format!("log {author} is already known to fork at seq {seq}"),
-                ),
-                Vec::new(),
-                Touched::default(),
-            ));
-        }
-        let existing_envelope = lookup
-            .envelope(&existing)?
-            .ok_or_else(|| Error::Corrupt(format!("envelope of {existing} missing")))?;
-        let state = self.authors.get(&author).cloned().unwrap_or_default();
-        let mut rotations = Vec::new();
-        for s in 1..seq {
-            if state.keys.iter().any(|(from, _)| *from == s + 1) {
-                let id = lookup
-                    .at(&author, s)?
-                    .ok_or_else(|| Error::Corrupt(format!("log {author} misses seq {s}")))?;
-                rotations.push(
-                    lookup
-                        .envelope(&id)?
-                        .ok_or_else(|| Error::Corrupt(format!("envelope of {id} missing")))?,
-                );
+        base: &L,
+        overlay: &mut Overlay,
+        record: &EventRecord,
+    ) -> Result<()> {
+        let author = record.author;
+        if self.authors[&author].on_prefix(record.seq) {
+            let mut ranges = Vec::new();
+            for (credit, _) in &record.covers {
+                if *credit == record.id {
+                    continue;
+                }
+                let lookup = Layered {
+                    base,
+                    overlay: &*overlay,
+                };
+                if record_of(&lookup, credit)?.contested {
+                    ranges.push(
+                        record
+                            .cover_range(credit)
+                            .expect("invariant: the event covers its covers"),
+                    );
+                }
+            }
+            if !ranges.is_empty() {
+                self.author_mut(&author).contested_ranges.extend(ranges);
             }
         }
-        let proof = ForkProof {
+        let ids = Layered {
+            base,
+            overlay: &*overlay,
+        }
+        .at(&author, record.seq)?;
+        if ids.len() > 1 {
+            self.record_fork(base, overlay, author, record.seq, &ids)?;
+        }
+        let a = &self.authors[&author];
+        if !a.on_prefix(record.seq)
+            || (record.debit > 0 && ranges_meet(&a.contested_ranges, record.spend_range()))
+        {
+            self.contest(base, overlay, record.id)?;
+        }
+        Ok(())
+    }
+
+    /// Records that `author` has the events `ids` (ordered, more than one) at `seq`: the
+    /// canonical proof (lowest forked seq, two smallest ids) and everything of the log from
+    /// the lowest forked seq on contested.
+    fn record_fork<L: Lookup>(
+        &mut self,
+        base: &L,
+        overlay: &mut Overlay,
+        author: AuthorKey,
+        seq: u64,
+        ids: &[EventId],
+    ) -> Result<()> {
+        let pair = [ids[0], ids[1]];
+        let replace = self
+            .forks
+            .get(&author)
+            .is_none_or(|p| seq < p.seq || (seq == p.seq && p.ids() != pair));
+        if replace {
+            let proof = self.build_proof(base, overlay, author, seq, pair)?;
+            self.forks.insert(author, proof);
+            overlay.touched.forks.insert(author);
+        }
+        let a = self.author_mut(&author);
+        let old = a.frozen_from;
+        let frozen = old.map_or(seq, |f| f.min(seq));
+        a.frozen_from = Some(frozen);
+        let last = match old {
+            Some(f) if f <= frozen => return Ok(()),
+            Some(f) => f - 1,
+            None => a.max_seq,
+        };
+        overlay.touched.authors.insert(author);
+        for s in frozen..=last {
+            let ids = Layered {
+                base,
+                overlay: &*overlay,
+            }
+            .at(&author, s)?;
+            for id in ids {
+                self.contest(base, overlay, id)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn build_proof<L: Lookup>(
+        &self,
+        base: &L,
+        overlay: &Overlay,
+        author: AuthorKey,
+        seq: u64,
+        pair: [EventId; 2],
+    ) -> Result<ForkProof> {
+        let lookup = Layered { base, overlay };
+        let envelope = |id: &EventId| {
+            lookup
+                .envelope(id)?
+                .ok_or_else(|| corrupt(format!("envelope of {id} missing")))
+        };
+        let first = record_of(&lookup, &pair[0])?;
+        let signer = match &first.prev {
+            Some(prev) => record_of(&lookup, prev)?.key_next,
+            None => author,
+        };
+        // Seqs below the lowest fork hold one event each, on the branch this node extended.
+        let mut rotations = Vec::new();
+        for (from, _) in self.authors.get(&author).map_or(&[][..], |a| &a.keys[..]) {
+            if *from <= seq {
+                let ids = lookup.at(&author, from - 1)?;
+                let id = ids
+                    .first()
+                    .ok_or_else(|| corrupt(format!("log {author} misses seq {}", from - 1)))?;
+                rotations.push(envelope(id)?);
+            }
+        }
+        Ok(ForkProof {
             author,
             seq,
             signer,
-            envelopes: [existing_envelope, event.envelope.clone()],
+            envelopes: [envelope(&pair[0])?, envelope(&pair[1])?],
             rotations,
-            detected_at: self.n_events,
-        };
-        self.forks.insert((author, seq), proof);
-        let mut updates = Vec::new();
-        let mut touched = Touched::default();
-        touched.authors.insert(author);
-        touched.forks.insert((author, seq));
-        let head_seq = state.head_seq;
-        let first = state.frozen_from.map_or(seq, |f| f.min(seq));
-        self.author_mut(&author).frozen_from = Some(first);
-        // Everything of the log from the fork on is contested; its credits become unspendable.
-        for s in seq..=head_seq {
-            let Some(id) = lookup.at(&author, s)? else {
-                continue;
-            };
-            let Some(mut record) = lookup.event(&id)? else {
-                continue;
-            };
+        })
+    }
+
+    /// Marks `id` contested and everything that follows from it: its debit and credit count
+    /// on neither side, a contested credit's coverage range is recorded, and the transfers that
+    /// spend that range are contested in turn.
+    fn contest<L: Lookup>(&mut self, base: &L, overlay: &mut Overlay, id: EventId) -> Result<()> {
+        let mut stack = vec![id];
+        while let Some(id) = stack.pop() {
+            let mut record = record_of(&Layered { base, overlay: &*overlay }, &id)?;
             if record.contested {
                 continue;
             }
             record.contested = true;
+            overlay.events.insert(id, record.clone());
+            overlay.contested.push(id);
+            self.contested.insert(id);
+            let author = record.author;
+            overlay.touched.authors.insert(author);
+            if record.debit > 0 {
+                self.author_mut(&author).sent_contested += u128::from(record.debit);
+            }
             if record.kind == Kind::SkillPublish
                 && let Some(skill) = self.skills.get_mut(&id)
             {
                 skill.contested = true;
+                overlay.touched.skills.insert(id);
             }
-            if let Some(credit) = record.credit {
-                let recipient = self.author_mut(&credit.to);
-                recipient.received_contested += credit.amount;
-                if !recipient.uncovered.contains(&id) && credit.to != author {
-                    recipient.covered = recipient.covered.saturating_sub(credit.amount);
-                }
-                touched.authors.insert(credit.to);
-            }
-            if record.kind == Kind::SkillPublish {
-                touched.skills.insert(id);
-            }
-            updates.push(record);
-        }
-        Ok((
-            reject(
-                "fork_detected",
-                format!(
-                    "log {author} already has event {existing} at seq {seq}; both are now \
-                     contested and the log is frozen (GET /v1/forks has the proof)"
-                ),
-            ),
-            updates,
-            touched,
-        ))
-    }
-}
-
-/// Most events a causal-past search of one new event may visit. Credits are found in O(1) when
-/// named in `deps` (or when a dep is a later event of the credit's log); the search is for
-/// credits reached only transitively.
-pub const PAST_SEARCH_EVENTS_MAX: usize = 200_000;
-
-/// The causal past of a new event: its author's log up to `prev_seq` and everything reachable
-/// from its deps.
-struct Past<'a, L: Lookup> {
-    lookup: &'a Layered<'a, L>,
-    author: AuthorKey,
-    prev_seq: u64,
-    deps: &'a [EventRecord],
-    visited: std::cell::Cell<usize>,
-}
-
-impl<L: Lookup> Past<'_, L> {
-    /// The O(deps) cases: `t` is in the author's own log, named in deps, or a dep is a later
-    /// event of `t`'s log.
-    fn contains_fast(&self, t: &EventRecord) -> bool {
-        (t.author == self.author && t.seq <= self.prev_seq)
-            || self
-                .deps
-                .iter()
-                .any(|d| d.id == t.id || (d.author == t.author && d.seq >= t.seq))
-    }
-
-    /// Whether `target` (an accepted event) is in this causal past. The search only visits
-    /// events accepted after `target` (an event is accepted only after its whole causal past),
-    /// so it is cheap for recent targets.
-    fn contains(&self, target: &EventId) -> Result<bool> {
-        let Some(t) = self.lookup.event(target)? else {
-            return Ok(false);
-        };
-        if self.contains_fast(&t) {
-            return Ok(true);
-        }
-        let mut stack: Vec<EventRecord> = self.deps.to_vec();
-        // The author's own earlier events are in the past too; start from its head.
-        if self.prev_seq > 0
-            && let Some(head) = self.lookup.at(&self.author, self.prev_seq)?
-            && let Some(r) = self.lookup.event(&head)?
-        {
-            stack.push(r);
-        }
-        let mut seen: HashSet<EventId> = HashSet::new();
-        while let Some(x) = stack.pop() {
-            if x.id == t.id || (x.author == t.author && x.seq >= t.seq) {
-                return Ok(true);
-            }
-            if x.index < t.index || !seen.insert(x.id) {
+            let Some(credit) = record.credit else {
                 continue;
+            };
+            if record.kind == Kind::TokenMint {
+                self.supply -= u128::from(credit.amount);
+                self.author_mut(&author).minted_contested += u128::from(credit.amount);
             }
-            let visited = self.visited.get() + 1;
-            self.visited.set(visited);
-            if visited > PAST_SEARCH_EVENTS_MAX {
-                return Err(reject(
-                    "causal_past_too_large",
-                    format!(
-                        "finding {target} in this event's causal past needs more than \
-                         {PAST_SEARCH_EVENTS_MAX} steps; name it (or a later event of its log) \
-                         in deps"
-                    ),
-                ));
-            }
-            for id in x.prev.iter().chain(&x.deps) {
-                if seen.contains(id) {
+            self.author_mut(&credit.to).received_contested += u128::from(credit.amount);
+            overlay.touched.authors.insert(credit.to);
+            let coverers = Layered { base, overlay: &*overlay }.covered_by(&id)?;
+            for y in coverers {
+                let y = record_of(&Layered { base, overlay: &*overlay }, &y)?;
+                if y.author != credit.to || !self.authors[&credit.to].on_prefix(y.seq) {
+                    // Covered on a forked branch: whatever spends it there is contested anyway.
                     continue;
                 }
-                if let Some(r) = self.lookup.event(id)?
-                    && r.index >= t.index
-                {
-                    stack.push(r);
+                let range = y
+                    .cover_range(&id)
+                    .ok_or_else(|| corrupt(format!("{} covers {id} without a range", y.id)))?;
+                let ranges = &mut self.author_mut(&credit.to).contested_ranges;
+                if !ranges.contains(&range) {
+                    ranges.push(range);
                 }
+                stack.extend(self.spenders(base, overlay, credit.to, y.seq, range)?);
             }
         }
-        Ok(false)
+        Ok(())
+    }
+
+    /// Transfers on the unforked prefix of `author`'s log, from `from_seq` on, whose spend
+    /// range meets `range`. The branch's `sent` only grows, so a binary search finds the
+    /// first one.
+    fn spenders<L: Lookup>(
+        &self,
+        base: &L,
+        overlay: &Overlay,
+        author: AuthorKey,
+        from_seq: u64,
+        (lo, hi): (u128, u128),
+    ) -> Result<Vec<EventId>> {
+        let lookup = Layered { base, overlay };
+        let a = &self.authors[&author];
+        let last = a.frozen_from.map_or(a.max_seq, |f| f - 1);
+        let at = |seq: u64| -> Result<Option<EventRecord>> {
+            match lookup.at(&author, seq)?.first() {
+                Some(id) => lookup.event(id),
+                None => Ok(None),
+            }
+        };
+        let (mut l, mut r) = (from_seq, last + 1);
+        while l < r {
+            let m = l + (r - l) / 2;
+            match at(m)? {
+                Some(x) if x.sent > lo => r = m,
+                Some(_) => l = m + 1,
+                None => r = m,
+            }
+        }
+        let mut out = Vec::new();
+        for seq in l..=last {
+            let Some(x) = at(seq)? else { break };
+            let (start, end) = x.spend_range();
+            if start >= hi {
+                break;
+            }
+            if x.debit > 0 && end > lo && !x.contested {
+                out.push(x.id);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Requires `target` in the causal past; a search that runs out of steps is a rejection
+/// every node makes alike (the step count depends on the causal past only).
+fn require_in_past<L: Lookup>(past: &Past<'_, L>, target: &EventId, what: &str) -> Result<()> {
+    match past.contains(target)? {
+        Some(true) => Ok(()),
+        Some(false) => Err(reject(
+            "not_in_causal_past",
+            format!("{what} {target} must be in deps or their causal past"),
+        )),
+        None => Err(reject(
+            "causal_past_too_large",
+            format!(
+                "finding {what} {target} in this event's causal past needs more than \
+                 {PAST_SEARCH_EVENTS_MAX} steps; name it (or a later event of its log) in deps"
+            ),
+        )),
     }
 }

@@ -27,6 +27,8 @@ pub const BATCH_EVENTS_MAX: usize = 4096;
 pub const QUEUE_EVENTS_MAX: usize = 16_384;
 /// Most events waiting for their prev or deps.
 pub const PENDING_EVENTS_MAX: usize = 10_000;
+/// How often waiting events are checked against their time-to-live.
+const PENDING_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Envelope writes to the blob store in flight at once during a commit.
 const STORE_ADDS_IN_FLIGHT: usize = 64;
 
@@ -92,101 +94,182 @@ pub struct Accepted {
 pub struct Account {
     /// The key.
     pub key: AuthorKey,
-    /// Spendable balance: uncontested credits received minus sent.
-    pub balance: i128,
+    /// Spendable balance: uncontested credits received minus uncontested debits.
+    pub balance: u128,
     /// Credits received (contested included).
-    pub received: u64,
-    /// Of which contested (unspendable).
-    pub received_contested: u64,
-    /// Sent.
-    pub sent: u64,
-    /// Minted (issuers).
-    pub minted: u64,
+    pub received: u128,
+    /// Of which contested (they count on neither side).
+    pub received_contested: u128,
+    /// Sent (contested included).
+    pub sent: u128,
+    /// Of which contested.
+    pub sent_contested: u128,
+    /// Minted (issuers; contested included).
+    pub minted: u128,
     /// Credits not yet in the causal past of the log; name them in `deps` to spend them.
     pub unreferenced_credits: Vec<EventId>,
-    /// Head of the log.
+    /// Head of the log (of the branch this node extended first, once it forked).
     pub head_seq: u64,
     /// Head event.
     pub head_id: Option<EventId>,
     /// Key that signs the next event.
     pub signing_key: AuthorKey,
-    /// First forked seq, if the log is frozen.
+    /// Lowest forked seq, if the log forked: its events from there on are contested.
     pub frozen_from: Option<u64>,
     /// Reputation score.
-    pub reputation: i64,
+    pub reputation: i128,
 }
 
 struct Job {
     event: Arc<SignedEvent>,
     reply: Option<oneshot::Sender<Result<Submitted>>>,
+    /// When a reloaded pending event first arrived (ms since the epoch); `None` for new ones.
+    since_ms: Option<u64>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum WaitKey {
-    Event(EventId),
-    Seq(AuthorKey, u64),
+/// The pending events stored in the index, as jobs to try again.
+async fn load_pending_jobs(shared: &Arc<Shared>) -> Result<Vec<Job>> {
+    let rows = {
+        let tx = shared.db.begin_read()?;
+        let mut rows = Vec::new();
+        for entry in tx.open_table(db::PENDING)?.iter()? {
+            let (k, v) = entry?;
+            let (blob, since) = v.value();
+            rows.push((
+                EventId::from_bytes(k.value()),
+                BlobHash::from_bytes(blob),
+                since,
+            ));
+        }
+        rows
+    };
+    let mut jobs = Vec::with_capacity(rows.len());
+    for (id, blob, since_ms) in rows {
+        match shared
+            .store
+            .get_bytes(&blob, meshnode_schemas::limits::EVENT_BYTES_MAX as u64)
+            .await
+        {
+            Ok(bytes) => match SignedEvent::decode(&bytes) {
+                Ok(event) if event.id == id => jobs.push(Job {
+                    event: Arc::new(event),
+                    reply: None,
+                    since_ms: Some(since_ms),
+                }),
+                _ => tracing::warn!(%id, "dropping an unreadable pending event"),
+            },
+            Err(e) => tracing::warn!(%id, "pending event envelope unavailable: {e}"),
+        }
+    }
+    Ok(jobs)
+}
+
+/// The `Instant` of a wall-clock time in ms since the epoch (for arrival times read back).
+fn instant_of_ms(ms: u64) -> Instant {
+    let age = Duration::from_millis(now_ms().saturating_sub(ms));
+    Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
 }
 
 struct PendingEntry {
     event: Arc<SignedEvent>,
     since: Instant,
-    keys: Vec<WaitKey>,
 }
 
+/// Events waiting for their prev or deps, bounded in count, in bytes and per author.
 #[derive(Default)]
 struct Pending {
     entries: HashMap<EventId, PendingEntry>,
-    waiters: HashMap<WaitKey, Vec<EventId>>,
+    /// Missing event → the pending events that wait for it. Lists are cleaned lazily (an id
+    /// whose entry is gone is skipped), so waking N waiters costs O(N).
+    waiters: HashMap<EventId, Vec<EventId>>,
+    /// Envelope bytes held.
+    bytes: usize,
+    /// Entries per author.
+    per_author: HashMap<AuthorKey, usize>,
 }
 
+/// Most envelope bytes held by pending events (each entry also holds its decoded form).
+pub const PENDING_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Most pending events of one author.
+pub const PENDING_PER_AUTHOR_MAX: usize = 512;
+
 impl Pending {
-    fn insert(&mut self, event: Arc<SignedEvent>, waiting: &Waiting) {
-        let mut keys: Vec<WaitKey> = waiting
-            .missing
-            .iter()
-            .map(|id| WaitKey::Event(*id))
-            .collect();
-        if waiting.reason == "seq_gap" {
-            keys = vec![WaitKey::Seq(event.body.author, event.body.seq - 1)];
+    /// Whether one more event of `author` fits; the error says which limit is reached. A full
+    /// pending set delays an event (the submitter or a peer delivers it again later); it is
+    /// not a verdict on the event.
+    fn admit(&self, event: &SignedEvent, count_max: usize) -> Result<()> {
+        let author = event.body.author;
+        let full = |what: String| {
+            reject(
+                "pending_full",
+                format!("{what}; deliver the events it waits for first, or retry later"),
+            )
+        };
+        if self.entries.len() >= count_max {
+            return Err(full(format!("{count_max} events already wait for their prev or deps")));
         }
-        for key in &keys {
+        if self.bytes + event.envelope.len() > PENDING_BYTES_MAX {
+            return Err(full(format!(
+                "waiting events already hold {} MiB",
+                PENDING_BYTES_MAX >> 20
+            )));
+        }
+        if self.per_author.get(&author).copied().unwrap_or(0) >= PENDING_PER_AUTHOR_MAX {
+            return Err(full(format!(
+                "{PENDING_PER_AUTHOR_MAX} events of {author} already wait"
+            )));
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, event: Arc<SignedEvent>, waiting: &Waiting, since: Instant) {
+        for key in &waiting.missing {
             self.waiters.entry(*key).or_default().push(event.id);
         }
-        self.entries.insert(
-            event.id,
-            PendingEntry {
-                event,
-                since: Instant::now(),
-                keys,
-            },
-        );
+        self.count(&event);
+        if let Some(old) = self.entries.insert(event.id, PendingEntry { event, since }) {
+            // Inserted again while still there: counted once.
+            self.forget(&old.event);
+        }
+    }
+
+    fn count(&mut self, event: &SignedEvent) {
+        self.bytes += event.envelope.len();
+        *self.per_author.entry(event.body.author).or_default() += 1;
+    }
+
+    fn forget(&mut self, event: &SignedEvent) {
+        self.bytes -= event.envelope.len();
+        let author = event.body.author;
+        if let Some(n) = self.per_author.get_mut(&author) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_author.remove(&author);
+            }
+        }
     }
 
     fn remove(&mut self, id: &EventId) -> Option<PendingEntry> {
         let entry = self.entries.remove(id)?;
-        for key in &entry.keys {
-            if let Some(list) = self.waiters.get_mut(key) {
-                list.retain(|x| x != id);
-                if list.is_empty() {
-                    self.waiters.remove(key);
-                }
-            }
-        }
+        self.forget(&entry.event);
         Some(entry)
     }
 
     /// Pending events that may now apply because `record` was accepted.
     fn woken_by(&mut self, record: &EventRecord) -> Vec<PendingEntry> {
-        let mut ids = Vec::new();
-        for key in [
-            WaitKey::Event(record.id),
-            WaitKey::Seq(record.author, record.seq),
-        ] {
-            if let Some(list) = self.waiters.get(&key) {
-                ids.extend(list.iter().copied());
-            }
-        }
+        let Some(ids) = self.waiters.remove(&record.id) else {
+            return Vec::new();
+        };
         ids.into_iter().filter_map(|id| self.remove(&id)).collect()
+    }
+
+    /// Drops waiter ids whose entries are gone.
+    fn compact(&mut self) {
+        let entries = &self.entries;
+        self.waiters.retain(|_, ids| {
+            ids.retain(|id| entries.contains_key(id));
+            !ids.is_empty()
+        });
     }
 }
 
@@ -204,6 +287,8 @@ struct Shared {
     fork_feed: broadcast::Sender<ForkProof>,
     tx: mpsc::Sender<Job>,
     n_pending: Mutex<usize>,
+    /// The last state digest computed: (tree size, digest).
+    digest: Mutex<Option<(u64, crate::StateDigest)>>,
     dir: PathBuf,
     stop: Mutex<Option<oneshot::Sender<()>>>,
     worker: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -264,6 +349,10 @@ struct Worker {
     config: LedgerConfig,
     /// The batch whose commit is running, if any.
     in_flight: Option<InFlight>,
+    /// Pending events to try again (after a failed batch reloaded them).
+    retry: Vec<Job>,
+    /// When waiting events were last checked for their time-to-live.
+    last_sweep: Instant,
 }
 
 /// Outcome of applying one job inside a batch.
@@ -308,12 +397,13 @@ impl Ledger {
             fork_feed,
             tx,
             n_pending: Mutex::new(0),
+            digest: Mutex::new(None),
             dir: dir.to_path_buf(),
             stop: Mutex::new(None),
             worker: Mutex::new(None),
         });
         let load = shared.clone();
-        let (state, frontier, pending_rows) = tokio::task::spawn_blocking(move || {
+        let (state, frontier) = tokio::task::spawn_blocking(move || {
             let state = db::load_state(&load.db)?;
             let tx = load.db.begin_read()?;
             let ids = db::load_ids(&tx, state.n_events)?;
@@ -325,17 +415,7 @@ impl Ledger {
                 .ids
                 .write()
                 .expect("invariant: id map lock is never poisoned") = ids;
-            let mut rows = Vec::new();
-            for entry in tx.open_table(db::PENDING)?.iter()? {
-                let (k, v) = entry?;
-                let (blob, since) = v.value();
-                rows.push((
-                    EventId::from_bytes(k.value()),
-                    BlobHash::from_bytes(blob),
-                    since,
-                ));
-            }
-            Ok::<_, Error>((state, frontier, rows))
+            Ok::<_, Error>((state, frontier))
         })
         .await
         .map_err(|e| Error::Unavailable(e.to_string()))??;
@@ -346,56 +426,24 @@ impl Ledger {
         ledger.shared.store.add_gc_roots(Arc::new(LedgerRoots {
             shared: Arc::downgrade(&shared),
         }));
-        let mut worker = Worker {
+        // Events that were waiting when the node stopped are tried again (and wait again,
+        // with their original arrival time).
+        let retry = load_pending_jobs(&shared).await?;
+        *ledger
+            .shared
+            .n_pending
+            .lock()
+            .expect("invariant: pending counter lock is never poisoned") = retry.len();
+        let worker = Worker {
             shared,
             state,
             frontier,
             pending: Pending::default(),
             config,
             in_flight: None,
+            retry: Vec::new(),
+            last_sweep: Instant::now(),
         };
-        // Events that were waiting when the node stopped wait again.
-        let mut reloaded = Vec::new();
-        for (id, blob, since_ms) in pending_rows {
-            match ledger
-                .shared
-                .store
-                .get_bytes(&blob, meshnode_schemas::limits::EVENT_BYTES_MAX as u64)
-                .await
-            {
-                Ok(bytes) => match SignedEvent::decode(&bytes) {
-                    Ok(event) if event.id == id => reloaded.push((Arc::new(event), blob, since_ms)),
-                    _ => tracing::warn!(%id, "dropping an unreadable pending event"),
-                },
-                Err(e) => tracing::warn!(%id, "pending event envelope unavailable: {e}"),
-            }
-        }
-        for (event, _blob, _since_ms) in reloaded {
-            let waiting = Waiting {
-                reason: "reloaded",
-                missing: event.body.deps.clone(),
-            };
-            worker.pending.insert(event, &waiting);
-        }
-        *ledger
-            .shared
-            .n_pending
-            .lock()
-            .expect("invariant: pending counter lock is never poisoned") =
-            worker.pending.entries.len();
-        let retry: Vec<Job> = worker
-            .pending
-            .entries
-            .keys()
-            .copied()
-            .collect::<Vec<_>>()
-            .into_iter()
-            .filter_map(|id| worker.pending.remove(&id))
-            .map(|entry| Job {
-                event: entry.event,
-                reply: None,
-            })
-            .collect();
         let (stop_tx, stop_rx) = oneshot::channel();
         let handle = tokio::spawn(worker.run(rx, stop_rx, retry));
         *ledger
@@ -471,6 +519,7 @@ impl Ledger {
             .send(Job {
                 event: Arc::new(event),
                 reply: Some(reply),
+                since_ms: None,
             })
             .await
             .map_err(|_| Error::Unavailable("ledger worker stopped".into()))?;
@@ -513,6 +562,7 @@ impl Ledger {
                         .send(Job {
                             event: Arc::new(event),
                             reply: Some(reply),
+                            since_ms: None,
                         })
                         .await
                         .is_err()
@@ -654,13 +704,17 @@ impl Ledger {
         Ok(out)
     }
 
-    /// An author's log from `after_seq` (exclusive), at most `limit` records.
+    /// An author's log from `after_seq` (exclusive), at most `limit` records, in seq order
+    /// (at a forked seq, every event there, by id).
     pub fn log(
         &self,
         author: &AuthorKey,
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<EventRecord>> {
+        let Some(from_seq) = after_seq.checked_add(1) else {
+            return Ok(Vec::new());
+        };
         let ids = self.ids();
         let tx = self.read()?;
         let log = tx.open_table(db::LOG)?;
@@ -668,12 +722,12 @@ impl Ledger {
         let mut out = Vec::new();
         let key = *author.as_bytes();
         for entry in log
-            .range((key, after_seq + 1)..=(key, u64::MAX))?
+            .range((key, from_seq, [0; 32])..=(key, u64::MAX, [0xff; 32]))?
             .take(limit)
         {
-            let (_, id) = entry?;
+            let (k, _) = entry?;
             let v = ids
-                .get(&EventId::from_bytes(id.value()))
+                .get(&EventId::from_bytes(k.value().2))
                 .map(|index| events.get(*index))
                 .transpose()?
                 .flatten()
@@ -735,6 +789,7 @@ impl Ledger {
             received: state.received,
             received_contested: state.received_contested,
             sent: state.sent,
+            sent_contested: state.sent_contested,
             minted: state.minted,
             unreferenced_credits: state.uncovered.iter().copied().collect(),
             head_seq: state.head_seq,
@@ -757,17 +812,45 @@ impl Ledger {
         Ok(out)
     }
 
-    /// Total supply (sum of mints).
-    pub fn supply(&self) -> Result<u64> {
+    /// Total supply: uncontested mints (= the sum of spendable balances).
+    pub fn supply(&self) -> Result<u128> {
         let tx = self.read()?;
         let meta = tx.open_table(db::META)?;
         Ok(match meta.get("supply")? {
-            Some(v) => u64::from_le_bytes(v.value().try_into().unwrap_or([0; 8])),
+            Some(v) => u128::from_le_bytes(v.value().try_into().unwrap_or([0; 16])),
             None => 0,
         })
     }
 
-    /// Detected forks with their proofs.
+    /// The whole derived state as of the last committed batch, read in one transaction.
+    pub fn state(&self) -> Result<State> {
+        db::load_state_in(&self.read()?)
+    }
+
+    /// The state digest (see [`State::digest`]) and the number of events it covers. Computed
+    /// from the committed state once per tree size and cached.
+    pub fn state_digest(&self) -> Result<(u64, crate::StateDigest)> {
+        let size = self.tree_size()?;
+        if let Some((n, d)) = *self
+            .shared
+            .digest
+            .lock()
+            .expect("invariant: digest lock is never poisoned")
+            && n == size
+        {
+            return Ok((n, d));
+        }
+        let state = self.state()?;
+        let computed = (state.n_events, state.digest());
+        *self
+            .shared
+            .digest
+            .lock()
+            .expect("invariant: digest lock is never poisoned") = Some(computed);
+        Ok(computed)
+    }
+
+    /// Canonical fork proofs, one per forked log.
     pub fn forks(&self) -> Result<Vec<ForkProof>> {
         let tx = self.read()?;
         let t = tx.open_table(db::FORKS)?;
@@ -784,7 +867,7 @@ impl Ledger {
         self.all_state(db::SKILLS)
     }
 
-    /// Hosts of a blob.
+    /// Hosts of a blob (authors whose latest `blob.host` for it says pinned).
     pub fn hosts(&self, blob: &BlobHash) -> Result<Vec<AuthorKey>> {
         let tx = self.shared.db.begin_read()?;
         let table = tx.open_table(db::HOSTS)?;
@@ -792,7 +875,10 @@ impl Ledger {
         let to = (*blob.as_bytes(), [0xffu8; 32]);
         let mut out = Vec::new();
         for entry in table.range(from..=to)? {
-            out.push(AuthorKey::from_bytes(entry?.0.value().1));
+            let (k, v) = entry?;
+            if v.value().2 {
+                out.push(AuthorKey::from_bytes(k.value().1));
+            }
         }
         Ok(out)
     }
@@ -953,10 +1039,15 @@ impl Worker {
         initial: Vec<Job>,
     ) {
         let mut carry = initial;
-        let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        let mut sweep = tokio::time::interval(PENDING_SWEEP_INTERVAL);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // The time-to-live holds under steady load too, not only when the queue is idle.
+            if self.last_sweep.elapsed() >= PENDING_SWEEP_INTERVAL {
+                self.expire_pending().await;
+            }
             let mut jobs = std::mem::take(&mut carry);
+            jobs.append(&mut self.retry);
             if jobs.is_empty() && self.in_flight.is_some() {
                 // Nothing queued behind the committing batch: land it before waiting.
                 match rx.try_recv() {
@@ -995,6 +1086,8 @@ impl Worker {
     }
 
     async fn expire_pending(&mut self) {
+        self.last_sweep = Instant::now();
+        self.pending.compact();
         let ttl = self.config.pending_ttl;
         let expired: Vec<EventId> = self
             .pending
@@ -1287,6 +1380,13 @@ impl Worker {
             }
             _ => tracing::error!("ledger state could not be reloaded; restart the node"),
         }
+        // The in-memory pending set may be gone with the failed batch; the index has every
+        // event that was answered "pending", so they are tried again.
+        self.pending = Pending::default();
+        match load_pending_jobs(&self.shared).await {
+            Ok(jobs) => self.retry = jobs,
+            Err(e) => tracing::error!("pending events could not be reloaded: {e}"),
+        }
     }
 }
 
@@ -1419,9 +1519,9 @@ fn apply_batch(
     let mut outcomes = Vec::with_capacity(jobs.len());
     let mut tree_nodes = Vec::new();
     let mut new_pending: Vec<(EventId, BlobHash, u64, Vec<u8>)> = Vec::new();
-    let mut woken_ids: Vec<EventId> = Vec::new();
+    let mut woken_ids: HashSet<EventId> = HashSet::new();
     let mut seen_in_batch: HashSet<EventId> = HashSet::new();
-    let mut queue: std::collections::VecDeque<Arc<SignedEvent>> = Default::default();
+    let mut queue: std::collections::VecDeque<PendingEntry> = Default::default();
     let mut accepted_events: Vec<Arc<SignedEvent>> = Vec::new();
 
     let apply_one = |event: &Arc<SignedEvent>,
@@ -1467,42 +1567,39 @@ fn apply_batch(
         if let Outcome::Pending(w, blob) = &outcome {
             if pending.entries.contains_key(&event.id) {
                 // Already waiting: same answer, nothing new stored.
-            } else if pending.entries.len() >= pending_max {
-                outcome = Outcome::Rejected(reject(
-                    "pending_full",
-                    format!(
-                        "{pending_max} events already wait for their prev or deps; submit \
-                         those first"
-                    ),
-                ));
+            } else if let Some(since_ms) = job.since_ms {
+                // Reloaded from the index: admitted before, its row is there.
+                pending.insert(event.clone(), w, instant_of_ms(since_ms));
+            } else if let Err(e) = pending.admit(event, pending_max) {
+                outcome = Outcome::Rejected(e);
             } else {
-                let since = now_ms();
-                pending.insert(event.clone(), w);
-                new_pending.push((event.id, *blob, since, event.envelope.clone()));
+                pending.insert(event.clone(), w, Instant::now());
+                new_pending.push((event.id, *blob, now_ms(), event.envelope.clone()));
             }
         }
         if let Outcome::Accepted(record) = &outcome {
             accepted_events.push(event.clone());
-            queue.extend(pending.woken_by(record).into_iter().map(|e| {
-                woken_ids.push(e.event.id);
-                e.event
-            }));
+            for entry in pending.woken_by(record) {
+                woken_ids.insert(entry.event.id);
+                queue.push_back(entry);
+            }
         }
         outcomes.push(outcome);
         // Waiting events woken by this one apply right after it, in this batch.
-        while let Some(event) = queue.pop_front() {
+        while let Some(entry) = queue.pop_front() {
+            let event = entry.event;
             match apply_one(&event, None, state, &mut overlay, frontier, &mut tree_nodes) {
                 Outcome::Accepted(record) => {
                     accepted_events.push(event.clone());
-                    queue.extend(pending.woken_by(&record).into_iter().map(|e| {
-                        woken_ids.push(e.event.id);
-                        e.event
-                    }));
+                    for entry in pending.woken_by(&record) {
+                        woken_ids.insert(entry.event.id);
+                        queue.push_back(entry);
+                    }
                 }
                 Outcome::Pending(w, _) => {
                     // Still missing something else: wait again (its envelope is stored).
-                    pending.insert(event.clone(), &w);
-                    woken_ids.retain(|id| *id != event.id);
+                    pending.insert(event.clone(), &w, entry.since);
+                    woken_ids.remove(&event.id);
                 }
                 Outcome::Duplicate(_) => {}
                 Outcome::Rejected(e) => {
@@ -1513,6 +1610,7 @@ fn apply_batch(
     }
     drop(db_view);
     drop(ids);
+    let woken_ids: Vec<EventId> = woken_ids.into_iter().collect();
     Ok((
         jobs,
         outcomes,
@@ -1524,8 +1622,8 @@ fn apply_batch(
     ))
 }
 
-/// The ledger's GC roots: every accepted and pending envelope, and the blobs this node hosts
-/// (its `blob.host` announcements and the weights of its own skills).
+/// The ledger's GC roots: every accepted and pending envelope, the blobs this node hosts (its
+/// `blob.host` announcements) and the weights of every uncontested skill.
 struct LedgerRoots {
     /// Weak: the store must not keep the ledger alive. A ledger that is gone aborts GC.
     shared: std::sync::Weak<Shared>,
@@ -1551,15 +1649,18 @@ impl GcRoots for LedgerRoots {
                 roots.insert(BlobHash::from_bytes(v.value().0));
             }
             for entry in tx.open_table(db::HOSTS)?.iter()? {
-                let (blob, host) = entry?.0.value();
-                if host == *shared.node.as_bytes() {
+                let (k, v) = entry?;
+                let (blob, host) = k.value();
+                if host == *shared.node.as_bytes() && v.value().2 {
                     roots.insert(BlobHash::from_bytes(blob));
                 }
             }
+            // The weights of every uncontested skill, whoever published it: the catalog lists
+            // them, so this node keeps what it has of them.
             for entry in tx.open_table(db::SKILLS)?.iter()? {
                 let (_, v) = entry?;
                 let skill: SkillState = db::decode(v.value())?;
-                if skill.author == shared.node {
+                if !skill.contested {
                     roots.insert(skill.blob);
                 }
             }

@@ -11,17 +11,21 @@ mod db;
 mod error;
 mod fold;
 mod ledger;
+mod past;
+mod proof;
+mod state;
 pub mod tlog;
 
 pub use audit::{AuditReport, Finding, verify_bundle};
 pub use error::{Error, Result, Waiting};
 pub use fold::{
-    AuthorState, BasinState, BasinVersion, Credit, EventRecord, ForkProof, NodeState,
-    PAST_SEARCH_EVENTS_MAX, ReputationState, SkillState, State,
+    Applied, AuthorState, BasinState, BasinVersion, Credit, Effect, EventRecord, ForkProof,
+    HostMark, Lookup, NodeState, Overlay, PAST_SEARCH_EVENTS_MAX, ReputationState, Rules,
+    SkillState, State, StateDigest, Touched,
 };
 pub use ledger::{
-    Accepted, Account, BATCH_EVENTS_MAX, FEED_CAPACITY, Ledger, LedgerConfig, PENDING_EVENTS_MAX,
-    QUEUE_EVENTS_MAX, Receipt, Status, Submitted,
+    Accepted, Account, BATCH_EVENTS_MAX, FEED_CAPACITY, Ledger, LedgerConfig, PENDING_BYTES_MAX,
+    PENDING_EVENTS_MAX, PENDING_PER_AUTHOR_MAX, QUEUE_EVENTS_MAX, Receipt, Status, Submitted,
 };
 
 #[cfg(test)]

@@ -502,6 +502,7 @@ async fn basins_average_deltas_reject_outliers_and_keep_history() {
                 basin_id: "mind".into(),
                 coordinates: vector(&[0.0, 0.0, 0.0]),
                 metadata: [("model".to_string(), "m1".to_string())].into(),
+ writers: Vec::new(),
             }),
         )
         .await;

@@ -237,6 +237,10 @@ pub struct BasinPublish {
     pub coordinates: Vector,
     /// Text metadata.
     pub metadata: BTreeMap<String, String>,
+    /// Who besides the publisher may send deltas (absent: the publisher only). Unique keys,
+    /// at most `LIST_ITEMS_MAX`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub writers: Vec<AuthorKey>,
 }
 
 /// `basin.delta`: an update of a basin version.
@@ -422,6 +426,18 @@ impl Payload {
                     text("metadata", key, TEXT_SHORT_BYTES_MAX)?;
                     text("metadata", value, TEXT_LONG_BYTES_MAX)?;
                 }
+                if p.writers.len() > LIST_ITEMS_MAX {
+                    return Err(too_large("writers", p.writers.len(), LIST_ITEMS_MAX));
+                }
+                let mut seen = std::collections::BTreeSet::new();
+                for writer in &p.writers {
+                    writer
+                        .validate()
+                        .map_err(|e| Error::BadKey(format!("writers: {e}")))?;
+                    if !seen.insert(*writer) {
+                        return Err(field("writers", format!("{writer} is listed twice")));
+                    }
+                }
             }
             Payload::BasinDelta(p) => {
                 nonempty_text("basin_id", &p.basin_id, TEXT_SHORT_BYTES_MAX)?;
@@ -458,7 +474,8 @@ impl Payload {
                 p.subject
                     .validate()
                     .map_err(|e| Error::BadKey(format!("subject: {e}")))?;
-                if p.delta.abs() > REPUTATION_DELTA_ABS_MAX {
+                // `unsigned_abs`: `abs` of i64::MIN overflows (a panic in debug, itself in release).
+                if p.delta.unsigned_abs() > REPUTATION_DELTA_ABS_MAX.unsigned_abs() {
                     return Err(field(
                         "delta",
                         format!("must be -{REPUTATION_DELTA_ABS_MAX}..={REPUTATION_DELTA_ABS_MAX}"),

@@ -398,6 +398,21 @@ fn payload_rules() {
     };
     assert!(rep(-1000).validate().is_ok());
     check(rep(1001), "delta");
+    check(rep(-1001), "delta");
+    // `abs` of i64::MIN overflows: a panic in debug builds and a pass in release builds.
+    check(rep(i64::MIN), "delta");
+    check(rep(i64::MAX), "delta");
+    let basin = |writers: Vec<AuthorKey>| {
+        Payload::BasinPublish(BasinPublish {
+            basin_id: "b".into(),
+            coordinates: Vector::new(&[1.0]).expect("vector"),
+            metadata: Default::default(),
+            writers,
+        })
+    };
+    assert!(basin(vec![author_of(&key(3)), author_of(&key(4))]).validate().is_ok());
+    check(basin(vec![author_of(&key(3)), author_of(&key(3))]), "writers");
+    check(basin(vec![author_of(&key(3)); 65]), "writers");
     check(
         Payload::TokenMint(TokenMint {
             to: author_of(&key(3)),
@@ -490,6 +505,7 @@ fn arb_payload() -> impl Strategy<Value = Payload> {
                     basin_id: "basin".into(),
                     coordinates,
                     metadata,
+                    writers: Vec::new(),
                 })
             ),
         (arb_id(), arb_vector(), 1u64..=1_000_000).prop_map(|(parent, values, weight_ppm)| {
