@@ -64,7 +64,7 @@ pub struct AuditReport {
 
 /// In-memory lookup built during a replay.
 #[derive(Default)]
-struct MemLookup {
+pub(crate) struct MemLookup {
     events: HashMap<EventId, EventRecord>,
     log: BTreeSet<(AuthorKey, u64, EventId)>,
     versions: HashMap<EventId, BasinVersion>,
@@ -96,7 +96,7 @@ impl Lookup for MemLookup {
 }
 
 impl MemLookup {
-    fn absorb(&mut self, overlay: Overlay) {
+    pub(crate) fn absorb(&mut self, overlay: Overlay) {
         self.events.extend(overlay.events);
         self.log.extend(overlay.log);
         for (credit, ys) in overlay.covered_by {

@@ -175,6 +175,11 @@ fn record_of<L: Lookup>(lookup: &L, id: &EventId) -> Result<EventRecord> {
         .ok_or_else(|| corrupt(format!("event {id} not indexed")))
 }
 
+/// The seq of the event whose predecessor is `prev`.
+fn past_seq(prev: Option<&EventRecord>) -> u64 {
+    prev.map_or(1, |p| p.seq + 1)
+}
+
 fn ranges_meet(ranges: &[(u128, u128)], (lo, hi): (u128, u128)) -> bool {
     lo < hi && ranges.iter().any(|&(a, b)| a < hi && lo < b)
 }
@@ -451,7 +456,7 @@ impl State {
         let need = u128::from(amount) - available;
         let mut found = Vec::new();
         let mut rest = Vec::new();
-        for id in self.candidates(lookup, author, prev)? {
+        for id in self.candidates(lookup, author, prev, past_seq(prev))? {
             let record = record_of(lookup, &id)?;
             let credit = record
                 .credit
@@ -476,24 +481,29 @@ impl State {
         Ok(found)
     }
 
-    /// Credits to `author` not yet covered on the branch ending at `prev`, ordered by id.
+    /// Credits to `author` not yet covered on the branch ending at `prev` (the event at
+    /// `seq`'s predecessor), ordered by id.
     fn candidates<L: Lookup>(
         &self,
         lookup: &L,
         author: AuthorKey,
         prev: Option<&EventRecord>,
+        seq: u64,
     ) -> Result<BTreeSet<EventId>> {
         let Some(a) = self.authors.get(&author) else {
             return Ok(BTreeSet::new());
         };
         let mut out = a.uncovered.clone();
-        let Some(frozen) = a.frozen_from else {
-            // One branch: every covered credit is covered on it.
-            return Ok(out);
+        let extends_head = prev.map(|p| p.id) == a.head_id;
+        let from = match a.frozen_from {
+            // One branch, and this event extends it: every covered credit is covered on it.
+            None if extends_head => return Ok(out),
+            // Events at or after this seq, or after the lowest fork, are not on this branch
+            // below the new event; what only they covered is a candidate here.
+            frozen => frozen.map_or(seq, |f| f.min(seq)),
         };
-        // A forked log: credits covered only on other branches are candidates on this one.
         let mut covered_elsewhere = BTreeSet::new();
-        for seq in frozen..=a.max_seq {
+        for seq in from..=a.max_seq {
             for id in lookup.at(&author, seq)? {
                 let record = record_of(lookup, &id)?;
                 covered_elsewhere.extend(record.covers.iter().map(|(c, _)| *c));

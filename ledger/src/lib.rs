@@ -30,3 +30,5 @@ pub use ledger::{
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_convergence;

@@ -118,8 +118,10 @@ pub struct AuthorState {
     pub minted: u128,
     /// The part of `minted` from contested mints.
     pub minted_contested: u128,
-    /// Coverage ranges (on the log's unforked prefix) of contested credits: a transfer whose
-    /// spend range meets one is contested.
+    /// Coverage ranges of contested credits, recorded while the covering event was on the
+    /// log's unforked prefix: a transfer on the prefix whose spend range meets one is
+    /// contested. An index for that test, not part of the digest (a range recorded before a
+    /// lower fork was known is harmless: everything above the fork is contested anyway).
     pub contested_ranges: Vec<(u128, u128)>,
     /// Credits to this author that no event of its log has covered yet (candidates for
     /// `deps`). Kept in a table of its own by the ledger (a popular account can collect many).
@@ -360,7 +362,8 @@ pub struct State {
     pub contested: BTreeSet<EventId>,
 }
 
-/// The order-independent part of an author's state, as the digest sees it.
+/// The order-independent part of an author's state, as the digest sees it (the branch this
+/// node extended first and the contested-range index are left out).
 #[derive(Serialize)]
 struct AuthorDigest<'a> {
     frozen_from: Option<u64>,
@@ -372,7 +375,6 @@ struct AuthorDigest<'a> {
     sent_contested: u128,
     minted: u128,
     minted_contested: u128,
-    contested_ranges: &'a [(u128, u128)],
     uncovered: &'a BTreeSet<EventId>,
 }
 
@@ -418,7 +420,6 @@ impl State {
                 sent_contested: a.sent_contested,
                 minted: a.minted,
                 minted_contested: a.minted_contested,
-                contested_ranges: &a.contested_ranges,
                 uncovered: &a.uncovered,
             };
             put("author", enc(&(key, &d)));

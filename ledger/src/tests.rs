@@ -221,12 +221,12 @@ async fn tokens_follow_the_causal_past() {
     let carol_account = net.ledger.account(&author_of(&carol)).expect("account");
     assert_eq!(carol_account.balance, 40, "{carol_account:?}");
     assert_eq!(net.ledger.supply().expect("supply"), 100);
-    let held: i128 = net
+    let held: u128 = net
         .ledger
         .accounts()
         .expect("accounts")
         .iter()
-        .map(|(_, a)| a.held())
+        .map(|(_, a)| a.balance())
         .sum();
     assert_eq!(held, 100);
 
@@ -350,6 +350,7 @@ async fn pending_events_expire_and_survive_restart() {
 async fn chain_and_signature_rules() {
     let mut net = Net::new().await;
     let (issuer, alice) = (key(ISSUER), key(2));
+    let other_log = net.accept(&issuer, &[], mint(&alice, 1)).await;
     net.accept(
         &alice,
         &[],
@@ -359,12 +360,12 @@ async fn chain_and_signature_rules() {
         }),
     )
     .await;
-    // Wrong prev.
+    // A prev that is not this log's event at seq - 1.
     let body = EventBody {
         net: net.net,
         author: author_of(&alice),
         seq: 2,
-        prev: Some(EventId::from_bytes([9; 32])),
+        prev: Some(other_log),
         deps: vec![],
         ts: 0,
         payload: Payload::BlobHost(BlobHost {
@@ -437,57 +438,91 @@ async fn chain_and_signature_rules() {
     let account = net.ledger.account(&author_of(&alice)).expect("account");
     assert_eq!(account.signing_key, author_of(&new_key));
     assert_eq!(account.head_seq, 3);
+
+    // An event signed by a rotated-to key that arrives before its key.rotate waits for it.
+    let newer = key(78);
+    let rotate = net.sign(
+        &new_key,
+        Some(author_of(&alice)),
+        &[],
+        Payload::KeyRotate(KeyRotate {
+            new_key: author_of(&newer),
+        }),
+    );
+    let after = net.sign(
+        &newer,
+        Some(author_of(&alice)),
+        &[],
+        Payload::BlobHost(BlobHost {
+            blob: BlobHash::of(b"d"),
+            pinned: true,
+        }),
+    );
+    let early = net.submit(&after).await.expect("waits");
+    assert!(matches!(early.status, Status::Pending(_)), "{early:?}");
+    net.submit(&rotate).await.expect("rotation");
+    let record = net.ledger.event_record(&after.id).expect("record");
+    assert!(record.is_some(), "the waiting event applied after its key.rotate");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forks_are_proven_frozen_and_contested() {
+async fn forks_keep_both_branches_and_contest_what_follows() {
     let mut net = Net::new().await;
-    let (issuer, alice, bob) = (key(ISSUER), key(2), key(3));
+    let (issuer, alice, bob, carol) = (key(ISSUER), key(2), key(3), key(4));
     let m = net.accept(&issuer, &[], mint(&alice, 100)).await;
-    // Alice pays Bob, then signs a different event at the same seq.
-    let before = net.heads.get(&author_of(&alice)).copied();
+    // Alice pays Bob, then signs a different event at the same seq: both are accepted.
     let pay = net.accept(&alice, &[m], transfer(&bob, 50)).await;
-    match before {
-        Some(h) => net.heads.insert(author_of(&alice), h),
-        None => net.heads.remove(&author_of(&alice)),
-    };
-    let twin = net.sign(&alice, None, &[m], transfer(&bob, 70));
-    assert_eq!(
-        net.submit(&twin).await.map_err(|e| e.code()).err(),
-        Some("fork_detected")
-    );
+    net.heads.remove(&author_of(&alice));
+    let twin = net.accept(&alice, &[m], transfer(&bob, 70)).await;
     let forks = net.ledger.forks().expect("forks");
     assert_eq!(forks.len(), 1);
-    let (a, b) = forks[0].verify().expect("the proof verifies on its own");
-    assert_eq!((a, b), (pay, twin.id));
-    // A tampered proof does not verify.
-    let mut bad = forks[0].clone();
-    bad.envelopes[1] = bad.envelopes[0].clone();
-    assert!(bad.verify().is_err());
-    // Alice is frozen.
-    net.refuse(&alice, &[], transfer(&bob, 1), "author_frozen")
+    // Canonical: the lowest forked seq, the two envelopes ordered by EventId.
+    let (a, b) = forks[0]
+        .verify(&net.net)
+        .expect("the proof verifies on its own");
+    assert_eq!((a, b), (pay.min(twin), pay.max(twin)));
+    assert_eq!(forks[0].seq, 1);
+    let mut swapped = forks[0].clone();
+    swapped.envelopes.swap(0, 1);
+    assert!(swapped.verify(&net.net).is_err(), "order is part of the proof");
+    assert!(forks[0].verify(&BlobHash::of(b"another net")).is_err());
+    // Alice's log grows on the first branch: accepted, and contested like the rest of it.
+    net.heads.insert(author_of(&alice), (1, Some(pay)));
+    let next = net
+        .accept(
+            &alice,
+            &[],
+            Payload::BlobHost(BlobHost {
+                blob: BlobHash::of(b"a"),
+                pinned: true,
+            }),
+        )
         .await;
-    // Bob's credit from the contested transfer cannot be spent.
-    net.refuse(&bob, &[pay], transfer(&issuer, 1), "insufficient_balance")
-        .await;
+    // Bob spends the contested credit: accepted, contested, counted on neither side.
+    let spend = net.accept(&bob, &[pay], transfer(&carol, 30)).await;
+    for id in [pay, twin, next, spend] {
+        let record = net.ledger.event_record(&id).expect("record").expect("present");
+        assert!(record.contested, "{id} should be contested");
+    }
     let bob_account = net.ledger.account(&author_of(&bob)).expect("account");
     assert_eq!(
         (
             bob_account.received,
             bob_account.received_contested,
+            bob_account.sent,
+            bob_account.sent_contested,
             bob_account.balance
         ),
-        (50, 50, 0)
+        (120, 120, 30, 30, 0)
     );
-    let record = net
-        .ledger
-        .event_record(&pay)
-        .expect("record")
-        .expect("present");
-    assert!(record.contested);
+    let carol_account = net.ledger.account(&author_of(&carol)).expect("account");
+    assert_eq!((carol_account.received_contested, carol_account.balance), (30, 0));
+    assert_eq!(net.ledger.supply().expect("supply"), 100);
     let report = net.ledger.audit(None).await.expect("audit");
     assert!(report.ok, "{:?}", report.findings);
     assert_eq!(report.n_forks, 1);
+    let (_, digest) = net.ledger.state_digest().expect("digest");
+    assert_eq!(hex::encode(digest), report.state_digest);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -502,7 +537,7 @@ async fn basins_average_deltas_reject_outliers_and_keep_history() {
                 basin_id: "mind".into(),
                 coordinates: vector(&[0.0, 0.0, 0.0]),
                 metadata: [("model".to_string(), "m1".to_string())].into(),
- writers: Vec::new(),
+                writers: vec![author_of(&bob)],
             }),
         )
         .await;
@@ -525,6 +560,26 @@ async fn basins_average_deltas_reject_outliers_and_keep_history() {
     let d2 = net
         .accept(&alice, &[d1], delta(d1, vec![0], &[4.0], 500_000))
         .await;
+    // Only the owner and the writers its publish names send deltas.
+    net.refuse(
+        &key(4),
+        &[d2],
+        delta(d2, vec![], &[2.5, 2.0, 3.0], 1_000_000),
+        "not_a_writer",
+    )
+    .await;
+    // Outliers are measured from the latest version the owner signed (d2): a chain of
+    // writer deltas, each within the bound of its parent, cannot walk the basin away.
+    let step = net
+        .accept(&bob, &[d2], delta(d2, vec![0], &[2.5 + 9.9], 1_000_000))
+        .await;
+    net.refuse(
+        &bob,
+        &[step],
+        delta(step, vec![0], &[2.5 + 19.8], 1_000_000),
+        "basin_outlier",
+    )
+    .await;
     // Outliers (distance > basin_outlier_max = 10) are rejected.
     net.refuse(
         &bob,
@@ -570,16 +625,18 @@ async fn basins_average_deltas_reject_outliers_and_keep_history() {
     .await;
 
     let state = net.ledger.basin(&basin).expect("basin").expect("present");
-    // Weighted average: coordinate 0 = (0·1 + 1·1 + 4·0.5) / 2.5 = 1.2.
+    // Weighted average: coordinate 0 = (0·1 + 1·1 + 4·0.5 + 12.4·1) / 3.5 = 4.4.
     let c = state.coordinates();
-    assert!((c[0] - 1.2).abs() < 1e-6, "{c:?}");
+    assert!((c[0] - 4.4).abs() < 1e-5, "{c:?}");
     assert!((c[1] - 1.0).abs() < 1e-6, "{c:?}");
     assert!((c[2] - 1.5).abs() < 1e-6, "{c:?}");
+    assert_eq!((state.head, state.n_versions), (step, 4));
     let history = net.ledger.basin_history(&basin).expect("history");
     assert_eq!(
         history.iter().map(|v| v.id).collect::<Vec<_>>(),
-        vec![basin, d1, d2]
+        vec![basin, d1, d2, step]
     );
+    assert_eq!((history[3].anchor, history[2].anchor), (d2, d2));
     assert_eq!(history[2].parent, Some(d1));
     // Version coordinates move the parent toward the values by the weight.
     assert_eq!(history[1].coordinates, vec![1.0, 2.0, 3.0]);
