@@ -77,7 +77,10 @@ impl Lookup for MemLookup {
         Ok(self.events.get(id).cloned())
     }
     fn at(&self, author: &AuthorKey, seq: u64) -> Result<Vec<EventId>> {
-        let (lo, hi) = (EventId::from_bytes([0; 32]), EventId::from_bytes([0xff; 32]));
+        let (lo, hi) = (
+            EventId::from_bytes([0; 32]),
+            EventId::from_bytes([0xff; 32]),
+        );
         Ok(self
             .log
             .range((*author, seq, lo)..=(*author, seq, hi))
@@ -762,17 +765,20 @@ pub fn verify_bundle(dir: &Path) -> Result<AuditReport> {
     for f in fork_json {
         let hexes = |s: &str| hex::decode(s).map_err(|e| Error::Invalid(format!("fork: {e}")));
         let author = AuthorKey::from_hex(&f.author)?;
-        forks.insert(author, ForkProof {
+        forks.insert(
             author,
-            seq: f.seq,
-            signer: AuthorKey::from_hex(&f.signer)?,
-            envelopes: [hexes(&f.envelopes[0])?, hexes(&f.envelopes[1])?],
-            rotations: f
-                .rotations
-                .iter()
-                .map(|r| hexes(r))
-                .collect::<Result<_>>()?,
-        });
+            ForkProof {
+                author,
+                seq: f.seq,
+                signer: AuthorKey::from_hex(&f.signer)?,
+                envelopes: [hexes(&f.envelopes[0])?, hexes(&f.envelopes[1])?],
+                rotations: f
+                    .rotations
+                    .iter()
+                    .map(|r| hexes(r))
+                    .collect::<Result<_>>()?,
+            },
+        );
     }
     let proofs: ProofsJson = serde_json::from_slice(&read(bundle::PROOFS)?)
         .map_err(|e| Error::Invalid(format!("{}: {e}", bundle::PROOFS)))?;

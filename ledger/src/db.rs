@@ -74,8 +74,7 @@ pub(crate) const FORKS: TableDefinition<'static, Key32, &[u8]> =
 pub(crate) const COVERED_BY: TableDefinition<'static, (Key32, Key32), ()> =
     TableDefinition::new("covered_by");
 /// Contested events.
-pub(crate) const CONTESTED: TableDefinition<'static, Key32, ()> =
-    TableDefinition::new("contested");
+pub(crate) const CONTESTED: TableDefinition<'static, Key32, ()> = TableDefinition::new("contested");
 /// Unreferenced credits: (recipient, credit event) → ().
 pub(crate) const UNCOVERED: TableDefinition<'static, (Key32, Key32), ()> =
     TableDefinition::new("uncovered");
@@ -238,14 +237,18 @@ pub(crate) fn load_state_in(tx: &ReadTransaction) -> Result<State> {
         let (k, v) = entry?;
         let (blob, host) = k.value();
         let (seq, id, pinned) = v.value();
-        state.hosts.entry(BlobHash::from_bytes(blob)).or_default().insert(
-            AuthorKey::from_bytes(host),
-            HostMark {
-                seq,
-                id: EventId::from_bytes(id),
-                pinned,
-            },
-        );
+        state
+            .hosts
+            .entry(BlobHash::from_bytes(blob))
+            .or_default()
+            .insert(
+                AuthorKey::from_bytes(host),
+                HostMark {
+                    seq,
+                    id: EventId::from_bytes(id),
+                    pinned,
+                },
+            );
     }
     for entry in tx.open_table(FORKS)?.iter()? {
         let (k, v) = entry?;
@@ -255,10 +258,15 @@ pub(crate) fn load_state_in(tx: &ReadTransaction) -> Result<State> {
         );
     }
     for entry in tx.open_table(CONTESTED)?.iter()? {
-        state.contested.insert(EventId::from_bytes(entry?.0.value()));
+        state
+            .contested
+            .insert(EventId::from_bytes(entry?.0.value()));
     }
     Ok(state)
 }
+
+/// A host row: (blob, host) and the deciding (seq, event, pinned).
+type HostRow = ((Key32, Key32), (u64, Key32, bool));
 
 /// A fork row: the forked log and its encoded proof.
 type ForkRow = (Key32, Vec<u8>);
@@ -287,7 +295,7 @@ pub(crate) struct BatchRows {
     uncovered: Vec<((Key32, Key32), bool)>,
     covered_by: Vec<(Key32, Key32)>,
     contested: Vec<Key32>,
-    hosts: Vec<((Key32, Key32), (u64, Key32, bool))>,
+    hosts: Vec<HostRow>,
     n_events: u64,
     supply: u128,
     pub(crate) pending_add: Vec<(Key32, (Key32, u64))>,

@@ -15,8 +15,8 @@ use meshnode_schemas::{
 };
 
 use crate::error::{Error, Result, Waiting, reject};
-use crate::past::Past;
 pub use crate::past::PAST_SEARCH_EVENTS_MAX;
+use crate::past::Past;
 pub use crate::proof::ForkProof;
 use crate::state::basin_fixed;
 pub use crate::state::{
@@ -315,17 +315,14 @@ impl State {
     ) -> Result<Effect> {
         let body = &event.body;
         let author = body.author;
-        let depth = prev
-            .iter()
-            .chain(&deps)
-            .map(|r| r.depth)
-            .max()
-            .unwrap_or(0)
-            + 1;
+        let depth = prev.iter().chain(&deps).map(|r| r.depth).max().unwrap_or(0) + 1;
         let (covered_prev, sent_prev, key) = prev
             .as_ref()
             .map_or((0, 0, author), |p| (p.covered, p.sent, p.key_next));
-        debug_assert!(sent_prev <= covered_prev, "invariant: a branch spends only coverage");
+        debug_assert!(
+            sent_prev <= covered_prev,
+            "invariant: a branch spends only coverage"
+        );
         let mut record = EventRecord {
             id: event.id,
             envelope: envelope_hash,
@@ -825,7 +822,7 @@ impl State {
                     endpoints: Vec::new(),
                     capabilities: Vec::new(),
                     addr: String::new(),
-                    dim: 0,
+                    basin_signature: Vec::new(),
                     last_event: id,
                     last_seq: 0,
                     last_ts: record.ts,
@@ -837,7 +834,7 @@ impl State {
                     entry.endpoints = p.endpoints.clone();
                     entry.capabilities = p.capabilities.clone();
                     entry.addr = p.addr.clone();
-                    entry.dim = p.basin_signature.dim() as u32;
+                    entry.basin_signature = p.basin_signature.values();
                     entry.last_event = id;
                     entry.last_seq = seq;
                     entry.last_ts = record.ts;
@@ -1000,7 +997,13 @@ impl State {
     fn contest<L: Lookup>(&mut self, base: &L, overlay: &mut Overlay, id: EventId) -> Result<()> {
         let mut stack = vec![id];
         while let Some(id) = stack.pop() {
-            let mut record = record_of(&Layered { base, overlay: &*overlay }, &id)?;
+            let mut record = record_of(
+                &Layered {
+                    base,
+                    overlay: &*overlay,
+                },
+                &id,
+            )?;
             if record.contested {
                 continue;
             }
@@ -1028,9 +1031,19 @@ impl State {
             }
             self.author_mut(&credit.to).received_contested += u128::from(credit.amount);
             overlay.touched.authors.insert(credit.to);
-            let coverers = Layered { base, overlay: &*overlay }.covered_by(&id)?;
+            let coverers = Layered {
+                base,
+                overlay: &*overlay,
+            }
+            .covered_by(&id)?;
             for y in coverers {
-                let y = record_of(&Layered { base, overlay: &*overlay }, &y)?;
+                let y = record_of(
+                    &Layered {
+                        base,
+                        overlay: &*overlay,
+                    },
+                    &y,
+                )?;
                 if y.author != credit.to || !self.authors[&credit.to].on_prefix(y.seq) {
                     // Covered on a forked branch: whatever spends it there is contested anyway.
                     continue;

@@ -206,7 +206,9 @@ impl Pending {
             )
         };
         if self.entries.len() >= count_max {
-            return Err(full(format!("{count_max} events already wait for their prev or deps")));
+            return Err(full(format!(
+                "{count_max} events already wait for their prev or deps"
+            )));
         }
         if self.bytes + event.envelope.len() > PENDING_BYTES_MAX {
             return Err(full(format!(
@@ -891,6 +893,16 @@ impl Ledger {
     /// A basin by its publish event.
     pub fn basin(&self, id: &EventId) -> Result<Option<BasinState>> {
         self.get_state(db::BASINS, id.as_bytes())
+    }
+
+    /// One basin version by its event.
+    pub fn basin_version(&self, id: &EventId) -> Result<Option<BasinVersion>> {
+        let tx = self.read()?;
+        let versions = tx.open_table(db::VERSIONS)?;
+        match versions.get(*id.as_bytes())? {
+            Some(v) => Ok(Some(db::decode(v.value())?)),
+            None => Ok(None),
+        }
     }
 
     /// A basin's versions in acceptance order.

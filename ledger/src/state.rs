@@ -314,8 +314,8 @@ pub struct NodeState {
     pub capabilities: Vec<String>,
     /// iroh address or ticket.
     pub addr: String,
-    /// Basin signature dimension.
-    pub dim: u32,
+    /// Basin signature.
+    pub basin_signature: Vec<f32>,
     /// The announce event.
     pub last_event: EventId,
     /// Its seq.
@@ -448,7 +448,10 @@ impl State {
         if minted != self.supply {
             out.push((
                 "supply_mismatch",
-                format!("supply {} but uncontested mints sum to {minted}", self.supply),
+                format!(
+                    "supply {} but uncontested mints sum to {minted}",
+                    self.supply
+                ),
             ));
         }
         let mut held: u128 = 0;

@@ -462,7 +462,10 @@ async fn chain_and_signature_rules() {
     assert!(matches!(early.status, Status::Pending(_)), "{early:?}");
     net.submit(&rotate).await.expect("rotation");
     let record = net.ledger.event_record(&after.id).expect("record");
-    assert!(record.is_some(), "the waiting event applied after its key.rotate");
+    assert!(
+        record.is_some(),
+        "the waiting event applied after its key.rotate"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -484,7 +487,10 @@ async fn forks_keep_both_branches_and_contest_what_follows() {
     assert_eq!(forks[0].seq, 1);
     let mut swapped = forks[0].clone();
     swapped.envelopes.swap(0, 1);
-    assert!(swapped.verify(&net.net).is_err(), "order is part of the proof");
+    assert!(
+        swapped.verify(&net.net).is_err(),
+        "order is part of the proof"
+    );
     assert!(forks[0].verify(&BlobHash::of(b"another net")).is_err());
     // Alice's log grows on the first branch: accepted, and contested like the rest of it.
     net.heads.insert(author_of(&alice), (1, Some(pay)));
@@ -501,7 +507,11 @@ async fn forks_keep_both_branches_and_contest_what_follows() {
     // Bob spends the contested credit: accepted, contested, counted on neither side.
     let spend = net.accept(&bob, &[pay], transfer(&carol, 30)).await;
     for id in [pay, twin, next, spend] {
-        let record = net.ledger.event_record(&id).expect("record").expect("present");
+        let record = net
+            .ledger
+            .event_record(&id)
+            .expect("record")
+            .expect("present");
         assert!(record.contested, "{id} should be contested");
     }
     let bob_account = net.ledger.account(&author_of(&bob)).expect("account");
@@ -516,7 +526,10 @@ async fn forks_keep_both_branches_and_contest_what_follows() {
         (120, 120, 30, 30, 0)
     );
     let carol_account = net.ledger.account(&author_of(&carol)).expect("account");
-    assert_eq!((carol_account.received_contested, carol_account.balance), (30, 0));
+    assert_eq!(
+        (carol_account.received_contested, carol_account.balance),
+        (30, 0)
+    );
     assert_eq!(net.ledger.supply().expect("supply"), 100);
     let report = net.ledger.audit(None).await.expect("audit");
     assert!(report.ok, "{:?}", report.findings);

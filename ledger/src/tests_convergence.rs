@@ -323,7 +323,12 @@ impl Generator {
             _ => {
                 self.next_key += 1;
                 let new_key = author_of(&key(self.next_key - 1));
-                let _ = self.emit(author, false, deps, Payload::KeyRotate(KeyRotate { new_key }));
+                let _ = self.emit(
+                    author,
+                    false,
+                    deps,
+                    Payload::KeyRotate(KeyRotate { new_key }),
+                );
             }
         }
     }
@@ -405,7 +410,14 @@ fn fold_shuffled(rng: &mut Rng, events: &[SignedEvent]) -> MemLedger {
     ledger
 }
 
-fn summary(l: &MemLedger) -> (String, Vec<(AuthorKey, u64, [EventId; 2])>, BTreeSet<EventId>) {
+/// What nodes compare: the digest, the fork proofs' ids and the contested set.
+type Summary = (
+    String,
+    Vec<(AuthorKey, u64, [EventId; 2])>,
+    BTreeSet<EventId>,
+);
+
+fn summary(l: &MemLedger) -> Summary {
     (
         hex::encode(l.state.digest()),
         l.state
@@ -423,8 +435,19 @@ fn differences(a: &State, b: &State) -> String {
     for (key, x) in &a.authors {
         match b.authors.get(key) {
             Some(y)
-                if (x.received, x.received_contested, x.sent, x.sent_contested, &x.uncovered)
-                    == (y.received, y.received_contested, y.sent, y.sent_contested, &y.uncovered) => {}
+                if (
+                    x.received,
+                    x.received_contested,
+                    x.sent,
+                    x.sent_contested,
+                    &x.uncovered,
+                ) == (
+                    y.received,
+                    y.received_contested,
+                    y.sent,
+                    y.sent_contested,
+                    &y.uncovered,
+                ) => {}
             Some(y) => out.push(format!("author {key}: {x:?} vs {y:?}")),
             None => out.push(format!("author {key} only on one side")),
         }

@@ -1,11 +1,14 @@
-//! Keeping the query tables current from the ledger's event feed: batched appends, the
-//! in-memory fold of the state tables, crash-safe progress, catch-up, rebuild, indexing.
+//! Keeping the query tables current from the ledger: batched appends from its event feed,
+//! the state tables as projections of its committed state, crash-safe progress, catch-up,
+//! rebuild, indexing. No ledger rule runs here: the ledger's fold is the only one.
 //!
 //! Crash safety: each flush appends rows to the append-only tables (each append is one Lance
-//! commit, fsynced), then records `progress.json` (events applied), then — when state changed —
-//! `fold.bin` (the state fold and the event count it reflects) and the state tables. On start,
-//! events from the fold's count are replayed; rows an append table already has (by
-//! `leaf_index`) are skipped, so nothing is duplicated and nothing is missed.
+//! commit, fsynced), then records `progress.json` (events applied). The state tables are
+//! rewritten from a snapshot of the ledger's state (at most every `state_interval` while
+//! events arrive, when caught up, and when a fork changes what is contested). On start,
+//! events from the recorded count are replayed; rows an append table already has (by
+//! `leaf_index`) are skipped, so nothing is duplicated and nothing is missed; the state
+//! tables are rewritten once.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -13,11 +16,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use arrow_array::{Array, StringArray, UInt64Array};
-use futures::TryStreamExt;
-use meshnode_ledger::{EventRecord, ForkProof, Ledger};
+use meshnode_ledger::{EventRecord, ForkProof, Ledger, State};
 use meshnode_schemas::tables::{APPEND_TABLES, STATE_TABLES};
-use meshnode_schemas::{AuthorKey, BlobHash, EventId, Payload, SignedEvent};
+use meshnode_schemas::{BlobHash, EventId, Payload, SignedEvent};
 use meshnode_store::Store;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -50,160 +51,6 @@ impl Default for QueryConfig {
             ann_rows_min: 20_000,
             ann_metric: "cosine".into(),
         }
-    }
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub(crate) struct Balance {
-    pub(crate) received: u64,
-    pub(crate) received_contested: u64,
-    pub(crate) sent: u64,
-    pub(crate) minted: u64,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub(crate) struct NodeRow {
-    service: String,
-    endpoints: Vec<String>,
-    capabilities: Vec<String>,
-    addr: String,
-    basin_signature: Vec<f32>,
-    last_event: EventId,
-    last_ts: i64,
-    n_announces: u64,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub(crate) struct BasinAcc {
-    owner: AuthorKey,
-    basin_id: String,
-    sums: Vec<f64>,
-    weights: Vec<f64>,
-    n_versions: u64,
-    head: EventId,
-}
-
-/// The state tables, folded from events.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub(crate) struct Fold {
-    /// Events folded (the next leaf index).
-    pub(crate) applied: u64,
-    pub(crate) balances: BTreeMap<AuthorKey, Balance>,
-    reputation: BTreeMap<AuthorKey, (i64, u64)>,
-    nodes: BTreeMap<AuthorKey, NodeRow>,
-    basins: BTreeMap<EventId, BasinAcc>,
-    version_basin: HashMap<EventId, EventId>,
-    skill_blobs: BTreeMap<BlobHash, (u64, EventId)>,
-    hosts: BTreeMap<BlobHash, BTreeSet<AuthorKey>>,
-    /// Forked logs: first contested seq.
-    frozen: BTreeMap<AuthorKey, u64>,
-    #[serde(skip)]
-    dirty: BTreeSet<&'static str>,
-}
-
-impl Fold {
-    fn apply(&mut self, record: &EventRecord, event: &SignedEvent) {
-        let author = record.author;
-        match &event.body.payload {
-            Payload::TokenMint(p) => {
-                self.balances.entry(author).or_default().minted += p.amount;
-                self.credit(p.to, p.amount, author, record.seq);
-            }
-            Payload::TokenTransfer(p) => {
-                self.balances.entry(author).or_default().sent += p.amount;
-                self.credit(p.to, p.amount, author, record.seq);
-            }
-            Payload::ReputationDelta(p) => {
-                let r = self.reputation.entry(p.subject).or_default();
-                r.0 += p.delta;
-                r.1 += 1;
-                self.dirty.insert("reputation");
-            }
-            Payload::NodeAnnounce(p) => {
-                let n = self.nodes.entry(author).or_insert_with(|| NodeRow {
-                    service: String::new(),
-                    endpoints: vec![],
-                    capabilities: vec![],
-                    addr: String::new(),
-                    basin_signature: vec![],
-                    last_event: record.id,
-                    last_ts: record.ts,
-                    n_announces: 0,
-                });
-                n.service = p.service.clone();
-                n.endpoints = p.endpoints.clone();
-                n.capabilities = p.capabilities.clone();
-                n.addr = p.addr.clone();
-                n.basin_signature = p.basin_signature.values();
-                n.last_event = record.id;
-                n.last_ts = record.ts;
-                n.n_announces += 1;
-                self.dirty.insert("nodes");
-            }
-            Payload::BasinPublish(p) => {
-                let values = p.coordinates.values();
-                self.basins.insert(
-                    record.id,
-                    BasinAcc {
-                        owner: author,
-                        basin_id: p.basin_id.clone(),
-                        sums: values.iter().map(|&v| f64::from(v)).collect(),
-                        weights: vec![1.0; values.len()],
-                        n_versions: 1,
-                        head: record.id,
-                    },
-                );
-                self.version_basin.insert(record.id, record.id);
-                self.dirty.insert("basins");
-            }
-            Payload::BasinDelta(p) => {
-                if let Some(basin_id) = self.version_basin.get(&p.parent).copied() {
-                    self.version_basin.insert(record.id, basin_id);
-                    if let Some(b) = self.basins.get_mut(&basin_id) {
-                        let w = p.weight_ppm as f64 / 1_000_000.0;
-                        let values = p.values.values();
-                        let indices: Vec<usize> = if p.indices.is_empty() {
-                            (0..b.sums.len()).collect()
-                        } else {
-                            p.indices.iter().map(|&i| i as usize).collect()
-                        };
-                        for (&i, &v) in indices.iter().zip(&values) {
-                            if i < b.sums.len() {
-                                b.sums[i] += w * f64::from(v);
-                                b.weights[i] += w;
-                            }
-                        }
-                        b.n_versions += 1;
-                        b.head = record.id;
-                        self.dirty.insert("basins");
-                    }
-                }
-            }
-            Payload::SkillPublish(p) => {
-                self.skill_blobs.insert(p.blob, (p.size, record.id));
-                self.dirty.insert("blobs");
-            }
-            Payload::BlobHost(p) => {
-                let hosts = self.hosts.entry(p.blob).or_default();
-                if p.pinned {
-                    hosts.insert(author);
-                } else {
-                    hosts.remove(&author);
-                }
-                self.dirty.insert("blobs");
-            }
-            Payload::SkillEndorse(_) | Payload::KeyRotate(_) => {}
-        }
-        self.applied = record.index + 1;
-    }
-
-    fn credit(&mut self, to: AuthorKey, amount: u64, from: AuthorKey, seq: u64) {
-        let b = self.balances.entry(to).or_default();
-        b.received += amount;
-        if self.frozen.get(&from).is_some_and(|f| seq >= *f) {
-            b.received_contested += amount;
-        }
-        self.dirty.insert("balances");
     }
 }
 
@@ -258,7 +105,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 pub(crate) struct Materializer {
     shared: Arc<Shared>,
-    fold: Fold,
+    /// Events in the append tables (the next leaf index).
+    applied: u64,
+    /// Whether the state tables are older than the ledger's state.
+    state_dirty: bool,
     /// Per append table: the largest leaf index it holds.
     appended: HashMap<&'static str, u64>,
     state_written: Instant,
@@ -270,15 +120,17 @@ impl Materializer {
     pub(crate) async fn open(shared: Arc<Shared>) -> Result<Self> {
         let feed = shared.ledger.subscribe();
         let forks = shared.ledger.subscribe_forks();
-        let fold: Fold = match std::fs::read(shared.dir.join("fold.bin")) {
-            Ok(bytes) => postcard::from_bytes(&bytes).map_err(|e| {
+        let progress: Progress = match std::fs::read(shared.dir.join("progress.json")) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
                 internal(format!(
-                    "fold.bin is unreadable ({e}); run `meshnode query rebuild`"
+                    "progress.json is unreadable ({e}); run `meshnode query rebuild`"
                 ))
             })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Fold::default(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Progress::default(),
             Err(e) => return Err(e.into()),
         };
+        // The state fold of older builds is not used any more.
+        std::fs::remove_file(shared.dir.join("fold.bin")).ok();
         let mut appended = HashMap::new();
         for table in APPEND_TABLES {
             if let Some(max) = shared.tables.max_leaf_index(table).await? {
@@ -296,10 +148,11 @@ impl Materializer {
                 }
             }
         }
-        shared.applied.store(fold.applied, Ordering::Release);
+        shared.applied.store(progress.applied, Ordering::Release);
         Ok(Self {
             shared,
-            fold,
+            applied: progress.applied,
+            state_dirty: true,
             appended,
             state_written: Instant::now(),
             feed,
@@ -308,14 +161,6 @@ impl Materializer {
     }
 
     pub(crate) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        // Forks this node learned while the tables were not running.
-        if let Ok(forks) = self.shared.ledger.forks() {
-            for fork in forks {
-                if let Err(e) = self.on_fork(&fork).await {
-                    tracing::warn!("query: applying a fork: {e}");
-                }
-            }
-        }
         let mut tick = tokio::time::interval(self.shared.config.flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut waiting_sync: Vec<(u64, oneshot::Sender<Result<()>>)> = Vec::new();
@@ -340,20 +185,11 @@ impl Materializer {
                         return;
                     }
                 },
-                fork = self.forks.recv() => match fork {
-                    Ok(fork) => {
-                        if let Err(e) = self.on_fork(&fork).await {
-                            tracing::warn!("query: applying a fork: {e}");
-                        }
+                fork = self.forks.recv() => {
+                    // A fork changes what is contested: the state tables follow the ledger.
+                    if !matches!(fork, Err(broadcast::error::RecvError::Closed)) {
+                        self.state_dirty = true;
                     }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        if let Ok(forks) = self.shared.ledger.forks() {
-                            for fork in forks {
-                                let _ = self.on_fork(&fork).await;
-                            }
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => {}
                 },
                 _ = tick.tick() => {}
                 item = self.feed.recv() => {
@@ -370,7 +206,7 @@ impl Materializer {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
-            let applied = self.fold.applied;
+            let applied = self.applied;
             let mut i = 0;
             while i < waiting_sync.len() {
                 if waiting_sync[i].0 <= applied {
@@ -387,19 +223,17 @@ impl Materializer {
     async fn catch_up(&mut self) -> Result<()> {
         loop {
             let size = self.shared.ledger.tree_size()?;
-            if self.fold.applied >= size {
-                if self.fold.dirty.is_empty() {
-                    self.shared.caught_up.store(true, Ordering::Release);
-                } else {
+            if self.applied >= size {
+                if self.state_dirty {
                     self.write_state().await?;
-                    self.shared.caught_up.store(true, Ordering::Release);
                 }
+                self.shared.caught_up.store(true, Ordering::Release);
                 return Ok(());
             }
             let events = self
                 .shared
                 .ledger
-                .events_since(self.fold.applied, self.shared.config.flush_events_max)
+                .events_since(self.applied, self.shared.config.flush_events_max)
                 .await?;
             if events.is_empty() {
                 return Ok(());
@@ -423,10 +257,10 @@ impl Materializer {
             builders.insert(table, Builder::new(table, dim)?);
         }
         for (record, event) in &events {
-            if record.index != self.fold.applied {
+            if record.index != self.applied {
                 return Err(internal(format!(
                     "feed gap: expected leaf {}, got {}",
-                    self.fold.applied, record.index
+                    self.applied, record.index
                 )));
             }
             // Tables that already hold this event (replay after a crash) are skipped.
@@ -439,9 +273,10 @@ impl Materializer {
                 }
             }
             rows::append_rows(&mut builders, record, event);
-            self.version_row(&mut builders, record, event);
+            self.version_row(&mut builders, record, event)?;
             builders.extend(targets);
-            self.fold.apply(record, event);
+            self.applied = record.index + 1;
+            self.state_dirty = true;
         }
         for (table, mut builder) in builders {
             if builder.len() == 0 {
@@ -455,15 +290,13 @@ impl Materializer {
             self.shared.tables.maybe_compact(table).await?;
         }
         let progress = Progress {
-            applied: self.fold.applied,
+            applied: self.applied,
         };
         write_atomic(
             &self.shared.dir.join("progress.json"),
             &serde_json::to_vec(&progress).map_err(internal)?,
         )?;
-        self.shared
-            .applied
-            .store(self.fold.applied, Ordering::Release);
+        self.shared.applied.store(self.applied, Ordering::Release);
         if self.state_written.elapsed() >= self.shared.config.state_interval {
             self.write_state().await?;
         }
@@ -471,15 +304,16 @@ impl Materializer {
         Ok(())
     }
 
-    /// Adds the basin_versions row of a publish or delta (it needs the fold to know the basin).
+    /// Adds the basin_versions row of a publish or delta (the ledger's version record names
+    /// the basin).
     fn version_row(
         &self,
         builders: &mut BTreeMap<&'static str, Builder>,
         record: &EventRecord,
         event: &SignedEvent,
-    ) {
+    ) -> Result<()> {
         let Some(builder) = builders.get_mut("basin_versions") else {
-            return;
+            return Ok(());
         };
         let (basin, basin_id, parent, indices, values, weight) = match &event.body.payload {
             Payload::BasinPublish(p) => (
@@ -492,11 +326,11 @@ impl Materializer {
             ),
             Payload::BasinDelta(p) => {
                 let basin = self
-                    .fold
-                    .version_basin
-                    .get(&p.parent)
-                    .copied()
-                    .unwrap_or(p.parent);
+                    .shared
+                    .ledger
+                    .basin_version(&record.id)?
+                    .map(|v| v.basin)
+                    .ok_or_else(|| internal(format!("basin version {} missing", record.id)))?;
                 (
                     basin,
                     p.basin_id.clone(),
@@ -506,7 +340,7 @@ impl Materializer {
                     p.weight_ppm,
                 )
             }
-            _ => return,
+            _ => return Ok(()),
         };
         builder.push(&[
             Value::U64(record.index),
@@ -520,26 +354,25 @@ impl Materializer {
             Value::U64(weight),
             Value::I64(record.ts),
         ]);
+        Ok(())
     }
 
-    /// Rewrites the changed state tables from the fold, then records the fold itself.
+    /// Rewrites the state tables from a snapshot of the ledger's committed state.
     async fn write_state(&mut self) -> Result<()> {
-        let dirty: Vec<&'static str> = std::mem::take(&mut self.fold.dirty).into_iter().collect();
         let pins: BTreeSet<BlobHash> = self.shared.store.pins().await?.into_iter().collect();
+        let ledger = self.shared.ledger.clone();
+        let state = tokio::task::spawn_blocking(move || ledger.state())
+            .await
+            .map_err(internal)??;
+        self.state_dirty = false;
         for table in STATE_TABLES {
-            // Pins change outside the ledger: the blobs table is refreshed on every write.
-            if !dirty.contains(&table) && table != "blobs" {
-                continue;
-            }
-            let batch = self.state_rows(table, &pins)?;
+            let batch = self.state_rows(table, &state, &pins)?;
             self.shared.tables.overwrite(table, batch).await?;
         }
-        let bytes = postcard::to_stdvec(&self.fold).map_err(internal)?;
-        write_atomic(&self.shared.dir.join("fold.bin"), &bytes)?;
         self.state_written = Instant::now();
         // Record the versions this state corresponds to (for queries "as of" a tree size).
         let entry = VersionEntry {
-            applied: self.fold.applied,
+            applied: state.n_events,
             versions: self
                 .shared
                 .tables
@@ -566,52 +399,52 @@ impl Materializer {
         Ok(())
     }
 
+    /// One state table's rows, projected from the ledger's state.
     fn state_rows(
         &self,
         table: &'static str,
+        state: &State,
         pins: &BTreeSet<BlobHash>,
     ) -> Result<arrow_array::RecordBatch> {
         let dim_of =
             |t: &str, fallback: usize| self.shared.tables.dim(t).unwrap_or(fallback.max(1) as i32);
+        let clamp = |v: u128| u64::try_from(v).unwrap_or(u64::MAX);
         match table {
             "balances" => {
                 let mut b = Builder::new(table, 1)?;
-                for (key, bal) in &self.fold.balances {
-                    let balance = i128::from(bal.received)
-                        - i128::from(bal.received_contested)
-                        - i128::from(bal.sent);
+                for (key, a) in &state.authors {
                     b.push(&[
                         Value::Text(&key.to_hex()),
-                        Value::I64(balance.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64),
-                        Value::U64(bal.received),
-                        Value::U64(bal.received_contested),
-                        Value::U64(bal.sent),
-                        Value::U64(bal.minted),
+                        Value::I64(i64::try_from(a.balance()).unwrap_or(i64::MAX)),
+                        Value::U64(clamp(a.received)),
+                        Value::U64(clamp(a.received_contested)),
+                        Value::U64(clamp(a.sent)),
+                        Value::U64(clamp(a.sent_contested)),
+                        Value::U64(clamp(a.minted)),
                     ]);
                 }
                 b.finish()
             }
             "reputation" => {
                 let mut b = Builder::new(table, 1)?;
-                for (key, (score, n)) in &self.fold.reputation {
+                for (key, r) in &state.reputation {
                     b.push(&[
                         Value::Text(&key.to_hex()),
-                        Value::I64(*score),
-                        Value::U64(*n),
+                        Value::I64(r.score.clamp(i64::MIN.into(), i64::MAX.into()) as i64),
+                        Value::U64(r.n_deltas),
                     ]);
                 }
                 b.finish()
             }
             "nodes" => {
-                let first = self
-                    .fold
+                let first = state
                     .nodes
                     .values()
                     .next()
                     .map(|n| n.basin_signature.len())
                     .unwrap_or(1);
                 let mut b = Builder::new(table, dim_of("nodes", first))?;
-                for (key, n) in &self.fold.nodes {
+                for (key, n) in &state.nodes {
                     b.push(&[
                         Value::Text(&key.to_hex()),
                         Value::Text(&n.service),
@@ -627,45 +460,47 @@ impl Materializer {
                 b.finish()
             }
             "basins" => {
-                let first = self
-                    .fold
+                let first = state
                     .basins
                     .values()
                     .next()
                     .map(|b| b.sums.len())
                     .unwrap_or(1);
                 let mut b = Builder::new(table, dim_of("basins", first))?;
-                for (id, acc) in &self.fold.basins {
-                    let coordinates: Vec<f32> = acc
-                        .sums
-                        .iter()
-                        .zip(&acc.weights)
-                        .map(|(s, w)| (s / w) as f32)
-                        .collect();
+                for (id, basin) in &state.basins {
                     b.push(&[
                         Value::Text(&id.to_hex()),
-                        Value::Text(&acc.owner.to_hex()),
-                        Value::Text(&acc.basin_id),
-                        Value::Vector(&coordinates),
-                        Value::U64(acc.n_versions),
-                        Value::Text(&acc.head.to_hex()),
+                        Value::Text(&basin.owner.to_hex()),
+                        Value::Text(&basin.basin_id),
+                        Value::Vector(&basin.coordinates()),
+                        Value::U64(basin.n_versions),
+                        Value::Text(&basin.head.to_hex()),
                     ]);
                 }
                 b.finish()
             }
             "blobs" => {
+                // A blob's skill: the uncontested publish with the smallest id, if any.
+                let mut skills: BTreeMap<BlobHash, (u64, EventId)> = BTreeMap::new();
+                for skill in state.skills.values() {
+                    if !skill.contested {
+                        skills.entry(skill.blob).or_insert((skill.size, skill.id));
+                    }
+                }
                 let mut all: BTreeSet<BlobHash> = pins.clone();
-                all.extend(self.fold.skill_blobs.keys().copied());
-                all.extend(self.fold.hosts.keys().copied());
+                all.extend(skills.keys().copied());
+                all.extend(
+                    state
+                        .hosts
+                        .iter()
+                        .filter(|(_, m)| m.values().any(|mark| mark.pinned))
+                        .map(|(blob, _)| *blob),
+                );
                 let mut b = Builder::new(table, 1)?;
                 for blob in all {
-                    let hosts: Vec<String> = self
-                        .fold
-                        .hosts
-                        .get(&blob)
-                        .map(|h| h.iter().map(|k| k.to_hex()).collect())
-                        .unwrap_or_default();
-                    let skill = self.fold.skill_blobs.get(&blob);
+                    let hosts: Vec<String> =
+                        state.hosts_of(&blob).iter().map(|k| k.to_hex()).collect();
+                    let skill = skills.get(&blob);
                     let skill_id = skill.map(|(_, id)| id.to_hex());
                     b.push(&[
                         Value::Text(&blob.to_hex()),
@@ -682,54 +517,10 @@ impl Materializer {
         }
     }
 
-    /// Marks the credits of a forked log from the fork on as contested.
-    async fn on_fork(&mut self, fork: &ForkProof) -> Result<()> {
-        let first = self.fold.frozen.get(&fork.author).copied();
-        if first.is_some_and(|f| f <= fork.seq) {
-            return Ok(());
-        }
-        // Credits already counted as contested (from a later fork seq of the same log) stay.
-        let already_from = first.unwrap_or(u64::MAX);
-        self.fold.frozen.insert(fork.author, fork.seq);
-        let Some(ds) = self.shared.tables.get("transfers") else {
-            return Ok(());
-        };
-        let mut scan = ds.scan();
-        scan.project(&["to", "amount", "seq"]).map_err(internal)?;
-        scan.filter(&format!(
-            "author = '{}' AND seq >= {}",
-            fork.author, fork.seq
-        ))
-        .map_err(internal)?;
-        let mut stream = scan.try_into_stream().await.map_err(internal)?;
-        while let Some(batch) = stream.try_next().await.map_err(internal)? {
-            let to = batch.column(0).as_any().downcast_ref::<StringArray>();
-            let amount = batch.column(1).as_any().downcast_ref::<UInt64Array>();
-            let seq = batch.column(2).as_any().downcast_ref::<UInt64Array>();
-            let (Some(to), Some(amount), Some(seq)) = (to, amount, seq) else {
-                continue;
-            };
-            for i in 0..batch.num_rows() {
-                if to.is_null(i) || seq.value(i) >= already_from {
-                    continue;
-                }
-                if let Ok(key) = AuthorKey::from_hex(to.value(i)) {
-                    self.fold
-                        .balances
-                        .entry(key)
-                        .or_default()
-                        .received_contested += amount.value(i);
-                }
-            }
-        }
-        self.fold.dirty.insert("balances");
-        self.write_state().await
-    }
-
     async fn rebuild(&mut self) -> Result<()> {
         self.shared.caught_up.store(false, Ordering::Release);
         self.shared.tables.drop_all()?;
-        for file in ["fold.bin", "progress.json", "versions.jsonl"] {
+        for file in ["progress.json", "versions.jsonl"] {
             std::fs::remove_file(self.shared.dir.join(file)).ok();
         }
         self.shared
@@ -737,14 +528,10 @@ impl Materializer {
             .lock()
             .expect("invariant: history lock is never poisoned")
             .clear();
-        self.fold = Fold::default();
+        self.applied = 0;
+        self.state_dirty = true;
         self.appended.clear();
         self.shared.applied.store(0, Ordering::Release);
-        if let Ok(forks) = self.shared.ledger.forks() {
-            for fork in forks {
-                self.fold.frozen.insert(fork.author, fork.seq);
-            }
-        }
         self.catch_up().await?;
         self.write_state().await
     }

@@ -111,6 +111,7 @@ pub fn table_schema(table: &str, dim: i32) -> Option<SchemaRef> {
             u64f("received"),
             u64f("received_contested"),
             u64f("sent"),
+            u64f("sent_contested"),
             u64f("minted"),
         ],
         "skills" => vec![

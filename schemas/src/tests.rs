@@ -410,8 +410,15 @@ fn payload_rules() {
             writers,
         })
     };
-    assert!(basin(vec![author_of(&key(3)), author_of(&key(4))]).validate().is_ok());
-    check(basin(vec![author_of(&key(3)), author_of(&key(3))]), "writers");
+    assert!(
+        basin(vec![author_of(&key(3)), author_of(&key(4))])
+            .validate()
+            .is_ok()
+    );
+    check(
+        basin(vec![author_of(&key(3)), author_of(&key(3))]),
+        "writers",
+    );
     check(basin(vec![author_of(&key(3)); 65]), "writers");
     check(
         Payload::TokenMint(TokenMint {

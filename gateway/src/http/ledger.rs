@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use warp::Reply;
 use warp::reply::Response;
 
-use super::{ApiError, AppState, json};
+use super::{ApiError, AppState, amount, json, score};
 use crate::events_json::body_to_json;
 
 /// Most log entries one request returns.
@@ -26,7 +26,6 @@ impl From<meshnode_ledger::Error> for ApiError {
             E::Rejected { message, .. } => {
                 let status = match code {
                     "too_large" => StatusCode::PAYLOAD_TOO_LARGE,
-                    "fork_detected" | "author_frozen" => StatusCode::CONFLICT,
                     "pending_full" => StatusCode::SERVICE_UNAVAILABLE,
                     "malformed_encoding"
                     | "non_canonical"
@@ -103,7 +102,6 @@ fn record_json(record: &EventRecord) -> Value {
         (status = 202, description = "Stored, waiting for its prev or deps: {id, blob, seq, status: pending, reason, missing}"),
         (status = 400, description = "Malformed, non-canonical, bad signature, wrong net", body = super::error::ErrorBody),
         (status = 401, description = "Missing or wrong bearer token", body = super::error::ErrorBody),
-        (status = 409, description = "fork_detected or author_frozen", body = super::error::ErrorBody),
         (status = 413, description = "Larger than 64 KiB", body = super::error::ErrorBody),
         (status = 422, description = "Breaks a ledger rule; error.code names it", body = super::error::ErrorBody),
     ),
@@ -211,7 +209,7 @@ pub(crate) async fn log(
 /// An account: spendable balance and what makes it up.
 #[utoipa::path(get, path = "/v1/accounts/{key}", tag = "ledger",
     params(("key" = String, Path, description = "Author key (hex)")),
-    responses((status = 200, description = "{key, balance, received, received_contested, sent, minted, unreferenced_credits, head_seq, head_id, signing_key, frozen_from, reputation}")))]
+    responses((status = 200, description = "{key, balance, received, received_contested, sent, sent_contested, minted, unreferenced_credits, head_seq, head_id, signing_key, frozen_from, reputation}")))]
 pub(crate) async fn account(
     state: AppState,
     key: String,
@@ -224,17 +222,18 @@ pub(crate) async fn account(
         StatusCode::OK,
         &json!({
             "key": a.key.to_hex(),
-            "balance": a.balance.max(i128::from(i64::MIN)) as i64,
-            "received": a.received,
-            "received_contested": a.received_contested,
-            "sent": a.sent,
-            "minted": a.minted,
+            "balance": amount(a.balance),
+            "received": amount(a.received),
+            "received_contested": amount(a.received_contested),
+            "sent": amount(a.sent),
+            "sent_contested": amount(a.sent_contested),
+            "minted": amount(a.minted),
             "unreferenced_credits": a.unreferenced_credits.iter().map(|c| c.to_hex()).collect::<Vec<_>>(),
             "head_seq": a.head_seq,
             "head_id": a.head_id.map(|h| h.to_hex()),
             "signing_key": a.signing_key.to_hex(),
             "frozen_from": a.frozen_from,
-            "reputation": a.reputation,
+            "reputation": score(a.reputation),
         }),
     ))
 }
@@ -256,7 +255,6 @@ fn fork_json(proof: &ForkProof) -> Value {
         "ids": ids,
         "envelopes": proof.envelopes.iter().map(hex::encode).collect::<Vec<_>>(),
         "rotations": proof.rotations.iter().map(hex::encode).collect::<Vec<_>>(),
-        "detected_at": proof.detected_at,
     })
 }
 
@@ -380,7 +378,7 @@ pub(crate) async fn skills(state: AppState, headers: HeaderMap) -> Result<Respon
             "id": s.id.to_hex(), "author": s.author.to_hex(), "skill_id": s.skill_id,
             "name": s.name, "version": s.version, "domain": s.domain, "blob": s.blob.to_hex(),
             "size": s.size, "price": s.price, "dim": s.dim,
-            "endorsements": {"valid": s.n_valid, "invalid": s.n_invalid, "score_sum": s.score_sum},
+            "endorsements": {"valid": s.n_valid, "invalid": s.n_invalid, "score_sum": amount(s.score_sum)},
             "hosts": hosts.iter().map(|h| h.to_hex()).collect::<Vec<_>>(),
             "contested": s.contested,
         }));
@@ -401,6 +399,7 @@ pub(crate) async fn basins(state: AppState, headers: HeaderMap) -> Result<Respon
         .map(|b| {
             json!({
                 "id": b.id.to_hex(), "owner": b.owner.to_hex(), "basin_id": b.basin_id,
+                "writers": b.writers.iter().map(|w| w.to_hex()).collect::<Vec<_>>(),
                 "coordinates": b.coordinates(), "n_versions": b.n_versions, "head": b.head.to_hex(),
             })
         })
@@ -435,6 +434,7 @@ pub(crate) async fn basin(
                 "id": v.id.to_hex(), "parent": v.parent.map(|p| p.to_hex()),
                 "author": v.author.to_hex(), "coordinates": v.coordinates,
                 "distance": v.distance, "weight_ppm": v.weight_ppm,
+                "anchor": v.anchor.to_hex(),
             })
         })
         .collect();
@@ -442,6 +442,7 @@ pub(crate) async fn basin(
         StatusCode::OK,
         &json!({
             "id": b.id.to_hex(), "owner": b.owner.to_hex(), "basin_id": b.basin_id,
+            "writers": b.writers.iter().map(|w| w.to_hex()).collect::<Vec<_>>(),
             "coordinates": b.coordinates(), "n_versions": b.n_versions, "head": b.head.to_hex(),
             "versions": versions,
         }),
@@ -458,7 +459,7 @@ pub(crate) async fn reputation(state: AppState, headers: HeaderMap) -> Result<Re
         .ledger
         .reputation()?
         .iter()
-        .map(|(k, r)| json!({"subject": k.to_hex(), "score": r.score, "n_deltas": r.n_deltas}))
+        .map(|(k, r)| json!({"subject": k.to_hex(), "score": score(r.score), "n_deltas": r.n_deltas}))
         .collect();
     Ok(json(StatusCode::OK, &json!({"reputation": out})))
 }
@@ -476,7 +477,7 @@ pub(crate) async fn nodes(state: AppState, headers: HeaderMap) -> Result<Respons
         .map(|n| {
             json!({
                 "author": n.author.to_hex(), "service": n.service, "endpoints": n.endpoints,
-                "capabilities": n.capabilities, "addr": n.addr, "dim": n.dim,
+                "capabilities": n.capabilities, "addr": n.addr, "dim": n.basin_signature.len(),
                 "last_event": n.last_event.to_hex(), "last_heartbeat_ms": n.last_ts,
                 "n_announces": n.n_announces,
             })

@@ -490,6 +490,22 @@ fn parse_hash(id: &str) -> Result<BlobHash, ApiError> {
 }
 
 /// A JSON response with a status.
+/// An amount as a JSON integer. `serde_json::Value` holds at most a u64; a sum beyond that
+/// (more than 2^64 base units, reachable only by recirculation) is written as a decimal
+/// string rather than cut.
+pub(crate) fn amount(value: u128) -> serde_json::Value {
+    u64::try_from(value)
+        .map(serde_json::Value::from)
+        .unwrap_or_else(|_| serde_json::Value::String(value.to_string()))
+}
+
+/// A signed sum (reputation) as a JSON integer, as [`amount`] does.
+pub(crate) fn score(value: i128) -> serde_json::Value {
+    i64::try_from(value)
+        .map(serde_json::Value::from)
+        .unwrap_or_else(|_| serde_json::Value::String(value.to_string()))
+}
+
 fn json(status: http::StatusCode, value: &impl serde::Serialize) -> Response {
     warp::reply::with_status(warp::reply::json(value), status).into_response()
 }

@@ -35,8 +35,12 @@ pub(crate) struct Status {
     events: u64,
     /// Events waiting for their prev or deps.
     pending: u64,
-    /// Total token supply.
-    supply: u64,
+    /// Total token supply: uncontested mints (= the sum of spendable balances).
+    #[schema(value_type = u64)]
+    supply: u128,
+    /// Hash over all derived state (hex): equal on every node that holds the same events,
+    /// whatever the order they arrived in.
+    state_digest: String,
     /// Query tables: events materialized, and whether they caught up since start.
     #[schema(value_type = Object)]
     query: serde_json::Value,
@@ -116,6 +120,7 @@ pub(crate) async fn status(state: AppState, headers: HeaderMap) -> Result<Respon
             events: node.ledger.tree_size()?,
             pending: node.ledger.n_pending() as u64,
             supply: node.ledger.supply()?,
+            state_digest: hex::encode(node.ledger.state_digest()?.1),
             query: match node.query.status() {
                 Ok(q) => serde_json::json!({"applied": q.applied, "caught_up": q.caught_up}),
                 Err(e) => serde_json::json!({"error": e.to_string()}),

@@ -178,7 +178,7 @@ fn body_with_vector_bytes(w: &Writer, key: &SigningKey, raw: &[u8]) -> Vec<u8> {
             basin_id: "b".into(),
             coordinates: placeholder.clone(),
             metadata: Default::default(),
- writers: Vec::new(),
+            writers: Vec::new(),
         }),
     );
     let bytes = body.encode().expect("encode");
