@@ -314,7 +314,8 @@ pub async fn load(node: &Node) -> anyhow::Result<bool> {
                     basin_id: basin_id.into(),
                     coordinates: Vector::new(&embed(seed))?,
                     metadata: [("model".to_string(), "llama-3-8b".to_string())].into(),
-                    writers: Vec::new(),
+                    // The validator may refine every mind (DESIGN §3: named writers).
+                    writers: vec![author_of(validator)],
                 }),
             )
             .await?;

@@ -367,6 +367,10 @@ impl Materializer {
         self.state_dirty = false;
         for table in STATE_TABLES {
             let batch = self.state_rows(table, &state, &pins)?;
+            // A table is created by its first row: a vector table's dimension comes from it.
+            if batch.num_rows() == 0 && self.shared.tables.get(table).is_none() {
+                continue;
+            }
             self.shared.tables.overwrite(table, batch).await?;
         }
         self.state_written = Instant::now();

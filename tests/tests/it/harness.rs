@@ -52,12 +52,27 @@ impl TestNode {
         Self::start_full(env, &["--demo"])
     }
 
+    /// A node of the network of `genesis` (a genesis document file), started with `init
+    /// --genesis`.
+    pub(crate) fn start_joining(genesis: &Path) -> anyhow::Result<Self> {
+        Self::start_init(&[], &[], &["--genesis".as_ref(), genesis.as_os_str()])
+    }
+
     fn start_full(env: &[(&str, &str)], serve_args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_init(env, serve_args, &[])
+    }
+
+    fn start_init(
+        env: &[(&str, &str)],
+        serve_args: &[&str],
+        init_args: &[&std::ffi::OsStr],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("meshnode-it-").tempdir()?;
         let output = Command::new(meshnode_bin())
             .arg("--data-dir")
             .arg(dir.path())
             .arg("init")
+            .args(init_args)
             .output()?;
         if !output.status.success() {
             bail!("init failed: {}", String::from_utf8_lossy(&output.stderr));

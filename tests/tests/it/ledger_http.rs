@@ -301,11 +301,11 @@ async fn bad_events_get_specific_codes_and_change_nothing() {
         400,
         "wrong_net",
     ));
-    // Wrong prev (Alice has no events yet, so prev must be absent; a seq-2 body with a
-    // made-up prev is a gap instead, see below).
+    // Wrong prev: an accepted event, but not the log's event at seq - 1 (a prev that has not
+    // arrived is a gap instead, see below).
     let issuer_author = author_of(&issuer);
     let mut wrong_prev = w.body(issuer_author, &[], mint(&alice, 1));
-    wrong_prev.prev = Some(EventId::from_bytes([9; 32]));
+    wrong_prev.seq += 1;
     cases.push((
         "wrong prev",
         envelope(&wrong_prev.encode().expect("e"), &issuer, None),

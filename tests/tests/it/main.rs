@@ -2,6 +2,7 @@
 
 mod blobs_http;
 mod cli;
+mod convergence_http;
 mod durability;
 mod gateway_rules;
 mod harness;

@@ -1,0 +1,294 @@
+//! Convergence across real nodes: two node processes of one network, fed the same events
+//! over HTTP in different orders (forks, transfers built on a forked credit, a key rotation,
+//! basin deltas, late prevs and deps), end with the same state digest, accounts, fork proofs
+//! and SQL answers.
+
+use meshnode_schemas::{
+    AuthorKey, BasinDelta, BasinPublish, BlobHash, BlobHost, EventBody, EventId, KeyRotate,
+    Payload, SignedEvent, SigningKey, TokenMint, TokenTransfer, Vector, author_of,
+};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::harness::TestNode;
+
+fn client() -> reqwest::Client {
+    meshnode_gateway::client::install_crypto_provider();
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
+}
+
+struct Events {
+    net: BlobHash,
+    list: Vec<SignedEvent>,
+}
+
+impl Events {
+    fn sign(
+        &mut self,
+        key: &SigningKey,
+        author: AuthorKey,
+        seq: u64,
+        prev: Option<EventId>,
+        deps: &[EventId],
+        payload: Payload,
+    ) -> EventId {
+        let mut deps = deps.to_vec();
+        deps.sort();
+        let body = EventBody {
+            net: self.net,
+            author,
+            seq,
+            prev,
+            deps,
+            ts: 1_700_000_000_000 + self.list.len() as i64,
+            payload,
+        };
+        let event = SignedEvent::sign(body, key).expect("sign");
+        let id = event.id;
+        self.list.push(event);
+        id
+    }
+}
+
+fn pay(to: &SigningKey, amount: u64) -> Payload {
+    Payload::TokenTransfer(TokenTransfer {
+        to: author_of(to),
+        amount,
+        memo: String::new(),
+    })
+}
+
+fn mint(to: &SigningKey, amount: u64) -> Payload {
+    Payload::TokenMint(TokenMint {
+        to: author_of(to),
+        amount,
+        reason: String::new(),
+    })
+}
+
+/// The events: the five-event fork case of issue #9 and a little of everything else.
+fn events(net: BlobHash, issuer: &SigningKey) -> Vec<SignedEvent> {
+    let key = |seed: u8| SigningKey::from_bytes(&[seed; 32]);
+    let (mallory, hank, vic, alice, bob) = (key(11), key(12), key(13), key(14), key(15));
+    let mut e = Events {
+        net,
+        list: Vec::new(),
+    };
+    let issuer_author = author_of(issuer);
+    let m = e.sign(issuer, issuer_author, 1, None, &[], mint(&mallory, 100));
+    let t = e.sign(
+        &mallory,
+        author_of(&mallory),
+        1,
+        None,
+        &[m],
+        pay(&hank, 100),
+    );
+    e.sign(&mallory, author_of(&mallory), 1, None, &[m], pay(&vic, 100));
+    let s = e.sign(&hank, author_of(&hank), 1, None, &[t], pay(&vic, 60));
+    e.sign(&hank, author_of(&hank), 2, Some(s), &[], pay(&vic, 40));
+    // An honest payment chain.
+    let m2 = e.sign(issuer, issuer_author, 2, Some(m), &[], mint(&alice, 500));
+    let a1 = e.sign(&alice, author_of(&alice), 1, None, &[m2], pay(&bob, 120));
+    e.sign(&bob, author_of(&bob), 1, None, &[a1], pay(&vic, 20));
+    // A key rotation and an event signed by the new key.
+    let new_key = key(16);
+    let r = e.sign(
+        &alice,
+        author_of(&alice),
+        2,
+        Some(a1),
+        &[],
+        Payload::KeyRotate(KeyRotate {
+            new_key: author_of(&new_key),
+        }),
+    );
+    e.sign(&new_key, author_of(&alice), 3, Some(r), &[], pay(&hank, 30));
+    // A basin with a named writer; a stranger's delta is refused everywhere.
+    let basin = e.sign(
+        &bob,
+        author_of(&bob),
+        2,
+        e.list
+            .iter()
+            .rev()
+            .find(|x| x.body.author == author_of(&bob))
+            .map(|x| x.id),
+        &[],
+        Payload::BasinPublish(BasinPublish {
+            basin_id: "mind".into(),
+            coordinates: Vector::new(&[0.25, 0.5]).expect("vector"),
+            metadata: Default::default(),
+            writers: vec![author_of(&vic)],
+        }),
+    );
+    let delta = |parent, value: f32| {
+        Payload::BasinDelta(BasinDelta {
+            basin_id: "mind".into(),
+            parent,
+            indices: vec![],
+            values: Vector::new(&[value, value]).expect("vector"),
+            weight_ppm: 300_000,
+        })
+    };
+    let v1 = e.sign(&vic, author_of(&vic), 1, None, &[basin], delta(basin, 1.5));
+    e.sign(&vic, author_of(&vic), 2, Some(v1), &[], delta(v1, 2.5));
+    e.sign(
+        &mallory,
+        author_of(&mallory),
+        2,
+        Some(t),
+        &[basin],
+        delta(basin, 0.1),
+    );
+    e.sign(
+        &hank,
+        author_of(&hank),
+        3,
+        e.list
+            .iter()
+            .rev()
+            .find(|x| x.body.author == author_of(&hank))
+            .map(|x| x.id),
+        &[],
+        Payload::BlobHost(BlobHost {
+            blob: BlobHash::of(b"weights"),
+            pinned: true,
+        }),
+    );
+    e.list
+}
+
+async fn submit(http: &reqwest::Client, node: &TestNode, event: &SignedEvent) -> StatusCode {
+    http.post(format!("{}/v1/events", node.url))
+        .bearer_auth(&node.token)
+        .header("content-type", "application/cbor")
+        .body(event.envelope.clone())
+        .send()
+        .await
+        .expect("post")
+        .status()
+}
+
+async fn get(http: &reqwest::Client, node: &TestNode, path: &str) -> Value {
+    http.get(format!("{}{path}", node.url))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json")
+}
+
+async fn sql(http: &reqwest::Client, node: &TestNode, text: &str) -> Value {
+    let (status, body) = {
+        let r = http
+            .post(format!("{}/v1/query", node.url))
+            .bearer_auth(&node.token)
+            .json(&json!({"action": "sync"}))
+            .send()
+            .await
+            .expect("sync");
+        (r.status(), r.text().await.unwrap_or_default())
+    };
+    assert!(status.is_success(), "sync: {status} {body}");
+    http.post(format!("{}/v1/sql", node.url))
+        .json(&json!({ "sql": text }))
+        .send()
+        .await
+        .expect("sql")
+        .json::<Value>()
+        .await
+        .expect("json")["rows"]
+        .clone()
+}
+
+/// What two nodes must agree on.
+async fn view(http: &reqwest::Client, node: &TestNode, keys: &[String]) -> Value {
+    let status = get(http, node, "/v1/status").await;
+    let mut accounts = Vec::new();
+    for key in keys {
+        let mut a = get(http, node, &format!("/v1/accounts/{key}")).await;
+        // Which branch of a forked log a node extended first is its own business.
+        for local in ["head_seq", "head_id", "signing_key"] {
+            a.as_object_mut().expect("object").remove(local);
+        }
+        accounts.push(a);
+    }
+    let forks = get(http, node, "/v1/forks").await;
+    let balances = sql(
+        http,
+        node,
+        "SELECT account, balance, received, received_contested, sent, sent_contested \
+         FROM balances ORDER BY account",
+    )
+    .await;
+    let basins = sql(
+        http,
+        node,
+        "SELECT id, coordinates, n_versions, head FROM basins ORDER BY id",
+    )
+    .await;
+    json!({
+        "events": status["events"],
+        "supply": status["supply"],
+        "state_digest": status["state_digest"],
+        "accounts": accounts,
+        "forks": forks,
+        "balances": balances,
+        "basins": basins,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_fed_in_different_orders_agree() {
+    let a = TestNode::start().expect("node a");
+    let b = TestNode::start_joining(&a.data_dir().join("genesis.cbor")).expect("node b");
+    let http = client();
+    let net = get(&http, &a, "/v1/status").await["net"]
+        .as_str()
+        .map(|s| BlobHash::from_hex(s).expect("net"))
+        .expect("net");
+    assert_eq!(get(&http, &b, "/v1/status").await["net"], net.to_hex());
+    let issuer = meshnode_schemas::parse_key_file(
+        &std::fs::read_to_string(a.data_dir().join("node.key")).expect("node.key"),
+    )
+    .expect("key");
+    let events = events(net, &issuer);
+
+    // Node A in the order they were made; node B in reverse (everything waits for its prev
+    // or deps first), with every event delivered twice.
+    for e in &events {
+        let status = submit(&http, &a, e).await;
+        assert!(status.is_success() || status == 422, "{status}");
+    }
+    for e in events.iter().rev().chain(events.iter()) {
+        let status = submit(&http, &b, e).await;
+        assert!(status.is_success() || status == 422, "{status}");
+    }
+
+    let mut keys: Vec<String> = events.iter().map(|e| e.body.author.to_hex()).collect();
+    keys.sort();
+    keys.dedup();
+    let (va, vb) = (view(&http, &a, &keys).await, view(&http, &b, &keys).await);
+    assert_eq!(va, vb, "the nodes disagree");
+    // The five-event case: every event accepted, the fork proven, Hank never negative.
+    assert_eq!(va["forks"]["forks"].as_array().map(Vec::len), Some(1));
+    let hank = author_of(&SigningKey::from_bytes(&[12; 32])).to_hex();
+    let hank_account = get(&http, &a, &format!("/v1/accounts/{hank}")).await;
+    assert_eq!(hank_account["received_contested"], 100, "{hank_account}");
+    // Hank's 30 from Alice (signed with her rotated-to key) is his only spendable credit.
+    assert_eq!(hank_account["balance"], 30, "{hank_account}");
+    assert_eq!(
+        va["events"],
+        events.len() as u64 - 1,
+        "all but the stranger's delta"
+    );
+    assert_eq!(
+        get(&http, &a, "/v1/audit").await["state_digest"],
+        va["state_digest"]
+    );
+}
