@@ -652,6 +652,11 @@ impl State {
         );
         let id = record.id;
         let author = record.author;
+        // Another event at this seq can exist only below the log's highest seq so far.
+        let occupied = self
+            .authors
+            .get(&author)
+            .is_some_and(|a| a.max_seq >= record.seq);
         self.n_events += 1;
         self.commit_log(overlay, event, &record);
         if let Some(credit) = record.credit {
@@ -675,7 +680,7 @@ impl State {
         overlay.events.insert(id, record.clone());
         overlay.envelopes.insert(id, event.envelope.clone());
         overlay.accepted.push(id);
-        self.contest_on_accept(base, overlay, &record)?;
+        self.contest_on_accept(base, overlay, &record, occupied)?;
         let stored = overlay
             .events
             .get(&id)
@@ -867,6 +872,7 @@ impl State {
         base: &L,
         overlay: &mut Overlay,
         record: &EventRecord,
+        occupied: bool,
     ) -> Result<()> {
         let author = record.author;
         if self.authors[&author].on_prefix(record.seq) {
@@ -891,13 +897,15 @@ impl State {
                 self.author_mut(&author).contested_ranges.extend(ranges);
             }
         }
-        let ids = Layered {
-            base,
-            overlay: &*overlay,
-        }
-        .at(&author, record.seq)?;
-        if ids.len() > 1 {
-            self.record_fork(base, overlay, author, record.seq, &ids)?;
+        if occupied {
+            let ids = Layered {
+                base,
+                overlay: &*overlay,
+            }
+            .at(&author, record.seq)?;
+            if ids.len() > 1 {
+                self.record_fork(base, overlay, author, record.seq, &ids)?;
+            }
         }
         let a = &self.authors[&author];
         if !a.on_prefix(record.seq)

@@ -291,6 +291,9 @@ struct Shared {
     n_pending: Mutex<usize>,
     /// The last state digest computed: (tree size, digest).
     digest: Mutex<Option<(u64, crate::StateDigest)>>,
+    /// Tests: make the next batch panic while it is applied.
+    #[cfg(test)]
+    fail_next_batch: std::sync::atomic::AtomicBool,
     dir: PathBuf,
     stop: Mutex<Option<oneshot::Sender<()>>>,
     worker: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -400,6 +403,8 @@ impl Ledger {
             tx,
             n_pending: Mutex::new(0),
             digest: Mutex::new(None),
+            #[cfg(test)]
+            fail_next_batch: std::sync::atomic::AtomicBool::new(false),
             dir: dir.to_path_buf(),
             stop: Mutex::new(None),
             worker: Mutex::new(None),
@@ -1022,6 +1027,14 @@ impl Ledger {
         })
     }
 
+    /// Tests: the next batch panics while it is applied.
+    #[cfg(test)]
+    pub(crate) fn fail_next_batch(&self) {
+        self.shared
+            .fail_next_batch
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// The database (for the audit).
     pub(crate) fn db(&self) -> &Database {
         &self.shared.db
@@ -1219,7 +1232,14 @@ impl Worker {
                 jobs,
                 verified,
             )
-            .and_then(|parts| encode_batch(&shared, &state, &frontier, parts));
+            .and_then(|parts| {
+                assert_eq!(
+                    frontier.size(),
+                    state.n_events,
+                    "invariant: the transparency log holds every accepted event once"
+                );
+                encode_batch(&shared, &state, &frontier, parts)
+            });
             (state, frontier, pending, result)
         })
         .await;
@@ -1514,6 +1534,13 @@ fn apply_batch(
     jobs: Vec<Job>,
     verified: Vec<Option<AuthorKey>>,
 ) -> Result<BatchResult> {
+    #[cfg(test)]
+    if shared
+        .fail_next_batch
+        .swap(false, std::sync::atomic::Ordering::SeqCst)
+    {
+        panic!("injected batch failure");
+    }
     let tx = shared.db.begin_read()?;
     let store = shared.store.clone();
     let fetch = move |hash: &BlobHash| read_envelope(&store, hash);

@@ -912,3 +912,136 @@ async fn audit_finds_a_tampered_index() {
         report.findings
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_batch_loses_nothing() {
+    let mut net = Net::new().await;
+    let (issuer, alice) = (key(ISSUER), key(2));
+    let e1 = net.sign(&issuer, None, &[], mint(&alice, 10));
+    let e2 = net.sign(&issuer, None, &[], mint(&alice, 20));
+    // e2 waits for e1: answered "pending", so it must not be lost.
+    let early = net.submit(&e2).await.expect("pending");
+    assert!(matches!(early.status, Status::Pending(_)));
+    let before = net.ledger.state_digest().expect("digest");
+    // The next batch panics while it is applied: its submitter hears an error, nothing of it
+    // lands, and the state and pending set are what they were.
+    net.ledger.fail_next_batch();
+    let other = net.sign(
+        &alice,
+        None,
+        &[],
+        Payload::BlobHost(BlobHost {
+            blob: BlobHash::of(b"x"),
+            pinned: true,
+        }),
+    );
+    let failed = net.submit(&other).await;
+    assert_eq!(failed.map_err(|e| e.code()).err(), Some("unavailable"));
+    assert_eq!(net.ledger.state_digest().expect("digest"), before);
+    // The waiting event is still waiting and applies when e1 arrives.
+    net.submit(&e1).await.expect("accepted");
+    net.submit(&other).await.expect("accepted");
+    assert_eq!(net.ledger.tree_size().expect("size"), 3);
+    assert_eq!(net.ledger.n_pending(), 0);
+    assert_eq!(
+        net.ledger
+            .account(&author_of(&alice))
+            .expect("account")
+            .received,
+        30
+    );
+    let report = net.ledger.audit(None).await.expect("audit");
+    assert!(report.ok, "{:?}", report.findings);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_is_bounded_per_author() {
+    let net = Net::new().await;
+    let waiting_for = |seed: u8, seq: u64| {
+        let k = key(seed);
+        SignedEvent::sign(
+            EventBody {
+                net: net.net,
+                author: author_of(&k),
+                seq,
+                prev: Some(EventId::from_bytes([seq as u8; 32])),
+                deps: vec![],
+                ts: 0,
+                payload: Payload::BlobHost(BlobHost {
+                    blob: BlobHash::of(&seq.to_le_bytes()),
+                    pinned: true,
+                }),
+            },
+            &k,
+        )
+        .expect("sign")
+    };
+    let envelopes: Vec<Bytes> = (2..2 + PENDING_PER_AUTHOR_MAX as u64)
+        .map(|seq| Bytes::from(waiting_for(9, seq).envelope))
+        .collect();
+    for result in net.ledger.submit_many(envelopes).await {
+        assert!(matches!(
+            result.expect("pending").status,
+            Status::Pending(_)
+        ));
+    }
+    // One author's quota is full: its next out-of-order event is delayed, not judged...
+    let over = waiting_for(9, 2 + PENDING_PER_AUTHOR_MAX as u64);
+    let full = net.ledger.submit(Bytes::from(over.envelope)).await;
+    assert_eq!(full.map_err(|e| e.code()).err(), Some("pending_full"));
+    // ...and other authors' out-of-order events still wait.
+    let other = waiting_for(10, 2);
+    let ok = net
+        .ledger
+        .submit(Bytes::from(other.envelope))
+        .await
+        .expect("pending");
+    assert!(matches!(ok.status, Status::Pending(_)));
+    assert_eq!(net.ledger.n_pending(), PENDING_PER_AUTHOR_MAX + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_keeps_the_weights_of_every_uncontested_skill() {
+    let mut net = Net::new().await;
+    let bob = key(3);
+    let weights = b"lora weights of someone else".to_vec();
+    let added = net
+        .store
+        .add_bytes(weights.clone(), meshnode_store::PinMode::NoPin)
+        .await
+        .expect("add");
+    let orphan = net
+        .store
+        .add_bytes(
+            b"nobody needs this".to_vec(),
+            meshnode_store::PinMode::NoPin,
+        )
+        .await
+        .expect("add");
+    net.accept(
+        &bob,
+        &[],
+        Payload::SkillPublish(SkillPublish {
+            skill_id: "s".into(),
+            name: "s".into(),
+            version: "1".into(),
+            description: String::new(),
+            domain: "d".into(),
+            capabilities: vec![],
+            specializations: vec![],
+            embedding: vector(&[1.0]),
+            blob: added.hash,
+            size: weights.len() as u64,
+            base_model: String::new(),
+            license: String::new(),
+            price: 0,
+        }),
+    )
+    .await;
+    net.store.gc().await.expect("gc");
+    assert!(
+        net.store.has(&added.hash).await.expect("has"),
+        "a listed skill's weights"
+    );
+    assert!(!net.store.has(&orphan.hash).await.expect("has"));
+}
