@@ -1016,12 +1016,13 @@ async fn account(cli: &Cli, args: &AccountArgs) -> anyhow::Result<()> {
         .await?;
     print_value(cli, &value, |v| {
         format!(
-            "key            {}\nbalance        {}\nreceived       {} ({} contested)\nsent           {}\nminted         {}\nhead seq       {}\nunreferenced   {} credits\nreputation     {}{}",
+            "key            {}\nbalance        {}\nreceived       {} ({} contested)\nsent           {} ({} contested)\nminted         {}\nhead seq       {}\nunreferenced   {} credits\nreputation     {}{}",
             plain(&v["key"]),
             v["balance"],
             v["received"],
             v["received_contested"],
             v["sent"],
+            v["sent_contested"],
             v["minted"],
             v["head_seq"],
             v["unreferenced_credits"]
@@ -1032,7 +1033,7 @@ async fn account(cli: &Cli, args: &AccountArgs) -> anyhow::Result<()> {
             if v["frozen_from"].is_null() {
                 String::new()
             } else {
-                format!("\nfrozen from    seq {} (fork)", v["frozen_from"])
+                format!("\ncontested from seq {} (the log forked)", v["frozen_from"])
             }
         )
     });
@@ -1041,11 +1042,12 @@ async fn account(cli: &Cli, args: &AccountArgs) -> anyhow::Result<()> {
 
 fn audit_summary(v: &Value) -> String {
     let mut out = format!(
-        "{}  {} events, tree size {}, root {}\nsupply {}, {} authors, {} forks, {} findings, {} ms",
+        "{}  {} events, tree size {}, root {}\nstate digest {}\nsupply {}, {} authors, {} forks, {} findings, {} ms",
         if v["ok"] == true { "OK" } else { "FAILED" },
         v["n_events"],
         v["tree_size"],
         plain(&v["root"]),
+        plain(&v["state_digest"]),
         v["supply"],
         v["n_authors"],
         v["n_forks"],

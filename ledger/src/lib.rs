@@ -12,8 +12,12 @@ mod error;
 mod fold;
 mod ledger;
 mod past;
+mod pending;
 mod proof;
+mod reads;
+mod roots;
 mod state;
+mod worker;
 pub mod tlog;
 
 pub use audit::{AuditReport, Finding, verify_bundle};
@@ -24,9 +28,10 @@ pub use fold::{
     SkillState, State, StateDigest, Touched,
 };
 pub use ledger::{
-    Accepted, Account, BATCH_EVENTS_MAX, FEED_CAPACITY, Ledger, LedgerConfig, PENDING_BYTES_MAX,
-    PENDING_EVENTS_MAX, PENDING_PER_AUTHOR_MAX, QUEUE_EVENTS_MAX, Receipt, Status, Submitted,
+    Accepted, Account, BATCH_EVENTS_MAX, FEED_CAPACITY, Ledger, LedgerConfig, PENDING_EVENTS_MAX,
+    QUEUE_EVENTS_MAX, Receipt, Status, Submitted,
 };
+pub use pending::{PENDING_BYTES_MAX, PENDING_PER_AUTHOR_MAX};
 
 #[cfg(test)]
 mod tests;
