@@ -7,11 +7,12 @@ use meshnode_schemas::EventId;
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The event breaks a rule. `code` is stable (see [`Error::code`]); nothing was changed.
-    #[error("{code}: {message}")]
+    /// The event breaks a rule (or, for [`Rule::PendingFull`], cannot wait now); nothing was
+    /// changed.
+    #[error("{}: {message}", rule.as_str())]
     Rejected {
-        /// Stable machine-readable rule name, e.g. `insufficient_balance`.
-        code: &'static str,
+        /// The rule; its stable name is [`Rule::as_str`].
+        rule: Rule,
         /// What is wrong and what to fix.
         message: String,
     },
@@ -42,7 +43,7 @@ impl Error {
     /// The stable code: the rule name for rejections, otherwise a class name.
     pub fn code(&self) -> &'static str {
         match self {
-            Error::Rejected { code, .. } => code,
+            Error::Rejected { rule, .. } => rule.as_str(),
             Error::NotFound(_) => "not_found",
             Error::Invalid(_) => "invalid_request",
             Error::Unavailable(_) => "unavailable",
@@ -57,12 +58,112 @@ impl Error {
     pub fn is_rejection(&self) -> bool {
         matches!(self, Error::Rejected { .. })
     }
+
+    /// The rule a rejection names.
+    pub fn rule(&self) -> Option<Rule> {
+        match self {
+            Error::Rejected { rule, .. } => Some(*rule),
+            _ => None,
+        }
+    }
+}
+
+/// Every rule an event can break, as a typed value with a stable name.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Rule {
+    /// Decoding, canonical form, field limits, keys or signature (the schemas crate's code,
+    /// e.g. `non_canonical`, `bad_signature`, `too_large`).
+    Schema(&'static str),
+    /// The event is for another network.
+    WrongNet,
+    /// `prev` is not the log's event at `seq - 1`.
+    WrongPrev,
+    /// Signed with a key the log rotated away from.
+    KeyRotated,
+    /// A field value the rules refuse (e.g. rotating to the key already in use).
+    InvalidField,
+    /// A mint by a key that is not a genesis issuer.
+    NotIssuer,
+    /// A transfer beyond the credits in its causal past.
+    InsufficientBalance,
+    /// An endorsement of something that is not an accepted `skill.publish`.
+    UnknownSkill,
+    /// A named event is not in the causal past.
+    NotInCausalPast,
+    /// Finding a named event in the causal past needs more steps than allowed.
+    CausalPastTooLarge,
+    /// A delta's parent is not an accepted basin version.
+    UnknownParent,
+    /// A delta names another basin than its parent's.
+    BasinMismatch,
+    /// A delta by neither the basin's owner nor a writer its publish names.
+    NotAWriter,
+    /// A delta of the wrong dimension or with an index outside the basin.
+    DimensionMismatch,
+    /// A delta too far from its anchor.
+    BasinOutlier,
+    /// A fork proof that does not prove a fork.
+    InvalidForkProof,
+    /// The same event twice in one batch.
+    DuplicateSubmission,
+    /// Too many events wait already: a limit that delays, not a verdict on the event.
+    PendingFull,
+}
+
+/// How a rejection is reported: bad bytes, too large, breaks a rule, or try again later.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuleClass {
+    /// The bytes are malformed or not this network's (HTTP 400).
+    Malformed,
+    /// Over a size limit (HTTP 413).
+    TooLarge,
+    /// Well-formed, but breaks a ledger rule (HTTP 422).
+    Broken,
+    /// Not judged: a limit of this node; deliver again later (HTTP 503).
+    Busy,
+}
+
+impl Rule {
+    /// The stable code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rule::Schema(code) => code,
+            Rule::WrongNet => "wrong_net",
+            Rule::WrongPrev => "wrong_prev",
+            Rule::KeyRotated => "key_rotated",
+            Rule::InvalidField => "invalid_field",
+            Rule::NotIssuer => "not_issuer",
+            Rule::InsufficientBalance => "insufficient_balance",
+            Rule::UnknownSkill => "unknown_skill",
+            Rule::NotInCausalPast => "not_in_causal_past",
+            Rule::CausalPastTooLarge => "causal_past_too_large",
+            Rule::UnknownParent => "unknown_parent",
+            Rule::BasinMismatch => "basin_mismatch",
+            Rule::NotAWriter => "not_a_writer",
+            Rule::DimensionMismatch => "dimension_mismatch",
+            Rule::BasinOutlier => "basin_outlier",
+            Rule::InvalidForkProof => "invalid_fork_proof",
+            Rule::DuplicateSubmission => "duplicate_submission",
+            Rule::PendingFull => "pending_full",
+        }
+    }
+
+    /// How it is reported.
+    pub fn class(self) -> RuleClass {
+        match self {
+            Rule::Schema("too_large") => RuleClass::TooLarge,
+            Rule::Schema(_) | Rule::WrongNet | Rule::InvalidField => RuleClass::Malformed,
+            Rule::PendingFull | Rule::DuplicateSubmission => RuleClass::Busy,
+            _ => RuleClass::Broken,
+        }
+    }
 }
 
 /// Builds a rejection.
-pub(crate) fn reject(code: &'static str, message: impl Into<String>) -> Error {
+pub(crate) fn reject(rule: Rule, message: impl Into<String>) -> Error {
     Error::Rejected {
-        code,
+        rule,
         message: message.into(),
     }
 }
@@ -70,7 +171,7 @@ pub(crate) fn reject(code: &'static str, message: impl Into<String>) -> Error {
 impl From<meshnode_schemas::Error> for Error {
     fn from(error: meshnode_schemas::Error) -> Self {
         Error::Rejected {
-            code: error.code(),
+            rule: Rule::Schema(error.code()),
             message: error.to_string(),
         }
     }

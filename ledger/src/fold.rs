@@ -14,7 +14,7 @@ use meshnode_schemas::{
     AuthorKey, BlobHash, EventId, Genesis, Kind, Payload, SignedEvent, verify_signature,
 };
 
-use crate::error::{Error, Result, Waiting, reject};
+use crate::error::{Error, Result, Rule, Waiting, reject};
 pub use crate::past::PAST_SEARCH_EVENTS_MAX;
 use crate::past::Past;
 pub use crate::proof::ForkProof;
@@ -212,7 +212,7 @@ impl State {
             let body = &event.body;
             if body.net != rules.net {
                 return Err(reject(
-                    "wrong_net",
+                    Rule::WrongNet,
                     format!(
                         "event is for network {} but this node is on {}",
                         body.net, rules.net
@@ -266,7 +266,7 @@ impl State {
             && (p.author != author || p.seq + 1 != body.seq)
         {
             return Err(reject(
-                "wrong_prev",
+                Rule::WrongPrev,
                 format!(
                     "prev {} is seq {} of log {}, not seq {} of log {author}",
                     p.id,
@@ -295,7 +295,7 @@ impl State {
             .any(|old| old != signer && verify_signature(&old, &event.id, &event.sig).is_ok())
         {
             return Err(reject(
-                "key_rotated",
+                Rule::KeyRotated,
                 format!("signed with a key that log {author} rotated away from"),
             ));
         }
@@ -353,7 +353,7 @@ impl State {
             Payload::TokenMint(p) => {
                 if !rules.genesis.is_issuer(&author) {
                     return Err(reject(
-                        "not_issuer",
+                        Rule::NotIssuer,
                         format!("{author} is not an issuer of this network's genesis"),
                     ));
                 }
@@ -368,7 +368,7 @@ impl State {
                 let spendable = covered_prev + new - sent_prev;
                 if u128::from(p.amount) > spendable {
                     return Err(reject(
-                        "insufficient_balance",
+                        Rule::InsufficientBalance,
                         format!(
                             "transfer of {} exceeds the {spendable} spendable from credits in \
                              this event's causal past; name unreferenced credits in deps",
@@ -389,7 +389,7 @@ impl State {
                 let skill = lookup.event(&p.skill)?;
                 if skill.as_ref().map(|r| r.kind) != Some(Kind::SkillPublish) {
                     return Err(reject(
-                        "unknown_skill",
+                        Rule::UnknownSkill,
                         format!("{} is not an accepted skill.publish", p.skill),
                     ));
                 }
@@ -413,7 +413,10 @@ impl State {
             }
             Payload::KeyRotate(p) => {
                 if p.new_key == key {
-                    return Err(reject("invalid_field", "new_key is the key already in use"));
+                    return Err(reject(
+                        Rule::InvalidField,
+                        "new_key is the key already in use",
+                    ));
                 }
                 record.key_next = p.new_key;
             }
@@ -539,7 +542,7 @@ impl State {
         let author = event.body.author;
         let parent = lookup.basin_version(&p.parent)?.ok_or_else(|| {
             reject(
-                "unknown_parent",
+                Rule::UnknownParent,
                 format!("{} is not an accepted basin version", p.parent),
             )
         })?;
@@ -551,7 +554,7 @@ impl State {
         })?;
         if basin.basin_id != p.basin_id {
             return Err(reject(
-                "basin_mismatch",
+                Rule::BasinMismatch,
                 format!(
                     "parent {} is a version of basin `{}`, not `{}`",
                     p.parent, basin.basin_id, p.basin_id
@@ -560,7 +563,7 @@ impl State {
         }
         if !basin.admits(&author) {
             return Err(reject(
-                "not_a_writer",
+                Rule::NotAWriter,
                 format!(
                     "{author} is neither the owner of basin `{}` nor one of the writers its \
                      publish names",
@@ -574,7 +577,7 @@ impl State {
         let indices: Vec<usize> = if p.indices.is_empty() {
             if values.len() != dim {
                 return Err(reject(
-                    "dimension_mismatch",
+                    Rule::DimensionMismatch,
                     format!("{} values for a basin of {dim} coordinates", values.len()),
                 ));
             }
@@ -582,7 +585,7 @@ impl State {
         } else {
             if p.indices.iter().any(|&i| i >= dim as u64) {
                 return Err(reject(
-                    "dimension_mismatch",
+                    Rule::DimensionMismatch,
                     format!("an index is outside the basin's {dim} coordinates"),
                 ));
             }
@@ -606,7 +609,7 @@ impl State {
             .sqrt();
         if distance > rules.genesis.basin_outlier_max {
             return Err(reject(
-                "basin_outlier",
+                Rule::BasinOutlier,
                 format!(
                     "delta is {distance:.4} away from version {} (the latest its owner signed \
                      on this path), more than the network's basin_outlier_max {}",
@@ -1119,11 +1122,11 @@ fn require_in_past<L: Lookup>(past: &Past<'_, L>, target: &EventId, what: &str) 
     match past.contains(target)? {
         Some(true) => Ok(()),
         Some(false) => Err(reject(
-            "not_in_causal_past",
+            Rule::NotInCausalPast,
             format!("{what} {target} must be in deps or their causal past"),
         )),
         None => Err(reject(
-            "causal_past_too_large",
+            Rule::CausalPastTooLarge,
             format!(
                 "finding {what} {target} in this event's causal past needs more than \
                  {PAST_SEARCH_EVENTS_MAX} steps; name it (or a later event of its log) in deps"

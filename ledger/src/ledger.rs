@@ -429,5 +429,4 @@ impl Ledger {
     pub fn node(&self) -> AuthorKey {
         self.shared.node
     }
-
 }

@@ -17,11 +17,11 @@ mod proof;
 mod reads;
 mod roots;
 mod state;
-mod worker;
 pub mod tlog;
+mod worker;
 
 pub use audit::{AuditReport, Finding, verify_bundle};
-pub use error::{Error, Result, Waiting};
+pub use error::{Error, Result, Rule, RuleClass, Waiting};
 pub use fold::{
     Applied, AuthorState, BasinState, BasinVersion, Credit, Effect, EventRecord, ForkProof,
     HostMark, Lookup, NodeState, Overlay, PAST_SEARCH_EVENTS_MAX, ReputationState, Rules,

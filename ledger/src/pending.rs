@@ -9,7 +9,7 @@ use meshnode_schemas::{AuthorKey, BlobHash, EventId, SignedEvent};
 use redb::{ReadableDatabase, ReadableTable};
 
 use crate::db;
-use crate::error::{Result, Waiting, reject};
+use crate::error::{Result, Rule, Waiting, reject};
 use crate::fold::EventRecord;
 use crate::ledger::{Shared, now_ms};
 use crate::worker::Job;
@@ -88,7 +88,7 @@ impl Pending {
         let author = event.body.author;
         let full = |what: String| {
             reject(
-                "pending_full",
+                Rule::PendingFull,
                 format!("{what}; deliver the events it waits for first, or retry later"),
             )
         };

@@ -3,7 +3,7 @@
 use meshnode_schemas::{AuthorKey, BlobHash, EventId, Payload, SignedEvent};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Result, reject};
+use crate::error::{Result, Rule, reject};
 
 /// A portable proof that an author signed two different events at the same seq. Canonical:
 /// `seq` is the log's lowest forked seq, `envelopes` are the two events with the smallest
@@ -43,7 +43,7 @@ mod serde_bytes_vec {
 }
 
 fn invalid(message: &str) -> crate::error::Error {
-    reject("invalid_fork_proof", message)
+    reject(Rule::InvalidForkProof, message)
 }
 
 impl ForkProof {

@@ -13,7 +13,7 @@ use redb::ReadableDatabase;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::db::{self, DbView};
-use crate::error::{Error, Result, Waiting, reject};
+use crate::error::{Error, Result, Rule, Waiting, reject};
 use crate::fold::{Applied, EventRecord, ForkProof, Layered, Overlay, State};
 use crate::ledger::{
     Accepted, BATCH_EVENTS_MAX, LedgerConfig, PENDING_SWEEP_INTERVAL, STORE_ADDS_IN_FLIGHT, Shared,
@@ -602,7 +602,7 @@ fn apply_batch(
             match overlay.events.get(&event.id).cloned() {
                 Some(record) => outcomes.push(Outcome::Duplicate(record)),
                 None => outcomes.push(Outcome::Rejected(reject(
-                    "duplicate_submission",
+                    Rule::DuplicateSubmission,
                     "the same event was submitted twice at once; retry",
                 ))),
             }

@@ -23,21 +23,13 @@ impl From<meshnode_ledger::Error> for ApiError {
         use meshnode_ledger::Error as E;
         let code = error.code();
         match &error {
-            E::Rejected { message, .. } => {
-                let status = match code {
-                    "too_large" => StatusCode::PAYLOAD_TOO_LARGE,
-                    "pending_full" => StatusCode::SERVICE_UNAVAILABLE,
-                    "malformed_encoding"
-                    | "non_canonical"
-                    | "invalid_field"
-                    | "invalid_vector"
-                    | "unknown_kind"
-                    | "unsupported_version"
-                    | "bad_key"
-                    | "bad_signature"
-                    | "invalid_id"
-                    | "wrong_net" => StatusCode::BAD_REQUEST,
-                    _ => StatusCode::UNPROCESSABLE_ENTITY,
+            E::Rejected { rule, message } => {
+                use meshnode_ledger::RuleClass;
+                let status = match rule.class() {
+                    RuleClass::Malformed => StatusCode::BAD_REQUEST,
+                    RuleClass::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+                    RuleClass::Busy => StatusCode::SERVICE_UNAVAILABLE,
+                    RuleClass::Broken => StatusCode::UNPROCESSABLE_ENTITY,
                 };
                 ApiError::new(status, code, message.clone())
             }
