@@ -80,7 +80,7 @@ pub(crate) const UNCOVERED: TableDefinition<'static, (Key32, Key32), ()> =
     TableDefinition::new("uncovered");
 /// Version of the row formats in this database (META `format`).
 pub(crate) const FORMAT: u64 = 5;
-/// EventId → envelope BlobHash and arrival time (ms) of events waiting for prev or deps.
+/// Envelope BlobHash → EventId and arrival time (ms) of events waiting for prev or deps.
 pub(crate) const PENDING: TableDefinition<'static, Key32, (Key32, u64)> =
     TableDefinition::new("pending");
 

@@ -283,15 +283,16 @@ impl State {
         let Err(e) = verify_signature(&signer, &event.id, &event.sig) else {
             return Ok(());
         };
-        // A signature by a key this log rotated away from gets its own code.
-        let old_keys = self
+        // A signature by a key this log rotated away from gets its own code. Only the log's
+        // first key and the one before its latest rotation are tried (one bad envelope must
+        // not cost a signature check per rotation).
+        let before_latest = self
             .authors
             .get(&author)
-            .map(|a| a.keys.iter().map(|(_, k)| *k).collect::<Vec<_>>())
-            .unwrap_or_default();
-        if old_keys
+            .and_then(|a| a.keys.iter().rev().nth(1).map(|(_, k)| *k));
+        if [Some(author), before_latest]
             .into_iter()
-            .chain([author])
+            .flatten()
             .any(|old| old != signer && verify_signature(&old, &event.id, &event.sig).is_ok())
         {
             return Err(reject(
@@ -439,8 +440,9 @@ impl State {
     /// coverage. None when what the branch already covers suffices. Otherwise every candidate
     /// (a credit to the author not yet covered on this branch) that is named in `deps` or
     /// below a dep in its own log, then — while that is not enough — the other candidates in
-    /// EventId order that a search finds in the causal past. Candidates outside the causal past
-    /// are never found, so the result depends on the causal past alone. Ordered by EventId.
+    /// EventId order that one bounded walk of the causal past reaches. Candidates outside the
+    /// causal past are never reached, so the result depends on the causal past alone. Ordered
+    /// by EventId.
     fn cover<L: Lookup>(
         &self,
         past: &Past<'_, L>,
@@ -468,13 +470,19 @@ impl State {
             }
         }
         let mut total: u128 = found.iter().map(|(_, a)| u128::from(*a)).sum();
-        for (id, amount) in rest {
-            if total >= need {
-                break;
-            }
-            if past.contains(&id)? == Some(true) {
-                found.push((id, amount));
-                total += u128::from(amount);
+        if total < need && !rest.is_empty() {
+            // One bounded walk of the causal past, whatever the number of candidates (a
+            // candidate outside the causal past is never in it, so the result is the same on
+            // every node).
+            let reached = past.credits_to(&author)?;
+            for (id, amount) in rest {
+                if total >= need {
+                    break;
+                }
+                if reached.contains(&id) {
+                    found.push((id, amount));
+                    total += u128::from(amount);
+                }
             }
         }
         found.sort_by_key(|(id, _)| *id);
@@ -509,15 +517,27 @@ impl State {
                 covered_elsewhere.extend(record.covers.iter().map(|(c, _)| *c));
             }
         }
+        if covered_elsewhere.is_empty() {
+            return Ok(out);
+        }
+        // This branch from `from` up to `prev`, walked once; below `from` every event is on
+        // the log's single prefix, so on this branch.
+        let mut branch = std::collections::HashSet::new();
+        let mut cur = prev.cloned();
+        while let Some(x) = cur.filter(|x| x.seq >= from) {
+            branch.insert(x.id);
+            cur = match x.prev {
+                Some(p) => Some(record_of(lookup, &p)?),
+                None => None,
+            };
+        }
         for credit in covered_elsewhere {
             let mut on_branch = false;
-            if let Some(p) = prev {
-                for y in lookup.covered_by(&credit)? {
-                    let y = record_of(lookup, &y)?;
-                    if crate::past::descends(self, lookup, p, &y)? {
-                        on_branch = true;
-                        break;
-                    }
+            for y in lookup.covered_by(&credit)? {
+                let y = record_of(lookup, &y)?;
+                if y.author == author && (y.seq < from || branch.contains(&y.id)) {
+                    on_branch = true;
+                    break;
                 }
             }
             if !on_branch {

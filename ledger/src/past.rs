@@ -4,13 +4,13 @@
 
 use std::collections::HashSet;
 
-use meshnode_schemas::EventId;
+use meshnode_schemas::{AuthorKey, EventId};
 
 use crate::error::Result;
 use crate::fold::Lookup;
 use crate::state::{EventRecord, State};
 
-/// Most events one causal-past search may visit. Credits named in `deps` (or below a dep in
+/// Most events one causal-past search may read. Credits named in `deps` (or below a dep in
 /// the crediting log) are found without searching; the search is for the others.
 pub const PAST_SEARCH_EVENTS_MAX: usize = 100_000;
 
@@ -68,11 +68,11 @@ impl<L: Lookup> Past<'_, L> {
         Ok(false)
     }
 
-    /// Whether `target` is in this causal past, searching at most
-    /// [`PAST_SEARCH_EVENTS_MAX`] events; `None` when the search ran out of steps. The search
-    /// visits the past depth-first in a fixed order (prev, then deps as listed) and skips
-    /// events not deeper than the target (they cannot have it in their past), so whether it
-    /// finds the target, and in how many steps, depends on the causal past alone.
+    /// Whether `target` is in this causal past, reading at most [`PAST_SEARCH_EVENTS_MAX`]
+    /// events; `None` when the search ran out of steps. The search visits the past
+    /// depth-first in a fixed order (prev, then deps as listed) and skips events not deeper
+    /// than the target (they cannot have it in their past), so whether it finds the target, and
+    /// in how many steps, depends on the causal past alone.
     pub(crate) fn contains(&self, target: &EventId) -> Result<Option<bool>> {
         let Some(t) = self.lookup.event(target)? else {
             return Ok(Some(false));
@@ -80,37 +80,78 @@ impl<L: Lookup> Past<'_, L> {
         if self.contains_fast(&t)? {
             return Ok(Some(true));
         }
+        let mut found = false;
+        let complete = self.walk(|x| {
+            if x.depth <= t.depth {
+                return Ok(Visit::Skip);
+            }
+            if descends(self.state, self.lookup, x, &t)? {
+                found = true;
+                return Ok(Visit::Stop);
+            }
+            Ok(Visit::Expand)
+        })?;
+        Ok(if found {
+            Some(true)
+        } else if complete {
+            Some(false)
+        } else {
+            None
+        })
+    }
+
+    /// The credits to `author` among the first [`PAST_SEARCH_EVENTS_MAX`] events a walk of
+    /// this causal past reads (the same walk, so the same set, on every node).
+    pub(crate) fn credits_to(&self, author: &AuthorKey) -> Result<HashSet<EventId>> {
+        let mut out = HashSet::new();
+        self.walk(|x| {
+            if x.credit.is_some_and(|c| c.to == *author) {
+                out.insert(x.id);
+            }
+            Ok(Visit::Expand)
+        })?;
+        Ok(out)
+    }
+
+    /// Walks the causal past depth-first in a fixed order (prev, then deps as listed), each
+    /// event once, reading at most [`PAST_SEARCH_EVENTS_MAX`] events. Returns whether the walk
+    /// ended by itself (not by running out of steps).
+    fn walk(&self, mut visit: impl FnMut(&EventRecord) -> Result<Visit>) -> Result<bool> {
         let mut stack: Vec<EventRecord> = Vec::new();
         for x in self.deps.iter().rev().chain(self.prev) {
             stack.push(x.clone());
         }
-        let mut seen: HashSet<EventId> = HashSet::new();
-        let mut steps = 0usize;
+        let mut seen: HashSet<EventId> = stack.iter().map(|x| x.id).collect();
+        let mut reads = 0usize;
         while let Some(x) = stack.pop() {
-            if x.depth <= t.depth || !seen.insert(x.id) {
-                continue;
-            }
-            if descends(self.state, self.lookup, &x, &t)? {
-                return Ok(Some(true));
-            }
-            steps += 1;
-            if steps > PAST_SEARCH_EVENTS_MAX {
-                return Ok(None);
+            match visit(&x)? {
+                Visit::Stop => return Ok(true),
+                Visit::Skip => continue,
+                Visit::Expand => {}
             }
             for id in x.deps.iter().rev().chain(&x.prev) {
-                if seen.contains(id) {
+                if !seen.insert(*id) {
                     continue;
                 }
-                if let Some(r) = self.lookup.event(id)?
-                    && (r.depth > t.depth || r.id == t.id)
-                {
-                    if r.id == t.id {
-                        return Ok(Some(true));
-                    }
+                reads += 1;
+                if reads > PAST_SEARCH_EVENTS_MAX {
+                    return Ok(false);
+                }
+                if let Some(r) = self.lookup.event(id)? {
                     stack.push(r);
                 }
             }
         }
-        Ok(Some(false))
+        Ok(true)
     }
+}
+
+/// What a walk does with an event it reached.
+enum Visit {
+    /// Go on into its past.
+    Expand,
+    /// Not into its past.
+    Skip,
+    /// End the walk.
+    Stop,
 }

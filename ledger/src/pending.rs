@@ -1,5 +1,9 @@
 //! Events waiting for their `prev` or `deps`: bounded in count, bytes and per author, woken in
 //! O(waiters) when what they wait for is accepted, stored with their arrival time.
+//!
+//! Entries are keyed by envelope hash, not EventId: until its `prev` is known an event's
+//! signature cannot be checked, so a copy of an honest body with a bad signature must not be
+//! able to take the honest envelope's place. Both wait; the wake-up tries each.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,17 +25,17 @@ pub(crate) async fn load_pending_jobs(shared: &Arc<Shared>) -> Result<Vec<Job>> 
         let mut rows = Vec::new();
         for entry in tx.open_table(db::PENDING)?.iter()? {
             let (k, v) = entry?;
-            let (blob, since) = v.value();
+            let (id, since) = v.value();
             rows.push((
-                EventId::from_bytes(k.value()),
-                BlobHash::from_bytes(blob),
+                BlobHash::from_bytes(k.value()),
+                EventId::from_bytes(id),
                 since,
             ));
         }
         rows
     };
     let mut jobs = Vec::with_capacity(rows.len());
-    for (id, blob, since_ms) in rows {
+    for (blob, id, since_ms) in rows {
         match shared
             .store
             .get_bytes(&blob, meshnode_schemas::limits::EVENT_BYTES_MAX as u64)
@@ -60,17 +64,24 @@ pub(crate) fn instant_of_ms(ms: u64) -> Instant {
 pub(crate) struct PendingEntry {
     pub(crate) event: Arc<SignedEvent>,
     pub(crate) since: Instant,
+    /// Signed by a key its log is known to use (so not a stranger's or a forger's filler).
+    pub(crate) trusted: bool,
 }
 
-/// Events waiting for their prev or deps, bounded in count, in bytes and per author.
+/// Events waiting for their prev or deps, bounded in count, in bytes, per author, and for
+/// untrusted events (an unknown author, or a signature no known key of the log verifies) as a
+/// class.
 #[derive(Default)]
 pub(crate) struct Pending {
-    pub(crate) entries: HashMap<EventId, PendingEntry>,
-    /// Missing event → the pending events that wait for it. Lists are cleaned lazily (an id
-    /// whose entry is gone is skipped), so waking N waiters costs O(N).
-    pub(crate) waiters: HashMap<EventId, Vec<EventId>>,
+    /// Envelope hash → entry.
+    pub(crate) entries: HashMap<BlobHash, PendingEntry>,
+    /// Missing event → the envelopes that wait for it. Lists are cleaned lazily (a hash whose
+    /// entry is gone is skipped), so waking N waiters costs O(N).
+    pub(crate) waiters: HashMap<EventId, Vec<BlobHash>>,
     /// Envelope bytes held.
     pub(crate) bytes: usize,
+    /// Untrusted entries and their bytes.
+    pub(crate) untrusted: (usize, usize),
     /// Entries per author.
     pub(crate) per_author: HashMap<AuthorKey, usize>,
 }
@@ -79,13 +90,17 @@ pub(crate) struct Pending {
 pub const PENDING_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Most pending events of one author.
 pub const PENDING_PER_AUTHOR_MAX: usize = 512;
+/// The share of the count and bytes limits that untrusted events may take (1/4), so that
+/// fresh keys and unsigned filler cannot starve known logs' out-of-order events.
+const UNTRUSTED_SHARE_DIVISOR: usize = 4;
 
 impl Pending {
-    /// Whether one more event of `author` fits; the error says which limit is reached. A full
-    /// pending set delays an event (the submitter or a peer delivers it again later); it is
-    /// not a verdict on the event.
-    pub(crate) fn admit(&self, event: &SignedEvent, count_max: usize) -> Result<()> {
+    /// Whether one more event fits; the error says which limit is reached. A full pending set
+    /// delays an event (the submitter or a peer delivers it again later); it is not a verdict
+    /// on the event.
+    pub(crate) fn admit(&self, event: &SignedEvent, trusted: bool, count_max: usize) -> Result<()> {
         let author = event.body.author;
+        let size = event.envelope.len();
         let full = |what: String| {
             reject(
                 Rule::PendingFull,
@@ -97,11 +112,21 @@ impl Pending {
                 "{count_max} events already wait for their prev or deps"
             )));
         }
-        if self.bytes + event.envelope.len() > PENDING_BYTES_MAX {
+        if self.bytes + size > PENDING_BYTES_MAX {
             return Err(full(format!(
                 "waiting events already hold {} MiB",
                 PENDING_BYTES_MAX >> 20
             )));
+        }
+        if !trusted
+            && (self.untrusted.0 >= count_max / UNTRUSTED_SHARE_DIVISOR
+                || self.untrusted.1 + size > PENDING_BYTES_MAX / UNTRUSTED_SHARE_DIVISOR)
+        {
+            return Err(full(
+                "the share of waiting events from unknown authors or unverified signatures is \
+                 full"
+                    .into(),
+            ));
         }
         if self.per_author.get(&author).copied().unwrap_or(0) >= PENDING_PER_AUTHOR_MAX {
             return Err(full(format!(
@@ -111,25 +136,51 @@ impl Pending {
         Ok(())
     }
 
-    pub(crate) fn insert(&mut self, event: Arc<SignedEvent>, waiting: &Waiting, since: Instant) {
+    /// Whether this envelope waits already.
+    pub(crate) fn contains(&self, event: &SignedEvent) -> bool {
+        self.entries.contains_key(&BlobHash::of(&event.envelope))
+    }
+
+    pub(crate) fn insert(
+        &mut self,
+        event: Arc<SignedEvent>,
+        waiting: &Waiting,
+        since: Instant,
+        trusted: bool,
+    ) {
+        let blob = BlobHash::of(&event.envelope);
         for key in &waiting.missing {
-            self.waiters.entry(*key).or_default().push(event.id);
+            self.waiters.entry(*key).or_default().push(blob);
         }
-        self.count(&event);
-        if let Some(old) = self.entries.insert(event.id, PendingEntry { event, since }) {
+        let entry = PendingEntry {
+            event,
+            since,
+            trusted,
+        };
+        self.count(&entry, true);
+        if let Some(old) = self.entries.insert(blob, entry) {
             // Inserted again while still there: counted once.
-            self.forget(&old.event);
+            self.count(&old, false);
         }
     }
 
-    pub(crate) fn count(&mut self, event: &SignedEvent) {
-        self.bytes += event.envelope.len();
-        *self.per_author.entry(event.body.author).or_default() += 1;
-    }
-
-    pub(crate) fn forget(&mut self, event: &SignedEvent) {
-        self.bytes -= event.envelope.len();
-        let author = event.body.author;
+    fn count(&mut self, entry: &PendingEntry, add: bool) {
+        let size = entry.event.envelope.len();
+        let author = entry.event.body.author;
+        if add {
+            self.bytes += size;
+            if !entry.trusted {
+                self.untrusted.0 += 1;
+                self.untrusted.1 += size;
+            }
+            *self.per_author.entry(author).or_default() += 1;
+            return;
+        }
+        self.bytes -= size;
+        if !entry.trusted {
+            self.untrusted.0 -= 1;
+            self.untrusted.1 -= size;
+        }
         if let Some(n) = self.per_author.get_mut(&author) {
             *n -= 1;
             if *n == 0 {
@@ -138,26 +189,26 @@ impl Pending {
         }
     }
 
-    pub(crate) fn remove(&mut self, id: &EventId) -> Option<PendingEntry> {
-        let entry = self.entries.remove(id)?;
-        self.forget(&entry.event);
+    pub(crate) fn remove(&mut self, blob: &BlobHash) -> Option<PendingEntry> {
+        let entry = self.entries.remove(blob)?;
+        self.count(&entry, false);
         Some(entry)
     }
 
     /// Pending events that may now apply because `record` was accepted.
     pub(crate) fn woken_by(&mut self, record: &EventRecord) -> Vec<PendingEntry> {
-        let Some(ids) = self.waiters.remove(&record.id) else {
+        let Some(blobs) = self.waiters.remove(&record.id) else {
             return Vec::new();
         };
-        ids.into_iter().filter_map(|id| self.remove(&id)).collect()
+        blobs.into_iter().filter_map(|b| self.remove(&b)).collect()
     }
 
-    /// Drops waiter ids whose entries are gone.
+    /// Drops waiter entries whose events are gone.
     pub(crate) fn compact(&mut self) {
         let entries = &self.entries;
-        self.waiters.retain(|_, ids| {
-            ids.retain(|id| entries.contains_key(id));
-            !ids.is_empty()
+        self.waiters.retain(|_, blobs| {
+            blobs.retain(|b| entries.contains_key(b));
+            !blobs.is_empty()
         });
     }
 }

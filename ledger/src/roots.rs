@@ -32,8 +32,7 @@ impl GcRoots for LedgerRoots {
                 roots.insert(record.envelope);
             }
             for entry in tx.open_table(db::PENDING)?.iter()? {
-                let (_, v) = entry?;
-                roots.insert(BlobHash::from_bytes(v.value().0));
+                roots.insert(BlobHash::from_bytes(entry?.0.value()));
             }
             for entry in tx.open_table(db::HOSTS)?.iter()? {
                 let (k, v) = entry?;

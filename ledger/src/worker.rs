@@ -127,27 +127,29 @@ impl Worker {
         self.last_sweep = Instant::now();
         self.pending.compact();
         let ttl = self.config.pending_ttl;
-        let expired: Vec<EventId> = self
+        let expired: Vec<BlobHash> = self
             .pending
             .entries
             .iter()
             .filter(|(_, e)| e.since.elapsed() > ttl)
-            .map(|(id, _)| *id)
+            .map(|(blob, _)| *blob)
             .collect();
         if expired.is_empty() {
             return;
         }
-        for id in &expired {
-            self.pending.remove(id);
-            tracing::info!(%id, "pending event dropped: unresolved after {ttl:?}");
+        for blob in &expired {
+            if let Some(entry) = self.pending.remove(blob) {
+                let id = entry.event.id;
+                tracing::info!(%id, "pending event dropped: unresolved after {ttl:?}");
+            }
         }
         let shared = self.shared.clone();
         let result = tokio::task::spawn_blocking(move || {
             let tx = db::begin_write(&shared.db)?;
             {
                 let mut table = tx.open_table(db::PENDING)?;
-                for id in &expired {
-                    table.remove(*id.as_bytes())?;
+                for blob in &expired {
+                    table.remove(*blob.as_bytes())?;
                 }
             }
             tx.commit()?;
@@ -441,7 +443,7 @@ type BatchResult = (
     Overlay,
     Vec<(u8, u64, TreeHash)>,
     Vec<(EventId, BlobHash, u64, Vec<u8>)>,
-    Vec<EventId>,
+    Vec<BlobHash>,
     Vec<Arc<SignedEvent>>,
 );
 
@@ -503,9 +505,9 @@ fn encode_batch(
         let mut r = db::batch_rows(state, &overlay, &tree_nodes)?;
         for (id, blob, since, _) in &new_pending {
             r.pending_add
-                .push((*id.as_bytes(), (*blob.as_bytes(), *since)));
+                .push((*blob.as_bytes(), (*id.as_bytes(), *since)));
         }
-        r.pending_remove = woken_pending.iter().map(|id| *id.as_bytes()).collect();
+        r.pending_remove = woken_pending.iter().map(|b| *b.as_bytes()).collect();
         if !overlay.accepted.is_empty() {
             let size = frontier.size();
             let signed = tlog::sign_checkpoint(
@@ -571,7 +573,8 @@ fn apply_batch(
     let mut outcomes = Vec::with_capacity(jobs.len());
     let mut tree_nodes = Vec::new();
     let mut new_pending: Vec<(EventId, BlobHash, u64, Vec<u8>)> = Vec::new();
-    let mut woken_ids: HashSet<EventId> = HashSet::new();
+    // Envelopes whose pending rows go (they applied, or were refused once woken).
+    let mut woken: HashSet<BlobHash> = HashSet::new();
     let mut seen_in_batch: HashSet<EventId> = HashSet::new();
     let mut queue: std::collections::VecDeque<PendingEntry> = Default::default();
     let mut accepted_events: Vec<Arc<SignedEvent>> = Vec::new();
@@ -582,17 +585,22 @@ fn apply_batch(
                      overlay: &mut Overlay,
                      frontier: &mut Frontier,
                      tree_nodes: &mut Vec<(u8, u64, TreeHash)>|
-     -> Outcome {
+     -> Result<Outcome> {
         let blob = BlobHash::of(&event.envelope);
-        match state.apply(&shared.rules, &view, overlay, event, blob, verified_with) {
-            Ok(Applied::Accepted(record)) => {
-                tree_nodes.extend(frontier.push(tlog::leaf_hash(&record.id)));
-                Outcome::Accepted(record)
-            }
-            Ok(Applied::Duplicate(record)) => Outcome::Duplicate(record),
-            Ok(Applied::Waiting(w)) => Outcome::Pending(w, blob),
-            Err(e) => Outcome::Rejected(e),
-        }
+        Ok(
+            match state.apply(&shared.rules, &view, overlay, event, blob, verified_with) {
+                Ok(Applied::Accepted(record)) => {
+                    tree_nodes.extend(frontier.push(tlog::leaf_hash(&record.id)));
+                    Outcome::Accepted(record)
+                }
+                Ok(Applied::Duplicate(record)) => Outcome::Duplicate(record),
+                Ok(Applied::Waiting(w)) => Outcome::Pending(w, blob),
+                Err(e) if e.is_rejection() => Outcome::Rejected(e),
+                // A failure of this node (database, store) is not a verdict on the event:
+                // the batch fails, and the worker reloads and tries again.
+                Err(e) => return Err(e),
+            },
+        )
     };
 
     for (job, verified_with) in jobs.iter().zip(verified) {
@@ -615,24 +623,26 @@ fn apply_batch(
             &mut overlay,
             frontier,
             &mut tree_nodes,
-        );
+        )?;
         if let Outcome::Pending(w, blob) = &outcome {
-            if pending.entries.contains_key(&event.id) {
+            // Trusted: a known log, signed by the key it uses now (the parallel pre-check).
+            let trusted = verified_with.is_some() && state.authors.contains_key(&event.body.author);
+            if pending.contains(event) {
                 // Already waiting: same answer, nothing new stored.
             } else if let Some(since_ms) = job.since_ms {
                 // Reloaded from the index: admitted before, its row is there.
-                pending.insert(event.clone(), w, instant_of_ms(since_ms));
-            } else if let Err(e) = pending.admit(event, pending_max) {
+                pending.insert(event.clone(), w, instant_of_ms(since_ms), trusted);
+            } else if let Err(e) = pending.admit(event, trusted, pending_max) {
                 outcome = Outcome::Rejected(e);
             } else {
-                pending.insert(event.clone(), w, Instant::now());
+                pending.insert(event.clone(), w, Instant::now(), trusted);
                 new_pending.push((event.id, *blob, now_ms(), event.envelope.clone()));
             }
         }
         if let Outcome::Accepted(record) = &outcome {
             accepted_events.push(event.clone());
             for entry in pending.woken_by(record) {
-                woken_ids.insert(entry.event.id);
+                woken.insert(BlobHash::of(&entry.event.envelope));
                 queue.push_back(entry);
             }
         }
@@ -640,18 +650,18 @@ fn apply_batch(
         // Waiting events woken by this one apply right after it, in this batch.
         while let Some(entry) = queue.pop_front() {
             let event = entry.event;
-            match apply_one(&event, None, state, &mut overlay, frontier, &mut tree_nodes) {
+            match apply_one(&event, None, state, &mut overlay, frontier, &mut tree_nodes)? {
                 Outcome::Accepted(record) => {
                     accepted_events.push(event.clone());
                     for entry in pending.woken_by(&record) {
-                        woken_ids.insert(entry.event.id);
+                        woken.insert(BlobHash::of(&entry.event.envelope));
                         queue.push_back(entry);
                     }
                 }
-                Outcome::Pending(w, _) => {
+                Outcome::Pending(w, blob) => {
                     // Still missing something else: wait again (its envelope is stored).
-                    pending.insert(event.clone(), &w, entry.since);
-                    woken_ids.remove(&event.id);
+                    pending.insert(event.clone(), &w, entry.since, entry.trusted);
+                    woken.remove(&blob);
                 }
                 Outcome::Duplicate(_) => {}
                 Outcome::Rejected(e) => {
@@ -662,14 +672,14 @@ fn apply_batch(
     }
     drop(db_view);
     drop(ids);
-    let woken_ids: Vec<EventId> = woken_ids.into_iter().collect();
+    let woken: Vec<BlobHash> = woken.into_iter().collect();
     Ok((
         jobs,
         outcomes,
         overlay,
         tree_nodes,
         new_pending,
-        woken_ids,
+        woken,
         accepted_events,
     ))
 }
