@@ -291,4 +291,29 @@ async fn two_nodes_fed_in_different_orders_agree() {
         get(&http, &a, "/v1/audit").await["state_digest"],
         va["state_digest"]
     );
+
+    // The query tables are projections of the ledger's state: the same numbers.
+    let balances = va["balances"].as_array().expect("rows");
+    assert_eq!(balances.len(), keys.len(), "{balances:?}");
+    for row in balances {
+        let account = va["accounts"]
+            .as_array()
+            .and_then(|all| all.iter().find(|a| a["key"] == row[0]))
+            .unwrap_or_else(|| panic!("no account for {row}"));
+        for (i, field) in ["balance", "received", "received_contested", "sent", "sent_contested"]
+            .iter()
+            .enumerate()
+        {
+            assert_eq!(row[i + 1], account[field], "{field} of {}", row[0]);
+        }
+    }
+    let ledger_basins = get(&http, &a, "/v1/basins").await;
+    for row in va["basins"].as_array().expect("rows") {
+        let basin = ledger_basins["basins"]
+            .as_array()
+            .and_then(|all| all.iter().find(|b| b["id"] == row[0]))
+            .unwrap_or_else(|| panic!("no basin {row}"));
+        assert_eq!(row[1], basin["coordinates"]);
+        assert_eq!((&row[2], &row[3]), (&basin["n_versions"], &basin["head"]));
+    }
 }
