@@ -1,7 +1,7 @@
 //! Audit: re-verify everything from the blobs alone (signatures, chains, kind rules, balances,
 //! supply, the transparency log and its checkpoints), and offline audit bundles.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -66,9 +66,12 @@ pub struct AuditReport {
 #[derive(Default)]
 pub(crate) struct MemLookup {
     events: HashMap<EventId, EventRecord>,
-    log: BTreeSet<(AuthorKey, u64, EventId)>,
+    log: HashMap<(AuthorKey, u64), Vec<EventId>>,
     versions: HashMap<EventId, BasinVersion>,
+    /// Envelopes kept in memory (a bundle's); a node's audit reads them from `store` instead,
+    /// only when a fork proof needs one.
     envelopes: HashMap<EventId, Vec<u8>>,
+    store: Option<meshnode_store::Store>,
     covered_by: HashMap<EventId, Vec<EventId>>,
 }
 
@@ -77,15 +80,9 @@ impl Lookup for MemLookup {
         Ok(self.events.get(id).cloned())
     }
     fn at(&self, author: &AuthorKey, seq: u64) -> Result<Vec<EventId>> {
-        let (lo, hi) = (
-            EventId::from_bytes([0; 32]),
-            EventId::from_bytes([0xff; 32]),
-        );
-        Ok(self
-            .log
-            .range((*author, seq, lo)..=(*author, seq, hi))
-            .map(|(_, _, id)| *id)
-            .collect())
+        let mut ids = self.log.get(&(*author, seq)).cloned().unwrap_or_default();
+        ids.sort();
+        Ok(ids)
     }
     fn covered_by(&self, credit: &EventId) -> Result<Vec<EventId>> {
         Ok(self.covered_by.get(credit).cloned().unwrap_or_default())
@@ -94,20 +91,30 @@ impl Lookup for MemLookup {
         Ok(self.versions.get(id).cloned())
     }
     fn envelope(&self, id: &EventId) -> Result<Option<Vec<u8>>> {
-        Ok(self.envelopes.get(id).cloned())
+        if let Some(e) = self.envelopes.get(id) {
+            return Ok(Some(e.clone()));
+        }
+        match (&self.store, self.events.get(id)) {
+            (Some(store), Some(record)) => crate::ledger::read_envelope(store, &record.envelope),
+            _ => Ok(None),
+        }
     }
 }
 
 impl MemLookup {
     pub(crate) fn absorb(&mut self, overlay: Overlay) {
         self.events.extend(overlay.events);
-        self.log.extend(overlay.log);
+        for (author, seq, id) in overlay.log {
+            self.log.entry((author, seq)).or_default().push(id);
+        }
         for (credit, ys) in overlay.covered_by {
             self.covered_by.entry(credit).or_default().extend(ys);
         }
         self.versions.extend(overlay.versions);
-        // Envelopes are only needed to build fork proofs; keep those of every event.
-        self.envelopes.extend(overlay.envelopes);
+        // Envelopes are only needed to build fork proofs: kept when there is no store.
+        if self.store.is_none() {
+            self.envelopes.extend(overlay.envelopes);
+        }
     }
 }
 
@@ -116,6 +123,8 @@ struct Replay {
     rules: Rules,
     state: State,
     mem: MemLookup,
+    /// What the current chunk added (moved into `mem` by [`Replay::absorb`]).
+    overlay: Overlay,
     frontier: Frontier,
     findings: Vec<Finding>,
     n_findings: u64,
@@ -129,6 +138,7 @@ impl Replay {
             rules,
             state: State::default(),
             mem: MemLookup::default(),
+            overlay: Overlay::default(),
             frontier: Frontier::default(),
             findings: Vec::new(),
             n_findings: 0,
@@ -163,13 +173,18 @@ impl Replay {
         compare(self, "fork", &ours, given);
     }
 
+    /// Moves what the current chunk added into the lookup.
+    fn absorb(&mut self) {
+        let overlay = std::mem::take(&mut self.overlay);
+        self.mem.absorb(overlay);
+    }
+
     fn apply(&mut self, expected: u64, event: &SignedEvent, verified_with: Option<AuthorKey>) {
-        let mut overlay = Overlay::default();
         let hash = BlobHash::of(&event.envelope);
         match self.state.apply(
             &self.rules,
             &self.mem,
-            &mut overlay,
+            &mut self.overlay,
             event,
             hash,
             verified_with,
@@ -206,7 +221,6 @@ impl Replay {
                 format!("event {} (leaf {expected}) breaks a rule: {e}", event.id),
             ),
         }
-        self.mem.absorb(overlay);
     }
 
     /// The key each event's log uses now (a rotation inside the chunk makes the fold
@@ -524,6 +538,9 @@ impl Ledger {
             wanted.push(p.size);
         }
         let mut replay = Replay::new(self.rules().clone(), wanted);
+        replay.mem.store = Some(self.store().clone());
+        replay.mem.events.reserve(stored.n_events as usize);
+        replay.mem.log.reserve(stored.n_events as usize);
         let writer = match export {
             Some(dir) => {
                 std::fs::create_dir_all(dir)?;
@@ -561,6 +578,7 @@ impl Ledger {
                 {
                     replay.apply(position, event, verified_with);
                 }
+                replay.absorb();
                 folding += t0.elapsed();
                 t0 = Instant::now();
             }
@@ -801,6 +819,7 @@ pub fn verify_bundle(dir: &Path) -> Result<AuditReport> {
             replay.apply(*position, &event, v);
             *position += 1;
         }
+        replay.absorb();
     };
     loop {
         let mut len = [0u8; 4];

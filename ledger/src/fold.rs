@@ -704,11 +704,12 @@ impl State {
         overlay.envelopes.insert(id, event.envelope.clone());
         overlay.accepted.push(id);
         self.contest_on_accept(base, overlay, &record, occupied)?;
-        let stored = overlay
+        let mut stored = record;
+        stored.contested = overlay
             .events
             .get(&id)
-            .cloned()
-            .expect("invariant: the record was just inserted");
+            .expect("invariant: the record was just inserted")
+            .contested;
         let a = &self.authors[&author];
         assert!(
             a.checked_balance().is_some(),

@@ -300,9 +300,15 @@ async fn two_nodes_fed_in_different_orders_agree() {
             .as_array()
             .and_then(|all| all.iter().find(|a| a["key"] == row[0]))
             .unwrap_or_else(|| panic!("no account for {row}"));
-        for (i, field) in ["balance", "received", "received_contested", "sent", "sent_contested"]
-            .iter()
-            .enumerate()
+        for (i, field) in [
+            "balance",
+            "received",
+            "received_contested",
+            "sent",
+            "sent_contested",
+        ]
+        .iter()
+        .enumerate()
         {
             assert_eq!(row[i + 1], account[field], "{field} of {}", row[0]);
         }
