@@ -276,7 +276,7 @@ impl State {
                 ),
             ));
         }
-        let signer = prev.map_or(author, |p| p.key_next);
+        let signer = prev.map_or(author, |p| p.key_next());
         if verified_with == Some(signer) {
             return Ok(());
         }
@@ -319,7 +319,7 @@ impl State {
         let depth = prev.iter().chain(&deps).map(|r| r.depth).max().unwrap_or(0) + 1;
         let (covered_prev, sent_prev, key) = prev
             .as_ref()
-            .map_or((0, 0, author), |p| (p.covered, p.sent, p.key_next));
+            .map_or((0, 0, author), |p| (p.covered, p.sent, p.key_next()));
         debug_assert!(
             sent_prev <= covered_prev,
             "invariant: a branch spends only coverage"
@@ -338,7 +338,7 @@ impl State {
             debit: 0,
             contested: false,
             depth,
-            key_next: key,
+            rotated_key: (key != author).then_some(key),
             covered: covered_prev,
             sent: sent_prev,
             covers: Vec::new(),
@@ -419,7 +419,7 @@ impl State {
                         "new_key is the key already in use",
                     ));
                 }
-                record.key_next = p.new_key;
+                record.rotated_key = (p.new_key != author).then_some(p.new_key);
             }
             Payload::NodeAnnounce(_)
             | Payload::SkillPublish(_)
@@ -1000,7 +1000,7 @@ impl State {
         };
         let first = record_of(&lookup, &pair[0])?;
         let signer = match &first.prev {
-            Some(prev) => record_of(&lookup, prev)?.key_next,
+            Some(prev) => record_of(&lookup, prev)?.key_next(),
             None => author,
         };
         // Seqs below the lowest fork hold one event each, on the branch this node extended.

@@ -57,8 +57,9 @@ pub struct EventRecord {
     /// Causal depth: 1 + the largest depth of `prev` and `deps`. An event in the causal past
     /// of another has a smaller depth, which bounds searches of the causal past.
     pub depth: u64,
-    /// The key that signs the next event of this branch of the log.
-    pub key_next: AuthorKey,
+    /// The key that signs the next event of this branch of the log, when it is not the log's
+    /// own key (`None` until a `key.rotate`: 32 bytes less in most rows).
+    pub rotated_key: Option<AuthorKey>,
     /// Σ amounts of the credits this branch of the log has brought into its causal past
     /// (coverage), through this event.
     pub covered: u128,
@@ -71,6 +72,11 @@ pub struct EventRecord {
 }
 
 impl EventRecord {
+    /// The key that signs the next event of this branch of the log.
+    pub fn key_next(&self) -> AuthorKey {
+        self.rotated_key.unwrap_or(self.author)
+    }
+
     /// The coverage range `[start, end)` this event's debit spends.
     pub fn spend_range(&self) -> (u128, u128) {
         (self.sent - u128::from(self.debit), self.sent)
