@@ -244,6 +244,30 @@ impl Replay {
         for (code, message) in self.state.invariant_violations() {
             self.finding(code, message);
         }
+        // A credit is covered at most once on a log's unforked prefix (one branch).
+        let mut twice = Vec::new();
+        for (author, a) in &self.state.authors {
+            let last = a.frozen_from.map_or(a.max_seq, |f| f - 1);
+            let mut covered = std::collections::HashSet::new();
+            for seq in 1..=last {
+                for id in self.mem.log.get(&(*author, seq)).into_iter().flatten() {
+                    let Some(record) = self.mem.events.get(id) else {
+                        continue;
+                    };
+                    for (credit, _) in &record.covers {
+                        if !covered.insert(*credit) {
+                            twice.push((*author, *credit));
+                        }
+                    }
+                }
+            }
+        }
+        for (author, credit) in twice {
+            self.finding(
+                "double_coverage",
+                format!("credit {credit} is covered twice on the log of {author}"),
+            );
+        }
         if self.frontier.size() != self.state.n_events {
             self.finding(
                 "count_mismatch",

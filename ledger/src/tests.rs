@@ -1082,3 +1082,59 @@ async fn a_forged_copy_does_not_displace_a_waiting_event() {
     );
     assert_eq!(net.ledger.n_pending(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_arrival_time_survives_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let genesis = Genesis::new("test", author_of(&key(ISSUER)), 1);
+    let net_id = genesis.net().expect("net");
+    let ttl = Duration::from_millis(2000);
+    let open = |dir: std::path::PathBuf, genesis: Genesis| async move {
+        let store = Store::open(&dir.join("blobs"), StoreConfig::default())
+            .await
+            .expect("store");
+        let ledger = Ledger::open(
+            &dir.join("ledger"),
+            store.clone(),
+            genesis,
+            net_id,
+            key(200),
+            LedgerConfig {
+                pending_ttl: ttl,
+                pending_max: 100,
+            },
+        )
+        .await
+        .expect("ledger");
+        (store, ledger)
+    };
+    let (store, ledger) = open(dir.path().to_path_buf(), genesis.clone()).await;
+    let issuer = key(ISSUER);
+    let waiting = SignedEvent::sign(
+        EventBody {
+            net: net_id,
+            author: author_of(&issuer),
+            seq: 2,
+            prev: Some(EventId::from_bytes([7; 32])),
+            deps: vec![],
+            ts: 0,
+            payload: mint(&key(2), 1),
+        },
+        &issuer,
+    )
+    .expect("sign");
+    let s = ledger
+        .submit(Bytes::from(waiting.envelope.clone()))
+        .await
+        .expect("pending");
+    assert!(matches!(s.status, Status::Pending(_)));
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    ledger.shutdown().await;
+    store.shutdown().await.expect("shutdown");
+    drop((ledger, store));
+    let (_store, ledger) = open(dir.path().to_path_buf(), genesis).await;
+    assert_eq!(ledger.n_pending(), 1, "it waits again after the restart");
+    // 1.3 s before the restart + 1.3 s after > the 2 s time-to-live: its first arrival counts.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(ledger.n_pending(), 0);
+}
