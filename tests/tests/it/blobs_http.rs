@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use crate::harness::{TestNode, python};
+use crate::harness::{TestNode, client, python};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -25,14 +25,6 @@ fn data(size: usize, seed: u8) -> Vec<u8> {
     (0..size)
         .map(|i| ((i as u64 * 131 + u64::from(seed)) % 251) as u8)
         .collect()
-}
-
-fn client() -> reqwest::Client {
-    meshnode_gateway::client::install_crypto_provider();
-    reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("client")
 }
 
 async fn upload(node: &TestNode, bytes: Vec<u8>) -> Value {

@@ -4,17 +4,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::harness::TestNode;
+use crate::harness::{TestNode, client};
 use reqwest::StatusCode;
 use serde_json::Value;
-
-fn client() -> reqwest::Client {
-    meshnode_gateway::client::install_crypto_provider();
-    reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("client")
-}
 
 fn blob(i: u64) -> Vec<u8> {
     // Sizes cycle through inline (< 16 KiB), file-backed with inline outboard, and

@@ -8,6 +8,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 
 /// The workspace root.
+/// An HTTP client for the test nodes (loopback only, no proxy).
+pub(crate) fn client() -> reqwest::Client {
+    meshnode_gateway::client::install_crypto_provider();
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
+}
+
 pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -14,15 +14,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::harness::{TestNode, python};
-
-fn client() -> reqwest::Client {
-    meshnode_gateway::client::install_crypto_provider();
-    reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("client")
-}
+use crate::harness::{TestNode, client, python};
 
 /// A writer of events for one node: knows `net` and tracks each log's head.
 struct Writer {

@@ -10,15 +10,7 @@ use meshnode_schemas::{
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::harness::{TestNode, python};
-
-fn client() -> reqwest::Client {
-    meshnode_gateway::client::install_crypto_provider();
-    reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("client")
-}
+use crate::harness::{TestNode, client, python};
 
 async fn sql(node: &TestNode, text: &str) -> (StatusCode, Value) {
     let r = client()
