@@ -148,32 +148,24 @@ pub(crate) fn open(path: &Path) -> Result<Database> {
     Ok(db)
 }
 
-fn meta_u128(tx: &ReadTransaction, key: &str) -> Result<u128> {
+/// A little-endian META scalar of `N` bytes (zeros when absent).
+fn meta_le<const N: usize>(tx: &ReadTransaction, key: &str) -> Result<[u8; N]> {
     let table = tx.open_table(META)?;
-    Ok(match table.get(key)? {
-        Some(v) => {
-            let bytes: [u8; 16] = v
-                .value()
-                .try_into()
-                .map_err(|_| Error::Corrupt(format!("meta {key} is not 16 bytes")))?;
-            u128::from_le_bytes(bytes)
-        }
-        None => 0,
-    })
+    match table.get(key)? {
+        Some(v) => v
+            .value()
+            .try_into()
+            .map_err(|_| Error::Corrupt(format!("meta {key} is not {N} bytes"))),
+        None => Ok([0; N]),
+    }
 }
 
-fn meta_u64(tx: &ReadTransaction, key: &str) -> Result<u64> {
-    let table = tx.open_table(META)?;
-    Ok(match table.get(key)? {
-        Some(v) => {
-            let bytes: [u8; 8] = v
-                .value()
-                .try_into()
-                .map_err(|_| Error::Corrupt(format!("meta {key} is not 8 bytes")))?;
-            u64::from_le_bytes(bytes)
-        }
-        None => 0,
-    })
+pub(crate) fn meta_u128(tx: &ReadTransaction, key: &str) -> Result<u128> {
+    meta_le(tx, key).map(u128::from_le_bytes)
+}
+
+pub(crate) fn meta_u64(tx: &ReadTransaction, key: &str) -> Result<u64> {
+    meta_le(tx, key).map(u64::from_le_bytes)
 }
 
 /// Loads the whole derived state.

@@ -30,16 +30,7 @@ impl Ledger {
 
     /// Committed number of accepted events (= transparency-log size).
     pub fn tree_size(&self) -> Result<u64> {
-        let tx = self.read()?;
-        let meta = tx.open_table(db::META)?;
-        Ok(match meta.get("n_events")? {
-            Some(v) => u64::from_le_bytes(
-                v.value()
-                    .try_into()
-                    .map_err(|_| Error::Corrupt("n_events is not 8 bytes".into()))?,
-            ),
-            None => 0,
-        })
+        db::meta_u64(&self.read()?, "n_events")
     }
 
     /// The record of an accepted event.
@@ -220,12 +211,7 @@ impl Ledger {
 
     /// Total supply: uncontested mints (= the sum of spendable balances).
     pub fn supply(&self) -> Result<u128> {
-        let tx = self.read()?;
-        let meta = tx.open_table(db::META)?;
-        Ok(match meta.get("supply")? {
-            Some(v) => u128::from_le_bytes(v.value().try_into().unwrap_or([0; 16])),
-            None => 0,
-        })
+        db::meta_u128(&self.read()?, "supply")
     }
 
     /// The whole derived state as of the last committed batch, read in one transaction.
@@ -357,13 +343,7 @@ impl Ledger {
         f: impl FnOnce(&DbView<'_, fn(&BlobHash) -> Result<Option<Vec<u8>>>>, u64) -> Result<T>,
     ) -> Result<T> {
         let tx = self.read()?;
-        let size = {
-            let meta = tx.open_table(db::META)?;
-            match meta.get("n_events")? {
-                Some(v) => u64::from_le_bytes(v.value().try_into().unwrap_or([0; 8])),
-                None => 0,
-            }
-        };
+        let size = db::meta_u64(&tx, "n_events")?;
         let noop: fn(&BlobHash) -> Result<Option<Vec<u8>>> = |_| Ok(None);
         let ids = self.ids();
         let view = DbView::new(&tx, &ids, &noop)?;
