@@ -315,3 +315,159 @@ async fn two_nodes_fed_in_different_orders_agree() {
         assert_eq!((&row[2], &row[3]), (&basin["n_versions"], &basin["head"]));
     }
 }
+
+/// SplitMix64: a deterministic generator for the random workload.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// Random transfers among five authors with forks that grow on both branches, delivered in a
+/// random order; after each round every query state table row equals the ledger's account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_tables_equal_the_ledger_after_random_workloads_with_forks() {
+    let node = TestNode::start().expect("node");
+    let http = client();
+    let net = BlobHash::from_hex(
+        get(&http, &node, "/v1/status").await["net"]
+            .as_str()
+            .expect("net"),
+    )
+    .expect("net");
+    let issuer = meshnode_schemas::parse_key_file(
+        &std::fs::read_to_string(node.data_dir().join("node.key")).expect("node.key"),
+    )
+    .expect("key");
+    let users: Vec<SigningKey> = (40..45u8)
+        .map(|s| SigningKey::from_bytes(&[s; 32]))
+        .collect();
+    let mut rng = Rng(9);
+    let mut e = Events {
+        net,
+        list: Vec::new(),
+    };
+    // Branch heads per user: (seq, head); a fork adds a branch.
+    let mut heads: Vec<Vec<(u64, Option<EventId>)>> = vec![vec![(0, None)]; users.len()];
+    let mut credits: Vec<Vec<EventId>> = vec![Vec::new(); users.len()];
+    let (mut issuer_seq, mut issuer_head) = (0u64, None);
+    let mut keys: Vec<String> = users.iter().map(|u| author_of(u).to_hex()).collect();
+    keys.push(author_of(&issuer).to_hex());
+    keys.sort();
+    for round in 0..3 {
+        let start = e.list.len();
+        for u in 0..users.len() {
+            issuer_seq += 1;
+            let m = e.sign(
+                &issuer,
+                author_of(&issuer),
+                issuer_seq,
+                issuer_head,
+                &[],
+                mint(&users[u], 1000),
+            );
+            issuer_head = Some(m);
+            credits[u].push(m);
+        }
+        for _ in 0..40 {
+            let u = rng.below(users.len());
+            let b = rng.below(heads[u].len());
+            let (seq, head) = heads[u][b];
+            let fork = seq > 0 && rng.below(10) == 0;
+            let (seq, prev) = if fork {
+                let prev = e
+                    .list
+                    .iter()
+                    .find(|x| Some(x.id) == head)
+                    .and_then(|x| x.body.prev);
+                (seq, prev)
+            } else {
+                (seq + 1, head)
+            };
+            let to = rng.below(users.len());
+            let deps: Vec<EventId> = credits[u].iter().rev().take(2).copied().collect();
+            let amount = 1 + rng.below(300) as u64;
+            let id = e.sign(
+                &users[u],
+                author_of(&users[u]),
+                seq,
+                prev,
+                &deps,
+                pay(&users[to], amount),
+            );
+            if fork {
+                heads[u].push((seq, Some(id)));
+            } else {
+                heads[u][b] = (seq, Some(id));
+            }
+            credits[to].push(id);
+        }
+        let mut order: Vec<usize> = (start..e.list.len()).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        // Twice: what waited for an event refused later is simply refused again.
+        for _ in 0..2 {
+            for &i in &order {
+                let status = submit(&http, &node, &e.list[i]).await;
+                assert!(status.is_success() || status == 422, "{status}");
+            }
+        }
+        let v = view(&http, &node, &keys).await;
+        for row in v["balances"].as_array().expect("rows") {
+            let account = v["accounts"]
+                .as_array()
+                .and_then(|all| all.iter().find(|a| a["key"] == row[0]))
+                .unwrap_or_else(|| panic!("no account for {row}"));
+            for (i, field) in [
+                "balance",
+                "received",
+                "received_contested",
+                "sent",
+                "sent_contested",
+            ]
+            .iter()
+            .enumerate()
+            {
+                assert_eq!(
+                    row[i + 1],
+                    account[field],
+                    "round {round}: {field} of {}",
+                    row[0]
+                );
+            }
+        }
+        let accepted = v["events"].as_u64().expect("events");
+        assert!(
+            accepted >= 30 * (round + 1),
+            "round {round}: only {accepted} accepted"
+        );
+        let audit = get(&http, &node, "/v1/audit").await;
+        assert_eq!(audit["ok"], true, "round {round}: {audit}");
+        assert_eq!(audit["state_digest"], v["state_digest"]);
+    }
+    let forks = get(&http, &node, "/v1/forks").await;
+    assert!(
+        !forks["forks"].as_array().expect("forks").is_empty(),
+        "the workload forks"
+    );
+    let v = view(&http, &node, &keys).await;
+    assert!(
+        v["balances"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .any(|row| row[3].as_u64() > Some(0)),
+        "some credits are contested: {}",
+        v["balances"]
+    );
+}
