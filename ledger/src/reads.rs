@@ -6,7 +6,7 @@ use meshnode_store::Store;
 use redb::{Database, ReadableDatabase, ReadableTable};
 
 use crate::db::{self, DbView};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Rule, reject};
 use crate::fold::{
     AuthorState, BasinState, BasinVersion, EventRecord, ForkProof, NodeState, ReputationState,
     Rules, SkillState, State,
@@ -252,6 +252,42 @@ impl Ledger {
             out.push(db::decode(v.value())?);
         }
         Ok(out)
+    }
+
+    /// Checks a portable fork proof (e.g. from a peer): it verifies on its own for this
+    /// network ([`ForkProof::verify`]), and its signer is the key this node's own history of
+    /// the log names at that seq — a proof that leaves out a rotation (say, two events signed
+    /// at seq 9 with a key the log retired at seq 5) is refused. Returns the two event ids.
+    /// [`Error::Invalid`] when this node does not hold the log up to the forked seq (it cannot
+    /// judge the key history yet).
+    pub fn check_fork_proof(&self, proof: &ForkProof) -> Result<(EventId, EventId)> {
+        let ids = proof.verify(&self.net())?;
+        let first = SignedEvent::decode(&proof.envelopes[0])?;
+        let key = match first.body.prev {
+            None => proof.author,
+            Some(prev) => self
+                .event_record(&prev)?
+                .ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "this node does not hold event {prev} (seq {} of {}): it cannot check \
+                         the proof's key history yet",
+                        proof.seq - 1,
+                        proof.author
+                    ))
+                })?
+                .key_next(),
+        };
+        if key != proof.signer {
+            return Err(reject(
+                Rule::InvalidForkProof,
+                format!(
+                    "the log {} is signed by {key} at seq {}, not by the proof's signer {}: the \
+                     proof's key history is incomplete",
+                    proof.author, proof.seq, proof.signer
+                ),
+            ));
+        }
+        Ok(ids)
     }
 
     /// The skill catalog.

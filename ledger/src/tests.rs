@@ -1138,3 +1138,62 @@ async fn pending_arrival_time_survives_a_restart() {
     tokio::time::sleep(Duration::from_millis(1300)).await;
     assert_eq!(ledger.n_pending(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_proof_that_leaves_out_a_rotation_is_refused() {
+    let mut net = Net::new().await;
+    let alice = key(2);
+    let host = |b: &[u8]| {
+        Payload::BlobHost(BlobHost {
+            blob: BlobHash::of(b),
+            pinned: true,
+        })
+    };
+    net.accept(&alice, &[], host(b"a")).await;
+    let new_key = key(77);
+    net.accept(
+        &alice,
+        &[],
+        Payload::KeyRotate(KeyRotate {
+            new_key: author_of(&new_key),
+        }),
+    )
+    .await;
+    // Someone holding the retired key signs two events at seq 3 and builds a proof that
+    // leaves the rotation out: it verifies on its own...
+    let head = net.heads[&author_of(&alice)];
+    let mut forged = |b: &[u8]| {
+        net.heads.insert(author_of(&alice), head);
+        let body = net.sign(&alice, None, &[], host(b)).body;
+        assert_eq!(body.seq, 3);
+        SignedEvent::sign(body, &alice).expect("sign")
+    };
+    let (x, y) = (forged(b"x"), forged(b"y"));
+    let (first, second) = if x.id < y.id { (x, y) } else { (y, x) };
+    let proof = ForkProof {
+        author: author_of(&alice),
+        seq: 3,
+        signer: author_of(&alice),
+        envelopes: [first.envelope.clone(), second.envelope.clone()],
+        rotations: vec![],
+    };
+    assert!(proof.verify(&net.net).is_ok());
+    // ...but not against the node's history of the log, which says key 77 signs seq 3.
+    let refused = net.ledger.check_fork_proof(&proof);
+    assert_eq!(
+        refused.map_err(|e| e.code()).err(),
+        Some("invalid_fork_proof")
+    );
+    // A real fork (two events at seq 3 signed with the key the log uses) passes the same check.
+    for b in [b"r1", b"r2"] {
+        net.heads.insert(author_of(&alice), head);
+        let event = net.sign(&new_key, Some(author_of(&alice)), &[], host(b));
+        assert_eq!(
+            net.submit(&event).await.expect("accepted").status,
+            Status::Accepted
+        );
+    }
+    let forks = net.ledger.forks().expect("forks");
+    assert_eq!(forks.len(), 1);
+    assert!(net.ledger.check_fork_proof(&forks[0]).is_ok());
+}
