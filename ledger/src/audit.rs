@@ -48,7 +48,8 @@ pub struct AuditReport {
     pub previous_size: Option<u64>,
     /// Forks found (each with a verified proof).
     pub n_forks: u64,
-    /// Total supply (uncontested mints).
+    /// Total supply (uncontested mints): a JSON integer, or a decimal string beyond 2^64.
+    #[serde(with = "amount_serde")]
     pub supply: u128,
     /// The state digest of the replayed state (hex; equal on every node with the same events).
     pub state_digest: String,
@@ -60,6 +61,32 @@ pub struct AuditReport {
     pub findings: Vec<Finding>,
     /// Wall time.
     pub duration_ms: u64,
+}
+
+/// A u128 amount in JSON: an integer when it fits 64 bits (what JSON tools read), else a
+/// decimal string.
+mod amount_serde {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    pub(super) fn serialize<S: Serializer>(v: &u128, s: S) -> Result<S::Ok, S::Error> {
+        match u64::try_from(*v) {
+            Ok(x) => s.serialize_u64(x),
+            Err(_) => s.serialize_str(&v.to_string()),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u128, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Amount {
+            Number(u64),
+            Text(String),
+        }
+        match Amount::deserialize(d)? {
+            Amount::Number(n) => Ok(n.into()),
+            Amount::Text(t) => t.parse().map_err(D::Error::custom),
+        }
+    }
 }
 
 /// In-memory lookup built during a replay.
@@ -125,6 +152,8 @@ struct Replay {
     mem: MemLookup,
     /// What the current chunk added (moved into `mem` by [`Replay::absorb`]).
     overlay: Overlay,
+    /// A failure of this node (not a finding about the events) that ends the audit.
+    fatal: Option<Error>,
     frontier: Frontier,
     findings: Vec<Finding>,
     n_findings: u64,
@@ -139,6 +168,7 @@ impl Replay {
             state: State::default(),
             mem: MemLookup::default(),
             overlay: Overlay::default(),
+            fatal: None,
             frontier: Frontier::default(),
             findings: Vec::new(),
             n_findings: 0,
@@ -216,10 +246,35 @@ impl Replay {
                     event.id, w.reason, w.missing
                 ),
             ),
-            Err(e) => self.finding(
+            Err(e) if e.is_rejection() => self.finding(
                 e.code(),
                 format!("event {} (leaf {expected}) breaks a rule: {e}", event.id),
             ),
+            Err(e) => {
+                if self.fatal.is_none() {
+                    self.fatal = Some(e);
+                }
+            }
+        }
+    }
+
+    /// Compares the index's record of an event with the replay's (its coverage, chain values
+    /// and signing key decide later events' validity). Whether it is contested may change
+    /// after it: that is compared with the contested set at the end.
+    fn compare_record(&mut self, stored: &EventRecord) {
+        let Some(ours) = self.overlay.events.get(&stored.id) else {
+            return;
+        };
+        let mut ours = ours.clone();
+        ours.contested = stored.contested;
+        if ours != *stored {
+            self.finding(
+                "record_mismatch",
+                format!(
+                    "event {}: the index has {stored:?}, the replay gives {ours:?}",
+                    stored.id
+                ),
+            );
         }
     }
 
@@ -354,6 +409,8 @@ struct Prepared {
     events: Vec<SignedEvent>,
     positions: Vec<u64>,
     verified: Vec<Option<AuthorKey>>,
+    /// The index's record of each event (compared with the replay's).
+    stored: Vec<EventRecord>,
 }
 
 /// The audit's first stage: reads every envelope in acceptance order (writing it to the
@@ -401,6 +458,7 @@ async fn prepare_chunks(
             .map(|(position, _)| ids[*position as usize])
             .collect();
         let keys = keys.clone();
+        let chunk_records = chunk.to_vec();
         let t0 = Instant::now();
         // Decoding (canonical checks) and signatures run on all cores.
         let prepared = tokio::task::spawn_blocking(move || {
@@ -446,11 +504,16 @@ async fn prepare_chunks(
                 })
                 .collect();
             let verified = verify_all(&events, &signers);
+            let stored = positions
+                .iter()
+                .map(|p| chunk_records[(*p - base) as usize].clone())
+                .collect();
             Prepared {
                 findings,
                 events,
                 positions,
                 verified,
+                stored,
             }
         })
         .await
@@ -520,9 +583,14 @@ impl Ledger {
     /// there (events, fork proofs, checkpoint, consistency proof from the previous audit).
     pub async fn audit(&self, export: Option<&Path>) -> Result<AuditReport> {
         let started = Instant::now();
-        let (ids, records, stored, checkpoint_sizes, previous) = {
+        let (ids, records, stored, stored_covered_by, checkpoint_sizes, previous) = {
             let tx = self.db().begin_read()?;
             let stored = db::load_state_in(&tx)?;
+            let mut covered_by: BTreeMap<(EventId, EventId), ()> = BTreeMap::new();
+            for entry in tx.open_table(db::COVERED_BY)?.iter()? {
+                let (c, y) = entry?.0.value();
+                covered_by.insert((EventId::from_bytes(c), EventId::from_bytes(y)), ());
+            }
             let leaves = tx.open_table(db::LEAVES)?;
             let events = tx.open_table(db::EVENTS)?;
             let mut ids = Vec::with_capacity(stored.n_events as usize);
@@ -549,7 +617,7 @@ impl Ledger {
                 .open_table(db::META)?
                 .get("last_audit")?
                 .and_then(|v| String::from_utf8(v.value().to_vec()).ok());
-            (ids, records, stored, sizes, previous)
+            (ids, records, stored, covered_by, sizes, previous)
         };
         let key = self.verifying_key();
         let origin = self.origin().to_string();
@@ -597,10 +665,15 @@ impl Ledger {
                 for (code, message) in chunk.findings {
                     replay.finding(code, message);
                 }
-                for ((event, position), verified_with) in
-                    chunk.events.iter().zip(chunk.positions).zip(chunk.verified)
+                for (((event, position), verified_with), stored) in chunk
+                    .events
+                    .iter()
+                    .zip(chunk.positions)
+                    .zip(chunk.verified)
+                    .zip(&chunk.stored)
                 {
                     replay.apply(position, event, verified_with);
+                    replay.compare_record(stored);
                 }
                 replay.absorb();
                 folding += t0.elapsed();
@@ -620,6 +693,19 @@ impl Ledger {
         producer
             .await
             .map_err(|e| Error::Unavailable(format!("audit reader stopped: {e}")))??;
+        if let Some(e) = replay.fatal.take() {
+            return Err(Error::Unavailable(format!(
+                "the audit could not read what it checks: {e}"
+            )));
+        }
+        // Which events covered which credits: the index's table equals the replay's.
+        let ours: BTreeMap<(EventId, EventId), ()> = replay
+            .mem
+            .covered_by
+            .iter()
+            .flat_map(|(c, ys)| ys.iter().map(move |y| ((*c, *y), ())))
+            .collect();
+        compare(&mut replay, "covered_by", &ours, &stored_covered_by);
         // Derived tables equal a fresh fold.
         let ours = replay.state.clone();
         if ours.n_events != stored.n_events || ours.supply != stored.supply {

@@ -35,6 +35,7 @@ pub(crate) async fn load_pending_jobs(shared: &Arc<Shared>) -> Result<Vec<Job>> 
         rows
     };
     let mut jobs = Vec::with_capacity(rows.len());
+    let mut unreadable = Vec::new();
     for (blob, id, since_ms) in rows {
         match shared
             .store
@@ -47,10 +48,32 @@ pub(crate) async fn load_pending_jobs(shared: &Arc<Shared>) -> Result<Vec<Job>> 
                     reply: None,
                     since_ms: Some(since_ms),
                 }),
-                _ => tracing::warn!(%id, "dropping an unreadable pending event"),
+                _ => {
+                    tracing::warn!(%id, "dropping an unreadable pending event");
+                    unreadable.push(blob);
+                }
             },
-            Err(e) => tracing::warn!(%id, "pending event envelope unavailable: {e}"),
+            Err(
+                e @ (meshnode_store::Error::NotFound(_)
+                | meshnode_store::Error::Corrupt(_)
+                | meshnode_store::Error::Quarantined(_)),
+            ) => {
+                tracing::warn!(%id, "dropping a pending event whose envelope is gone: {e}");
+                unreadable.push(blob);
+            }
+            // A passing failure: the row stays and is tried at the next reload or start.
+            Err(e) => tracing::warn!(%id, "pending event envelope unavailable now: {e}"),
         }
+    }
+    if !unreadable.is_empty() {
+        let tx = db::begin_write(&shared.db)?;
+        {
+            let mut table = tx.open_table(db::PENDING)?;
+            for blob in &unreadable {
+                table.remove(*blob.as_bytes())?;
+            }
+        }
+        tx.commit()?;
     }
     Ok(jobs)
 }

@@ -1197,3 +1197,36 @@ async fn a_fork_proof_that_leaves_out_a_rotation_is_refused() {
     assert_eq!(forks.len(), 1);
     assert!(net.ledger.check_fork_proof(&forks[0]).is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_finds_a_tampered_record() {
+    let mut net = Net::new().await;
+    let (issuer, alice, bob) = (key(ISSUER), key(2), key(3));
+    let m = net.accept(&issuer, &[], mint(&alice, 10)).await;
+    net.accept(&alice, &[m], transfer(&bob, 4)).await;
+    // The transfer's record says its branch covered more than it did: later transfers would
+    // be judged on it, so the audit must see it.
+    {
+        let db = net.ledger.db();
+        let tx = redb::ReadableDatabase::begin_read(db).expect("read");
+        let table = tx.open_table(crate::db::EVENTS).expect("table");
+        let mut record: EventRecord =
+            crate::db::decode(table.get(1).expect("get").expect("present").value())
+                .expect("decode");
+        drop(table);
+        drop(tx);
+        record.covered += 1_000;
+        let tx = db.begin_write().expect("write");
+        tx.open_table(crate::db::EVENTS)
+            .expect("table")
+            .insert(1, crate::db::encode(&record).expect("encode").as_slice())
+            .expect("insert");
+        tx.commit().expect("commit");
+    }
+    let report = net.ledger.audit(None).await.expect("audit");
+    assert!(
+        report.findings.iter().any(|f| f.code == "record_mismatch"),
+        "{:?}",
+        report.findings
+    );
+}

@@ -41,7 +41,17 @@ pub(crate) struct Worker {
     retry: Vec<Job>,
     /// When waiting events were last checked for their time-to-live.
     last_sweep: Instant,
+    /// Batches that failed in a row (reset by one that commits).
+    failures: u32,
+    /// The state could not be reloaded after a failure: the worker stops rather than apply
+    /// events to a state it cannot trust.
+    stopped: bool,
 }
+
+/// After this many failed batches in a row, waiting events are retried one per batch, and one
+/// whose batch fails alone is dropped (its submitter or a peer can deliver it again), so that
+/// no single event can stop ingest for good.
+const FAILURES_BEFORE_ISOLATION: u32 = 2;
 
 /// Outcome of applying one job inside a batch.
 enum Outcome {
@@ -67,6 +77,8 @@ impl Worker {
             in_flight: None,
             retry: Vec::new(),
             last_sweep: Instant::now(),
+            failures: 0,
+            stopped: false,
         }
     }
 
@@ -80,9 +92,25 @@ impl Worker {
         let mut sweep = tokio::time::interval(PENDING_SWEEP_INTERVAL);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if self.stopped {
+                tracing::error!("ledger worker stopped: its state could not be reloaded");
+                return;
+            }
             // The time-to-live holds under steady load too, not only when the queue is idle.
             if self.last_sweep.elapsed() >= PENDING_SWEEP_INTERVAL {
                 self.expire_pending().await;
+            }
+            if self.failures >= FAILURES_BEFORE_ISOLATION && !self.retry.is_empty() {
+                let job = self.retry.remove(0);
+                let blob = BlobHash::of(&job.event.envelope);
+                if self.batch(vec![job]).await {
+                    if self.retry.is_empty() {
+                        self.failures = 0;
+                    }
+                } else {
+                    self.drop_pending_row(blob).await;
+                }
+                continue;
             }
             let mut jobs = std::mem::take(&mut carry);
             jobs.append(&mut self.retry);
@@ -94,6 +122,7 @@ impl Worker {
                         if let Some(f) = self.in_flight.take()
                             && !self.land(f).await
                         {
+                            self.failures += 1;
                             self.reload().await;
                         }
                         continue;
@@ -119,8 +148,31 @@ impl Worker {
                     Err(_) => break,
                 }
             }
-            self.batch(jobs).await;
+            if self.batch(jobs).await {
+                self.failures = 0;
+            }
         }
+    }
+
+    /// Drops a waiting event whose batch failed on its own (see
+    /// [`FAILURES_BEFORE_ISOLATION`]).
+    async fn drop_pending_row(&mut self, blob: BlobHash) {
+        tracing::error!(%blob, "a waiting event failed its batch alone; dropped");
+        self.retry
+            .retain(|job| BlobHash::of(&job.event.envelope) != blob);
+        self.pending.remove(&blob);
+        let shared = self.shared.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            let tx = db::begin_write(&shared.db)?;
+            tx.open_table(db::PENDING)?.remove(*blob.as_bytes())?;
+            tx.commit()?;
+            Ok::<_, Error>(())
+        })
+        .await;
+        if !matches!(removed, Ok(Ok(()))) {
+            tracing::warn!(%blob, "could not remove a dropped pending event from the index");
+        }
+        self.update_pending_count();
     }
 
     async fn expire_pending(&mut self) {
@@ -174,7 +226,8 @@ impl Worker {
     /// Verifies and applies one batch in memory on top of the batch still committing (if
     /// any), then lands that one and starts this one's commit. Applying batch N+1 while
     /// batch N's writes reach the disk keeps both cores busy instead of waiting on fsync.
-    async fn batch(&mut self, jobs: Vec<Job>) {
+    /// Returns whether the batch (and the one committing before it) went through.
+    async fn batch(&mut self, jobs: Vec<Job>) -> bool {
         let prev = self
             .in_flight
             .as_ref()
@@ -186,7 +239,10 @@ impl Worker {
             None => true,
         };
         match prepared {
-            Some(prepared) if landed => self.in_flight = Some(self.start_commit(prepared)),
+            Some(prepared) if landed => {
+                self.in_flight = Some(self.start_commit(prepared));
+                return true;
+            }
             Some(prepared) => {
                 // It was applied on top of a batch that did not commit.
                 for job in prepared.jobs {
@@ -196,10 +252,12 @@ impl Worker {
                         )));
                     }
                 }
-                self.reload().await;
             }
-            None => self.reload().await,
+            None => {}
         }
+        self.failures += 1;
+        self.reload().await;
+        false
     }
 
     /// Verifies signatures (both cores), applies the batch to the in-memory state and encodes
@@ -425,7 +483,11 @@ impl Worker {
                 self.state = state;
                 self.frontier = frontier;
             }
-            _ => tracing::error!("ledger state could not be reloaded; restart the node"),
+            _ => {
+                tracing::error!("ledger state could not be reloaded; restart the node");
+                self.stopped = true;
+                return;
+            }
         }
         // The in-memory pending set may be gone with the failed batch; the index has every
         // event that was answered "pending", so they are tried again.
@@ -575,7 +637,8 @@ fn apply_batch(
     let mut new_pending: Vec<(EventId, BlobHash, u64, Vec<u8>)> = Vec::new();
     // Envelopes whose pending rows go (they applied, or were refused once woken).
     let mut woken: HashSet<BlobHash> = HashSet::new();
-    let mut seen_in_batch: HashSet<EventId> = HashSet::new();
+    // By envelope: two envelopes of one body (one forged) are both tried.
+    let mut seen_in_batch: HashSet<BlobHash> = HashSet::new();
     let mut queue: std::collections::VecDeque<PendingEntry> = Default::default();
     let mut accepted_events: Vec<Arc<SignedEvent>> = Vec::new();
 
@@ -605,7 +668,7 @@ fn apply_batch(
 
     for (job, verified_with) in jobs.iter().zip(verified) {
         let event = &job.event;
-        if !seen_in_batch.insert(event.id) {
+        if !seen_in_batch.insert(BlobHash::of(&event.envelope)) {
             // The same event twice in one batch: the second is a duplicate of the first.
             match overlay.events.get(&event.id).cloned() {
                 Some(record) => outcomes.push(Outcome::Duplicate(record)),
@@ -638,6 +701,10 @@ fn apply_batch(
                 pending.insert(event.clone(), w, Instant::now(), trusted);
                 new_pending.push((event.id, *blob, now_ms(), event.envelope.clone()));
             }
+        }
+        if job.since_ms.is_some() && !matches!(outcome, Outcome::Pending(..)) {
+            // A reloaded waiting event that applied, was a duplicate or was refused: its row goes.
+            woken.insert(BlobHash::of(&event.envelope));
         }
         if let Outcome::Accepted(record) = &outcome {
             accepted_events.push(event.clone());

@@ -109,6 +109,8 @@ pub(crate) struct Materializer {
     applied: u64,
     /// Whether the state tables are older than the ledger's state.
     state_dirty: bool,
+    /// A `sync` waits: the state tables are written as soon as caught up, not on schedule.
+    sync_waiting: bool,
     /// Per append table: the largest leaf index it holds.
     appended: HashMap<&'static str, u64>,
     state_written: Instant,
@@ -153,6 +155,7 @@ impl Materializer {
             shared,
             applied: progress.applied,
             state_dirty: true,
+            sync_waiting: false,
             appended,
             state_written: Instant::now(),
             feed,
@@ -201,6 +204,7 @@ impl Materializer {
             }
             // Drain everything queued on the feed: the catch-up reads in order anyway.
             while self.feed.try_recv().is_ok() {}
+            self.sync_waiting = !waiting_sync.is_empty();
             if let Err(e) = self.catch_up().await {
                 tracing::error!("query: materializing failed: {e}");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -224,7 +228,10 @@ impl Materializer {
         loop {
             let size = self.shared.ledger.tree_size()?;
             if self.applied >= size {
-                if self.state_dirty {
+                // At most every `state_interval` (a trickle of events would otherwise rewrite
+                // every state table every tick), at once when a sync waits for it.
+                let due = self.state_written.elapsed() >= self.shared.config.state_interval;
+                if self.state_dirty && (due || self.sync_waiting) {
                     self.write_state().await?;
                 }
                 self.shared.caught_up.store(true, Ordering::Release);
@@ -364,7 +371,6 @@ impl Materializer {
         let state = tokio::task::spawn_blocking(move || ledger.state())
             .await
             .map_err(internal)??;
-        self.state_dirty = false;
         for table in STATE_TABLES {
             let batch = self.state_rows(table, &state, &pins)?;
             // A table is created by its first row: a vector table's dimension comes from it.
@@ -400,6 +406,8 @@ impl Materializer {
             .lock()
             .expect("invariant: history lock is never poisoned")
             .push(entry);
+        // Only now: a failed write leaves the tables marked stale, so the next pass retries.
+        self.state_dirty = false;
         Ok(())
     }
 

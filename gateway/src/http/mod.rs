@@ -499,6 +499,14 @@ pub(crate) fn amount(value: u128) -> serde_json::Value {
         .unwrap_or_else(|_| serde_json::Value::String(value.to_string()))
 }
 
+/// Serializes an amount as [`amount`] does (for `#[serde(serialize_with)]`).
+pub(crate) fn serialize_amount<S: serde::Serializer>(v: &u128, s: S) -> Result<S::Ok, S::Error> {
+    match u64::try_from(*v) {
+        Ok(x) => s.serialize_u64(x),
+        Err(_) => s.serialize_str(&v.to_string()),
+    }
+}
+
 /// A signed sum (reputation) as a JSON integer, as [`amount`] does.
 pub(crate) fn score(value: i128) -> serde_json::Value {
     i64::try_from(value)

@@ -37,6 +37,7 @@ pub(crate) struct Status {
     pending: u64,
     /// Total token supply: uncontested mints (= the sum of spendable balances).
     #[schema(value_type = u64)]
+    #[serde(serialize_with = "super::serialize_amount")]
     supply: u128,
     /// Hash over all derived state (hex): equal on every node that holds the same events,
     /// whatever the order they arrived in.
