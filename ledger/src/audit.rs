@@ -261,13 +261,14 @@ impl Replay {
     /// Compares the index's record of an event with the replay's (its coverage, chain values
     /// and signing key decide later events' validity). Whether it is contested may change
     /// after it: that is compared with the contested set at the end.
-    fn compare_record(&mut self, stored: &EventRecord) {
+    fn compare_record(&mut self, mut stored: EventRecord) {
         let Some(ours) = self.overlay.events.get(&stored.id) else {
             return;
         };
-        let mut ours = ours.clone();
-        ours.contested = stored.contested;
-        if ours != *stored {
+        let contested = stored.contested;
+        stored.contested = ours.contested;
+        if *ours != stored {
+            stored.contested = contested;
             self.finding(
                 "record_mismatch",
                 format!(
@@ -426,7 +427,12 @@ async fn prepare_chunks(
     let keys = std::sync::Arc::new(keys);
     let (mut fetching, mut verifying, mut sending) =
         (Duration::ZERO, Duration::ZERO, Duration::ZERO);
-    for (chunk_idx, chunk) in records.chunks(AUDIT_CHUNK_EVENTS).enumerate() {
+    let mut records = records.into_iter();
+    for chunk_idx in 0.. {
+        let chunk: Vec<EventRecord> = records.by_ref().take(AUDIT_CHUNK_EVENTS).collect();
+        if chunk.is_empty() {
+            break;
+        }
         let base = (chunk_idx * AUDIT_CHUNK_EVENTS) as u64;
         let hashes: Vec<BlobHash> = chunk.iter().map(|r| r.envelope).collect();
         let t0 = Instant::now();
@@ -458,7 +464,7 @@ async fn prepare_chunks(
             .map(|(position, _)| ids[*position as usize])
             .collect();
         let keys = keys.clone();
-        let chunk_records = chunk.to_vec();
+        let chunk_records = chunk;
         let t0 = Instant::now();
         // Decoding (canonical checks) and signatures run on all cores.
         let prepared = tokio::task::spawn_blocking(move || {
@@ -504,9 +510,11 @@ async fn prepare_chunks(
                 })
                 .collect();
             let verified = verify_all(&events, &signers);
+            let mut chunk_records: Vec<Option<EventRecord>> =
+                chunk_records.into_iter().map(Some).collect();
             let stored = positions
                 .iter()
-                .map(|p| chunk_records[(*p - base) as usize].clone())
+                .filter_map(|p| chunk_records[(*p - base) as usize].take())
                 .collect();
             Prepared {
                 findings,
@@ -670,7 +678,7 @@ impl Ledger {
                     .iter()
                     .zip(chunk.positions)
                     .zip(chunk.verified)
-                    .zip(&chunk.stored)
+                    .zip(chunk.stored)
                 {
                     replay.apply(position, event, verified_with);
                     replay.compare_record(stored);
