@@ -191,7 +191,9 @@ impl State {
 
     /// Applies one decoded event whose envelope is stored at `envelope_hash`. `verified_with`
     /// is the key the signature was already checked against (by a parallel pre-check), if any.
-    /// On `Err`, nothing changed.
+    /// On a rejection ([`Error::Rejected`]) nothing changed; on any other error (a lookup that
+    /// failed mid-commit) the state may be part-applied and the caller must discard it (the
+    /// worker reloads from the index, the audit stops).
     pub fn apply<L: Lookup>(
         &mut self,
         rules: &Rules,
