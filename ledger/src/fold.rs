@@ -175,6 +175,9 @@ fn record_of<L: Lookup>(lookup: &L, id: &EventId) -> Result<EventRecord> {
         .ok_or_else(|| corrupt(format!("event {id} not indexed")))
 }
 
+/// Rotations an author's row keeps (see `commit_log`).
+const AUTHOR_KEYS_KEPT: usize = 2;
+
 /// The seq of the event whose predecessor is `prev`.
 fn past_seq(prev: Option<&EventRecord>) -> u64 {
     prev.map_or(1, |p| p.seq + 1)
@@ -731,6 +734,11 @@ impl State {
             a.head_id = Some(record.id);
             if let Payload::KeyRotate(p) = &event.body.payload {
                 a.keys.push((record.seq + 1, p.new_key));
+                // The last two keys are all a hint needs (the records hold the chain's keys):
+                // an author that rotates on every event must not grow its row with each one.
+                if a.keys.len() > AUTHOR_KEYS_KEPT {
+                    a.keys.remove(0);
+                }
             }
         }
         a.sent += u128::from(record.debit);
@@ -1005,17 +1013,18 @@ impl State {
             Some(prev) => record_of(&lookup, prev)?.key_next(),
             None => author,
         };
-        // Seqs below the lowest fork hold one event each, on the branch this node extended.
+        // The rotations below the fork: walk the (single) prefix down from the shared prev.
+        // Once per new proof, so at most a few times per forked log.
         let mut rotations = Vec::new();
-        for (from, _) in self.authors.get(&author).map_or(&[][..], |a| &a.keys[..]) {
-            if *from <= seq {
-                let ids = lookup.at(&author, from - 1)?;
-                let id = ids
-                    .first()
-                    .ok_or_else(|| corrupt(format!("log {author} misses seq {}", from - 1)))?;
-                rotations.push(envelope(id)?);
+        let mut cur = first.prev;
+        while let Some(id) = cur {
+            let record = record_of(&lookup, &id)?;
+            if record.kind == Kind::KeyRotate {
+                rotations.push(envelope(&id)?);
             }
+            cur = record.prev;
         }
+        rotations.reverse();
         Ok(ForkProof {
             author,
             seq,

@@ -104,7 +104,8 @@ pub struct AuthorState {
     pub head_seq: u64,
     /// Last event of that branch. *Local* once the log forks.
     pub head_id: Option<EventId>,
-    /// Signing keys of that branch over time: `(from_seq, key)`. *Local* once the log forks.
+    /// The last two signing keys of that branch: `(from_seq, key)`. A hint for the parallel
+    /// signature pre-check (the records hold every branch's keys). *Local* once the log forks.
     pub keys: Vec<(u64, AuthorKey)>,
     /// Lowest forked seq: every event of the log from there on is contested.
     pub frozen_from: Option<u64>,
@@ -156,7 +157,8 @@ impl AuthorState {
         }
     }
 
-    /// The key that must sign the event at `seq` on the branch this node extended first.
+    /// The key that signs the event at `seq` on the branch this node extended first, as far as
+    /// the kept keys tell (exact for seqs after the second-to-last rotation).
     pub fn key_at(&self, author: &AuthorKey, seq: u64) -> AuthorKey {
         self.keys
             .iter()
