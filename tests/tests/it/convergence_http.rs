@@ -198,6 +198,31 @@ async fn sql(http: &reqwest::Client, node: &TestNode, text: &str) -> Value {
         .clone()
 }
 
+/// Every row of the query table `balances` in `view` equals the ledger's account of its key.
+fn assert_balances_are_the_accounts(view: &Value, context: &str) {
+    for row in view["balances"].as_array().expect("rows") {
+        let account = view["accounts"]
+            .as_array()
+            .and_then(|all| all.iter().find(|a| a["key"] == row[0]))
+            .unwrap_or_else(|| panic!("{context}: no account for {row}"));
+        let fields = [
+            "balance",
+            "received",
+            "received_contested",
+            "sent",
+            "sent_contested",
+        ];
+        for (i, field) in fields.iter().enumerate() {
+            assert_eq!(
+                row[i + 1],
+                account[field],
+                "{context}: {field} of {}",
+                row[0]
+            );
+        }
+    }
+}
+
 /// What two nodes must agree on.
 async fn view(http: &reqwest::Client, node: &TestNode, keys: &[String]) -> Value {
     let status = get(http, node, "/v1/status").await;
@@ -287,24 +312,7 @@ async fn two_nodes_fed_in_different_orders_agree() {
     // The query tables are projections of the ledger's state: the same numbers.
     let balances = va["balances"].as_array().expect("rows");
     assert_eq!(balances.len(), keys.len(), "{balances:?}");
-    for row in balances {
-        let account = va["accounts"]
-            .as_array()
-            .and_then(|all| all.iter().find(|a| a["key"] == row[0]))
-            .unwrap_or_else(|| panic!("no account for {row}"));
-        for (i, field) in [
-            "balance",
-            "received",
-            "received_contested",
-            "sent",
-            "sent_contested",
-        ]
-        .iter()
-        .enumerate()
-        {
-            assert_eq!(row[i + 1], account[field], "{field} of {}", row[0]);
-        }
-    }
+    assert_balances_are_the_accounts(&va, "");
     let ledger_basins = get(&http, &a, "/v1/basins").await;
     for row in va["basins"].as_array().expect("rows") {
         let basin = ledger_basins["basins"]
@@ -423,29 +431,7 @@ async fn query_tables_equal_the_ledger_after_random_workloads_with_forks() {
             }
         }
         let v = view(&http, &node, &keys).await;
-        for row in v["balances"].as_array().expect("rows") {
-            let account = v["accounts"]
-                .as_array()
-                .and_then(|all| all.iter().find(|a| a["key"] == row[0]))
-                .unwrap_or_else(|| panic!("no account for {row}"));
-            for (i, field) in [
-                "balance",
-                "received",
-                "received_contested",
-                "sent",
-                "sent_contested",
-            ]
-            .iter()
-            .enumerate()
-            {
-                assert_eq!(
-                    row[i + 1],
-                    account[field],
-                    "round {round}: {field} of {}",
-                    row[0]
-                );
-            }
-        }
+        assert_balances_are_the_accounts(&v, &format!("round {round}"));
         let accepted = v["events"].as_u64().expect("events");
         assert!(
             accepted >= 30 * (round + 1),
