@@ -7,7 +7,7 @@ HTTP_ADDR ?= 127.0.0.1:8080
 TARGET_DIR := $(shell $(CARGO) metadata --format-version 1 --no-deps 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])' 2>/dev/null || echo target)
 BIN := $(TARGET_DIR)/debug/meshnode
 
-.PHONY: run test build deps lint bench bench-store bench-ledger bench-query clean-data release
+.PHONY: run test build deps lint bench bench-store bench-ledger bench-query clean-data release torture
 
 deps:
 	@scripts/ensure-deps.sh build
@@ -23,6 +23,12 @@ test:
 	@scripts/ensure-deps.sh test
 	@if [ ! -x "$(BIN)" ]; then echo "First build of the full stack: about 15 minutes on 2 cores." >&2; fi
 	$(CARGO) test --workspace --no-fail-fast
+
+# Crash torture (not part of `make test`): TORTURE_CYCLES (default 200) cycles of kill -9 during
+# concurrent writes, restart, checks; TORTURE_SEED to repeat a run. About 10-20 minutes on 2 cores.
+torture: build
+	@scripts/ensure-deps.sh test
+	MESHNODE_BIN=$(BIN) python3 scripts/torture.py
 
 lint:
 	$(CARGO) fmt --all -- --check

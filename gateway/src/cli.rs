@@ -22,6 +22,9 @@ use crate::node::{self, Node};
 /// Inputs at least this large get a progress bar (when stderr is a terminal).
 const PROGRESS_BYTES_MIN: u64 = 8 * 1024 * 1024;
 
+/// Items the CLI asks for per page of a list route (the API's maximum).
+const LIST_PAGE_MAX: u64 = 1000;
+
 /// meshnode: a node of a mesh of AI-agent hosts — signed, content-addressed blobs, a ledger,
 /// SQL and vector queries, and an HTTP gateway.
 #[derive(Debug, Parser)]
@@ -85,7 +88,8 @@ pub enum Command {
     /// Read the ledger: logs, events, forks, checkpoint, catalog.
     #[command(subcommand)]
     Ledger(LedgerCommand),
-    /// GET a read route as JSON, e.g. `meshnode get /v1/skills`.
+    /// GET a read route as JSON, e.g. `meshnode get /v1/skills` (one request: a list route
+    /// answers one page, and its `next` is the `after=` of the following one).
     Get {
         /// Path under the API, e.g. `/v1/logs/<author>`.
         path: String,
@@ -186,7 +190,20 @@ pub struct SearchArgs {
     pub exact: bool,
 }
 
-/// `ledger` subcommands (each prints the JSON of the matching route).
+/// Paging of a list command. By default every page is fetched and printed as one list; the
+/// answer's `next` is the cursor to continue after the last item printed (`null` when the
+/// list ended).
+#[derive(Clone, Debug, Default, Args)]
+pub struct PageArgs {
+    /// Print at most this many items (`next` then tells where to continue).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub limit: Option<u64>,
+    /// Start after this cursor: the `next` of an earlier listing (the key of its last item).
+    #[arg(long)]
+    pub after: Option<String>,
+}
+
+/// `ledger` subcommands (each prints the JSON of the matching route; lists follow its pages).
 #[derive(Debug, Subcommand)]
 pub enum LedgerCommand {
     /// An author's log (GET /v1/logs/{author}).
@@ -202,21 +219,36 @@ pub enum LedgerCommand {
         /// EventId (hex).
         id: String,
     },
-    /// Detected forks and their proofs (GET /v1/forks).
-    Forks,
+    /// Detected forks and their proofs (GET /v1/forks, every page).
+    Forks {
+        #[command(flatten)]
+        page: PageArgs,
+    },
     /// The latest signed checkpoint (GET /v1/checkpoint).
     Checkpoint,
-    /// The skill catalog with endorsements and hosts (GET /v1/skills).
-    Skills,
-    /// Basins, or one basin with its history (GET /v1/basins[/{id}]).
+    /// The skill catalog with endorsements and hosts (GET /v1/skills, every page).
+    Skills {
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Basins (GET /v1/basins, every page), or one basin with its history (GET
+    /// /v1/basins/{id}).
     Basins {
         /// A basin's publish EventId.
         id: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
     },
-    /// Reputation scores (GET /v1/reputation).
-    Reputation,
-    /// The node registry with last heartbeats (GET /v1/nodes).
-    Nodes,
+    /// Reputation scores (GET /v1/reputation, every page).
+    Reputation {
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// The node registry with last heartbeats (GET /v1/nodes, every page).
+    Nodes {
+        #[command(flatten)]
+        page: PageArgs,
+    },
 }
 
 /// `query` subcommands.
@@ -305,8 +337,11 @@ pub enum PinCommand {
         /// BLAKE3 hex or CID.
         hash: String,
     },
-    /// List pins.
-    Ls,
+    /// List pins (every page of GET /v1/pins).
+    Ls {
+        #[command(flatten)]
+        page: PageArgs,
+    },
 }
 
 /// `key` subcommands.
@@ -506,20 +541,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ledger(command) => {
-            let path = match command {
+            let (path, list) = match command {
                 LedgerCommand::Log { author, after } => {
-                    format!("/v1/logs/{author}?after={after}&limit=1000")
+                    (format!("/v1/logs/{author}?after={after}&limit=1000"), None)
                 }
-                LedgerCommand::Event { id } => format!("/v1/events/{id}"),
-                LedgerCommand::Forks => "/v1/forks".into(),
-                LedgerCommand::Checkpoint => "/v1/checkpoint".into(),
-                LedgerCommand::Skills => "/v1/skills".into(),
-                LedgerCommand::Basins { id: Some(id) } => format!("/v1/basins/{id}"),
-                LedgerCommand::Basins { id: None } => "/v1/basins".into(),
-                LedgerCommand::Reputation => "/v1/reputation".into(),
-                LedgerCommand::Nodes => "/v1/nodes".into(),
+                LedgerCommand::Event { id } => (format!("/v1/events/{id}"), None),
+                LedgerCommand::Forks { page } => ("/v1/forks".into(), Some(("forks", page))),
+                LedgerCommand::Checkpoint => ("/v1/checkpoint".into(), None),
+                LedgerCommand::Skills { page } => ("/v1/skills".into(), Some(("skills", page))),
+                LedgerCommand::Basins { id: Some(id), page } => {
+                    if page.limit.is_some() || page.after.is_some() {
+                        bail!("--limit and --after page the list of basins, not one basin");
+                    }
+                    (format!("/v1/basins/{id}"), None)
+                }
+                LedgerCommand::Basins { id: None, page } => {
+                    ("/v1/basins".into(), Some(("basins", page)))
+                }
+                LedgerCommand::Reputation { page } => {
+                    ("/v1/reputation".into(), Some(("reputation", page)))
+                }
+                LedgerCommand::Nodes { page } => ("/v1/nodes".into(), Some(("nodes", page))),
             };
-            get_and_print(&cli, &path).await
+            match list {
+                Some((key, page)) => {
+                    let value = get_pages(&client(&cli)?, &path, key, page).await?;
+                    print_json(&cli, &value)
+                }
+                None => get_and_print(&cli, &path).await,
+            }
         }
         Command::Get { path } => get_and_print(&cli, path).await,
         Command::Status => {
@@ -860,26 +910,25 @@ async fn pin(cli: &Cli, command: &PinCommand) -> anyhow::Result<()> {
                 .await?;
             print_value(cli, &value, |v| format!("unpinned {}", plain(&v["hash"])));
         }
-        PinCommand::Ls => {
-            let value: Value = client
-                .json(client.request(reqwest::Method::GET, "/v1/pins"))
-                .await?;
+        PinCommand::Ls { page } => {
+            let value = get_pages(&client, "/v1/pins", "pins", page).await?;
             print_value(cli, &value, |v| {
-                v["pins"]
+                let mut lines: Vec<String> = v["pins"]
                     .as_array()
-                    .map(|pins| {
-                        pins.iter()
-                            .map(|p| {
-                                let size = p["size"]
-                                    .as_u64()
-                                    .map(|s| format!("{s} bytes"))
-                                    .unwrap_or_else(|| "missing".into());
-                                format!("{}  {size}", plain(&p["hash"]))
-                            })
-                            .collect::<Vec<_>>()
-                            .join("\n")
+                    .into_iter()
+                    .flatten()
+                    .map(|p| {
+                        let size = p["size"]
+                            .as_u64()
+                            .map(|s| format!("{s} bytes"))
+                            .unwrap_or_else(|| "missing".into());
+                        format!("{}  {size}", plain(&p["hash"]))
                     })
-                    .unwrap_or_default()
+                    .collect();
+                if let Some(next) = v["next"].as_str() {
+                    lines.push(format!("(more: --after {next})"));
+                }
+                lines.join("\n")
             });
         }
     }
@@ -1016,7 +1065,7 @@ async fn account(cli: &Cli, args: &AccountArgs) -> anyhow::Result<()> {
         .await?;
     print_value(cli, &value, |v| {
         format!(
-            "key            {}\nbalance        {}\nreceived       {} ({} contested)\nsent           {} ({} contested)\nminted         {}\nhead seq       {}\nunreferenced   {} credits\nreputation     {}{}",
+            "key            {}\nbalance        {}\nreceived       {} ({} contested)\nsent           {} ({} contested)\nminted         {}\nhead seq       {}\nunreferenced   {}{} credits\nreputation     {}{}",
             plain(&v["key"]),
             v["balance"],
             v["received"],
@@ -1029,6 +1078,12 @@ async fn account(cli: &Cli, args: &AccountArgs) -> anyhow::Result<()> {
                 .as_array()
                 .map(|a| a.len())
                 .unwrap_or(0),
+            // More than the first page (GET /v1/accounts/{key}/credits lists them all).
+            if v["credits_next"].is_string() {
+                "+"
+            } else {
+                ""
+            },
             v["reputation"],
             if v["frozen_from"].is_null() {
                 String::new()
@@ -1283,6 +1338,81 @@ async fn search(cli: &Cli, args: &SearchArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join("\n")
     });
+    Ok(())
+}
+
+/// GETs the pages of a list route (`path` answers `{key: [...], next}`), from `page.after` on,
+/// until the list ends or `page.limit` items are in, and returns them as one answer
+/// `{key: [...], next}`: `next` is the cursor to continue after the last item given, `null`
+/// when the list ended.
+async fn get_pages(
+    client: &Client,
+    path: &str,
+    key: &str,
+    page: &PageArgs,
+) -> anyhow::Result<Value> {
+    let mut items: Vec<Value> = Vec::new();
+    let mut after = page.after.clone();
+    let next = loop {
+        let wanted = match page.limit {
+            Some(limit) => (limit - items.len() as u64).min(LIST_PAGE_MAX),
+            None => LIST_PAGE_MAX,
+        };
+        debug_assert!(
+            wanted > 0,
+            "a page is asked for only while items are missing"
+        );
+        let mut url = format!("{path}?limit={wanted}");
+        if let Some(after) = &after {
+            url.push_str("&after=");
+            url.push_str(&query_escape(after));
+        }
+        let mut value: Value = client
+            .json(client.request(reqwest::Method::GET, &url))
+            .await?;
+        let Some(Value::Array(got)) = value.get_mut(key).map(Value::take) else {
+            bail!("the answer of GET {path} has no `{key}` list");
+        };
+        let n_got = got.len();
+        items.extend(got);
+        let next = value["next"].take();
+        let Some(cursor) = next.as_str().map(str::to_string) else {
+            break next;
+        };
+        if page.limit.is_some_and(|limit| items.len() as u64 >= limit) {
+            break next;
+        }
+        if n_got == 0 || after.as_deref() == Some(cursor.as_str()) {
+            bail!("GET {path} answered a `next` cursor without progress ({cursor})");
+        }
+        after = Some(cursor);
+    };
+    let mut out = serde_json::Map::new();
+    out.insert(key.to_string(), Value::Array(items));
+    out.insert("next".to_string(), next);
+    Ok(Value::Object(out))
+}
+
+/// Percent-encodes a query parameter value.
+fn query_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Prints a JSON answer: indented, or on one line with `--json`.
+fn print_json(cli: &Cli, value: &Value) -> anyhow::Result<()> {
+    if cli.json {
+        println!("{value}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    }
     Ok(())
 }
 

@@ -186,6 +186,7 @@ impl Node {
             &data_dir.join(files::BLOBS),
             StoreConfig {
                 gc_interval: Duration::from_secs(config.store.gc_interval_secs.max(1)),
+                gc_waits_for_roots: true,
             },
         )
         .await?;
@@ -201,6 +202,8 @@ impl Node {
         )
         .await
         .context("opening the ledger")?;
+        // The ledger's roots are registered: from here GC may delete what nothing holds.
+        store.enable_gc();
         let ledger_ms = opening.elapsed().as_millis() as u64;
         let query = Query::open(
             &data_dir.join(files::QUERY),

@@ -172,7 +172,9 @@ impl Replay {
             frontier: Frontier::default(),
             findings: Vec::new(),
             n_findings: 0,
-            roots: HashMap::new(),
+            // The empty log has a root too: a checkpoint of size 0 (an audit of a new
+            // node) is a prefix of every log.
+            roots: HashMap::from([(0, tlog::empty_root())]),
             wanted_roots: wanted_roots.into_iter().collect(),
         }
     }

@@ -106,7 +106,9 @@ pub struct Account {
     pub sent_contested: u128,
     /// Minted (issuers; contested included).
     pub minted: u128,
-    /// Credits not yet in the causal past of the log; name them in `deps` to spend them.
+    /// Credits not yet in the causal past of the log, in EventId order; name them in `deps`
+    /// to spend them. [`Ledger::account`] gives all of them, [`Ledger::account_page`] the
+    /// first page and [`Ledger::account_summary`] none.
     pub unreferenced_credits: Vec<EventId>,
     /// Head of the log (of the branch this node extended first, once it forked).
     pub head_seq: u64,

@@ -32,6 +32,7 @@ pub use ledger::{
     QUEUE_EVENTS_MAX, Receipt, Status, Submitted,
 };
 pub use pending::{PENDING_BYTES_MAX, PENDING_PER_AUTHOR_MAX};
+pub use reads::Page;
 
 #[cfg(test)]
 mod tests;

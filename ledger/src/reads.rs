@@ -1,9 +1,11 @@
 //! Reads of the committed index: events, logs, accounts, the derived state and its digest,
 //! the catalog, checkpoints and transparency-log proofs.
 
+use std::ops::Bound;
+
 use meshnode_schemas::{AuthorKey, BlobHash, EventId, SignedEvent};
 use meshnode_store::Store;
-use redb::{Database, ReadableDatabase, ReadableTable};
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::db::{self, DbView};
 use crate::error::{Error, Result, Rule, reject};
@@ -13,6 +15,57 @@ use crate::fold::{
 };
 use crate::ledger::{Account, Ledger};
 use crate::tlog::{self, TreeHash};
+
+/// One page of a list read in key order: at most the asked number of items, strictly after
+/// the asked cursor, and `next`, the cursor of the following page (the key of the last item),
+/// or `None` when nothing follows this page. Reading a page costs O(limit), whatever the size
+/// of the table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page<T, C> {
+    /// The items, in key order.
+    pub items: Vec<T>,
+    /// Pass as `after` to read the next page; `None` on the last page.
+    pub next: Option<C>,
+}
+
+/// Rows reserved up front for a page (a large limit on a small table allocates no more).
+const PAGE_PREALLOC: usize = 256;
+
+/// Cuts `rows` — read in strict key order with at most one row beyond `limit` — to `limit`
+/// rows, and returns the cursor of the next page: the key of the last row kept, when a row
+/// beyond it was read.
+fn cut_page<T, C: Copy + Ord>(
+    rows: &mut Vec<T>,
+    limit: usize,
+    after: Option<C>,
+    key: impl Fn(&T) -> C,
+) -> Option<C> {
+    debug_assert!(limit > 0, "a page holds at least one item");
+    debug_assert!(
+        rows.len() <= limit.saturating_add(1),
+        "read at most one extra row"
+    );
+    debug_assert!(
+        rows.windows(2).all(|w| key(&w[0]) < key(&w[1])),
+        "rows are in strict key order"
+    );
+    debug_assert!(
+        after.is_none_or(|a| rows.first().is_none_or(|r| key(r) > a)),
+        "rows are strictly after the cursor"
+    );
+    if rows.len() <= limit {
+        return None;
+    }
+    rows.truncate(limit);
+    let next = rows.last().map(&key);
+    debug_assert!(next.is_some(), "a cut page is not empty");
+    next
+}
+
+/// A state-table row with its key.
+type KeyedRow<T> = ([u8; 32], T);
+/// A key of two 32-byte parts (author, event).
+type PairKey = ([u8; 32], [u8; 32]);
 
 impl Ledger {
     /// Number of events waiting for prev or deps.
@@ -161,7 +214,123 @@ impl Ledger {
         Ok(out)
     }
 
-    /// An account (every key has one; unknown keys have zero balances).
+    /// At most `limit` rows of a state table with keys strictly after `after`, in key order,
+    /// and the key to continue after: one range read of `limit + 1` rows.
+    fn state_page<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<'static, [u8; 32], &'static [u8]>,
+        after: Option<&[u8; 32]>,
+        limit: usize,
+    ) -> Result<Page<KeyedRow<T>, [u8; 32]>> {
+        debug_assert!(limit > 0, "a page holds at least one item");
+        let tx = self.read()?;
+        let t = tx.open_table(table)?;
+        let lower = match after {
+            Some(key) => Bound::Excluded(*key),
+            None => Bound::Unbounded,
+        };
+        let range: (Bound<[u8; 32]>, Bound<[u8; 32]>) = (lower, Bound::Unbounded);
+        let mut rows = Vec::with_capacity(limit.min(PAGE_PREALLOC) + 1);
+        for entry in t.range(range)?.take(limit.saturating_add(1)) {
+            let (k, v) = entry?;
+            rows.push((k.value(), db::decode::<T>(v.value())?));
+        }
+        let next = cut_page(&mut rows, limit, after.copied(), |(k, _)| *k);
+        Ok(Page { items: rows, next })
+    }
+
+    /// An account's summary from one read transaction: its state and reputation rows, without
+    /// the unreferenced credits (`unreferenced_credits` is empty).
+    fn account_in(tx: &ReadTransaction, key: &AuthorKey) -> Result<Account> {
+        let state: AuthorState = match tx.open_table(db::AUTHORS)?.get(*key.as_bytes())? {
+            Some(v) => db::decode(v.value())?,
+            None => AuthorState::default(),
+        };
+        let reputation: ReputationState =
+            match tx.open_table(db::REPUTATION)?.get(*key.as_bytes())? {
+                Some(v) => db::decode(v.value())?,
+                None => ReputationState::default(),
+            };
+        Ok(Account {
+            key: *key,
+            balance: state.balance(),
+            received: state.received,
+            received_contested: state.received_contested,
+            sent: state.sent,
+            sent_contested: state.sent_contested,
+            minted: state.minted,
+            unreferenced_credits: Vec::new(),
+            head_seq: state.head_seq,
+            head_id: state.head_id,
+            signing_key: state.key_at(key, state.head_seq + 1),
+            frozen_from: state.frozen_from,
+            reputation: reputation.score,
+        })
+    }
+
+    /// At most `limit` unreferenced credits of `key` after `after`, in EventId order, from one
+    /// read transaction: one range read of `limit + 1` rows of `uncovered`.
+    fn credits_in(
+        tx: &ReadTransaction,
+        key: &AuthorKey,
+        after: Option<&EventId>,
+        limit: usize,
+    ) -> Result<Page<EventId, EventId>> {
+        debug_assert!(limit > 0, "a page holds at least one item");
+        let table = tx.open_table(db::UNCOVERED)?;
+        let k = *key.as_bytes();
+        let lower = match after {
+            Some(credit) => Bound::Excluded((k, *credit.as_bytes())),
+            None => Bound::Included((k, [0u8; 32])),
+        };
+        let range: (Bound<PairKey>, Bound<PairKey>) = (lower, Bound::Included((k, [0xffu8; 32])));
+        let mut items = Vec::with_capacity(limit.min(PAGE_PREALLOC) + 1);
+        for entry in table.range(range)?.take(limit.saturating_add(1)) {
+            let (row, _) = entry?;
+            let (recipient, credit) = row.value();
+            debug_assert_eq!(recipient, k, "the range holds this account's credits only");
+            items.push(EventId::from_bytes(credit));
+        }
+        let next = cut_page(&mut items, limit, after.copied(), |c| *c);
+        Ok(Page { items, next })
+    }
+
+    /// An account without its unreferenced credits (`unreferenced_credits` is empty): two
+    /// point reads, however many credits the account has.
+    pub fn account_summary(&self, key: &AuthorKey) -> Result<Account> {
+        Self::account_in(&self.read()?, key)
+    }
+
+    /// An account with a page of its unreferenced credits in `unreferenced_credits` (at most
+    /// `limit` (> 0) after `after`, in EventId order), and the cursor of the next page of
+    /// credits (see [`Ledger::unreferenced_credits`]), `None` when none follow; read in one
+    /// transaction, O(limit).
+    pub fn account_page(
+        &self,
+        key: &AuthorKey,
+        after: Option<&EventId>,
+        limit: usize,
+    ) -> Result<(Account, Option<EventId>)> {
+        let tx = self.read()?;
+        let mut account = Self::account_in(&tx, key)?;
+        let credits = Self::credits_in(&tx, key, after, limit)?;
+        account.unreferenced_credits = credits.items;
+        Ok((account, credits.next))
+    }
+
+    /// A page of an account's unreferenced credits: at most `limit` (> 0) after `after`, in
+    /// EventId order. O(limit).
+    pub fn unreferenced_credits(
+        &self,
+        key: &AuthorKey,
+        after: Option<&EventId>,
+        limit: usize,
+    ) -> Result<Page<EventId, EventId>> {
+        Self::credits_in(&self.read()?, key, after, limit)
+    }
+
+    /// An account (every key has one; unknown keys have zero balances) with every one of its
+    /// unreferenced credits: O(credits). The HTTP API pages them ([`Ledger::account_page`]).
     pub fn account(&self, key: &AuthorKey) -> Result<Account> {
         let mut state: AuthorState = self
             .get_state(db::AUTHORS, key.as_bytes())?
@@ -254,6 +423,22 @@ impl Ledger {
         Ok(out)
     }
 
+    /// A page of the fork proofs, by forked log (author key): at most `limit` (> 0) after
+    /// `after`. O(limit).
+    pub fn forks_page(
+        &self,
+        after: Option<&AuthorKey>,
+        limit: usize,
+    ) -> Result<Page<ForkProof, AuthorKey>> {
+        let page =
+            self.state_page::<ForkProof>(db::FORKS, after.map(AuthorKey::as_bytes), limit)?;
+        debug_assert!(page.items.iter().all(|(k, p)| k == p.author.as_bytes()));
+        Ok(Page {
+            items: page.items.into_iter().map(|(_, p)| p).collect(),
+            next: page.next.map(AuthorKey::from_bytes),
+        })
+    }
+
     /// Checks a portable fork proof (e.g. from a peer): it verifies on its own for this
     /// network ([`ForkProof::verify`]), and its signer is the key this node's own history of
     /// the log names at that seq — a proof that leaves out a rotation (say, two events signed
@@ -295,6 +480,22 @@ impl Ledger {
         self.all_state(db::SKILLS)
     }
 
+    /// A page of the skill catalog, by `skill.publish` EventId: at most `limit` (> 0) after
+    /// `after`. O(limit).
+    pub fn skills_page(
+        &self,
+        after: Option<&EventId>,
+        limit: usize,
+    ) -> Result<Page<SkillState, EventId>> {
+        let page =
+            self.state_page::<SkillState>(db::SKILLS, after.map(EventId::as_bytes), limit)?;
+        debug_assert!(page.items.iter().all(|(k, s)| k == s.id.as_bytes()));
+        Ok(Page {
+            items: page.items.into_iter().map(|(_, s)| s).collect(),
+            next: page.next.map(EventId::from_bytes),
+        })
+    }
+
     /// Hosts of a blob (authors whose latest `blob.host` for it says pinned).
     pub fn hosts(&self, blob: &BlobHash) -> Result<Vec<AuthorKey>> {
         let tx = self.shared.db.begin_read()?;
@@ -314,6 +515,22 @@ impl Ledger {
     /// Basins.
     pub fn basins(&self) -> Result<Vec<BasinState>> {
         self.all_state(db::BASINS)
+    }
+
+    /// A page of the basins, by `basin.publish` EventId: at most `limit` (> 0) after `after`.
+    /// O(limit).
+    pub fn basins_page(
+        &self,
+        after: Option<&EventId>,
+        limit: usize,
+    ) -> Result<Page<BasinState, EventId>> {
+        let page =
+            self.state_page::<BasinState>(db::BASINS, after.map(EventId::as_bytes), limit)?;
+        debug_assert!(page.items.iter().all(|(k, b)| k == b.id.as_bytes()));
+        Ok(Page {
+            items: page.items.into_iter().map(|(_, b)| b).collect(),
+            next: page.next.map(EventId::from_bytes),
+        })
     }
 
     /// A basin by its publish event.
@@ -360,9 +577,47 @@ impl Ledger {
         Ok(out)
     }
 
+    /// A page of the reputation scores, by subject key: at most `limit` (> 0) after `after`.
+    /// O(limit).
+    pub fn reputation_page(
+        &self,
+        after: Option<&AuthorKey>,
+        limit: usize,
+    ) -> Result<Page<(AuthorKey, ReputationState), AuthorKey>> {
+        let page = self.state_page::<ReputationState>(
+            db::REPUTATION,
+            after.map(AuthorKey::as_bytes),
+            limit,
+        )?;
+        Ok(Page {
+            items: page
+                .items
+                .into_iter()
+                .map(|(k, r)| (AuthorKey::from_bytes(k), r))
+                .collect(),
+            next: page.next.map(AuthorKey::from_bytes),
+        })
+    }
+
     /// The node registry.
     pub fn nodes(&self) -> Result<Vec<NodeState>> {
         self.all_state(db::NODES)
+    }
+
+    /// A page of the node registry, by node author key: at most `limit` (> 0) after `after`.
+    /// O(limit).
+    pub fn nodes_page(
+        &self,
+        after: Option<&AuthorKey>,
+        limit: usize,
+    ) -> Result<Page<NodeState, AuthorKey>> {
+        let page =
+            self.state_page::<NodeState>(db::NODES, after.map(AuthorKey::as_bytes), limit)?;
+        debug_assert!(page.items.iter().all(|(k, n)| k == n.author.as_bytes()));
+        Ok(Page {
+            items: page.items.into_iter().map(|(_, n)| n).collect(),
+            next: page.next.map(AuthorKey::from_bytes),
+        })
     }
 
     /// The latest signed checkpoint (C2SP signed note).

@@ -829,6 +829,12 @@ async fn transparency_log_proofs_and_checkpoints() {
 async fn audit_bundles_restart_and_gc() {
     let mut net = Net::new().await;
     let (issuer, alice, bob) = (key(ISSUER), key(2), key(3));
+    // An audit of the empty log records size 0, a prefix of every later log.
+    for _ in 0..2 {
+        let empty = net.ledger.audit(None).await.expect("audit");
+        assert!(empty.ok, "{:?}", empty.findings);
+        assert_eq!(empty.n_events, 0);
+    }
     let m = net.accept(&issuer, &[], mint(&alice, 1000)).await;
     let mut last = m;
     for i in 0..20u64 {
@@ -844,6 +850,7 @@ async fn audit_bundles_restart_and_gc() {
     let again = net.ledger.audit(None).await.expect("audit");
     assert!(again.ok, "{:?}", again.findings);
     assert_eq!(again.previous_size, Some(21));
+    assert_eq!(report.previous_size, Some(0));
 
     // An offline bundle verifies without the node, and tampering is found.
     let bundle = net.dir.path().join("bundle");
@@ -1229,4 +1236,107 @@ async fn audit_finds_a_tampered_record() {
         "{:?}",
         report.findings
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_read_every_item_once_in_key_order() {
+    let mut net = Net::new().await;
+    let (issuer, alice) = (key(ISSUER), key(2));
+    for i in 0..7u8 {
+        net.accept(&issuer, &[], mint(&alice, u64::from(i) + 1))
+            .await;
+        net.accept(
+            &issuer,
+            &[],
+            Payload::ReputationDelta(ReputationDelta {
+                subject: author_of(&key(100 + i)),
+                delta: i64::from(i),
+                reason: "paging".into(),
+                evidence: None,
+            }),
+        )
+        .await;
+    }
+    let alice_key = author_of(&alice);
+    let scores = net.ledger.reputation().expect("reputation");
+    let credits = net
+        .ledger
+        .account(&alice_key)
+        .expect("account")
+        .unreferenced_credits;
+    assert_eq!((scores.len(), credits.len()), (7, 7));
+    for limit in 1..=8 {
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = net
+                .ledger
+                .reputation_page(after.as_ref(), limit)
+                .expect("page");
+            assert!(page.items.len() <= limit);
+            seen.extend(page.items.iter().cloned());
+            match page.next {
+                Some(next) => {
+                    assert_eq!(page.items.len(), limit);
+                    assert_eq!(page.items.last().map(|(k, _)| *k), Some(next));
+                    after = Some(next);
+                }
+                None => break,
+            }
+        }
+        assert_eq!(seen, scores, "limit {limit}");
+
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = net
+                .ledger
+                .unreferenced_credits(&alice_key, after.as_ref(), limit)
+                .expect("page");
+            seen.extend(page.items.iter().copied());
+            match page.next {
+                Some(next) => {
+                    assert_eq!(page.items.last(), Some(&next));
+                    after = Some(next);
+                }
+                None => break,
+            }
+        }
+        assert_eq!(seen, credits, "limit {limit}");
+    }
+    // The account's first page of credits, and the summary without them.
+    let (account, next) = net
+        .ledger
+        .account_page(&alice_key, None, 3)
+        .expect("account");
+    assert_eq!(account.unreferenced_credits, credits[..3]);
+    assert_eq!(next, Some(credits[2]));
+    let (account, next) = net
+        .ledger
+        .account_page(&alice_key, Some(&credits[2]), 1000)
+        .expect("account");
+    assert_eq!(account.unreferenced_credits, credits[3..]);
+    assert_eq!(next, None);
+    let summary = net.ledger.account_summary(&alice_key).expect("summary");
+    assert!(summary.unreferenced_credits.is_empty());
+    assert_eq!(summary.balance, 28);
+    assert_eq!(
+        summary,
+        Account {
+            unreferenced_credits: Vec::new(),
+            ..net.ledger.account(&alice_key).expect("account")
+        }
+    );
+    // Empty tables, and a cursor after every key: an empty last page.
+    let skills = net.ledger.skills_page(None, 10).expect("skills");
+    assert!(skills.items.is_empty() && skills.next.is_none());
+    let basins = net.ledger.basins_page(None, 10).expect("basins");
+    assert!(basins.items.is_empty() && basins.next.is_none());
+    let forks = net.ledger.forks_page(None, 1).expect("forks");
+    assert!(forks.items.is_empty() && forks.next.is_none());
+    let nodes = net.ledger.nodes_page(None, 1).expect("nodes");
+    assert!(nodes.items.is_empty() && nodes.next.is_none());
+    let last = AuthorKey::from_bytes([0xff; 32]);
+    let page = net.ledger.reputation_page(Some(&last), 10).expect("page");
+    assert!(page.items.is_empty() && page.next.is_none());
 }

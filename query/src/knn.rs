@@ -116,18 +116,67 @@ pub(crate) fn check(search: &Search, tables: &Tables) -> Result<&'static str> {
         ));
     }
     if let Some(filter) = &search.filter {
-        if filter.len() > 8 * 1024 {
-            return Err(bad("filter_too_large", "filter is longer than 8 KiB"));
-        }
-        // Parse it here (bounded depth) so that a broken filter is the caller's error.
-        use datafusion::sql::sqlparser::{dialect::GenericDialect, parser::Parser};
-        Parser::new(&GenericDialect {})
-            .with_recursion_limit(64)
-            .try_with_sql(filter)
-            .and_then(|mut p| p.parse_expr())
-            .map_err(|e| bad("invalid_filter", format!("filter `{filter}`: {e}")))?;
+        // Parse it here so that a broken filter is the caller's error.
+        parse_filter(filter)?;
     }
     Ok(column)
+}
+
+/// Longest search filter, in bytes.
+pub(crate) const FILTER_BYTES_MAX: usize = 8 * 1024;
+
+/// Parses a search filter (bounded depth) to its very end and checks its shape: `a = 1 b`
+/// is an error, not `a = 1`.
+fn parse_filter(text: &str) -> Result<datafusion::sql::sqlparser::ast::Expr> {
+    use datafusion::sql::sqlparser::{dialect::GenericDialect, parser::Parser, tokenizer::Token};
+    if text.len() > FILTER_BYTES_MAX {
+        return Err(bad(
+            "filter_too_large",
+            format!("filter is longer than {FILTER_BYTES_MAX} bytes"),
+        ));
+    }
+    let shown: String = text.chars().take(200).collect();
+    let invalid =
+        |e: &dyn std::fmt::Display| bad("invalid_filter", format!("filter `{shown}`: {e}"));
+    let mut parser = Parser::new(&GenericDialect {})
+        .with_recursion_limit(64)
+        .try_with_sql(text)
+        .map_err(|e| invalid(&e))?;
+    let expr = parser.parse_expr().map_err(|e| invalid(&e))?;
+    let next = parser.peek_token();
+    if next.token != Token::EOF {
+        return Err(invalid(&format!(
+            "unexpected `{}` after the expression (line {}, column {})",
+            next.token, next.span.start.line, next.span.start.column
+        )));
+    }
+    crate::guard::check_shape(&expr)?;
+    Ok(expr)
+}
+
+/// A search filter as a planned expression over `schema`, with the SQL engine's functions,
+/// each guarded ([`crate::guard`]). Run it on the query runtime (it parses recursively).
+pub(crate) fn filter_expr(text: &str, schema: &arrow_schema::Schema) -> Result<Expr> {
+    use datafusion::common::DFSchema;
+    use datafusion::sql::sqlparser::ast::ExprWithAlias;
+    let ast = parse_filter(text)?;
+    let shown: String = text.chars().take(200).collect();
+    let df_schema = DFSchema::try_from(schema.clone()).map_err(internal)?;
+    let expr = crate::sql::function_state()
+        .create_logical_expr_from_sql_expr(
+            ExprWithAlias {
+                expr: ast,
+                alias: None,
+            },
+            &df_schema,
+        )
+        .map_err(|e| {
+            bad(
+                "invalid_filter",
+                format!("filter `{shown}`: {}", e.find_root()),
+            )
+        })?;
+    crate::guard::expr(expr).map_err(internal)
 }
 
 /// Runs a search on one dataset version. Rows carry every column plus `_distance`.
@@ -505,7 +554,18 @@ pub(crate) async fn search(
     let column = check(search, tables)?;
     let index = tables.index_metric(&search.table).await;
     let use_index = index == Some(search.metric);
-    run(&dataset, column, search, None, use_index)
+    let filter = match &search.filter {
+        Some(text) => {
+            let schema = arrow_schema::Schema::from(dataset.schema());
+            Some(filter_expr(text, &schema)?)
+        }
+        None => None,
+    };
+    let planned = Search {
+        filter: None,
+        ..search.clone()
+    };
+    run(&dataset, column, &planned, filter, use_index)
         .await
         .map_err(|e| match e {
             crate::error::Error::Query { .. } => e,

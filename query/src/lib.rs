@@ -8,6 +8,7 @@
 
 mod error;
 mod export;
+mod guard;
 mod knn;
 mod materialize;
 mod rows;
@@ -129,7 +130,12 @@ impl Query {
         &self.shared.tables
     }
 
-    /// Materialization progress.
+    /// Query permits not in use (SQL and search share them).
+    pub fn idle_permits(&self) -> usize {
+        self.engine.idle_permits()
+    }
+
+    /// Progress of the materialization.
     pub fn status(&self) -> Result<QueryStatus> {
         Ok(QueryStatus {
             applied: self.shared.applied.load(Ordering::Acquire),
@@ -275,12 +281,13 @@ impl Query {
             knn::check(request, self.live_tables())?;
             return Ok(Vec::new());
         };
-        let batches = tokio::time::timeout(
-            self.engine.limits.timeout,
-            knn::search(&self.shared.tables, dataset, request),
-        )
-        .await
-        .map_err(|_| Error::Timeout(self.engine.limits.timeout.as_millis() as u64))??;
+        // Same runtime, permits, deadline and function guards as SQL.
+        let tables = self.shared.tables.clone();
+        let request_owned = request.clone();
+        let batches = self
+            .engine
+            .submit(async move { knn::search(&tables, dataset, &request_owned).await })
+            .await?;
         let answer = Answer {
             schema: batches
                 .first()

@@ -288,7 +288,17 @@ impl OwnedRuntime {
     }
 }
 
-/// The SQL engine: a dedicated runtime and a cap on concurrent queries.
+/// Stack of each query thread. Statements are bounded in shape before planning
+/// ([`crate::guard::check_shape`]), but parsing, planning and dropping a statement still
+/// recurse over its tree; this keeps every bounded statement far from the end of the stack.
+/// Only touched pages take memory.
+const QUERY_STACK_BYTES: usize = 256 << 20;
+
+/// Most bytes of result batches one query returns (more rows are cut, `truncated` is set).
+pub(crate) const RESULT_BYTES_MAX: usize = 64 << 20;
+
+/// The SQL engine: a dedicated runtime with large stacks, a cap on concurrent queries and a
+/// deadline. SQL and vector search both run here.
 pub(crate) struct Engine {
     runtime: OwnedRuntime,
     permits: Arc<tokio::sync::Semaphore>,
@@ -317,6 +327,7 @@ impl Engine {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("meshnode-query")
+            .thread_stack_size(QUERY_STACK_BYTES)
             .enable_all()
             .build()?;
         Ok(Self {
@@ -324,6 +335,42 @@ impl Engine {
             permits: Arc::new(tokio::sync::Semaphore::new(limits.concurrent_max.max(1))),
             limits,
         })
+    }
+
+    /// Runs `work` on the query runtime under a permit and the deadline. Past the deadline
+    /// the task is aborted: it stops at its next await point (DataFusion's operators yield
+    /// cooperatively; every function call is bounded by [`crate::guard`]), which drops the
+    /// permit it holds.
+    pub(crate) async fn submit<T, F>(&self, work: F) -> Result<T>
+    where
+        F: std::future::Future<Output = Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let timeout = self.limits.timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let permit = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| Error::Busy)?
+            .map_err(|_| Error::Busy)?;
+        let task = self.runtime.spawn(async move {
+            let _permit = permit;
+            work.await
+        });
+        let abort = task.abort_handle();
+        match tokio::time::timeout_at(deadline, task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) if e.is_panic() => Err(internal(format!("query task panicked: {e}"))),
+            Ok(Err(e)) => Err(internal(format!("query task failed: {e}"))),
+            Err(_) => {
+                abort.abort();
+                Err(Error::Timeout(timeout.as_millis() as u64))
+            }
+        }
+    }
+
+    /// Permits not in use (for tests and status).
+    pub(crate) fn idle_permits(&self) -> usize {
+        self.permits.available_permits()
     }
 
     /// A fresh read-only session over `snapshot`.
@@ -377,7 +424,8 @@ impl Engine {
         Ok(ctx)
     }
 
-    /// Runs one read-only query under the limits.
+    /// Runs one read-only query under the limits: shape checked before planning, every
+    /// function guarded, memory and result size capped, all of it on the query runtime.
     pub(crate) async fn run(&self, ctx: SessionContext, text: String) -> Result<Answer> {
         if text.len() > self.limits.text_bytes_max {
             return Err(bad(
@@ -392,95 +440,117 @@ impl Engine {
         if text.contains('\0') {
             return Err(bad("sql_error", "SQL text contains NUL"));
         }
-        check_read_only(&text, self.limits.depth_max)?;
-        let timeout = self.limits.timeout;
-        let permit = tokio::time::timeout(timeout, self.permits.clone().acquire_owned())
-            .await
-            .map_err(|_| Error::Busy)?
-            .map_err(|_| Error::Busy)?;
+        let depth_max = self.limits.depth_max;
         let rows_max = self.limits.rows_max;
-        let task = self.runtime.spawn(async move {
-            let _permit = permit;
+        self.submit(async move {
+            let statement = parse_read_only(&text, depth_max)?;
+            let state = ctx.state();
+            let plan = state.statement_to_plan(statement).await.map_err(classify)?;
             let options = SQLOptions::new()
                 .with_allow_ddl(false)
                 .with_allow_dml(false)
                 .with_allow_statements(false);
-            let df = ctx
-                .sql_with_options(&text, options)
-                .await
-                .map_err(classify)?;
+            options.verify_plan(&plan).map_err(classify)?;
+            let plan = crate::guard::plan(plan).map_err(classify)?;
+            let df = ctx.execute_logical_plan(plan).await.map_err(classify)?;
             let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
             let df = df.limit(0, Some(rows_max + 1)).map_err(classify)?;
-            let mut batches = df.collect().await.map_err(classify)?;
-            let mut n = 0usize;
-            let mut truncated = false;
-            let mut kept = Vec::new();
-            for batch in batches.drain(..) {
-                if n + batch.num_rows() > rows_max {
-                    let take = rows_max - n;
-                    if take > 0 {
-                        kept.push(batch.slice(0, take));
-                    }
-                    truncated = true;
-                    break;
-                }
-                n += batch.num_rows();
-                kept.push(batch);
-            }
-            Ok::<_, Error>(Answer {
-                schema,
-                batches: kept,
-                truncated,
-            })
-        });
-        let abort = task.abort_handle();
-        match tokio::time::timeout(timeout, task).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(e)) => Err(internal(format!("query task failed: {e}"))),
-            Err(_) => {
-                abort.abort();
-                Err(Error::Timeout(timeout.as_millis() as u64))
-            }
-        }
+            let stream = df.execute_stream().await.map_err(classify)?;
+            collect_bounded(schema, stream, rows_max).await
+        })
+        .await
     }
 }
 
-/// Parses the text (with the recursion limit) and accepts exactly one query statement
-/// (`SELECT`, `WITH`, `VALUES`, or `EXPLAIN` of one).
-fn check_read_only(text: &str, depth_max: usize) -> Result<()> {
+/// Collects at most `rows_max` rows and [`RESULT_BYTES_MAX`] bytes of a result stream.
+async fn collect_bounded(
+    schema: SchemaRef,
+    mut stream: datafusion::physical_plan::SendableRecordBatchStream,
+    rows_max: usize,
+) -> Result<Answer> {
+    use futures::StreamExt;
+    let mut n = 0usize;
+    let mut bytes = 0usize;
+    let mut truncated = false;
+    let mut kept = Vec::new();
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(classify)?;
+        let size = batch.get_array_memory_size();
+        if n + batch.num_rows() > rows_max || bytes + size > RESULT_BYTES_MAX {
+            let take = (rows_max - n).min(batch.num_rows());
+            // Keep whole rows up to the byte cap: rows of one batch share its buffers, so
+            // count them proportionally.
+            let per_row = size / batch.num_rows().max(1);
+            let fit = (RESULT_BYTES_MAX.saturating_sub(bytes) / per_row.max(1)).min(take);
+            if fit > 0 {
+                kept.push(batch.slice(0, fit));
+            }
+            truncated = true;
+            break;
+        }
+        n += batch.num_rows();
+        bytes += size;
+        kept.push(batch);
+    }
+    Ok(Answer {
+        schema,
+        batches: kept,
+        truncated,
+    })
+}
+
+/// A session state with the SQL engine's functions and nothing else (for planning search
+/// filters).
+pub(crate) fn function_state() -> datafusion::execution::SessionState {
+    SessionStateBuilder::new()
+        .with_scalar_functions(SessionStateDefaults::default_scalar_functions())
+        .with_aggregate_functions(SessionStateDefaults::default_aggregate_functions())
+        .with_window_functions(SessionStateDefaults::default_window_functions())
+        .with_expr_planners(SessionStateDefaults::default_expr_planners())
+        .build()
+}
+
+/// Parses the text (with the recursion limit), accepts exactly one query statement
+/// (`SELECT`, `WITH`, `VALUES`, or `EXPLAIN` of one, never `EXPLAIN ANALYZE`, which runs the
+/// query) and checks its shape.
+fn parse_read_only(text: &str, depth_max: usize) -> Result<datafusion::sql::parser::Statement> {
     use datafusion::sql::parser::{DFParserBuilder, Statement as DfStatement};
     use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
     let mut parser = DFParserBuilder::new(text)
         .with_recursion_limit(depth_max)
         .build()
         .map_err(classify)?;
-    let statements = parser.parse_statements().map_err(classify)?;
+    let mut statements = parser.parse_statements().map_err(classify)?;
     if statements.len() != 1 {
         return Err(bad(
             "sql_error",
             format!("expected exactly one statement, got {}", statements.len()),
         ));
     }
+    let statement = statements.pop_front().expect("invariant: one statement");
     let is_query = |s: &SqlStatement| matches!(s, SqlStatement::Query(_));
-    let ok = match &statements[0] {
+    let query: Option<&SqlStatement> = match &statement {
         DfStatement::Statement(s) => match s.as_ref() {
             SqlStatement::Explain {
                 statement, analyze, ..
-            } => !*analyze && is_query(statement),
-            other => is_query(other),
+            } if !*analyze && is_query(statement) => Some(statement.as_ref()),
+            other if is_query(other) => Some(other),
+            _ => None,
         },
-        DfStatement::Explain(e) => {
-            matches!(e.statement.as_ref(), DfStatement::Statement(s) if is_query(s))
-        }
-        _ => false,
+        DfStatement::Explain(e) if !e.analyze => match e.statement.as_ref() {
+            DfStatement::Statement(s) if is_query(s) => Some(s.as_ref()),
+            _ => None,
+        },
+        _ => None,
     };
-    if !ok {
+    let Some(query) = query else {
         return Err(bad(
             "read_only",
-            "only read-only queries (SELECT, WITH, VALUES, EXPLAIN) are allowed",
+            "only read-only queries (SELECT, WITH, VALUES, EXPLAIN without ANALYZE) are allowed",
         ));
-    }
-    Ok(())
+    };
+    crate::guard::check_shape(query)?;
+    Ok(statement)
 }
 
 /// Maps DataFusion errors: planning and SQL problems are the user's; resource limits get

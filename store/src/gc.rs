@@ -2,18 +2,27 @@
 //!
 //! iroh-blobs runs GC in a loop and asks a "protect" callback for extra live hashes before
 //! each run. We make that callback the scheduler: it waits for a timer or an explicit
-//! request, then takes the GC write lock (so no writer is between "bytes stored" and "root
-//! recorded" while marking), collects roots from every registered [`GcRoots`] hook, and drops
-//! quarantined hashes. The next invocation marks the end of the previous run.
+//! request, collects roots from every registered [`GcRoots`] hook, and drops quarantined
+//! hashes. The next invocation marks the end of the previous run.
+//!
+//! No lock is shared with writers. A blob being written is protected by iroh-blobs itself
+//! (its temp tag, and its "written since the last mark" set); a writer that recorded the
+//! blob's root *retires* its temp tag into the [`Window`] instead of dropping it, and the
+//! window keeps it until the pass that might have missed the root has finished. So an upload
+//! that takes an hour never delays a GC, and a GC never delays a write for longer than the
+//! roots take to record (the snapshot mutex, held only by passes). GC waits, once, for every
+//! root hook to be registered ([`GcShared::arm`]): a pass at start-up (say, the purge of a
+//! corrupt blob found by the recovery scrub) must not run before the ledger's roots exist.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use iroh_blobs::Hash;
+use iroh_blobs::api::TempTag;
 use iroh_blobs::store::{GcConfig, ProtectOutcome};
 use meshnode_schemas::BlobHash;
-use tokio::sync::{OwnedRwLockWriteGuard, RwLock, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
 
@@ -33,23 +42,59 @@ pub trait GcRoots: Send + Sync + 'static {
 
 type Waiter = oneshot::Sender<std::result::Result<(), String>>;
 
+/// How garbage collection has fared since the store opened.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GcHealth {
+    /// Finished runs (iroh-blobs' sweep and the small-blob sweep each count).
+    pub runs: u64,
+    /// Failed runs.
+    pub failures: u64,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+    /// Whether iroh-blobs' collector stopped after an error (it does not restart itself;
+    /// explicit and scheduled runs then fail until the node restarts).
+    pub stopped: bool,
+}
+
+/// Protection of blobs whose roots are recorded while a GC pass runs.
+///
+/// A pass records roots once (under [`GcShared::snapshot`]) and deletes later. A blob whose
+/// root is recorded after that snapshot is invisible to the pass, so the writer's hold on
+/// it must outlast the pass: writers *retire* their temp tags (and small-blob hashes) here
+/// instead of dropping them, and the window keeps them until every open pass finished.
+/// Writers never wait for a pass; a pass never waits for a writer.
+#[derive(Default)]
+struct Window {
+    /// Passes that recorded roots and have not finished deleting.
+    open: usize,
+    /// Temp tags retired while a pass was open.
+    tags: Vec<TempTag>,
+    /// Small blobs retired while a pass was open.
+    small: HashSet<BlobHash>,
+    /// Small blobs being written (stored, root not yet recorded), with a count of writers.
+    small_in_flight: HashMap<BlobHash, usize>,
+}
+
 pub(crate) struct GcShared {
-    /// Writers hold this shared between storing bytes and recording what keeps them alive.
-    pub(crate) lock: Arc<RwLock<()>>,
     hooks: Mutex<Vec<Arc<dyn GcRoots>>>,
     /// Hashes that must be deleted on the next run even if something references them, with
     /// whether they were pinned (their pin tag is away while the purge runs).
     pub(crate) quarantined: Mutex<HashMap<BlobHash, bool>>,
     requests_tx: mpsc::Sender<Waiter>,
     requests_rx: tokio::sync::Mutex<mpsc::Receiver<Waiter>>,
-    running: tokio::sync::Mutex<Running>,
+    /// Waiters of the iroh-blobs pass in progress, answered when it ends.
+    running: Mutex<Option<Vec<Waiter>>>,
+    /// Serializes root snapshots and the small-blob sweep. Writers never take it.
+    snapshot: tokio::sync::Mutex<()>,
+    window: Mutex<Window>,
+    /// GC waits until every root hook is registered ([`GcShared::arm`]).
+    armed: tokio::sync::watch::Sender<bool>,
+    health: Mutex<GcHealth>,
+    /// The store is shutting down (the collector's end is not a failure).
+    pub(crate) closing: std::sync::atomic::AtomicBool,
+    /// Bumped after every pass that may have deleted something (caches forget on change).
+    generation: std::sync::atomic::AtomicU64,
     interval: Duration,
-}
-
-#[derive(Default)]
-struct Running {
-    guard: Option<OwnedRwLockWriteGuard<()>>,
-    waiters: Vec<Waiter>,
 }
 
 impl std::fmt::Debug for GcShared {
@@ -60,47 +105,172 @@ impl std::fmt::Debug for GcShared {
     }
 }
 
+/// Closes a window pass when dropped (every path out of a pass, errors included).
+pub(crate) struct Pass<'a>(&'a GcShared);
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// Lives inside iroh-blobs' GC configuration: dropped when its collector loop ends, which
+/// it only does after an error.
+struct LoopAlive(Arc<GcShared>);
+
+impl Drop for LoopAlive {
+    fn drop(&mut self) {
+        let shared = &self.0;
+        let waiters = lock(&shared.running).take();
+        if waiters.is_some() {
+            shared.close();
+        }
+        if shared.closing.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let message = "the blob collector stopped after an error (see the node log); \
+                       restart the node to resume garbage collection";
+        {
+            let mut health = lock(&shared.health);
+            health.failures += 1;
+            health.stopped = true;
+            health.last_error = Some(message.into());
+        }
+        for waiter in waiters.into_iter().flatten() {
+            let _ = waiter.send(Err(message.into()));
+        }
+        tracing::error!("{message}");
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().expect("invariant: GC locks are never poisoned")
+}
+
 impl GcShared {
-    pub(crate) fn new(interval: Duration) -> Arc<Self> {
+    pub(crate) fn new(interval: Duration, armed: bool) -> Arc<Self> {
         let (requests_tx, requests_rx) = mpsc::channel(GC_REQUESTS_MAX);
         Arc::new(Self {
-            lock: Arc::new(RwLock::new(())),
             hooks: Mutex::new(Vec::new()),
             quarantined: Mutex::new(HashMap::new()),
             requests_tx,
             requests_rx: tokio::sync::Mutex::new(requests_rx),
-            running: tokio::sync::Mutex::new(Running::default()),
+            running: Mutex::new(None),
+            snapshot: tokio::sync::Mutex::new(()),
+            window: Mutex::new(Window::default()),
+            armed: tokio::sync::watch::Sender::new(armed),
+            health: Mutex::new(GcHealth::default()),
+            closing: std::sync::atomic::AtomicBool::new(false),
+            generation: std::sync::atomic::AtomicU64::new(0),
             interval,
         })
     }
 
     pub(crate) fn add_hook(&self, hook: Arc<dyn GcRoots>) {
-        self.hooks
-            .lock()
-            .expect("invariant: hook list lock is never poisoned")
-            .push(hook);
+        lock(&self.hooks).push(hook);
+    }
+
+    /// Lets GC run: every root hook is registered.
+    pub(crate) fn arm(&self) {
+        self.armed.send_replace(true);
+    }
+
+    async fn wait_armed(&self) {
+        let mut armed = self.armed.subscribe();
+        // The sender lives in `self`, so this only ends when armed.
+        let _ = armed.wait_for(|a| *a).await;
+    }
+
+    pub(crate) fn health(&self) -> GcHealth {
+        lock(&self.health).clone()
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn finished(&self, result: &std::result::Result<(), String>) {
+        let mut health = lock(&self.health);
+        match result {
+            Ok(()) => health.runs += 1,
+            Err(e) => {
+                health.failures += 1;
+                health.last_error = Some(e.clone());
+            }
+        }
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Opens a pass: from here until it is dropped, retired holds are kept.
+    pub(crate) fn open(&self) -> Pass<'_> {
+        lock(&self.window).open += 1;
+        Pass(self)
+    }
+
+    fn close(&self) {
+        let mut window = lock(&self.window);
+        debug_assert!(window.open > 0, "a GC pass closed that was never opened");
+        window.open = window.open.saturating_sub(1);
+        if window.open == 0 {
+            window.tags.clear();
+            window.small.clear();
+        }
+    }
+
+    /// A writer is done with `tag`: its root is recorded (or it is not meant to live).
+    pub(crate) fn retire(&self, tag: TempTag) {
+        let quarantined =
+            lock(&self.quarantined).contains_key(&BlobHash::from_bytes(*tag.hash().as_bytes()));
+        let mut window = lock(&self.window);
+        if window.open > 0 && !quarantined {
+            window.tags.push(tag);
+        }
+    }
+
+    /// A writer stored a small blob whose root is not recorded yet.
+    pub(crate) fn small_begin(&self, hash: BlobHash) {
+        *lock(&self.window).small_in_flight.entry(hash).or_insert(0) += 1;
+    }
+
+    /// The writer of a small blob is done with it.
+    pub(crate) fn small_end(&self, hash: BlobHash) {
+        let mut window = lock(&self.window);
+        if let std::collections::hash_map::Entry::Occupied(mut e) =
+            window.small_in_flight.entry(hash)
+        {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+        if window.open > 0 {
+            window.small.insert(hash);
+        }
+    }
+
+    /// Whether a small blob is being written or was retired during an open pass.
+    pub(crate) fn small_held(&self, hash: &BlobHash) -> bool {
+        let window = lock(&self.window);
+        window.small_in_flight.contains_key(hash) || window.small.contains(hash)
     }
 
     /// The iroh-blobs GC configuration whose callback drives our schedule.
     pub(crate) fn config(self: &Arc<Self>) -> GcConfig {
-        let shared = self.clone();
+        let alive = Arc::new(LoopAlive(self.clone()));
         GcConfig {
             // The callback itself waits for the schedule; this only spaces the runs.
             interval: Duration::from_millis(1),
             add_protected: Some(Arc::new(move |live| {
-                let shared = shared.clone();
+                let shared = alive.0.clone();
                 Box::pin(async move { shared.before_run(live).await })
             })),
         }
     }
 
-    /// The roots every hook reports now (for the small-blob sweep).
-    pub(crate) async fn roots(&self) -> std::result::Result<HashSet<BlobHash>, String> {
-        let hooks: Vec<Arc<dyn GcRoots>> = self
-            .hooks
-            .lock()
-            .expect("invariant: hook list lock is never poisoned")
-            .clone();
+    /// The roots every hook reports now.
+    async fn roots(&self) -> std::result::Result<HashSet<BlobHash>, String> {
+        let hooks: Vec<Arc<dyn GcRoots>> = lock(&self.hooks).clone();
         tokio::task::spawn_blocking(move || {
             let mut roots = HashSet::new();
             for hook in hooks {
@@ -112,8 +282,28 @@ impl GcShared {
         .map_err(|e| e.to_string())?
     }
 
+    /// Runs `sweep` (the small-blob table's) with the roots recorded now; the pass stays
+    /// open (retired holds kept) until it returns.
+    pub(crate) async fn small_pass<T>(
+        &self,
+        sweep: impl FnOnce(HashSet<BlobHash>, &Self) -> Result<T>,
+    ) -> Result<T> {
+        self.wait_armed().await;
+        let snapshot = self.snapshot.lock().await;
+        let pass = self.open();
+        let roots = self.roots().await.map_err(Error::Gc);
+        drop(snapshot);
+        let result = roots.and_then(|roots| sweep(roots, self));
+        drop(pass);
+        self.finished(&result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        result
+    }
+
     /// Requests a GC run and waits until it finished.
     pub(crate) async fn run_now(&self) -> Result<()> {
+        if let Some(e) = self.health().last_error.filter(|_| self.health().stopped) {
+            return Err(Error::Gc(e));
+        }
         let (tx, rx) = oneshot::channel();
         self.requests_tx
             .send(tx)
@@ -129,14 +319,14 @@ impl GcShared {
     }
 
     async fn before_run(&self, live: &mut HashSet<Hash>) -> ProtectOutcome {
-        let mut running = self.running.lock().await;
-        // Reaching here again means the previous run (if any) finished its sweep.
-        running.guard = None;
-        for waiter in running.waiters.drain(..) {
-            let _ = waiter.send(Ok(()));
+        // Reaching here again means the previous pass (if any) finished its sweep.
+        if let Some(waiters) = lock(&self.running).take() {
+            self.close();
+            self.finished(&Ok(()));
+            for waiter in waiters {
+                let _ = waiter.send(Ok(()));
+            }
         }
-        drop(running);
-
         let mut waiters = Vec::new();
         {
             let mut requests = self.requests_rx.lock().await;
@@ -154,48 +344,34 @@ impl GcShared {
                 waiters.push(waiter);
             }
         }
-
-        let guard = self.lock.clone().write_owned().await;
-        let hooks: Vec<Arc<dyn GcRoots>> = self
-            .hooks
-            .lock()
-            .expect("invariant: hook list lock is never poisoned")
-            .clone();
-        let roots = tokio::task::spawn_blocking(move || {
-            let mut roots = HashSet::new();
-            for hook in hooks {
-                hook.add_roots(&mut roots)?;
-            }
-            Ok::<_, String>(roots)
-        })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r);
+        self.wait_armed().await;
+        let snapshot = self.snapshot.lock().await;
+        let pass = self.open();
+        let roots = self.roots().await;
+        drop(snapshot);
         let roots = match roots {
             Ok(roots) => roots,
             Err(e) => {
                 tracing::warn!("gc run aborted: a root hook failed: {e}");
+                let error = format!("a root hook failed: {e}");
+                drop(pass);
+                self.finished(&Err(error.clone()));
                 for waiter in waiters {
-                    let _ = waiter.send(Err(format!("a root hook failed: {e}")));
+                    let _ = waiter.send(Err(error.clone()));
                 }
-                drop(guard);
                 return ProtectOutcome::Abort;
             }
         };
-        let quarantined = self
-            .quarantined
-            .lock()
-            .expect("invariant: quarantine lock is never poisoned")
-            .clone();
+        let quarantined = lock(&self.quarantined).clone();
         live.extend(
             roots
                 .into_iter()
                 .filter(|h| !quarantined.contains_key(h))
                 .map(|h| Hash::from_bytes(*h.as_bytes())),
         );
-        let mut running = self.running.lock().await;
-        running.guard = Some(guard);
-        running.waiters = waiters;
+        // The pass stays open until iroh-blobs calls back again (or its loop ends).
+        std::mem::forget(pass);
+        *lock(&self.running) = Some(waiters);
         ProtectOutcome::Continue
     }
 }

@@ -13,7 +13,7 @@ mod small;
 mod store;
 
 pub use error::{Error, Result};
-pub use gc::GcRoots;
+pub use gc::{GcHealth, GcRoots};
 pub use store::{
     AddPhase, Added, BlobRead, BlobStat, ByteStream, GET_BYTES_MAX_DEFAULT, GcReport, PinMode,
     ScrubReport, Store, StoreConfig, Writer, coalesce, collect,

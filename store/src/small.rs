@@ -216,23 +216,23 @@ impl SmallBlobs {
     }
 
     pub(crate) fn remove(&self, hash: &BlobHash) -> Result<()> {
-        self.remove_many(std::slice::from_ref(hash)).map(|_| ())
+        self.remove_many(std::slice::from_ref(hash), |_| false)
+            .map(|_| ())
     }
 
     /// Deletes every blob not in `live`; returns how many.
-    pub(crate) fn sweep(&self, live: &HashSet<BlobHash>) -> Result<u64> {
-        let dead: Vec<BlobHash> = self
-            .list()?
-            .into_iter()
-            .filter(|h| !live.contains(h))
-            .collect();
-        self.remove_many(&dead)
+    /// Removes every blob for which `keep` is false. `keep` is asked again while writes are
+    /// held off, so a blob that became protected while the table was listed survives.
+    pub(crate) fn sweep(&self, keep: impl Fn(&BlobHash) -> bool) -> Result<u64> {
+        let dead: Vec<BlobHash> = self.list()?.into_iter().filter(|h| !keep(h)).collect();
+        self.remove_many(&dead, keep)
     }
 
-    fn remove_many(&self, hashes: &[BlobHash]) -> Result<u64> {
+    fn remove_many(&self, hashes: &[BlobHash], keep: impl Fn(&BlobHash) -> bool) -> Result<u64> {
         let _next = self.next.lock().expect("invariant: lock is never poisoned");
         let seqs: Vec<(BlobHash, u64)> = hashes
             .iter()
+            .filter(|h| !keep(h))
             .filter_map(|h| self.seq(h).map(|s| (*h, s)))
             .collect();
         if seqs.is_empty() {
@@ -294,7 +294,7 @@ mod tests {
         small.put_many(&[blob(1000)]).expect("put");
         assert!(small.contains(&blob(1000).0).expect("contains"));
         let live: HashSet<BlobHash> = items[..10].iter().map(|(h, _)| *h).collect();
-        assert_eq!(small.sweep(&live).expect("sweep"), 91);
+        assert_eq!(small.sweep(|h| live.contains(h)).expect("sweep"), 91);
         assert_eq!(small.list().expect("list").len(), 9);
     }
 

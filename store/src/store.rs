@@ -22,7 +22,7 @@ use meshnode_schemas::BlobHash;
 
 use crate::barrier::Barrier;
 use crate::error::{Error, Result, backend};
-use crate::gc::{GcRoots, GcShared};
+use crate::gc::{GcHealth, GcRoots, GcShared};
 use crate::quarantine::Journal;
 use crate::small::{SMALL_BYTES_MAX, SmallBlobs};
 
@@ -50,12 +50,17 @@ pub const GET_BYTES_MAX_DEFAULT: u64 = 64 * 1024 * 1024;
 pub struct StoreConfig {
     /// Time between scheduled GC runs. Default: 10 minutes.
     pub gc_interval: Duration,
+    /// GC waits for [`Store::enable_gc`], called once every [`GcRoots`] hook is registered
+    /// (a node sets this: nothing may be collected before the ledger's roots are known).
+    /// Default: false (GC may run at once).
+    pub gc_waits_for_roots: bool,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             gc_interval: Duration::from_secs(600),
+            gc_waits_for_roots: false,
         }
     }
 }
@@ -175,7 +180,7 @@ impl Store {
         let running_marker = root.join("RUNNING");
         let unclean = running_marker.exists();
 
-        let gc = GcShared::new(config.gc_interval);
+        let gc = GcShared::new(config.gc_interval, !config.gc_waits_for_roots);
         let mut options = Options::new(root);
         options.gc = Some(gc.config());
         let paths = options.path.clone();
@@ -239,6 +244,10 @@ impl Store {
 
     /// Flushes everything and closes the metadata database; marks the shutdown clean.
     pub async fn shutdown(&self) -> Result<()> {
+        self.inner
+            .gc
+            .closing
+            .store(true, std::sync::atomic::Ordering::Release);
         self.inner.fs.sync_db().await.map_err(backend)?;
         self.inner.fs.shutdown().await.map_err(backend)?;
         std::fs::remove_file(self.inner.root.join("RUNNING")).ok();
@@ -255,6 +264,22 @@ impl Store {
     /// are not durable until [`Store::make_durable`] ran for them.
     pub fn iroh(&self) -> &FsStore {
         &self.inner.fs
+    }
+
+    /// Lets GC run (see [`StoreConfig::gc_waits_for_roots`]).
+    pub fn enable_gc(&self) {
+        self.inner.gc.arm();
+    }
+
+    /// How garbage collection has fared since the store opened.
+    pub fn gc_health(&self) -> GcHealth {
+        self.inner.gc.health()
+    }
+
+    /// A number that changes after every GC pass that may have deleted blobs: a cache of
+    /// blob bytes must forget everything when it changes.
+    pub fn gc_generation(&self) -> u64 {
+        self.inner.gc.generation()
     }
 
     /// The directory of the store.
@@ -294,7 +319,6 @@ impl Store {
         let data: Bytes = data.into();
         let expected = BlobHash::of(&data);
         self.wait_quarantine(&expected).await?;
-        let _writer = self.inner.gc.lock.clone().read_owned().await;
         let size = data.len() as u64;
         let tag = self
             .inner
@@ -306,7 +330,7 @@ impl Store {
             .map_err(backend)?;
         let hash = from_iroh(&tag.hash());
         self.finish_add(hash, size, pin).await?;
-        drop(tag);
+        self.inner.gc.retire(tag);
         Ok(Added { hash, size })
     }
 
@@ -316,7 +340,8 @@ impl Store {
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send + Sync + Unpin + 'static,
     {
-        let _writer = self.inner.gc.lock.clone().read_owned().await;
+        // No GC lock: the bytes in progress are iroh-blobs' own (not yet a blob), and the
+        // finished blob is held by its temp tag until the pin is recorded.
         let seen = Arc::new(AtomicU64::new(0));
         let counter = seen.clone();
         let capped = stream.map(move |item| {
@@ -345,7 +370,7 @@ impl Store {
         let hash = from_iroh(&tag.hash());
         let size = seen.load(Ordering::Relaxed);
         self.finish_add(hash, size, pin).await?;
-        drop(tag);
+        self.inner.gc.retire(tag);
         Ok(Added { hash, size })
     }
 
@@ -357,7 +382,6 @@ impl Store {
         pin: PinMode,
         progress: impl Fn(AddPhase, u64) + Send,
     ) -> Result<Added> {
-        let _writer = self.inner.gc.lock.clone().read_owned().await;
         let path = std::path::absolute(path)?;
         let mut stream = self
             .inner
@@ -389,7 +413,7 @@ impl Store {
         let hash = from_iroh(&tag.hash());
         progress(AddPhase::Sync, size);
         self.finish_add(hash, size, pin).await?;
-        drop(tag);
+        self.inner.gc.retire(tag);
         Ok(Added { hash, size })
     }
 
@@ -438,16 +462,17 @@ impl Store {
             .contains_key(hash)
     }
 
-    /// Starts a group of writes that become durable together with [`Writer::commit`]. While
-    /// the writer lives, GC waits, so the caller can add blobs and then record what keeps
-    /// them alive (e.g. commit a ledger index) before GC can look at them.
+    /// Starts a group of writes that become durable together with [`Writer::commit`]. Its
+    /// blobs are protected from GC while the writer lives and until every GC pass that
+    /// started meanwhile has finished, so the caller can add blobs, record what keeps them
+    /// alive (e.g. commit a ledger index), then drop the writer. GC never waits for it.
     pub async fn writer(&self) -> Writer {
-        let guard = self.inner.gc.lock.clone().read_owned().await;
         Writer {
             store: self.clone(),
             files: Vec::new(),
             small: Vec::new(),
-            _guard: guard,
+            tags: Vec::new(),
+            small_held: Vec::new(),
         }
     }
 
@@ -665,12 +690,14 @@ impl Store {
 
     /// Deletes small blobs that nothing pins or references (GC of the small-blob table).
     pub async fn sweep_small(&self) -> Result<u64> {
-        let _exclusive = self.inner.gc.lock.clone().write_owned().await;
-        let mut live: HashSet<BlobHash> = self.inner.gc.roots().await.map_err(Error::Gc)?;
-        live.extend(self.pins().await?);
+        let pins: HashSet<BlobHash> = self.pins().await?.into_iter().collect();
         let small = &self.inner.small;
-        let removed = small.sweep(&live)?;
-        Ok(removed)
+        self.inner
+            .gc
+            .small_pass(|roots, gc| {
+                small.sweep(|h| roots.contains(h) || pins.contains(h) || gc.small_held(h))
+            })
+            .await
     }
 
     /// Reads a whole blob into memory, verified. Refuses blobs larger than `limit_bytes`.
@@ -955,6 +982,100 @@ impl Store {
         Ok(out.into_iter().collect())
     }
 
+    /// A page of the pins in hash order: at most `limit` (> 0) hashes strictly after `after`,
+    /// and the hash to continue after (`None` when this page is the last). A pin lifted for
+    /// the moment its corrupt blob is purged counts, as in [`Store::pins`].
+    ///
+    /// iroh-blobs answers a tag listing with its whole range at once, so this lists windows of
+    /// the hash space (by the 64-bit prefix of the hash, which the tag names sort by) that
+    /// double in width from 1/65536 of the space until they hold more than `limit` pins:
+    /// hashes are uniform, so a page reads about O(limit) tags in at most 17 listings,
+    /// whatever the number of pins.
+    pub async fn pins_page(
+        &self,
+        after: Option<BlobHash>,
+        limit: usize,
+    ) -> Result<(Vec<BlobHash>, Option<BlobHash>)> {
+        use std::ops::Bound;
+        /// Width of the first window in the space of 64-bit hash prefixes.
+        const FIRST_WINDOW: u64 = 1 << 48;
+        debug_assert!(limit > 0, "a page holds at least one pin");
+        let prefix_of = |hash: &BlobHash| -> u64 {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&hash.as_bytes()[..8]);
+            u64::from_be_bytes(bytes)
+        };
+        // Tag names are `pin/` and 64 lowercase hex digits, so they sort as the hashes do, and
+        // `pin/` with 16 hex digits is the first name of the hashes with that prefix.
+        let window_tag = |prefix: u64| format!("{PIN_PREFIX}{prefix:016x}").into_bytes();
+        // The first name after every `pin/…` name.
+        let mut names_end = PIN_PREFIX.as_bytes().to_vec();
+        if let Some(last) = names_end.last_mut() {
+            *last += 1;
+        }
+        let mut from: Bound<Vec<u8>> = match &after {
+            Some(hash) => Bound::Excluded(pin_tag(hash).into_bytes()),
+            None => Bound::Included(PIN_PREFIX.as_bytes().to_vec()),
+        };
+        let mut start = after.as_ref().map_or(0, prefix_of);
+        let mut width = FIRST_WINDOW;
+        let mut found = std::collections::BTreeSet::new();
+        // The (exclusive) prefix up to which the space after `after` is listed; `None`: all.
+        let listed_to = loop {
+            let end = start.checked_add(width);
+            let to = match end {
+                Some(end) => window_tag(end),
+                None => names_end.clone(),
+            };
+            let mut stream = self
+                .inner
+                .fs
+                .tags()
+                .list_range((from, Bound::Excluded(to)))
+                .await
+                .map_err(backend)?;
+            while let Some(tag) = stream.next().await {
+                let tag = tag.map_err(backend)?;
+                found.insert(from_iroh(&tag.hash));
+            }
+            match end {
+                Some(end) if found.len() <= limit => {
+                    from = Bound::Included(window_tag(end));
+                    start = end;
+                    width = width.saturating_mul(2);
+                }
+                _ => break end,
+            }
+        };
+        // A pin is lifted for the moment its corrupt blob is purged; it is still a pin.
+        found.extend(
+            self.inner
+                .gc
+                .quarantined
+                .lock()
+                .expect("invariant: quarantine lock is never poisoned")
+                .iter()
+                .filter(|(hash, pinned)| {
+                    **pinned
+                        && after.is_none_or(|a| **hash > a)
+                        && listed_to.is_none_or(|end| prefix_of(hash) < end)
+                })
+                .map(|(hash, _)| *hash),
+        );
+        let mut pins: Vec<BlobHash> = found.into_iter().collect();
+        debug_assert!(
+            after.is_none_or(|a| pins.first().is_none_or(|first| *first > a)),
+            "pins are strictly after the cursor"
+        );
+        let next = if pins.len() > limit {
+            pins.truncate(limit);
+            pins.last().copied()
+        } else {
+            None
+        };
+        Ok((pins, next))
+    }
+
     /// Runs garbage collection now and waits for it: deletes every blob that is not pinned,
     /// not a root of a registered [`GcRoots`] hook and not being written.
     pub async fn gc(&self) -> Result<GcReport> {
@@ -969,12 +1090,28 @@ impl Store {
     }
 }
 
-/// A group of blob writes made durable together; holds off GC while it lives.
+/// A group of blob writes made durable together; protects its blobs from GC while it lives
+/// (and, after, until the GC passes that started meanwhile have finished).
 pub struct Writer {
     store: Store,
     files: Vec<PathBuf>,
     small: Vec<(BlobHash, Bytes)>,
-    _guard: tokio::sync::OwnedRwLockReadGuard<()>,
+    /// Temp tags of the blobs added to iroh-blobs, retired on drop.
+    tags: Vec<iroh_blobs::api::TempTag>,
+    /// Small blobs registered as being written, released on drop.
+    small_held: Vec<BlobHash>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let gc = &self.store.inner.gc;
+        for tag in self.tags.drain(..) {
+            gc.retire(tag);
+        }
+        for hash in self.small_held.drain(..) {
+            gc.small_end(hash);
+        }
+    }
 }
 
 impl std::fmt::Debug for Writer {
@@ -1007,8 +1144,7 @@ impl Writer {
         if size > INLINE_BYTES_MAX {
             self.files.extend(self.store.data_files(&hash));
         }
-        // The GC lock held by this writer protects the blob until the caller dropped it.
-        drop(tag);
+        self.tags.push(tag);
         Ok(Added { hash, size })
     }
 
@@ -1027,38 +1163,40 @@ impl Writer {
                     hash,
                     size: data.len() as u64,
                 });
+                self.store.inner.gc.small_begin(hash);
+                self.small_held.push(hash);
                 self.small.push((hash, data));
             }
             return Ok(out);
         }
         let store = self.store.clone();
-        let results: Vec<Result<Added>> = futures::stream::iter(items.into_iter().map(|data| {
-            let store = store.clone();
-            async move {
-                let size = data.len() as u64;
-                let tag = store
-                    .inner
-                    .fs
-                    .blobs()
-                    .add_bytes(data)
-                    .temp_tag()
-                    .await
-                    .map_err(backend)?;
-                let hash = from_iroh(&tag.hash());
-                if store.is_quarantined(&hash) {
-                    return Err(Error::Quarantined(hash));
+        let results: Vec<Result<(Added, iroh_blobs::api::TempTag)>> =
+            futures::stream::iter(items.into_iter().map(|data| {
+                let store = store.clone();
+                async move {
+                    let size = data.len() as u64;
+                    let tag = store
+                        .inner
+                        .fs
+                        .blobs()
+                        .add_bytes(data)
+                        .temp_tag()
+                        .await
+                        .map_err(backend)?;
+                    let hash = from_iroh(&tag.hash());
+                    if store.is_quarantined(&hash) {
+                        return Err(Error::Quarantined(hash));
+                    }
+                    Ok((Added { hash, size }, tag))
                 }
-                // The GC lock held by this writer protects the blob from here on.
-                drop(tag);
-                Ok(Added { hash, size })
-            }
-        }))
-        .buffered(concurrency.max(1))
-        .collect()
-        .await;
+            }))
+            .buffered(concurrency.max(1))
+            .collect()
+            .await;
         let mut out = Vec::with_capacity(results.len());
         for result in results {
-            let added = result?;
+            let (added, tag) = result?;
+            self.tags.push(tag);
             if added.size > INLINE_BYTES_MAX {
                 self.files.extend(self.store.data_files(&added.hash));
             }

@@ -437,3 +437,185 @@ async fn grouped_small_blobs_are_durable_verified_and_collected() {
     assert!(!store.has(&hashes[0]).await.expect("has"));
     assert!(store.get_bytes(&hashes[1], u64::MAX).await.is_ok());
 }
+
+#[tokio::test]
+async fn pins_page_walks_every_pin_once_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    for i in 0..50u32 {
+        store
+            .add_bytes(i.to_le_bytes().repeat(25), PinMode::Pin)
+            .await
+            .expect("add");
+    }
+    // Unpinned blobs are not listed.
+    store
+        .add_bytes(data(100, 9), PinMode::NoPin)
+        .await
+        .expect("add");
+    let all = store.pins().await.expect("pins");
+    assert_eq!(all.len(), 50);
+    for limit in [1, 3, 7, 49, 50, 51, 1000] {
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let (page, next) = store.pins_page(after, limit).await.expect("page");
+            assert!(page.len() <= limit);
+            seen.extend(page.iter().copied());
+            match next {
+                Some(cursor) => {
+                    assert_eq!(page.len(), limit);
+                    assert_eq!(page.last(), Some(&cursor));
+                    after = Some(cursor);
+                }
+                None => break,
+            }
+        }
+        assert_eq!(seen, all, "limit {limit}");
+    }
+    // After the last pin: nothing, and no next page. After a hash that is not pinned: the pins
+    // above it.
+    let (page, next) = store
+        .pins_page(all.last().copied(), 10)
+        .await
+        .expect("page");
+    assert!(page.is_empty() && next.is_none());
+    let mut middle = *all[20].as_bytes();
+    middle[31] ^= 1;
+    let middle = BlobHash::from_bytes(middle);
+    let (page, _) = store.pins_page(Some(middle), 1000).await.expect("page");
+    let expected: Vec<BlobHash> = all.iter().copied().filter(|h| *h > middle).collect();
+    assert_eq!(page, expected);
+}
+
+/// Roots read at the start of a call, then a pause: a GC pass that records its roots while a
+/// writer is between "stored" and "root recorded".
+struct SlowRoots {
+    roots: Mutex<HashSet<BlobHash>>,
+    pause: Duration,
+}
+
+impl GcRoots for SlowRoots {
+    fn add_roots(&self, roots: &mut HashSet<BlobHash>) -> std::result::Result<(), String> {
+        roots.extend(self.roots.lock().expect("lock").iter().copied());
+        std::thread::sleep(self.pause);
+        Ok(())
+    }
+}
+
+/// A byte stream fed by the test, one piece at a time.
+struct Receiver(tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>);
+
+impl futures::Stream for Receiver {
+    type Item = std::io::Result<Bytes>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_blocks_neither_gc_nor_writers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+    let body = data(3 << 20, 9);
+    let upload = {
+        let store = store.clone();
+        let stream = Receiver(rx);
+        tokio::spawn(async move { store.add_stream(stream, u64::MAX, PinMode::Pin).await })
+    };
+    tx.send(Ok(Bytes::copy_from_slice(&body[..1 << 20])))
+        .await
+        .expect("send");
+    // The upload now waits for the rest of its body. GC and other writes go on.
+    let quick = Duration::from_secs(10);
+    tokio::time::timeout(quick, store.gc())
+        .await
+        .expect("GC waited for an upload")
+        .expect("gc");
+    let other = tokio::time::timeout(quick, store.add_bytes(data(40_000, 1), PinMode::Pin))
+        .await
+        .expect("a write waited for an upload")
+        .expect("add");
+    tx.send(Ok(Bytes::copy_from_slice(&body[1 << 20..])))
+        .await
+        .expect("send");
+    drop(tx);
+    let added = upload.await.expect("join").expect("upload");
+    assert_eq!(added.hash, BlobHash::of(&body));
+    store.gc().await.expect("gc");
+    assert_eq!(
+        store.get_bytes(&added.hash, u64::MAX).await.expect("get"),
+        body
+    );
+    assert!(store.has(&other.hash).await.expect("has"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roots_recorded_while_a_pass_runs_are_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    let roots = Arc::new(SlowRoots {
+        roots: Mutex::new(HashSet::new()),
+        pause: Duration::from_millis(500),
+    });
+    store.add_gc_roots(roots.clone());
+    let mut writer = store.writer().await;
+    let big = writer.add_bytes(data(100_000, 1)).await.expect("add").hash;
+    let small = writer
+        .add_many(vec![Bytes::from(data(100, 2))], 1)
+        .await
+        .expect("add")[0]
+        .hash;
+    writer.commit().await.expect("commit");
+    // A pass records its roots (neither blob is a root yet) and pauses; meanwhile the writer
+    // records the roots and lets go.
+    let pass = {
+        let store = store.clone();
+        tokio::spawn(async move { store.gc().await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    roots.roots.lock().expect("lock").extend([big, small]);
+    drop(writer);
+    pass.await.expect("join").expect("gc");
+    for hash in [big, small] {
+        assert!(store.has(&hash).await.expect("has"), "{hash} lost");
+    }
+    store.gc().await.expect("gc");
+    for hash in [big, small] {
+        assert!(store.has(&hash).await.expect("has"), "{hash} lost");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_waits_for_its_roots_when_asked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = StoreConfig {
+        gc_waits_for_roots: true,
+        ..StoreConfig::default()
+    };
+    let store = Store::open(dir.path(), config).await.expect("open");
+    let unrooted = store
+        .add_bytes(data(30_000, 3), PinMode::NoPin)
+        .await
+        .expect("add")
+        .hash;
+    let pass = {
+        let store = store.clone();
+        tokio::spawn(async move { store.gc().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !pass.is_finished(),
+        "GC ran before its roots were registered"
+    );
+    assert!(store.has(&unrooted).await.expect("has"));
+    store.enable_gc();
+    pass.await.expect("join").expect("gc");
+    assert!(!store.has(&unrooted).await.expect("has"));
+    assert_eq!(store.gc_health().failures, 0);
+    assert!(store.gc_health().runs >= 1);
+}

@@ -18,6 +18,71 @@ use crate::events_json::body_to_json;
 /// Most log entries one request returns.
 const LOG_PAGE_MAX: usize = 1000;
 
+/// Items of a list page when the request names no `limit`.
+pub(crate) const PAGE_DEFAULT: usize = 100;
+/// Most items of a list page: a larger `limit` is clamped to it.
+pub(crate) const PAGE_MAX: usize = 1000;
+
+/// `?limit=N&after=CURSOR` of a list route: the page size (1..=[`PAGE_MAX`], default
+/// [`PAGE_DEFAULT`]) and the key of the last item of the previous page, parsed by `cursor`
+/// (items strictly after it are returned). 400 `invalid_query` for a bad limit, 400
+/// `invalid_cursor` for a cursor `cursor` refuses.
+pub(crate) fn page_query<C, E: std::fmt::Display>(
+    query: &HashMap<String, String>,
+    cursor: impl FnOnce(&str) -> Result<C, E>,
+) -> Result<(usize, Option<C>), ApiError> {
+    let limit = match query.get("limit").map(String::as_str) {
+        None => PAGE_DEFAULT,
+        Some(text) if !is_positive_integer(text) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!(
+                    "`limit` must be an integer from 1 to {PAGE_MAX} (larger values are \
+                     clamped to {PAGE_MAX}; default {PAGE_DEFAULT}), not `{}`",
+                    text.chars().take(40).collect::<String>()
+                ),
+            ));
+        }
+        // Digits only, not zero; beyond u64 it is a very large limit, clamped as any other.
+        Some(text) => text
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| usize::try_from(n).ok())
+            .map_or(PAGE_MAX, |n| n.min(PAGE_MAX)),
+    };
+    debug_assert!((1..=PAGE_MAX).contains(&limit));
+    let after = query
+        .get("after")
+        .map(|text| {
+            cursor(text.as_str()).map_err(|e| {
+                ApiError::bad_request(
+                    "invalid_cursor",
+                    format!(
+                        "`after` must be the `next` cursor of the previous page (64 lowercase \
+                         hex characters), not `{}`: {e}",
+                        text.chars().take(80).collect::<String>()
+                    ),
+                )
+            })
+        })
+        .transpose()?;
+    Ok((limit, after))
+}
+
+/// Whether `text` is a decimal integer above zero (any number of digits).
+fn is_positive_integer(text: &str) -> bool {
+    !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) && text.bytes().any(|b| b != b'0')
+}
+
+/// A list answer: the items under `key` and `next`, the cursor of the next page (`null` on
+/// the last page).
+fn page_json(key: &str, items: Vec<Value>, next: Option<String>) -> Response {
+    let mut body = serde_json::Map::new();
+    body.insert(key.to_string(), Value::Array(items));
+    body.insert("next".to_string(), json!(next));
+    json(StatusCode::OK, &Value::Object(body))
+}
+
 impl From<meshnode_ledger::Error> for ApiError {
     fn from(error: meshnode_ledger::Error) -> Self {
         use meshnode_ledger::Error as E;
@@ -185,7 +250,7 @@ pub(crate) async fn log(
     let limit = query.limit.unwrap_or(100).min(LOG_PAGE_MAX);
     let ledger = &state.node().ledger;
     let records = ledger.log(&author, query.after.unwrap_or(0), limit)?;
-    let account = ledger.account(&author)?;
+    let account = ledger.account_summary(&author)?;
     Ok(json(
         StatusCode::OK,
         &json!({
@@ -198,18 +263,33 @@ pub(crate) async fn log(
     ))
 }
 
-/// An account: spendable balance and what makes it up.
+/// An account: spendable balance and what makes it up, with the first page of its
+/// unreferenced credits.
 #[utoipa::path(get, path = "/v1/accounts/{key}", tag = "ledger",
-    params(("key" = String, Path, description = "Author key (hex)")),
-    responses((status = 200, description = "{key, balance, received, received_contested, sent, sent_contested, minted, unreferenced_credits, head_seq, head_id, signing_key, frozen_from, reputation}")))]
+    params(("key" = String, Path, description = "Author key (hex)"),
+           ("limit" = Option<usize>, Query, description = "At most this many unreferenced credits (1 to 1000, larger is clamped; default 1000)"),
+           ("after" = Option<String>, Query, description = "Only credits with an EventId after this one (hex)")),
+    responses((status = 200, description = "{key, balance, received, received_contested, sent, sent_contested, minted, unreferenced_credits, credits_next, head_seq, head_id, signing_key, frozen_from, reputation}: `unreferenced_credits` holds the first credits in EventId order; `credits_next` is the cursor to page on with GET /v1/accounts/{key}/credits?after=, null when they are all"),
+              (status = 400, description = "Bad key, limit (`invalid_query`) or cursor (`invalid_cursor`)", body = super::error::ErrorBody)))]
 pub(crate) async fn account(
     state: AppState,
     key: String,
+    query: HashMap<String, String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     state.authorize(&headers, false)?;
     let key = parse_key(&key)?;
-    let a = state.node().ledger.account(&key)?;
+    let (limit, after) = page_query(&query, EventId::from_hex)?;
+    // Unpaged clients keep every credit of any account up to a page's maximum.
+    let limit = if query.contains_key("limit") {
+        limit
+    } else {
+        PAGE_MAX
+    };
+    let (a, credits_next) = state
+        .node()
+        .ledger
+        .account_page(&key, after.as_ref(), limit)?;
     Ok(json(
         StatusCode::OK,
         &json!({
@@ -221,12 +301,40 @@ pub(crate) async fn account(
             "sent_contested": amount(a.sent_contested),
             "minted": amount(a.minted),
             "unreferenced_credits": a.unreferenced_credits.iter().map(|c| c.to_hex()).collect::<Vec<_>>(),
+            "credits_next": credits_next.map(|c| c.to_hex()),
             "head_seq": a.head_seq,
             "head_id": a.head_id.map(|h| h.to_hex()),
             "signing_key": a.signing_key.to_hex(),
             "frozen_from": a.frozen_from,
             "reputation": score(a.reputation),
         }),
+    ))
+}
+
+/// An account's unreferenced credits, paged in EventId order.
+#[utoipa::path(get, path = "/v1/accounts/{key}/credits", tag = "ledger",
+    params(("key" = String, Path, description = "Author key (hex)"),
+           ("limit" = Option<usize>, Query, description = "At most this many (1 to 1000, larger is clamped; default 100)"),
+           ("after" = Option<String>, Query, description = "The `next` of the previous page: credits with an EventId after this one (hex)")),
+    responses((status = 200, description = "{credits: [EventId hex], next: cursor of the next page or null}"),
+              (status = 400, description = "Bad key, limit (`invalid_query`) or cursor (`invalid_cursor`)", body = super::error::ErrorBody)))]
+pub(crate) async fn account_credits(
+    state: AppState,
+    key: String,
+    query: HashMap<String, String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, false)?;
+    let key = parse_key(&key)?;
+    let (limit, after) = page_query(&query, EventId::from_hex)?;
+    let page = state
+        .node()
+        .ledger
+        .unreferenced_credits(&key, after.as_ref(), limit)?;
+    Ok(page_json(
+        "credits",
+        page.items.iter().map(|c| json!(c.to_hex())).collect(),
+        page.next.map(|c| c.to_hex()),
     ))
 }
 
@@ -250,15 +358,25 @@ fn fork_json(proof: &ForkProof) -> Value {
     })
 }
 
-/// Detected forks with self-contained proofs (two envelopes signed by the same key).
+/// Detected forks with self-contained proofs (two envelopes signed by the same key), paged in
+/// order of the forked log's author key.
 #[utoipa::path(get, path = "/v1/forks", tag = "ledger",
-    responses((status = 200, description = "{forks: [{author, seq, signer, ids, envelopes, rotations}]}")))]
-pub(crate) async fn forks(state: AppState, headers: HeaderMap) -> Result<Response, ApiError> {
+    params(("limit" = Option<usize>, Query, description = "At most this many (1 to 1000, larger is clamped; default 100)"),
+           ("after" = Option<String>, Query, description = "The `next` of the previous page: forks of authors after this key (hex)")),
+    responses((status = 200, description = "{forks: [{author, seq, signer, ids, envelopes, rotations}], next: cursor of the next page or null}"),
+              (status = 400, description = "Bad limit (`invalid_query`) or cursor (`invalid_cursor`)", body = super::error::ErrorBody)))]
+pub(crate) async fn forks(
+    state: AppState,
+    query: HashMap<String, String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     state.authorize(&headers, false)?;
-    let forks = state.node().ledger.forks()?;
-    Ok(json(
-        StatusCode::OK,
-        &json!({"forks": forks.iter().map(fork_json).collect::<Vec<_>>()}),
+    let (limit, after) = page_query(&query, AuthorKey::from_hex)?;
+    let page = state.node().ledger.forks_page(after.as_ref(), limit)?;
+    Ok(page_json(
+        "forks",
+        page.items.iter().map(fork_json).collect(),
+        page.next.map(|k| k.to_hex()),
     ))
 }
 
@@ -357,14 +475,23 @@ pub(crate) async fn audit(state: AppState, headers: HeaderMap) -> Result<Respons
     Ok(json(StatusCode::OK, &report))
 }
 
-/// The skill catalog with endorsements and hosts.
+/// The skill catalog with endorsements and hosts, paged in order of the publish EventId.
 #[utoipa::path(get, path = "/v1/skills", tag = "catalog",
-    responses((status = 200, description = "{skills: [...]}")))]
-pub(crate) async fn skills(state: AppState, headers: HeaderMap) -> Result<Response, ApiError> {
+    params(("limit" = Option<usize>, Query, description = "At most this many (1 to 1000, larger is clamped; default 100)"),
+           ("after" = Option<String>, Query, description = "The `next` of the previous page: skills whose id (EventId hex) is after this one")),
+    responses((status = 200, description = "{skills: [...], next: cursor of the next page or null}"),
+              (status = 400, description = "Bad limit (`invalid_query`) or cursor (`invalid_cursor`)", body = super::error::ErrorBody)))]
+pub(crate) async fn skills(
+    state: AppState,
+    query: HashMap<String, String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     state.authorize(&headers, false)?;
+    let (limit, after) = page_query(&query, EventId::from_hex)?;
     let ledger = &state.node().ledger;
-    let mut out = Vec::new();
-    for s in ledger.skills()? {
+    let page = ledger.skills_page(after.as_ref(), limit)?;
+    let mut out = Vec::with_capacity(page.items.len());
+    for s in &page.items {
         let hosts = ledger.hosts(&s.blob)?;
         out.push(json!({
             "id": s.id.to_hex(), "author": s.author.to_hex(), "skill_id": s.skill_id,
@@ -375,18 +502,25 @@ pub(crate) async fn skills(state: AppState, headers: HeaderMap) -> Result<Respon
             "contested": s.contested,
         }));
     }
-    Ok(json(StatusCode::OK, &json!({"skills": out})))
+    Ok(page_json("skills", out, page.next.map(|id| id.to_hex())))
 }
 
-/// Basins with their current coordinates.
+/// Basins with their current coordinates, paged in order of the publish EventId.
 #[utoipa::path(get, path = "/v1/basins", tag = "catalog",
-    responses((status = 200, description = "{basins: [...]}")))]
-pub(crate) async fn basins(state: AppState, headers: HeaderMap) -> Result<Response, ApiError> {
+    params(("limit" = Option<usize>, Query, description = "At most this many (1 to 1000, larger is clamped; default 100)"),
+           ("after" = Option<String>, Query, description = "The `next` of the previous page: basins whose id (EventId hex) is after this one")),
+    responses((status = 200, description = "{basins: [...], next: cursor of the next page or null}"),
+              (status = 400, description = "Bad limit (`invalid_query`) or cursor (`invalid_cursor`)", body = super::error::ErrorBody)))]
+pub(crate) async fn basins(
+    state: AppState,
+    query: HashMap<String, String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     state.authorize(&headers, false)?;
-    let out: Vec<Value> = state
-        .node()
-        .ledger
-        .basins()?
+    let (limit, after) = page_query(&query, EventId::from_hex)?;
+    let page = state.node().ledger.basins_page(after.as_ref(), limit)?;
+    let out: Vec<Value> = page
+        .items
         .iter()
         .map(|b| {
             json!({
@@ -396,7 +530,7 @@ pub(crate) async fn basins(state: AppState, headers: HeaderMap) -> Result<Respon
             })
         })
         .collect();
-    Ok(json(StatusCode::OK, &json!({"basins": out})))
+    Ok(page_json("basins", out, page.next.map(|id| id.to_hex())))
 }
 
 /// One basin: current coordinates and full version history (a Merkle DAG by parent).
@@ -441,30 +575,45 @@ pub(crate) async fn basin(
     ))
 }
 
-/// Reputation scores.
+/// Reputation scores, paged in order of the subject key.
 #[utoipa::path(get, path = "/v1/reputation", tag = "catalog",
-    responses((status = 200, description = "{reputation: [{subject, score, n_deltas}]}")))]
-pub(crate) async fn reputation(state: AppState, headers: HeaderMap) -> Result<Response, ApiError> {
+    params(("limit" = Option<usize>, Query, description = "At most this many (1 to 1000, larger is clamped; default 100)"),
+           ("after" = Option<String>, Query, description = "The `next` of the previous page: subjects whose key (hex) is after this one")),
+    responses((status = 200, description = "{reputation: [{subject, score, n_deltas}], next: cursor of the next page or null}"),
+              (status = 400, description = "Bad limit (`invalid_query`) or cursor (`invalid_cursor`)", body = super::error::ErrorBody)))]
+pub(crate) async fn reputation(
+    state: AppState,
+    query: HashMap<String, String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     state.authorize(&headers, false)?;
-    let out: Vec<Value> = state
-        .node()
-        .ledger
-        .reputation()?
+    let (limit, after) = page_query(&query, AuthorKey::from_hex)?;
+    let page = state.node().ledger.reputation_page(after.as_ref(), limit)?;
+    let out: Vec<Value> = page
+        .items
         .iter()
         .map(|(k, r)| json!({"subject": k.to_hex(), "score": score(r.score), "n_deltas": r.n_deltas}))
         .collect();
-    Ok(json(StatusCode::OK, &json!({"reputation": out})))
+    Ok(page_json("reputation", out, page.next.map(|k| k.to_hex())))
 }
 
-/// The node registry with each node's last heartbeat (its latest node.announce).
+/// The node registry with each node's last heartbeat (its latest node.announce), paged in
+/// order of the node's author key.
 #[utoipa::path(get, path = "/v1/nodes", tag = "catalog",
-    responses((status = 200, description = "{nodes: [...]}")))]
-pub(crate) async fn nodes(state: AppState, headers: HeaderMap) -> Result<Response, ApiError> {
+    params(("limit" = Option<usize>, Query, description = "At most this many (1 to 1000, larger is clamped; default 100)"),
+           ("after" = Option<String>, Query, description = "The `next` of the previous page: nodes whose author key (hex) is after this one")),
+    responses((status = 200, description = "{nodes: [...], next: cursor of the next page or null}"),
+              (status = 400, description = "Bad limit (`invalid_query`) or cursor (`invalid_cursor`)", body = super::error::ErrorBody)))]
+pub(crate) async fn nodes(
+    state: AppState,
+    query: HashMap<String, String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     state.authorize(&headers, false)?;
-    let out: Vec<Value> = state
-        .node()
-        .ledger
-        .nodes()?
+    let (limit, after) = page_query(&query, AuthorKey::from_hex)?;
+    let page = state.node().ledger.nodes_page(after.as_ref(), limit)?;
+    let out: Vec<Value> = page
+        .items
         .iter()
         .map(|n| {
             json!({
@@ -475,7 +624,7 @@ pub(crate) async fn nodes(state: AppState, headers: HeaderMap) -> Result<Respons
             })
         })
         .collect();
-    Ok(json(StatusCode::OK, &json!({"nodes": out})))
+    Ok(page_json("nodes", out, page.next.map(|k| k.to_hex())))
 }
 
 /// Body of `POST /v1/audit/export`.

@@ -212,6 +212,7 @@ pub fn route_of(method: &http::Method, path: &str) -> &'static str {
         ["v1", "events", _] => "/v1/events/{id}",
         ["v1", "logs", _] => "/v1/logs/{author}",
         ["v1", "accounts", _] => "/v1/accounts/{key}",
+        ["v1", "accounts", _, "credits"] => "/v1/accounts/{key}/credits",
         ["v1", "forks"] => "/v1/forks",
         ["v1", "checkpoint"] => "/v1/checkpoint",
         ["v1", "proofs", "inclusion"] => "/v1/proofs/inclusion",

@@ -211,8 +211,11 @@ pub fn routes(
     let pin_list = warp::path!("v1" / "pins")
         .and(warp::get())
         .and(s())
+        .and(warp::query::<std::collections::HashMap<String, String>>())
         .and(headers())
-        .then(|state, headers| async move { respond(pins::list(state, headers).await) })
+        .then(
+            |state, query, headers| async move { respond(pins::list(state, query, headers).await) },
+        )
         .boxed();
     let gc = warp::path!("v1" / "gc")
         .and(warp::post())
@@ -271,17 +274,32 @@ pub fn routes(
     let account = warp::path!("v1" / "accounts" / String)
         .and(warp::get())
         .and(s())
+        .and(warp::query::<std::collections::HashMap<String, String>>())
         .and(headers())
-        .then(|key: String, state, headers| async move {
-            respond(ledger::account(state, key, headers).await)
+        .then(|key: String, state, query, headers| async move {
+            respond(ledger::account(state, key, query, headers).await)
         })
         .boxed();
-    let forks = warp::path!("v1" / "forks")
+    let account_credits = warp::path!("v1" / "accounts" / String / "credits")
         .and(warp::get())
         .and(s())
+        .and(warp::query::<std::collections::HashMap<String, String>>())
         .and(headers())
-        .then(|state, headers| async move { respond(ledger::forks(state, headers).await) })
+        .then(|key: String, state, query, headers| async move {
+            respond(ledger::account_credits(state, key, query, headers).await)
+        })
         .boxed();
+    let account = account.or(account_credits).unify().boxed();
+    let forks =
+        warp::path!("v1" / "forks")
+            .and(warp::get())
+            .and(s())
+            .and(warp::query::<std::collections::HashMap<String, String>>())
+            .and(headers())
+            .then(|state, query, headers| async move {
+                respond(ledger::forks(state, query, headers).await)
+            })
+            .boxed();
     let checkpoint = warp::path!("v1" / "checkpoint")
         .and(warp::get())
         .and(s())
@@ -325,14 +343,20 @@ pub fn routes(
     let skills = warp::path!("v1" / "skills")
         .and(warp::get())
         .and(s())
+        .and(warp::query::<std::collections::HashMap<String, String>>())
         .and(headers())
-        .then(|state, headers| async move { respond(ledger::skills(state, headers).await) })
+        .then(|state, query, headers| async move {
+            respond(ledger::skills(state, query, headers).await)
+        })
         .boxed();
     let basins = warp::path!("v1" / "basins")
         .and(warp::get())
         .and(s())
+        .and(warp::query::<std::collections::HashMap<String, String>>())
         .and(headers())
-        .then(|state, headers| async move { respond(ledger::basins(state, headers).await) })
+        .then(|state, query, headers| async move {
+            respond(ledger::basins(state, query, headers).await)
+        })
         .boxed();
     let basin = warp::path!("v1" / "basins" / String)
         .and(warp::get())
@@ -345,15 +369,22 @@ pub fn routes(
     let reputation = warp::path!("v1" / "reputation")
         .and(warp::get())
         .and(s())
+        .and(warp::query::<std::collections::HashMap<String, String>>())
         .and(headers())
-        .then(|state, headers| async move { respond(ledger::reputation(state, headers).await) })
+        .then(|state, query, headers| async move {
+            respond(ledger::reputation(state, query, headers).await)
+        })
         .boxed();
-    let nodes = warp::path!("v1" / "nodes")
-        .and(warp::get())
-        .and(s())
-        .and(headers())
-        .then(|state, headers| async move { respond(ledger::nodes(state, headers).await) })
-        .boxed();
+    let nodes =
+        warp::path!("v1" / "nodes")
+            .and(warp::get())
+            .and(s())
+            .and(warp::query::<std::collections::HashMap<String, String>>())
+            .and(headers())
+            .then(|state, query, headers| async move {
+                respond(ledger::nodes(state, query, headers).await)
+            })
+            .boxed();
     let ledger_routes = events_post
         .or(event_get)
         .unify()

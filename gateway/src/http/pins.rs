@@ -1,9 +1,13 @@
 //! Pin routes: pin, unpin, list.
 
+use std::collections::HashMap;
+
 use http::{HeaderMap, StatusCode};
+use meshnode_schemas::BlobHash;
 use serde::Serialize;
 use warp::reply::Response;
 
+use super::ledger::page_query;
 use super::{ApiError, AppState, json, parse_hash};
 
 /// A pin's state after a pin or unpin.
@@ -23,10 +27,13 @@ pub(crate) struct PinEntry {
     size: Option<u64>,
 }
 
-/// Answer of `GET /v1/pins`.
+/// Answer of `GET /v1/pins`: a page of pins in hash order.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct PinList {
     pins: Vec<PinEntry>,
+    /// Pass as `after` for the next page (the hash of the last pin, hex); `null` on the last
+    /// page.
+    next: Option<String>,
 }
 
 /// Pin a stored blob: GC never removes it. Durable on return.
@@ -88,14 +95,23 @@ pub(crate) async fn delete(
     ))
 }
 
-/// List pinned blobs.
+/// List pinned blobs, paged in hash order.
 #[utoipa::path(get, path = "/v1/pins", tag = "pins",
-    responses((status = 200, description = "Every pin, in hash order", body = PinList)))]
-pub(crate) async fn list(state: AppState, headers: HeaderMap) -> Result<Response, ApiError> {
+    params(("limit" = Option<usize>, Query, description = "At most this many (1 to 1000, larger is clamped; default 100)"),
+           ("after" = Option<String>, Query, description = "The `next` of the previous page: pins whose hash (BLAKE3 hex) is after this one")),
+    responses((status = 200, description = "A page of pins in hash order, and `next`: the cursor of the next page or null", body = PinList),
+              (status = 400, description = "Bad limit (`invalid_query`) or cursor (`invalid_cursor`)", body = super::error::ErrorBody)))]
+pub(crate) async fn list(
+    state: AppState,
+    query: HashMap<String, String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     state.authorize(&headers, false)?;
+    let (limit, after) = page_query(&query, BlobHash::from_hex)?;
     let store = &state.node().store;
-    let mut pins = Vec::new();
-    for hash in store.pins().await? {
+    let (hashes, next) = store.pins_page(after, limit).await?;
+    let mut pins = Vec::with_capacity(hashes.len());
+    for hash in hashes {
         let size = store
             .stat(&hash)
             .await?
@@ -107,5 +123,11 @@ pub(crate) async fn list(state: AppState, headers: HeaderMap) -> Result<Response
             size,
         });
     }
-    Ok(json(StatusCode::OK, &PinList { pins }))
+    Ok(json(
+        StatusCode::OK,
+        &PinList {
+            pins,
+            next: next.map(|h| h.to_hex()),
+        },
+    ))
 }

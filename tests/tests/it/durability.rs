@@ -99,22 +99,32 @@ async fn acknowledged_adds_survive_sigkill() {
             "blob {i} came back different"
         );
     }
-    let pins: Value = c
-        .get(format!("{}/v1/pins", node.url))
-        .send()
-        .await
-        .expect("pins")
-        .json()
-        .await
-        .expect("json");
-    let pinned: Vec<&str> = pins["pins"]
-        .as_array()
-        .expect("array")
-        .iter()
-        .filter_map(|p| p["hash"].as_str())
-        .collect();
+    // Every page of pins (the writers may have added more than one page).
+    let mut pinned: Vec<String> = Vec::new();
+    let mut after = String::new();
+    loop {
+        let pins: Value = c
+            .get(format!("{}/v1/pins?limit=1000{after}", node.url))
+            .send()
+            .await
+            .expect("pins")
+            .json()
+            .await
+            .expect("json");
+        pinned.extend(
+            pins["pins"]
+                .as_array()
+                .expect("array")
+                .iter()
+                .filter_map(|p| p["hash"].as_str().map(str::to_string)),
+        );
+        match pins["next"].as_str() {
+            Some(next) => after = format!("&after={next}"),
+            None => break,
+        }
+    }
     for hash in acked.keys() {
-        assert!(pinned.contains(&hash.as_str()), "pin of {hash} lost");
+        assert!(pinned.contains(hash), "pin of {hash} lost");
     }
 }
 

@@ -920,3 +920,376 @@ async fn acknowledged_events_survive_sigkill_during_ingest() {
     let audit = w.get("/v1/audit").await;
     assert_eq!(audit["ok"], true, "{audit}");
 }
+
+/// GET with the status and the JSON body (`null` if none).
+async fn get_with_status(w: &Writer, path: &str) -> (StatusCode, Value) {
+    let r = w
+        .http
+        .get(format!("{}{path}", w.url))
+        .send()
+        .await
+        .expect("get");
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Reads every page of a list route, `limit` at a time, checking each: at most `limit` items,
+/// a `next` that is the last item's cursor (and a full page) when more follow, `null` on the
+/// last page, and every item once in strict key order. Returns the items' cursors (their `id`
+/// field, or the item itself when `id` is `None`) in order.
+async fn all_pages(
+    w: &Writer,
+    path: &str,
+    key: &str,
+    id: Option<&str>,
+    limit: usize,
+) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut after: Option<String> = None;
+    for _ in 0..10_000 {
+        let url = match &after {
+            Some(after) => format!("{path}?limit={limit}&after={after}"),
+            None => format!("{path}?limit={limit}"),
+        };
+        let page = w.get(&url).await;
+        assert!(page.get("next").is_some(), "{url}: no `next` in {page}");
+        let items = page[key].as_array().expect("the list");
+        assert!(items.len() <= limit, "{url}: {} items", items.len());
+        for item in items {
+            let cursor = match id {
+                Some(field) => &item[field],
+                None => item,
+            };
+            out.push(cursor.as_str().expect("hex cursor").to_string());
+        }
+        match page["next"].as_str() {
+            Some(next) => {
+                assert_eq!(items.len(), limit, "{url}: a page before the last is full");
+                assert_eq!(
+                    out.last().map(String::as_str),
+                    Some(next),
+                    "{url}: `next` is the last item's cursor"
+                );
+                after = Some(next.to_string());
+            }
+            None => {
+                assert!(page["next"].is_null(), "{url}: {page}");
+                let mut ordered = out.clone();
+                ordered.sort();
+                ordered.dedup();
+                assert_eq!(ordered, out, "{path}: every item once, in key order");
+                return out;
+            }
+        }
+    }
+    panic!("{path}: paging does not end");
+}
+
+/// Every bad `limit` is 400 `invalid_query`, every malformed cursor 400 `invalid_cursor`, and a
+/// limit above the maximum is clamped (200).
+async fn check_page_parameters(w: &Writer, path: &str) {
+    let upper = "AB".repeat(32);
+    let short = "ab".repeat(31);
+    for (query, code) in [
+        ("limit=0".to_string(), "invalid_query"),
+        ("limit=000".to_string(), "invalid_query"),
+        ("limit=-1".to_string(), "invalid_query"),
+        ("limit=ten".to_string(), "invalid_query"),
+        ("limit=".to_string(), "invalid_query"),
+        ("limit=1.5".to_string(), "invalid_query"),
+        ("after=zz".to_string(), "invalid_cursor"),
+        ("after=".to_string(), "invalid_cursor"),
+        (format!("after={upper}"), "invalid_cursor"),
+        (format!("after={short}"), "invalid_cursor"),
+        (format!("limit=2&after={short}"), "invalid_cursor"),
+    ] {
+        let (status, body) = get_with_status(w, &format!("{path}?{query}")).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(code)),
+            "{path}?{query}: {body}"
+        );
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{path}?{query}: {body}"
+        );
+    }
+    for query in ["limit=5000", "limit=99999999999999999999999"] {
+        let (status, body) = get_with_status(w, &format!("{path}?{query}")).await;
+        assert_eq!(status, StatusCode::OK, "{path}?{query}: {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn list_routes_page_by_limit_and_cursor() {
+    use futures::StreamExt;
+
+    let node = TestNode::start().expect("node");
+    let mut w = Writer::new(&node).await;
+    let issuer = node_key(&node);
+    let rate = |subject: AuthorKey, delta: i64| {
+        Payload::ReputationDelta(meshnode_schemas::ReputationDelta {
+            subject,
+            delta,
+            reason: "paging".into(),
+            evidence: None,
+        })
+    };
+    let mut subjects: Vec<String> = Vec::new();
+    for i in 0..5u8 {
+        let subject = author_of(&SigningKey::from_bytes(&[40 + i; 32]));
+        w.accept(&issuer, &[], rate(subject, i64::from(i) + 1))
+            .await;
+        subjects.push(subject.to_hex());
+    }
+    subjects.sort();
+
+    // By 2: pages of 2, 2 and 1, every subject once in key order; the last says `next: null`.
+    assert_eq!(
+        all_pages(&w, "/v1/reputation", "reputation", Some("subject"), 2).await,
+        subjects
+    );
+    let first = w.get("/v1/reputation?limit=2").await;
+    assert_eq!(first["next"], subjects[1].as_str());
+    let last = w
+        .get(&format!("/v1/reputation?limit=2&after={}", subjects[3]))
+        .await;
+    assert_eq!(last["reputation"].as_array().expect("list").len(), 1);
+    assert!(last["next"].is_null(), "{last}");
+    // A page that ends exactly at the end is the last one; so is one after the last item.
+    let exact = w.get("/v1/reputation?limit=5").await;
+    assert_eq!(exact["reputation"].as_array().expect("list").len(), 5);
+    assert!(exact["next"].is_null(), "{exact}");
+    let beyond = w
+        .get(&format!("/v1/reputation?after={}", subjects[4]))
+        .await;
+    assert_eq!(beyond, json!({"reputation": [], "next": null}));
+    // The cursor need not be an item: the items strictly after it.
+    let mut between = hex::decode(&subjects[2]).expect("hex");
+    between[31] ^= 1;
+    let between = hex::encode(between);
+    let page = w.get(&format!("/v1/reputation?after={between}")).await;
+    let got: Vec<&str> = page["reputation"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|r| r["subject"].as_str().expect("subject"))
+        .collect();
+    let expected: Vec<&str> = subjects
+        .iter()
+        .map(String::as_str)
+        .filter(|s| *s > between.as_str())
+        .collect();
+    assert_eq!(got, expected);
+
+    // Every list route pages, and paging one by one gives what one default page gives.
+    let blob: Value = w
+        .http
+        .post(format!("{}/v1/blobs", w.url))
+        .bearer_auth(&w.token)
+        .body(b"a pinned blob".to_vec())
+        .send()
+        .await
+        .expect("upload")
+        .json()
+        .await
+        .expect("json");
+    for (path, key, id) in [
+        ("/v1/skills", "skills", "id"),
+        ("/v1/basins", "basins", "id"),
+        ("/v1/nodes", "nodes", "author"),
+        ("/v1/reputation", "reputation", "subject"),
+        ("/v1/forks", "forks", "author"),
+        ("/v1/pins", "pins", "hash"),
+    ] {
+        let whole = w.get(path).await;
+        assert!(whole["next"].is_null(), "{path}: {whole}");
+        let expected: Vec<String> = whole[key]
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|item| item[id].as_str().expect("cursor").to_string())
+            .collect();
+        assert_eq!(
+            all_pages(&w, path, key, Some(id), 1).await,
+            expected,
+            "{path}"
+        );
+        check_page_parameters(&w, path).await;
+    }
+    let pins = all_pages(&w, "/v1/pins", "pins", Some("hash"), 1).await;
+    assert!(pins.iter().any(|h| blob["hash"] == h.as_str()), "{pins:?}");
+
+    // 1000 more subjects, each rated by a log of its own (so they can be sent at once).
+    let http = client();
+    let posts = (0..1000u32).map(|i| {
+        let mut seed = [7u8; 32];
+        seed[..4].copy_from_slice(&i.to_le_bytes());
+        let author = SigningKey::from_bytes(&seed);
+        seed[4] = 8;
+        let subject = author_of(&SigningKey::from_bytes(&seed));
+        let body = EventBody {
+            net: w.net,
+            author: author_of(&author),
+            seq: 1,
+            prev: None,
+            deps: vec![],
+            ts: 1_700_000_000_000,
+            payload: rate(subject, 1),
+        };
+        let event = SignedEvent::sign(body, &author).expect("sign");
+        let (http, url, token) = (http.clone(), w.url.clone(), w.token.clone());
+        async move {
+            http.post(format!("{url}/v1/events"))
+                .bearer_auth(token)
+                .header("content-type", "application/cbor")
+                .body(event.envelope)
+                .send()
+                .await
+                .expect("post")
+                .status()
+        }
+    });
+    let statuses: Vec<StatusCode> = futures::stream::iter(posts)
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::CREATED),
+        "{statuses:?}"
+    );
+    // The default page is 100; a limit above 1000 is clamped to 1000.
+    let page = w.get("/v1/reputation").await;
+    assert_eq!(page["reputation"].as_array().expect("list").len(), 100);
+    assert_eq!(page["next"], page["reputation"][99]["subject"]);
+    let page = w.get("/v1/reputation?limit=5000").await;
+    let items = page["reputation"].as_array().expect("list");
+    assert_eq!(items.len(), 1000, "limit=5000 is clamped to 1000");
+    assert_eq!(page["next"], items[999]["subject"]);
+    let rest = w
+        .get(&format!(
+            "/v1/reputation?limit=5000&after={}",
+            page["next"].as_str().expect("next")
+        ))
+        .await;
+    assert_eq!(rest["reputation"].as_array().expect("list").len(), 5);
+    assert!(rest["next"].is_null(), "{rest}");
+    let all = all_pages(&w, "/v1/reputation", "reputation", Some("subject"), 333).await;
+    assert_eq!(all.len(), 1005);
+    assert!(subjects.iter().all(|s| all.contains(s)));
+
+    // The CLI follows every page, or prints the first N with the cursor to resume at.
+    let out = node.cli(&["--json", "ledger", "reputation"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let cli_all: Vec<&str> = listed["reputation"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|r| r["subject"].as_str().expect("subject"))
+        .collect();
+    assert_eq!(cli_all, all.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(listed["next"].is_null());
+    let out = node.cli(&["--json", "ledger", "reputation", "--limit", "3"]);
+    let first3: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(first3["reputation"].as_array().expect("list").len(), 3);
+    assert_eq!(first3["next"], all[2].as_str());
+    let out = node.cli(&[
+        "--json",
+        "ledger",
+        "reputation",
+        "--limit",
+        "1500",
+        "--after",
+        &all[2],
+    ]);
+    let more: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let more: Vec<&str> = more["reputation"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|r| r["subject"].as_str().expect("subject"))
+        .collect();
+    assert_eq!(
+        more,
+        all[3..].iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    let out = node.cli(&["--json", "pin", "ls", "--limit", "1"]);
+    let one: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(one["pins"].as_array().expect("list").len(), 1);
+    let out = node.cli(&["ledger", "reputation", "--limit", "0"]);
+    assert_eq!(out.status.code(), Some(2), "--limit 0 is a usage error");
+}
+
+#[tokio::test]
+async fn account_credits_page_in_event_id_order() {
+    let node = TestNode::start().expect("node");
+    let mut w = Writer::new(&node).await;
+    let issuer = node_key(&node);
+    let alice = SigningKey::from_bytes(&[2; 32]);
+    let mut credits = Vec::new();
+    for amount in 1..=5 {
+        credits.push(w.accept(&issuer, &[], mint(&alice, amount)).await.to_hex());
+    }
+    credits.sort();
+    let account = format!("/v1/accounts/{}", author_of(&alice));
+
+    // The account gives every credit up to 1000 by default, or the first `limit`.
+    let whole = w.get(&account).await;
+    assert_eq!(whole["unreferenced_credits"], json!(credits));
+    assert!(whole["credits_next"].is_null(), "{whole}");
+    assert_eq!(whole["balance"], 15);
+    let first = w.get(&format!("{account}?limit=2")).await;
+    assert_eq!(first["unreferenced_credits"], json!(credits[..2]));
+    assert_eq!(first["credits_next"], credits[1].as_str());
+    assert_eq!(first["balance"], 15);
+
+    // The credits route pages through all of them.
+    let credits_path = format!("{account}/credits");
+    for limit in [1, 2, 5, 1000] {
+        assert_eq!(
+            all_pages(&w, &credits_path, "credits", None, limit).await,
+            credits,
+            "limit {limit}"
+        );
+    }
+    let rest = w.get(&format!("{credits_path}?after={}", credits[1])).await;
+    assert_eq!(rest, json!({"credits": credits[2..], "next": null}));
+    check_page_parameters(&w, &credits_path).await;
+    check_page_parameters(&w, &account).await;
+
+    // A key with no credits: an empty last page.
+    let bob = author_of(&SigningKey::from_bytes(&[3; 32]));
+    let none = w.get(&format!("/v1/accounts/{bob}/credits")).await;
+    assert_eq!(none, json!({"credits": [], "next": null}));
+    let (status, body) = get_with_status(&w, "/v1/accounts/zz/credits").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_id"))
+    );
+
+    // The CLI still finds the credits to name as deps: alice spends through it.
+    let key_file = node.data_dir().join("alice.key");
+    std::fs::write(&key_file, meshnode_schemas::key_file_text(&alice)).expect("key");
+    let out = node.cli(&[
+        "--json",
+        "event",
+        "token.transfer",
+        "--key",
+        key_file.to_str().expect("utf8"),
+        "--payload",
+        &json!({"to": bob.to_hex(), "amount": 15}).to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(w.get(&account).await["balance"], 0);
+}

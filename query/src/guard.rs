@@ -1,0 +1,523 @@
+//! Bounds on what one SQL statement or search filter may cost, checked before and during
+//! planning and execution.
+//!
+//! Three layers, each reached by a different kind of hostile input:
+//! - **Shape** ([`check_shape`]): the parsed statement's size. The parser's depth limit only
+//!   bounds nesting; chains (`1+1+…`, `UNION ALL` after `UNION ALL`, a 1,500-way join) are
+//!   built in loops and then walked recursively by the planner. They are counted here, on the
+//!   AST, before anything is planned.
+//! - **Function arguments** ([`Guarded`]): a 38-byte `repeat('x', 1500000000)` asks for
+//!   1.5 GB in one call, outside DataFusion's memory pool. Every scalar function of a plan is
+//!   wrapped; functions whose output (or work) can grow far beyond their input estimate it
+//!   from their arguments and refuse before calling.
+//! - **Function outputs**: after each call, the output's size is checked, which stops
+//!   doubling chains (`s || s` through 30 CTEs) at one step past the limit. String `||` is an
+//!   operator, not a function, so it is wrapped in an identity function that checks too.
+
+use std::any::Any;
+use std::hash::{Hash, Hasher};
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef};
+use arrow_schema::{DataType, FieldRef};
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::{DataFusionError, ScalarValue};
+use datafusion::logical_expr::expr::ScalarFunction;
+use datafusion::logical_expr::simplify::{ExprSimplifyResult, SimplifyContext};
+use datafusion::logical_expr::{
+    ColumnarValue, Documentation, Expr, LogicalPlan, Operator, ReturnFieldArgs, ScalarFunctionArgs,
+    ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
+use datafusion::sql::sqlparser::ast::{
+    Expr as AstExpr, Query, Select, TableFactor, Visit, Visitor,
+};
+
+use crate::error::{Error, bad};
+
+/// Most expression nodes in one statement (a flat `IN (…)` list of 20,000 literals fits).
+pub(crate) const EXPR_NODES_MAX: usize = 20_000;
+/// Deepest expression: the length of an operator chain such as `1+1+…+1`.
+pub(crate) const EXPR_DEPTH_MAX: usize = 256;
+/// Most `SELECT`s in one statement: set operations (`UNION`, `INTERSECT`, `EXCEPT`) and
+/// subqueries each add one.
+pub(crate) const SELECTS_MAX: usize = 64;
+/// Most tables in one statement: each join and each comma in a `FROM` list adds one.
+pub(crate) const TABLES_MAX: usize = 64;
+/// Largest output of one scalar-function call (one batch of one column).
+pub(crate) const VALUE_BYTES_MAX: u64 = 64 << 20;
+/// Most work of one call of a quadratic function (`levenshtein`: characters × characters).
+pub(crate) const CELLS_MAX: u64 = 200_000_000;
+
+/// Counts the parsed statement: expression nodes and depth, selects, tables.
+#[derive(Default)]
+struct Shape {
+    exprs: usize,
+    depth: usize,
+    selects: usize,
+    tables: usize,
+}
+
+impl Visitor for Shape {
+    type Break = Error;
+
+    fn pre_visit_expr(&mut self, _expr: &AstExpr) -> ControlFlow<Error> {
+        self.exprs += 1;
+        self.depth += 1;
+        if self.exprs > EXPR_NODES_MAX {
+            return too_complex(format!("more than {EXPR_NODES_MAX} expression nodes"));
+        }
+        if self.depth > EXPR_DEPTH_MAX {
+            return too_complex(format!(
+                "an expression nested or chained more than {EXPR_DEPTH_MAX} deep (e.g. a \
+                 chain of {EXPR_DEPTH_MAX} `+` or `AND`)"
+            ));
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_expr(&mut self, _expr: &AstExpr) -> ControlFlow<Error> {
+        self.depth -= 1;
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_select(&mut self, _select: &Select) -> ControlFlow<Error> {
+        self.selects += 1;
+        if self.selects > SELECTS_MAX {
+            return too_complex(format!(
+                "more than {SELECTS_MAX} SELECTs (set operations and subqueries)"
+            ));
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_query(&mut self, _query: &Query) -> ControlFlow<Error> {
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, _factor: &TableFactor) -> ControlFlow<Error> {
+        self.tables += 1;
+        if self.tables > TABLES_MAX {
+            return too_complex(format!("more than {TABLES_MAX} tables (joins)"));
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+fn too_complex(what: String) -> ControlFlow<Error> {
+    ControlFlow::Break(bad(
+        "sql_too_complex",
+        format!("the statement has {what}; split it into smaller queries"),
+    ))
+}
+
+/// Refuses a parsed statement (or filter expression) beyond the shape limits.
+pub(crate) fn check_shape<T: Visit>(node: &T) -> Result<(), Error> {
+    match node.visit(&mut Shape::default()) {
+        ControlFlow::Continue(()) => Ok(()),
+        ControlFlow::Break(e) => Err(e),
+    }
+}
+
+/// Wraps every scalar function of `plan` (subqueries included) in [`Guarded`], and every
+/// string `||` in a size check.
+pub(crate) fn plan(plan: LogicalPlan) -> datafusion::error::Result<LogicalPlan> {
+    plan.transform_up_with_subqueries(|node| node.map_expressions(|e| e.transform_up(wrap)))
+        .map(|t| t.data)
+}
+
+/// Wraps every scalar function of `expr` (see [`plan`]).
+pub(crate) fn expr(expr: Expr) -> datafusion::error::Result<Expr> {
+    expr.transform_up(wrap).map(|t| t.data)
+}
+
+fn wrap(e: Expr) -> datafusion::error::Result<Transformed<Expr>> {
+    match e {
+        Expr::ScalarFunction(f) if !is_exempt(&f.func) => {
+            let guarded = Arc::new(ScalarUDF::new_from_impl(Guarded::new(f.func.clone())));
+            Ok(Transformed::yes(Expr::ScalarFunction(
+                ScalarFunction::new_udf(guarded, f.args),
+            )))
+        }
+        Expr::BinaryExpr(b) if b.op == Operator::StringConcat => {
+            let checked = Arc::new(ScalarUDF::new_from_impl(Checked::new()));
+            Ok(Transformed::yes(Expr::ScalarFunction(
+                ScalarFunction::new_udf(checked, vec![Expr::BinaryExpr(b)]),
+            )))
+        }
+        other => Ok(Transformed::no(other)),
+    }
+}
+
+/// Already guarded, or a pure accessor whose output is a part of its input (wrapping
+/// `get_field` would hide struct access from the optimizer).
+fn is_exempt(func: &ScalarUDF) -> bool {
+    let inner: &dyn Any = func.inner().as_ref();
+    inner.is::<Guarded>() || inner.is::<Checked>() || func.name() == "get_field"
+}
+
+/// A scalar function with its cost checked before and its output size after each call.
+#[derive(Debug)]
+pub(crate) struct Guarded {
+    inner: Arc<ScalarUDF>,
+}
+
+impl Guarded {
+    fn new(inner: Arc<ScalarUDF>) -> Self {
+        Self { inner }
+    }
+}
+
+impl PartialEq for Guarded {
+    fn eq(&self, other: &Self) -> bool {
+        self.inner == other.inner
+    }
+}
+impl Eq for Guarded {}
+impl Hash for Guarded {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.inner.hash(state)
+    }
+}
+
+impl ScalarUDFImpl for Guarded {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn aliases(&self) -> &[String] {
+        self.inner.aliases()
+    }
+    fn schema_name(&self, args: &[Expr]) -> datafusion::error::Result<String> {
+        self.inner.inner().schema_name(args)
+    }
+    fn signature(&self) -> &Signature {
+        self.inner.signature()
+    }
+    fn return_type(&self, arg_types: &[DataType]) -> datafusion::error::Result<DataType> {
+        self.inner.inner().return_type(arg_types)
+    }
+    fn return_field_from_args(
+        &self,
+        args: ReturnFieldArgs<'_>,
+    ) -> datafusion::error::Result<FieldRef> {
+        self.inner.return_field_from_args(args)
+    }
+    fn coerce_types(&self, arg_types: &[DataType]) -> datafusion::error::Result<Vec<DataType>> {
+        self.inner.coerce_types(arg_types)
+    }
+    fn short_circuits(&self) -> bool {
+        self.inner.short_circuits()
+    }
+    fn conditional_arguments<'a>(
+        &self,
+        args: &'a [Expr],
+    ) -> Option<(Vec<&'a Expr>, Vec<&'a Expr>)> {
+        self.inner.inner().conditional_arguments(args)
+    }
+    fn documentation(&self) -> Option<&Documentation> {
+        self.inner.documentation()
+    }
+    fn simplify(
+        &self,
+        args: Vec<Expr>,
+        info: &SimplifyContext,
+    ) -> datafusion::error::Result<ExprSimplifyResult> {
+        // Some functions (`now`, `arrow_cast`) are only ever evaluated by simplification;
+        // whatever they simplify to is guarded too.
+        match self.inner.simplify(args, info)? {
+            ExprSimplifyResult::Simplified(e) => Ok(ExprSimplifyResult::Simplified(expr(e)?)),
+            original => Ok(original),
+        }
+    }
+    fn invoke_with_args(
+        &self,
+        args: ScalarFunctionArgs,
+    ) -> datafusion::error::Result<ColumnarValue> {
+        check_cost(self.inner.name(), &args.args, args.number_rows)?;
+        let out = self.inner.invoke_with_args(args)?;
+        check_output(self.inner.name(), &out)?;
+        Ok(out)
+    }
+}
+
+/// Identity with an output size check, around operators that build values (`||`).
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Checked {
+    signature: Signature,
+}
+
+impl Checked {
+    fn new() -> Self {
+        Self {
+            signature: Signature::any(1, Volatility::Immutable),
+        }
+    }
+}
+
+impl ScalarUDFImpl for Checked {
+    fn name(&self) -> &str {
+        "meshnode_checked"
+    }
+    fn schema_name(&self, args: &[Expr]) -> datafusion::error::Result<String> {
+        // Invisible in column names: `a || b` stays `a || b`.
+        Ok(args[0].schema_name().to_string())
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, arg_types: &[DataType]) -> datafusion::error::Result<DataType> {
+        Ok(arg_types[0].clone())
+    }
+    fn return_field_from_args(
+        &self,
+        args: ReturnFieldArgs<'_>,
+    ) -> datafusion::error::Result<FieldRef> {
+        Ok(args.arg_fields[0].clone())
+    }
+    fn invoke_with_args(
+        &self,
+        args: ScalarFunctionArgs,
+    ) -> datafusion::error::Result<ColumnarValue> {
+        let value = args.args.into_iter().next().ok_or_else(|| {
+            DataFusionError::Internal("meshnode_checked takes one argument".into())
+        })?;
+        check_output("||", &value)?;
+        Ok(value)
+    }
+}
+
+fn exhausted(name: &str, what: String) -> DataFusionError {
+    DataFusionError::ResourcesExhausted(format!("{name}: {what}"))
+}
+
+/// Refuses a call whose output (or work) would exceed the limits, estimated from its
+/// arguments. Only functions whose output can be far larger than their input are estimated;
+/// the rest are bounded by [`check_output`].
+fn check_cost(name: &str, args: &[ColumnarValue], rows: usize) -> datafusion::error::Result<()> {
+    let rows = if args.iter().any(|a| matches!(a, ColumnarValue::Array(_))) {
+        rows.max(1) as u64
+    } else {
+        1
+    };
+    let arg = |i: usize| args.get(i);
+    let bytes = match name {
+        "repeat" => max_len(arg(0)).saturating_mul(max_int(arg(1))),
+        "lpad" | "rpad" => 4u64.saturating_mul(max_int(arg(1))),
+        "array_repeat" | "array_resize" => 16u64.saturating_mul(max_int(arg(1))),
+        "range" | "generate_series" => 8u64.saturating_mul(series_len(args, name)?),
+        "replace" => max_len(arg(0)).saturating_mul(max_len(arg(2)).max(1)),
+        "regexp_replace" => (max_len(arg(0)) + 1).saturating_mul(max_len(arg(2)).max(1)),
+        "levenshtein" => {
+            let cells = max_len(arg(0))
+                .saturating_mul(max_len(arg(1)))
+                .saturating_mul(rows);
+            if cells > CELLS_MAX {
+                return Err(exhausted(
+                    name,
+                    format!(
+                        "comparing strings this long costs {cells} steps, at most {CELLS_MAX} allowed"
+                    ),
+                ));
+            }
+            0
+        }
+        _ => 0,
+    };
+    let total = bytes.saturating_mul(rows);
+    if total > VALUE_BYTES_MAX {
+        return Err(exhausted(
+            name,
+            format!(
+                "the result would take about {total} bytes, at most {VALUE_BYTES_MAX} allowed per call"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses an output larger than [`VALUE_BYTES_MAX`].
+fn check_output(name: &str, value: &ColumnarValue) -> datafusion::error::Result<()> {
+    let size = match value {
+        ColumnarValue::Array(a) => a.get_array_memory_size() as u64,
+        ColumnarValue::Scalar(s) => s.size() as u64,
+    };
+    if size > VALUE_BYTES_MAX {
+        return Err(exhausted(
+            name,
+            format!("the result takes {size} bytes, at most {VALUE_BYTES_MAX} allowed per call"),
+        ));
+    }
+    Ok(())
+}
+
+/// Elements of a `range`/`generate_series` call: integers only (a date series with a
+/// one-second step over ten thousand years has no useful answer).
+fn series_len(args: &[ColumnarValue], name: &str) -> datafusion::error::Result<u64> {
+    let all_int = args
+        .iter()
+        .all(|a| a.data_type().is_integer() || a.data_type().is_null());
+    if !all_int {
+        return Err(DataFusionError::Plan(format!(
+            "{name}: only integer arguments are allowed here"
+        )));
+    }
+    let (start, stop, step) = match args.len() {
+        1 => (0, max_abs(args.first()), 1),
+        2 => (max_abs(args.first()), max_abs(args.get(1)), 1),
+        _ => (
+            max_abs(args.first()),
+            max_abs(args.get(1)),
+            min_abs(args.get(2)).max(1),
+        ),
+    };
+    Ok(start.saturating_add(stop) / step + 1)
+}
+
+/// Longest string or binary value of an argument, in bytes (0 for other types).
+fn max_len(value: Option<&ColumnarValue>) -> u64 {
+    match value {
+        Some(ColumnarValue::Scalar(s)) => scalar_len(s),
+        Some(ColumnarValue::Array(a)) => array_max_len(a),
+        None => 0,
+    }
+}
+
+fn scalar_len(s: &ScalarValue) -> u64 {
+    match s {
+        ScalarValue::Utf8(Some(v))
+        | ScalarValue::LargeUtf8(Some(v))
+        | ScalarValue::Utf8View(Some(v)) => v.len() as u64,
+        ScalarValue::Binary(Some(v))
+        | ScalarValue::LargeBinary(Some(v))
+        | ScalarValue::BinaryView(Some(v)) => v.len() as u64,
+        _ => 0,
+    }
+}
+
+fn array_max_len(a: &ArrayRef) -> u64 {
+    let longest = |lens: &mut dyn Iterator<Item = usize>| lens.max().unwrap_or(0) as u64;
+    match a.data_type() {
+        DataType::Utf8 => longest(&mut a.as_string::<i32>().iter().map(|v| v.map_or(0, str::len))),
+        DataType::LargeUtf8 => {
+            longest(&mut a.as_string::<i64>().iter().map(|v| v.map_or(0, str::len)))
+        }
+        DataType::Utf8View => {
+            longest(&mut a.as_string_view().iter().map(|v| v.map_or(0, str::len)))
+        }
+        DataType::Binary => longest(
+            &mut a
+                .as_binary::<i32>()
+                .iter()
+                .map(|v| v.map_or(0, <[u8]>::len)),
+        ),
+        DataType::LargeBinary => longest(
+            &mut a
+                .as_binary::<i64>()
+                .iter()
+                .map(|v| v.map_or(0, <[u8]>::len)),
+        ),
+        DataType::BinaryView => {
+            longest(&mut a.as_binary_view().iter().map(|v| v.map_or(0, <[u8]>::len)))
+        }
+        _ => 0,
+    }
+}
+
+/// The integer values of an argument as i64 (other types: none).
+fn ints(value: Option<&ColumnarValue>) -> Vec<i64> {
+    let array = match value {
+        Some(ColumnarValue::Scalar(s)) => match s.to_array() {
+            Ok(a) => a,
+            Err(_) => return Vec::new(),
+        },
+        Some(ColumnarValue::Array(a)) => a.clone(),
+        None => return Vec::new(),
+    };
+    if !array.data_type().is_integer() {
+        return Vec::new();
+    }
+    match arrow::compute::cast(&array, &DataType::Int64) {
+        Ok(a) => a
+            .as_primitive::<arrow_array::types::Int64Type>()
+            .iter()
+            .flatten()
+            .collect(),
+        // Values beyond i64 (u64): as large as it gets.
+        Err(_) => vec![i64::MAX],
+    }
+}
+
+fn max_int(value: Option<&ColumnarValue>) -> u64 {
+    ints(value)
+        .into_iter()
+        .map(|v| v.max(0) as u64)
+        .max()
+        .unwrap_or(0)
+}
+
+fn max_abs(value: Option<&ColumnarValue>) -> u64 {
+    ints(value)
+        .into_iter()
+        .map(i64::unsigned_abs)
+        .max()
+        .unwrap_or(0)
+}
+
+fn min_abs(value: Option<&ColumnarValue>) -> u64 {
+    ints(value)
+        .into_iter()
+        .map(i64::unsigned_abs)
+        .min()
+        .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::parser::Parser;
+
+    fn shape(sql: &str) -> Result<(), Error> {
+        let statements = Parser::new(&GenericDialect {})
+            .with_recursion_limit(64)
+            .try_with_sql(sql)
+            .and_then(|mut p| p.parse_statements())
+            .expect("parses");
+        check_shape(&statements)
+    }
+
+    fn code(r: Result<(), Error>) -> String {
+        match r {
+            Err(e) => e.code().to_string(),
+            Ok(()) => "ok".into(),
+        }
+    }
+
+    #[test]
+    fn chains_are_counted_before_planning() {
+        let chain = |n: usize, sep: &str| vec!["1"; n].join(sep);
+        assert!(shape(&format!("SELECT {}", chain(200, "+"))).is_ok());
+        assert_eq!(
+            code(shape(&format!("SELECT {}", chain(2000, "+")))),
+            "sql_too_complex"
+        );
+        let unions = vec!["SELECT 1"; 2500].join(" UNION ALL ");
+        assert_eq!(code(shape(&unions)), "sql_too_complex");
+        let joins = (0..1500).map(|i| format!("t{i}")).collect::<Vec<_>>();
+        assert_eq!(
+            code(shape(&format!("SELECT 1 FROM {}", joins.join(",")))),
+            "sql_too_complex"
+        );
+        let joined = joins.join(" CROSS JOIN ");
+        assert_eq!(
+            code(shape(&format!("SELECT 1 FROM {joined}"))),
+            "sql_too_complex"
+        );
+        let list = (0..15_000)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(shape(&format!("SELECT 1 WHERE 1 IN ({list})")).is_ok());
+    }
+}
