@@ -34,6 +34,7 @@ use datafusion::sql::sqlparser::ast::{
     Expr as AstExpr, Query, Select, TableFactor, Visit, Visitor,
 };
 
+use crate::cancel::Cancel;
 use crate::error::{Error, bad};
 
 /// Most expression nodes in one statement (a flat `IN (…)` list of 20,000 literals fits).
@@ -122,29 +123,49 @@ pub(crate) fn check_shape<T: Visit>(node: &T) -> Result<(), Error> {
 
 /// Wraps every scalar function of `plan` (subqueries included) in [`Guarded`], and every
 /// string `||` in a size check.
-pub(crate) fn plan(plan: LogicalPlan) -> datafusion::error::Result<LogicalPlan> {
-    plan.transform_up_with_subqueries(|node| node.map_expressions(|e| e.transform_up(wrap)))
-        .map(|t| t.data)
+pub(crate) fn plan(plan: LogicalPlan, cancel: &Cancel) -> datafusion::error::Result<LogicalPlan> {
+    plan.transform_up_with_subqueries(|node| {
+        node.map_expressions(|e| e.transform_up(|e| wrap(e, cancel)))
+    })
+    .map(|t| t.data)
 }
 
 /// Wraps every scalar function of `expr` (see [`plan`]).
-pub(crate) fn expr(expr: Expr) -> datafusion::error::Result<Expr> {
-    expr.transform_up(wrap).map(|t| t.data)
+pub(crate) fn expr(expr: Expr, cancel: &Cancel) -> datafusion::error::Result<Expr> {
+    expr.transform_up(|e| wrap(e, cancel)).map(|t| t.data)
 }
 
-fn wrap(e: Expr) -> datafusion::error::Result<Transformed<Expr>> {
+/// Wraps the filter of every join of an optimized plan in a cancellation check: a
+/// nested-loop join evaluates it over and over inside one poll.
+pub(crate) fn join_filters(
+    plan: LogicalPlan,
+    cancel: &Cancel,
+) -> datafusion::error::Result<LogicalPlan> {
+    plan.transform_up_with_subqueries(|node| match node {
+        LogicalPlan::Join(mut join) if join.filter.is_some() => {
+            join.filter = join.filter.take().map(|f| checked(f, cancel));
+            Ok(Transformed::yes(LogicalPlan::Join(join)))
+        }
+        other => Ok(Transformed::no(other)),
+    })
+    .map(|t| t.data)
+}
+
+fn checked(e: Expr, cancel: &Cancel) -> Expr {
+    let checked = Arc::new(ScalarUDF::new_from_impl(Checked::new(cancel.clone())));
+    Expr::ScalarFunction(ScalarFunction::new_udf(checked, vec![e]))
+}
+
+fn wrap(e: Expr, cancel: &Cancel) -> datafusion::error::Result<Transformed<Expr>> {
     match e {
         Expr::ScalarFunction(f) if !is_exempt(&f.func) => {
-            let guarded = Arc::new(ScalarUDF::new_from_impl(Guarded::new(f.func.clone())));
+            let guarded = Guarded::new(f.func.clone(), cancel.clone());
             Ok(Transformed::yes(Expr::ScalarFunction(
-                ScalarFunction::new_udf(guarded, f.args),
+                ScalarFunction::new_udf(Arc::new(ScalarUDF::new_from_impl(guarded)), f.args),
             )))
         }
         Expr::BinaryExpr(b) if b.op == Operator::StringConcat => {
-            let checked = Arc::new(ScalarUDF::new_from_impl(Checked::new()));
-            Ok(Transformed::yes(Expr::ScalarFunction(
-                ScalarFunction::new_udf(checked, vec![Expr::BinaryExpr(b)]),
-            )))
+            Ok(Transformed::yes(checked(Expr::BinaryExpr(b), cancel)))
         }
         other => Ok(Transformed::no(other)),
     }
@@ -161,11 +182,12 @@ fn is_exempt(func: &ScalarUDF) -> bool {
 #[derive(Debug)]
 pub(crate) struct Guarded {
     inner: Arc<ScalarUDF>,
+    cancel: Cancel,
 }
 
 impl Guarded {
-    fn new(inner: Arc<ScalarUDF>) -> Self {
-        Self { inner }
+    fn new(inner: Arc<ScalarUDF>, cancel: Cancel) -> Self {
+        Self { inner, cancel }
     }
 }
 
@@ -226,7 +248,9 @@ impl ScalarUDFImpl for Guarded {
         // Some functions (`now`, `arrow_cast`) are only ever evaluated by simplification;
         // whatever they simplify to is guarded too.
         match self.inner.simplify(args, info)? {
-            ExprSimplifyResult::Simplified(e) => Ok(ExprSimplifyResult::Simplified(expr(e)?)),
+            ExprSimplifyResult::Simplified(e) => {
+                Ok(ExprSimplifyResult::Simplified(expr(e, &self.cancel)?))
+            }
             original => Ok(original),
         }
     }
@@ -234,6 +258,7 @@ impl ScalarUDFImpl for Guarded {
         &self,
         args: ScalarFunctionArgs,
     ) -> datafusion::error::Result<ColumnarValue> {
+        self.cancel.check()?;
         check_cost(self.inner.name(), &args.args, args.number_rows)?;
         let out = self.inner.invoke_with_args(args)?;
         check_output(self.inner.name(), &out)?;
@@ -242,15 +267,29 @@ impl ScalarUDFImpl for Guarded {
 }
 
 /// Identity with an output size check, around operators that build values (`||`).
-#[derive(Debug, PartialEq, Eq, Hash)]
+#[derive(Debug)]
 pub(crate) struct Checked {
     signature: Signature,
+    cancel: Cancel,
+}
+
+impl PartialEq for Checked {
+    fn eq(&self, other: &Self) -> bool {
+        self.signature == other.signature
+    }
+}
+impl Eq for Checked {}
+impl Hash for Checked {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.signature.hash(state)
+    }
 }
 
 impl Checked {
-    fn new() -> Self {
+    fn new(cancel: Cancel) -> Self {
         Self {
             signature: Signature::any(1, Volatility::Immutable),
+            cancel,
         }
     }
 }
@@ -279,6 +318,7 @@ impl ScalarUDFImpl for Checked {
         &self,
         args: ScalarFunctionArgs,
     ) -> datafusion::error::Result<ColumnarValue> {
+        self.cancel.check()?;
         let value = args.args.into_iter().next().ok_or_else(|| {
             DataFusionError::Internal("meshnode_checked takes one argument".into())
         })?;

@@ -156,7 +156,11 @@ fn parse_filter(text: &str) -> Result<datafusion::sql::sqlparser::ast::Expr> {
 
 /// A search filter as a planned expression over `schema`, with the SQL engine's functions,
 /// each guarded ([`crate::guard`]). Run it on the query runtime (it parses recursively).
-pub(crate) fn filter_expr(text: &str, schema: &arrow_schema::Schema) -> Result<Expr> {
+pub(crate) fn filter_expr(
+    text: &str,
+    schema: &arrow_schema::Schema,
+    cancel: &crate::cancel::Cancel,
+) -> Result<Expr> {
     use datafusion::common::DFSchema;
     use datafusion::sql::sqlparser::ast::ExprWithAlias;
     let ast = parse_filter(text)?;
@@ -176,7 +180,7 @@ pub(crate) fn filter_expr(text: &str, schema: &arrow_schema::Schema) -> Result<E
                 format!("filter `{shown}`: {}", e.find_root()),
             )
         })?;
-    crate::guard::expr(expr).map_err(internal)
+    crate::guard::expr(expr, cancel).map_err(internal)
 }
 
 /// Runs a search on one dataset version. Rows carry every column plus `_distance`.
@@ -226,10 +230,7 @@ pub(crate) async fn run(
         scan.filter_expr(expr);
     }
     let stream = scan.try_into_stream().await.map_err(scan_error)?;
-    let batches: Vec<RecordBatch> = stream
-        .try_collect()
-        .await
-        .map_err(|e| bad("knn_error", e.to_string()))?;
+    let batches: Vec<RecordBatch> = stream.try_collect().await.map_err(stream_error)?;
     Ok(batches)
 }
 
@@ -241,6 +242,17 @@ pub(crate) const ANN_ROWS_PER_PARTITION: usize = 250_000;
 
 /// Filtered searches over an indexed table that match at most this many rows are exact.
 pub const FILTERED_EXACT_ROWS_MAX: usize = 100_000;
+
+/// An error while the search ran: a function guard's refusal is the query's cost, anything
+/// else the search's.
+fn stream_error(e: impl std::fmt::Display) -> crate::error::Error {
+    let text = e.to_string();
+    if text.contains("Resources exhausted") {
+        crate::error::Error::ResourcesExhausted(text)
+    } else {
+        bad("knn_error", text)
+    }
+}
 
 fn scan_error(e: lance::Error) -> crate::error::Error {
     let text = e.to_string();
@@ -550,6 +562,7 @@ pub(crate) async fn search(
     tables: &Arc<Tables>,
     dataset: Arc<Dataset>,
     search: &Search,
+    cancel: &crate::cancel::Cancel,
 ) -> Result<Vec<RecordBatch>> {
     let column = check(search, tables)?;
     let index = tables.index_metric(&search.table).await;
@@ -557,7 +570,7 @@ pub(crate) async fn search(
     let filter = match &search.filter {
         Some(text) => {
             let schema = arrow_schema::Schema::from(dataset.schema());
-            Some(filter_expr(text, &schema)?)
+            Some(filter_expr(text, &schema, cancel)?)
         }
         None => None,
     };

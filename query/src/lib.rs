@@ -6,6 +6,7 @@
 //! SQL ([`Query::sql`]) and vector search ([`Query::search`]) read a consistent snapshot of
 //! them, optionally "as of" a transparency-log size.
 
+mod cancel;
 mod error;
 mod export;
 mod guard;
@@ -286,7 +287,9 @@ impl Query {
         let request_owned = request.clone();
         let batches = self
             .engine
-            .submit(async move { knn::search(&tables, dataset, &request_owned).await })
+            .submit(move |cancel| async move {
+                knn::search(&tables, dataset, &request_owned, &cancel).await
+            })
             .await?;
         let answer = Answer {
             schema: batches

@@ -16,10 +16,12 @@ use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::SessionStateDefaults;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::logical_expr::LogicalPlanBuilder;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext, col, lit};
 use lance::datafusion::LanceTableProvider;
 use serde_json::{Map, Value};
 
+use crate::cancel::Cancel;
 use crate::error::{Error, Result, bad, internal};
 use crate::knn::KnnFunction;
 use crate::tables::Tables;
@@ -338,12 +340,13 @@ impl Engine {
     }
 
     /// Runs `work` on the query runtime under a permit and the deadline. Past the deadline
-    /// the task is aborted: it stops at its next await point (DataFusion's operators yield
-    /// cooperatively; every function call is bounded by [`crate::guard`]), which drops the
-    /// permit it holds.
-    pub(crate) async fn submit<T, F>(&self, work: F) -> Result<T>
+    /// the query's [`Cancel`] flag is set (every operator and guarded function of the query
+    /// checks it: see [`crate::cancel`]) and its task is aborted, which drops the permit it
+    /// holds.
+    pub(crate) async fn submit<T, F, Fut>(&self, work: F) -> Result<T>
     where
-        F: std::future::Future<Output = Result<T>> + Send + 'static,
+        F: FnOnce(Cancel) -> Fut,
+        Fut: std::future::Future<Output = Result<T>> + Send + 'static,
         T: Send + 'static,
     {
         let timeout = self.limits.timeout;
@@ -352,6 +355,8 @@ impl Engine {
             .await
             .map_err(|_| Error::Busy)?
             .map_err(|_| Error::Busy)?;
+        let cancel = Cancel::default();
+        let work = work(cancel.clone());
         let task = self.runtime.spawn(async move {
             let _permit = permit;
             work.await
@@ -362,6 +367,7 @@ impl Engine {
             Ok(Err(e)) if e.is_panic() => Err(internal(format!("query task panicked: {e}"))),
             Ok(Err(e)) => Err(internal(format!("query task failed: {e}"))),
             Err(_) => {
+                cancel.set();
                 abort.abort();
                 Err(Error::Timeout(timeout.as_millis() as u64))
             }
@@ -442,7 +448,7 @@ impl Engine {
         }
         let depth_max = self.limits.depth_max;
         let rows_max = self.limits.rows_max;
-        self.submit(async move {
+        self.submit(move |cancel| async move {
             let statement = parse_read_only(&text, depth_max)?;
             let state = ctx.state();
             let plan = state.statement_to_plan(statement).await.map_err(classify)?;
@@ -451,11 +457,24 @@ impl Engine {
                 .with_allow_dml(false)
                 .with_allow_statements(false);
             options.verify_plan(&plan).map_err(classify)?;
-            let plan = crate::guard::plan(plan).map_err(classify)?;
-            let df = ctx.execute_logical_plan(plan).await.map_err(classify)?;
-            let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-            let df = df.limit(0, Some(rows_max + 1)).map_err(classify)?;
-            let stream = df.execute_stream().await.map_err(classify)?;
+            let plan = crate::guard::plan(plan, &cancel).map_err(classify)?;
+            let plan = LogicalPlanBuilder::from(plan)
+                .limit(0, Some(rows_max + 1))
+                .and_then(|b| b.build())
+                .map_err(classify)?;
+            let schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
+            // Optimize here rather than in `create_physical_plan`, so that the join filters
+            // the optimizer settles on can be wrapped in cancellation checks.
+            let plan = state.optimize(&plan).map_err(classify)?;
+            let plan = crate::guard::join_filters(plan, &cancel).map_err(classify)?;
+            let physical = state
+                .query_planner()
+                .create_physical_plan(&plan, &state)
+                .await
+                .map_err(classify)?;
+            let physical = crate::cancel::wrap(physical, &cancel).map_err(classify)?;
+            let stream = datafusion::physical_plan::execute_stream(physical, ctx.task_ctx())
+                .map_err(classify)?;
             collect_bounded(schema, stream, rows_max).await
         })
         .await

@@ -123,7 +123,11 @@ pub(crate) async fn status(state: AppState, headers: HeaderMap) -> Result<Respon
             supply: node.ledger.supply()?,
             state_digest: hex::encode(node.ledger.state_digest()?.1),
             query: match node.query.status() {
-                Ok(q) => serde_json::json!({"applied": q.applied, "caught_up": q.caught_up}),
+                Ok(q) => serde_json::json!({
+                    "applied": q.applied,
+                    "caught_up": q.caught_up,
+                    "idle_permits": node.query.idle_permits(),
+                }),
                 Err(e) => serde_json::json!({"error": e.to_string()}),
             },
         },

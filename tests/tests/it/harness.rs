@@ -157,6 +157,11 @@ impl TestNode {
     }
 
     /// Kills the process with SIGKILL (no chance to flush anything) and waits for it.
+    /// The node process's id, while it runs.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub(crate) fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

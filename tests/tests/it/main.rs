@@ -6,6 +6,7 @@ mod convergence_http;
 mod durability;
 mod gateway_rules;
 mod harness;
+mod hostile;
 mod interop;
 mod layering;
 mod ledger_http;
