@@ -80,20 +80,29 @@ pub struct ServerConfig {
     /// Most connections open at once; further ones wait in the listen backlog.
     /// Env: `MESHNODE_CONNECTIONS_MAX`.
     pub connections_max: usize,
+    /// Most open connections from one client address; more get a 429. Default 256. Env:
+    /// `MESHNODE_CONNECTIONS_PER_CLIENT_MAX`.
+    pub connections_per_client_max: usize,
     /// Time a client has to send a request's headers, and the longest a kept-alive
     /// connection may sit idle between requests, in milliseconds. Default 10 s.
     /// Env: `MESHNODE_HEADER_TIMEOUT_MS`.
     pub header_timeout_ms: u64,
-    /// Longest a read or write on a connection may stall (slow body upload, client not
-    /// reading its response), in milliseconds. Default 60 s. Env: `MESHNODE_IO_TIMEOUT_MS`.
+    /// Longest a write on a connection may stall (a client not reading its response), in
+    /// milliseconds. Default 60 s. Env: `MESHNODE_IO_TIMEOUT_MS`. (Reads are bounded by the
+    /// header timeout, the body deadline and the upload rate floor instead.)
     pub io_timeout_ms: u64,
+    /// Longest a whole request body (JSON, an event) may take to arrive, in milliseconds.
+    /// Default 30 s. Env: `MESHNODE_BODY_TIMEOUT_MS`. Uploads instead need a sustained
+    /// 16 KiB/s after their first 10 s.
+    pub body_timeout_ms: u64,
 }
 
 /// Blob store settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSettings {
-    /// Seconds between scheduled garbage collections. Default 600.
+    /// Seconds between scheduled garbage collections. Default 600. Env:
+    /// `MESHNODE_GC_INTERVAL_SECS`.
     pub gc_interval_secs: u64,
 }
 
@@ -127,8 +136,10 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             connections_max: 1024,
+            connections_per_client_max: 256,
             header_timeout_ms: 10_000,
             io_timeout_ms: 60_000,
+            body_timeout_ms: 30_000,
         }
     }
 }
@@ -182,6 +193,16 @@ impl Config {
         }
         if let Some(v) = get("MESHNODE_CONNECTIONS_MAX") {
             self.server.connections_max = parse("MESHNODE_CONNECTIONS_MAX", v)?;
+        }
+        if let Some(v) = get("MESHNODE_CONNECTIONS_PER_CLIENT_MAX") {
+            self.server.connections_per_client_max =
+                parse("MESHNODE_CONNECTIONS_PER_CLIENT_MAX", v)?;
+        }
+        if let Some(v) = get("MESHNODE_BODY_TIMEOUT_MS") {
+            self.server.body_timeout_ms = parse("MESHNODE_BODY_TIMEOUT_MS", v)?;
+        }
+        if let Some(v) = get("MESHNODE_GC_INTERVAL_SECS") {
+            self.store.gc_interval_secs = parse("MESHNODE_GC_INTERVAL_SECS", v)?;
         }
         if let Some(v) = get("MESHNODE_HEADER_TIMEOUT_MS") {
             self.server.header_timeout_ms = parse("MESHNODE_HEADER_TIMEOUT_MS", v)?;

@@ -99,6 +99,41 @@ impl ExecutionPlan for CancelExec {
         }))
     }
 
+    fn reset_state(self: Arc<Self>) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(CancelExec {
+            inner: self.inner.clone().reset_state()?,
+            cancel: self.cancel.clone(),
+        }))
+    }
+
+    // A recursive query hands its work table to the node that reads it through this.
+    fn with_new_state(
+        &self,
+        state: Arc<dyn std::any::Any + Send + Sync>,
+    ) -> Option<Arc<dyn ExecutionPlan>> {
+        self.inner.with_new_state(state).map(|inner| {
+            Arc::new(CancelExec {
+                inner,
+                cancel: self.cancel.clone(),
+            }) as Arc<dyn ExecutionPlan>
+        })
+    }
+
+    fn metrics(&self) -> Option<datafusion::physical_plan::metrics::MetricsSet> {
+        self.inner.metrics()
+    }
+
+    fn partition_statistics(
+        &self,
+        partition: Option<usize>,
+    ) -> Result<Arc<datafusion::common::Statistics>> {
+        self.inner.partition_statistics(partition)
+    }
+
+    fn fetch(&self) -> Option<usize> {
+        self.inner.fetch()
+    }
+
     fn execute(
         &self,
         partition: usize,

@@ -1,6 +1,9 @@
 //! Blob routes: upload (streamed, capped), GET/HEAD with Range and ETag, fetch.
 
 use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use futures::{Stream, StreamExt};
@@ -92,10 +95,18 @@ where
         item.map(|mut buf| buf.copy_to_bytes(buf.remaining()))
             .map_err(std::io::Error::other)
     }));
+    let too_slow = Arc::new(AtomicBool::new(false));
+    let chunks = Box::pin(paced(chunks, too_slow.clone()));
     // The store writes each piece it gets; give it large ones.
     let chunks = Box::pin(meshnode_store::coalesce(chunks, STREAM_CHUNK_BYTES));
     let stream = Box::pin(sync_wrapper::SyncStream::new(chunks));
-    let added = state.node().store.add_stream(stream, limit, pin).await?;
+    let added = match state.node().store.add_stream(stream, limit, pin).await {
+        Ok(added) => added,
+        Err(_) if too_slow.load(Ordering::Acquire) => {
+            return Err(super::error::body_timeout(UPLOAD_GRACE));
+        }
+        Err(e) => return Err(e.into()),
+    };
     state.metrics().blob_bytes_added.inc_by(added.size);
     let mut response = json(
         StatusCode::CREATED,
@@ -109,6 +120,43 @@ where
         response.headers_mut().insert(header::LOCATION, location);
     }
     Ok(response)
+}
+
+/// Slowest sustained upload rate, in bytes per second, after [`UPLOAD_GRACE`]: a client that
+/// trickles a body cannot hold a connection and an upload open indefinitely.
+pub(crate) const UPLOAD_RATE_MIN: u64 = 16 * 1024;
+/// Time an upload may take before [`UPLOAD_RATE_MIN`] applies.
+pub(crate) const UPLOAD_GRACE: Duration = Duration::from_secs(10);
+
+/// Ends `body` with an error once it falls behind [`UPLOAD_RATE_MIN`]: the next piece must
+/// arrive by `start + UPLOAD_GRACE + received / UPLOAD_RATE_MIN`.
+fn paced<S>(body: S, too_slow: Arc<AtomicBool>) -> impl Stream<Item = std::io::Result<Bytes>>
+where
+    S: Stream<Item = std::io::Result<Bytes>> + Unpin,
+{
+    let start = tokio::time::Instant::now();
+    futures::stream::unfold((body, 0u64, false), move |(mut body, seen, done)| {
+        let too_slow = too_slow.clone();
+        async move {
+            if done {
+                return None;
+            }
+            let deadline = start + UPLOAD_GRACE + Duration::from_secs(seen / UPLOAD_RATE_MIN);
+            match tokio::time::timeout_at(deadline, body.next()).await {
+                Ok(Some(Ok(piece))) => {
+                    let seen = seen + piece.len() as u64;
+                    Some((Ok(piece), (body, seen, false)))
+                }
+                Ok(Some(Err(e))) => Some((Err(e), (body, seen, true))),
+                Ok(None) => None,
+                Err(_) => {
+                    too_slow.store(true, Ordering::Release);
+                    let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "upload too slow");
+                    Some((Err(e), (body, seen, true)))
+                }
+            }
+        }
+    })
 }
 
 /// Download a blob, or a byte range of it, verified against its hash.
@@ -142,7 +190,8 @@ pub(crate) async fn get(
         .get(header::RANGE)
         .map(|v| v.to_str().map(str::to_string).unwrap_or_default());
 
-    if let Some(cached) = state.inner.cache.get(&hash) {
+    let generation = state.node().store.gc_generation();
+    if let Some(cached) = state.cache().get(&hash) {
         state.metrics().blob_cache_hits.inc();
         let size = cached.bytes.len() as u64;
         if range_header.is_none() && !head {
@@ -193,14 +242,16 @@ pub(crate) async fn get(
     let length = read.range.end - read.range.start;
     if length <= BUFFERED_READ_BYTES_MAX {
         let bytes = meshnode_store::collect(read).await?;
+        // Not if a GC pass ran meanwhile: it may have deleted what was just read.
         if range.is_none()
             && size <= state.node().config.limits.cache_blob_bytes_max
+            && state.node().store.gc_generation() == generation
             && let (Ok(etag_value), Ok(cid)) = (
                 http::HeaderValue::from_str(&etag),
                 http::HeaderValue::from_str(&hash.to_cid()),
             )
         {
-            state.inner.cache.insert(
+            state.cache().insert(
                 hash,
                 super::CachedBlob {
                     bytes: bytes.clone(),
@@ -307,8 +358,10 @@ fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
 }
 
 /// Parses a `Range` header against a blob of `size` bytes. `None` means the whole blob: no
-/// header, or several ranges (which RFC 9110 lets a server ignore). A malformed or
-/// unsatisfiable single range is a 416.
+/// header, a unit other than `bytes` (RFC 9110 §14.2: ignore it; unit names are
+/// case-insensitive), or several ranges (which a server may ignore). An end past the blob,
+/// however large, is clamped to its last byte. A malformed or unsatisfiable single byte
+/// range is a 416.
 pub fn parse_range(value: Option<&str>, size: u64) -> Result<Option<Range<u64>>, ApiError> {
     let Some(value) = value else {
         return Ok(None);
@@ -324,9 +377,12 @@ pub fn parse_range(value: Option<&str>, size: u64) -> Result<Option<Range<u64>>,
         )
         .with_header(header::CONTENT_RANGE, format!("bytes */{size}"))
     };
-    let Some(spec) = value.trim().strip_prefix("bytes=") else {
-        return Err(unsatisfiable("only `bytes=` ranges are supported"));
+    let Some((unit, spec)) = value.trim().split_once('=') else {
+        return Err(unsatisfiable("expected `bytes=start-end`"));
     };
+    if !unit.trim().eq_ignore_ascii_case("bytes") {
+        return Ok(None);
+    }
     if spec.contains(',') {
         return Ok(None);
     }
@@ -351,6 +407,9 @@ pub fn parse_range(value: Option<&str>, size: u64) -> Result<Option<Range<u64>>,
         let start = number(first)?;
         let end_inclusive = if last.is_empty() {
             size.saturating_sub(1)
+        } else if !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()) {
+            // Any end past the blob means "to the end", even one beyond u64.
+            last.parse::<u64>().unwrap_or(u64::MAX)
         } else {
             number(last)?
         };

@@ -36,24 +36,43 @@ impl warp::reject::Reject for Unreadable {}
 pub(crate) struct InvalidJson(pub(crate) String);
 impl warp::reject::Reject for InvalidJson {}
 
+/// The request is not authorized (checked before any of the body is read).
+#[derive(Debug)]
+pub(crate) struct Denied(pub(crate) super::ApiError);
+impl warp::reject::Reject for Denied {}
+
+/// The body did not arrive within the route's deadline (`server.body_timeout_ms`).
+#[derive(Debug)]
+pub(crate) struct SlowBody(pub(crate) Duration);
+impl warp::reject::Reject for SlowBody {}
+
 /// A JSON route got a body declared as something else.
 #[derive(Debug)]
 pub(crate) struct NotJson(pub(crate) String);
 impl warp::reject::Reject for NotJson {}
 
 /// The whole body, if it is at most `limit` bytes; otherwise a [`TooLarge`] rejection.
+/// A client that trickles bytes cannot hold a connection slot and a buffer for longer than
+/// `deadline`.
 pub(crate) fn bounded(
     limit: u64,
+    deadline: Duration,
 ) -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone + Send + Sync + 'static {
     warp::header::optional::<u64>("content-length")
         .and(warp::body::stream())
-        .and_then(move |length: Option<u64>, body| read(length, body, limit))
+        .and_then(move |length: Option<u64>, body| async move {
+            match tokio::time::timeout(deadline, read(length, body, limit)).await {
+                Ok(result) => result,
+                Err(_) => Err(warp::reject::custom(SlowBody(deadline))),
+            }
+        })
 }
 
 /// The body parsed as JSON, if it is at most `limit` bytes and declared as JSON (or not
 /// declared at all).
 pub(crate) fn json<T: DeserializeOwned + Send + 'static>(
     limit: u64,
+    deadline: Duration,
 ) -> impl Filter<Extract = (T,), Error = Rejection> + Clone + Send + Sync + 'static {
     warp::header::optional::<String>("content-type")
         .and_then(|content_type: Option<String>| async move {
@@ -63,7 +82,7 @@ pub(crate) fn json<T: DeserializeOwned + Send + 'static>(
             }
         })
         .untuple_one()
-        .and(bounded(limit))
+        .and(bounded(limit, deadline))
         .and_then(|bytes: Bytes| async move {
             serde_json::from_slice::<T>(&bytes)
                 .map_err(|e| warp::reject::custom(InvalidJson(e.to_string())))

@@ -145,6 +145,20 @@ impl From<meshnode_schemas::Error> for ApiError {
     }
 }
 
+/// 408: the request body did not arrive in time.
+pub(crate) fn body_timeout(limit: std::time::Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "body_timeout",
+        format!(
+            "the request body did not arrive in time (whole bodies within {} s; uploads at a \
+             sustained rate of at least {} KiB/s)",
+            limit.as_secs(),
+            super::blobs::UPLOAD_RATE_MIN / 1024
+        ),
+    )
+}
+
 /// Turns whatever warp rejected (unknown path, wrong method, unreadable body…) into our JSON
 /// error shape.
 pub(crate) async fn recover(rejection: warp::Rejection) -> Result<Response, Infallible> {
@@ -156,6 +170,10 @@ pub(crate) async fn recover(rejection: warp::Rejection) -> Result<Response, Infa
             "method_not_allowed",
             "method not allowed on this route; see /openapi.json",
         )
+    } else if let Some(super::body::Denied(e)) = rejection.find() {
+        e.clone()
+    } else if let Some(super::body::SlowBody(limit)) = rejection.find() {
+        body_timeout(*limit)
     } else if let Some(super::body::TooLarge(limit)) = rejection.find() {
         ApiError::too_large(*limit)
     } else if let Some(super::body::InvalidJson(e)) = rejection.find() {

@@ -62,6 +62,14 @@ pub struct Metrics {
     pub ledger_events: Gauge,
     /// Events waiting for prev or deps (at scrape time).
     pub ledger_pending: Gauge,
+    /// Finished GC runs.
+    pub gc_runs: Gauge,
+    /// Failed GC runs.
+    pub gc_failures: Gauge,
+    /// 1 when the blob collector stopped after an error.
+    pub gc_stopped: Gauge,
+    /// Connections refused because their client had too many open.
+    pub connections_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -144,6 +152,30 @@ impl Metrics {
             "Events waiting for prev or deps",
             ledger_pending.clone(),
         );
+        let gc_runs = Gauge::default();
+        registry.register(
+            "gc_runs",
+            "Finished garbage-collection runs",
+            gc_runs.clone(),
+        );
+        let gc_failures = Gauge::default();
+        registry.register(
+            "gc_failures",
+            "Failed garbage-collection runs",
+            gc_failures.clone(),
+        );
+        let gc_stopped = Gauge::default();
+        registry.register(
+            "gc_stopped",
+            "1 when the blob collector stopped after an error (restart to resume)",
+            gc_stopped.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "http_connections_refused",
+            "Connections refused because their client had too many open",
+            connections_refused.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
@@ -158,6 +190,10 @@ impl Metrics {
             events_rejected,
             ledger_events,
             ledger_pending,
+            gc_runs,
+            gc_failures,
+            gc_stopped,
+            connections_refused,
         }
     }
 

@@ -39,7 +39,7 @@ pub(crate) struct CachedBlob {
 }
 
 #[derive(Clone)]
-struct BytesWeighter;
+pub(crate) struct BytesWeighter;
 
 impl Weighter<BlobHash, CachedBlob> for BytesWeighter {
     fn weight(&self, _key: &BlobHash, value: &CachedBlob) -> u64 {
@@ -48,7 +48,7 @@ impl Weighter<BlobHash, CachedBlob> for BytesWeighter {
     }
 }
 
-type BlobCache = quick_cache::sync::Cache<BlobHash, CachedBlob, BytesWeighter>;
+pub(crate) type BlobCache = quick_cache::sync::Cache<BlobHash, CachedBlob, BytesWeighter>;
 
 struct StateInner {
     node: Arc<Node>,
@@ -56,6 +56,8 @@ struct StateInner {
     /// Verified bytes of small blobs. Blobs are immutable, so a hit is always correct; the
     /// cache is cleared after GC so that deleted blobs stop being served.
     cache: BlobCache,
+    /// The store's GC generation the cache was last checked against.
+    cache_generation: std::sync::atomic::AtomicU64,
     ready: AtomicBool,
     /// One audit at a time (it re-reads every event).
     audit_lock: tokio::sync::Mutex<()>,
@@ -85,6 +87,7 @@ impl AppState {
                 node,
                 metrics,
                 cache,
+                cache_generation: std::sync::atomic::AtomicU64::new(0),
                 ready: AtomicBool::new(false),
                 audit_lock: tokio::sync::Mutex::new(()),
             }),
@@ -99,6 +102,16 @@ impl AppState {
     /// The metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
+    }
+
+    /// The cache of small blobs, emptied first if any GC pass (scheduled or not) ran since
+    /// the last look: a deleted blob must stop being served.
+    pub(crate) fn cache(&self) -> &BlobCache {
+        let now = self.inner.node.store.gc_generation();
+        if self.inner.cache_generation.swap(now, Ordering::AcqRel) != now {
+            self.inner.cache.clear();
+        }
+        &self.inner.cache
     }
 
     /// Marks the node ready (or not) for `/readyz`.
@@ -147,6 +160,24 @@ fn respond(result: Result<Response, ApiError>) -> Response {
 
 fn with_state(state: AppState) -> impl Filter<Extract = (AppState,), Error = Infallible> + Clone {
     warp::any().map(move || state.clone())
+}
+
+/// Checks the bearer token before anything of the body is read: an unauthorized client
+/// cannot make the node buffer a body or hold a connection while it trickles one.
+fn authorized(
+    state: AppState,
+    write: bool,
+) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
+    warp::header::headers_cloned()
+        .and_then(move |headers: HeaderMap| {
+            let state = state.clone();
+            async move {
+                state
+                    .authorize(&headers, write)
+                    .map_err(|e| warp::reject::custom(body::Denied(e)))
+            }
+        })
+        .untuple_one()
 }
 
 /// Every route of the API, with JSON errors for anything that does not match.
@@ -241,15 +272,19 @@ pub fn routes(
     let metrics = warp::path!("metrics")
         .and(warp::get())
         .and(s())
-        .then(|state| async move { ops::metrics(state).await })
+        .and(headers())
+        .then(|state, headers| async move { respond(ops::metrics(state, headers).await) })
         .boxed();
     let event_limit = meshnode_schemas::limits::EVENT_BYTES_MAX as u64 + 1024;
+    let body_deadline =
+        std::time::Duration::from_millis(state.node().config.server.body_timeout_ms.max(1));
     let events_post =
         warp::path!("v1" / "events")
             .and(warp::post())
+            .and(authorized(state.clone(), true))
             .and(s())
             .and(headers())
-            .and(body::bounded(event_limit))
+            .and(body::bounded(event_limit, body_deadline))
             .then(|state, headers, body| async move {
                 respond(ledger::submit(state, headers, body).await)
             })
@@ -333,9 +368,13 @@ pub fn routes(
     let json_limit = state.node().config.limits.json_bytes_max;
     let audit_export = warp::path!("v1" / "audit" / "export")
         .and(warp::post())
+        .and(authorized(state.clone(), true))
         .and(s())
         .and(headers())
-        .and(body::json::<ledger::ExportRequest>(json_limit))
+        .and(body::json::<ledger::ExportRequest>(
+            json_limit,
+            body_deadline,
+        ))
         .then(|state, headers, request| async move {
             respond(ledger::audit_export(state, headers, request).await)
         })
@@ -417,18 +456,23 @@ pub fn routes(
         .boxed();
     let sql = warp::path!("v1" / "sql")
         .and(warp::post())
+        .and(authorized(state.clone(), false))
         .and(s())
         .and(headers())
-        .and(body::json::<query::SqlRequest>(json_limit))
+        .and(body::json::<query::SqlRequest>(json_limit, body_deadline))
         .then(|state, headers, request| async move {
             respond(query::sql(state, headers, request).await)
         })
         .boxed();
     let search = warp::path!("v1" / "search")
         .and(warp::post())
+        .and(authorized(state.clone(), false))
         .and(s())
         .and(headers())
-        .and(body::json::<query::SearchRequest>(json_limit))
+        .and(body::json::<query::SearchRequest>(
+            json_limit,
+            body_deadline,
+        ))
         .then(|state, headers, request| async move {
             respond(query::search(state, headers, request).await)
         })
@@ -441,18 +485,23 @@ pub fn routes(
         .boxed();
     let maintenance = warp::path!("v1" / "query")
         .and(warp::post())
+        .and(authorized(state.clone(), true))
         .and(s())
         .and(headers())
-        .and(body::json::<query::Maintenance>(json_limit))
+        .and(body::json::<query::Maintenance>(json_limit, body_deadline))
         .then(|state, headers, request| async move {
             respond(query::maintenance(state, headers, request).await)
         })
         .boxed();
     let export = warp::path!("v1" / "export")
         .and(warp::post())
+        .and(authorized(state.clone(), true))
         .and(s())
         .and(headers())
-        .and(body::json::<query::ExportRequest>(json_limit))
+        .and(body::json::<query::ExportRequest>(
+            json_limit,
+            body_deadline,
+        ))
         .then(|state, headers, request| async move {
             respond(query::export(state, headers, request).await)
         })

@@ -45,6 +45,10 @@ pub(crate) struct Status {
     /// Query tables: events materialized, and whether they caught up since start.
     #[schema(value_type = Object)]
     query: serde_json::Value,
+    /// Garbage collection: finished runs, failures, the last error, and whether the blob
+    /// collector stopped (after an error; a restart resumes it).
+    #[schema(value_type = Object)]
+    gc: serde_json::Value,
 }
 
 /// Answer of `POST /v1/gc`.
@@ -79,7 +83,9 @@ pub(crate) fn readyz(state: AppState) -> Response {
 /// Prometheus metrics (text exposition format).
 #[utoipa::path(get, path = "/metrics", tag = "ops",
     responses((status = 200, description = "Metrics", content_type = "text/plain", body = String)))]
-pub(crate) async fn metrics(state: AppState) -> Response {
+pub(crate) async fn metrics(state: AppState, headers: HeaderMap) -> Result<Response, ApiError> {
+    // Metrics are a read: public only when reads are.
+    state.authorize(&headers, false)?;
     let store = &state.node().store;
     state.metrics().blobs_corrupt.set(store.n_corrupt() as i64);
     if let Ok(pins) = store.pins().await {
@@ -93,12 +99,16 @@ pub(crate) async fn metrics(state: AppState) -> Response {
         .metrics()
         .ledger_pending
         .set(ledger.n_pending() as i64);
-    warp::reply::with_header(
+    let gc = store.gc_health();
+    state.metrics().gc_runs.set(gc.runs as i64);
+    state.metrics().gc_failures.set(gc.failures as i64);
+    state.metrics().gc_stopped.set(i64::from(gc.stopped));
+    Ok(warp::reply::with_header(
         state.metrics().encode(),
         http::header::CONTENT_TYPE,
         "text/plain; version=0.0.4; charset=utf-8",
     )
-    .into_response()
+    .into_response())
 }
 
 /// Node identity and counters.
@@ -122,6 +132,15 @@ pub(crate) async fn status(state: AppState, headers: HeaderMap) -> Result<Respon
             pending: node.ledger.n_pending() as u64,
             supply: node.ledger.supply()?,
             state_digest: hex::encode(node.ledger.state_digest()?.1),
+            gc: {
+                let gc = node.store.gc_health();
+                serde_json::json!({
+                    "runs": gc.runs,
+                    "failures": gc.failures,
+                    "last_error": gc.last_error,
+                    "stopped": gc.stopped,
+                })
+            },
             query: match node.query.status() {
                 Ok(q) => serde_json::json!({
                     "applied": q.applied,

@@ -1,12 +1,19 @@
-//! The hardened HTTP/1.1 server: a connection cap, header-read and idle timeouts, stalled-I/O
-//! timeouts, `TCP_NODELAY`, peer address in request extensions, per-request metrics and
-//! graceful shutdown. `warp::serve` has none of these, so the warp filter is served here
-//! through hyper directly.
+//! The hardened HTTP/1.1 server: a connection cap and a per-client cap, a header-read
+//! timeout (which also closes idle keep-alive connections), a stalled-write timeout,
+//! `TCP_NODELAY`, peer address in request extensions, per-request metrics and graceful
+//! shutdown. `warp::serve` has none of these, so the warp filter is served here through hyper
+//! directly.
+//!
+//! There is no socket read timeout: hyper polls the socket while a handler runs, so one would
+//! cut off every handler that runs longer (a GC, a rebuild, an export). Reads are bounded
+//! where they happen instead: headers by the header timeout, whole bodies by
+//! the body deadline (`body_timeout_ms`), uploads by a minimum rate.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
@@ -29,6 +36,83 @@ pub struct PeerAddr(pub SocketAddr);
 /// How long shutdown waits for open connections to finish their requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// Open connections per client address.
+#[derive(Default)]
+struct Clients(Mutex<HashMap<IpAddr, usize>>);
+
+/// One admitted connection of a client; gives its place back when dropped.
+struct ClientSlot {
+    clients: Arc<Clients>,
+    ip: IpAddr,
+}
+
+impl Clients {
+    /// A slot for `ip` if it has fewer than `max` connections open.
+    fn admit(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<ClientSlot> {
+        let mut open = self
+            .0
+            .lock()
+            .expect("invariant: client map is never poisoned");
+        let n = open.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            clients: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .clients
+            .0
+            .lock()
+            .expect("invariant: client map is never poisoned");
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Answers a connection over its client's cap with a 429 and closes it (within 2 s). The
+/// request head is read first (up to 16 KiB), so that the client reads an answer to its
+/// request rather than an unsolicited message.
+async fn refuse(mut tcp: tokio::net::TcpStream, max: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut head = Vec::with_capacity(1024);
+        let mut buf = [0u8; 1024];
+        while head.len() < 16 * 1024 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let body = format!(
+        "{{\"error\":{{\"code\":\"too_many_connections\",\"message\":\"this client has \
+         {max} connections open, the most allowed; reuse them (keep-alive) or close some\"}}}}"
+    );
+    let response = format!(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        tcp.write_all(response.as_bytes()).await?;
+        tcp.shutdown().await
+    })
+    .await;
+}
+
 /// Serves `filter` on `listener` until `shutdown` resolves, then stops accepting and waits up
 /// to 10 s for open connections.
 pub async fn serve<F>(
@@ -41,6 +125,8 @@ pub async fn serve<F>(
     F: Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static,
 {
     let connections = Arc::new(Semaphore::new(config.connections_max.max(1)));
+    let clients = Arc::new(Clients::default());
+    let per_client_max = config.connections_per_client_max.max(1);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let header_timeout = Duration::from_millis(config.header_timeout_ms.max(1));
     let io_timeout = Duration::from_millis(config.io_timeout_ms.max(1));
@@ -70,10 +156,17 @@ pub async fn serve<F>(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!("set TCP_NODELAY failed: {e}");
         }
+        let Some(slot) = clients.admit(peer.ip(), per_client_max) else {
+            metrics.connections_refused.inc();
+            tokio::spawn(async move {
+                refuse(tcp, per_client_max).await;
+                drop(permit);
+            });
+            continue;
+        };
         metrics.connections_total.inc();
         metrics.connections_open.inc();
         let mut stream = TimeoutStream::new(tcp);
-        stream.set_read_timeout(Some(io_timeout));
         stream.set_write_timeout(Some(io_timeout));
         let io = TokioIo::new(Box::pin(stream));
         let warp_service = warp::service(filter.clone());
@@ -109,6 +202,7 @@ pub async fn serve<F>(
                 tracing::debug!(%peer, "connection ended: {e}");
             }
             metrics.connections_open.dec();
+            drop(slot);
             drop(permit);
         });
     }

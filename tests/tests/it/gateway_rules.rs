@@ -26,7 +26,14 @@ fn range_headers() {
     check("bytes=+1-2", 10, Err(416));
     check("bytes=", 10, Err(416));
     check("bytes=-", 10, Err(416));
-    check("items=0-1", 10, Err(416));
+    // An unknown unit is ignored (the whole blob); unit names are case-insensitive.
+    check("items=0-1", 10, Ok(None));
+    check("Bytes=0-1", 10, Ok(Some(0..2)));
+    check("BYTES=8-", 10, Ok(Some(8..10)));
+    // An end past the blob is clamped, however large.
+    check("bytes=0-99999999999999999999999", 10, Ok(Some(0..10)));
+    check("bytes=3-18446744073709551615", 10, Ok(Some(3..10)));
+    check("0-1", 10, Err(416));
     check("bytes=0-1", 0, Err(416));
     check("bytes=99999999999999999999999-", 10, Err(416));
     assert_eq!(

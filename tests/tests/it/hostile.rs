@@ -360,3 +360,230 @@ async fn search_filters_parse_to_the_end_and_share_the_sql_limits() {
     let (got, body) = post(&node, "/v1/search", search("domain = 'viticulture'")).await;
     assert_eq!(got, StatusCode::OK, "{body}");
 }
+
+/// Sends raw bytes on a new connection; returns the connection.
+async fn raw(node: &TestNode, bytes: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = tokio::net::TcpStream::connect(&node.addr)
+        .await
+        .expect("connect");
+    tcp.write_all(bytes).await.expect("write");
+    tcp
+}
+
+/// Reads a response's status line (and whatever else arrives) within `within`.
+async fn status_line(tcp: &mut tokio::net::TcpStream, within: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(within, tcp.read(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+    text.lines()
+        .next()
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
+}
+
+#[tokio::test]
+async fn unauthorized_and_slow_bodies_are_answered_before_they_cost() {
+    let node = TestNode::start_with(&[
+        ("MESHNODE_PUBLIC_READS", "false"),
+        ("MESHNODE_BODY_TIMEOUT_MS", "2000"),
+    ])
+    .expect("node");
+    let watch = Watch::start(&node);
+    // Authorization comes before the body: a client without the token that announces a
+    // body and never sends it is answered at once.
+    for path in [
+        "/v1/events",
+        "/v1/sql",
+        "/v1/search",
+        "/v1/audit/export",
+        "/v1/query",
+    ] {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 900000\r\n\r\n"
+        );
+        let mut tcp = raw(&node, head.as_bytes()).await;
+        let line = status_line(&mut tcp, Duration::from_secs(1)).await;
+        assert_eq!(line.as_deref(), Some("HTTP/1.1 401 Unauthorized"), "{path}");
+    }
+    // A client with the token that trickles its body gets a 408 at the body deadline.
+    let head = format!(
+        "POST /v1/sql HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{",
+        node.token
+    );
+    let mut tcp = raw(&node, head.as_bytes()).await;
+    let started = Instant::now();
+    let line = status_line(&mut tcp, Duration::from_secs(10)).await;
+    assert_eq!(line.as_deref(), Some("HTTP/1.1 408 Request Timeout"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // /metrics follows public_reads.
+    let url = format!("{}/metrics", node.url);
+    assert_eq!(
+        client().get(&url).send().await.expect("metrics").status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let with_token = client()
+        .get(&url)
+        .bearer_auth(&node.token)
+        .send()
+        .await
+        .expect("metrics");
+    assert_eq!(with_token.status(), StatusCode::OK);
+    assert!(with_token.text().await.expect("text").contains("gc_runs"));
+    watch.finish("unauthorized and slow bodies").await;
+}
+
+#[tokio::test]
+async fn slow_uploads_are_cut_off_and_clients_are_capped() {
+    let node = TestNode::start_with(&[("MESHNODE_CONNECTIONS_PER_CLIENT_MAX", "6")]).expect("node");
+    // An upload that trickles (one byte a second) ends with a 408 once it falls behind the
+    // rate floor, after its grace period.
+    let head = format!(
+        "POST /v1/blobs HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-length: 1000000\r\n\r\n",
+        node.token
+    );
+    let mut upload = raw(&node, head.as_bytes()).await;
+    let trickle = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let started = Instant::now();
+        for _ in 0..40 {
+            if upload.write_all(b"x").await.is_err() {
+                break;
+            }
+            if let Some(line) = status_line(&mut upload, Duration::from_secs(1)).await {
+                return (Some(line), started.elapsed());
+            }
+        }
+        (None, started.elapsed())
+    });
+    // Meanwhile the client's other connections reach the cap: the next is refused at once.
+    let mut idle = Vec::new();
+    for _ in 0..5 {
+        idle.push(raw(&node, b"").await);
+    }
+    let mut extra = raw(&node, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let line = status_line(&mut extra, Duration::from_secs(2)).await;
+    assert_eq!(line.as_deref(), Some("HTTP/1.1 429 Too Many Requests"));
+    drop(idle);
+    drop(extra);
+    let (line, took) = trickle.await.expect("join");
+    assert_eq!(
+        line.as_deref(),
+        Some("HTTP/1.1 408 Request Timeout"),
+        "after {took:?}"
+    );
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    // Freed slots serve again.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = client()
+        .get(format!("{}/healthz", node.url))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn long_handlers_answer_and_gc_reaches_the_cache() {
+    let node = TestNode::start_demo(&[
+        ("MESHNODE_IO_TIMEOUT_MS", "1000"),
+        ("MESHNODE_QUERY_TIMEOUT_MS", "3000"),
+        ("MESHNODE_GC_INTERVAL_SECS", "1"),
+    ])
+    .expect("node");
+    // A handler that runs past the I/O timeout still answers (it used to end in a closed
+    // connection when the socket read timeout fired).
+    let endless = "SELECT count(*) FROM (SELECT unnest(range(1000000)) AS a) x \
+                   CROSS JOIN (SELECT unnest(range(1000000)) AS b) y WHERE a * b = -1";
+    let (got, body) = sql(&node, endless).await;
+    assert_eq!(
+        (got, body["error"]["code"].as_str()),
+        (StatusCode::REQUEST_TIMEOUT, Some("query_timeout"))
+    );
+    // A blob served from the cache stops being served once a scheduled GC deleted it.
+    let bytes = b"cached, then collected".to_vec();
+    let r = client()
+        .post(format!("{}/v1/blobs?pin=false", node.url))
+        .bearer_auth(&node.token)
+        .body(bytes.clone())
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let hash = r.json::<Value>().await.expect("json")["hash"]
+        .as_str()
+        .expect("hash")
+        .to_string();
+    let url = format!("{}/v1/blobs/{hash}", node.url);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = client().get(&url).send().await.expect("get");
+        if r.status() == StatusCode::NOT_FOUND {
+            break;
+        }
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.bytes().await.expect("bytes").as_ref(), bytes.as_slice());
+        assert!(
+            Instant::now() < deadline,
+            "a collected blob was still served after 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let gc = &status(&node).await["gc"];
+    assert!(gc["runs"].as_u64().expect("runs") >= 1, "{gc}");
+    assert_eq!(gc["failures"], 0, "{gc}");
+    // Range units: unknown ones are ignored, names are case-insensitive, ends are clamped.
+    let r = client()
+        .post(format!("{}/v1/blobs", node.url))
+        .bearer_auth(&node.token)
+        .body(b"0123456789".to_vec())
+        .send()
+        .await
+        .expect("upload");
+    let hash = r.json::<Value>().await.expect("json")["hash"]
+        .as_str()
+        .expect("hash")
+        .to_string();
+    let url = format!("{}/v1/blobs/{hash}", node.url);
+    for (range, want, body) in [
+        ("items=0-1", StatusCode::OK, "0123456789"),
+        ("Bytes=0-1", StatusCode::PARTIAL_CONTENT, "01"),
+        (
+            "bytes=8-99999999999999999999999",
+            StatusCode::PARTIAL_CONTENT,
+            "89",
+        ),
+    ] {
+        let r = client()
+            .get(&url)
+            .header("range", range)
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status(), want, "{range}");
+        assert_eq!(r.text().await.expect("text"), body, "{range}");
+    }
+    // The largest `after` of a log is an empty page, not a panic.
+    let author = status(&node).await["node"]
+        .as_str()
+        .expect("node")
+        .to_string();
+    let r = client()
+        .get(format!(
+            "{}/v1/logs/{author}?after=18446744073709551615",
+            node.url
+        ))
+        .send()
+        .await
+        .expect("log");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.expect("json")["events"], json!([]));
+}
