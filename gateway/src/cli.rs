@@ -288,9 +288,18 @@ pub struct AuditArgs {
     /// Also write an offline audit bundle to this directory.
     #[arg(long)]
     pub export: Option<PathBuf>,
-    /// Verify an offline bundle in this directory (no node needed).
+    /// Verify an offline bundle in this directory (no node needed). Needs `--node` or
+    /// `--checkpoint`: what the bundle must be tied to.
     #[arg(long, conflicts_with = "export")]
     pub bundle: Option<PathBuf>,
+    /// With `--bundle`: the key of the node the bundle must come from (hex; `node` in
+    /// `GET /v1/status` of that node).
+    #[arg(long, requires = "bundle", conflicts_with = "checkpoint")]
+    pub node: Option<String>,
+    /// With `--bundle`: a file holding a checkpoint obtained earlier from the node
+    /// (`GET /v1/checkpoint`); the bundle must be signed by its key and contain it.
+    #[arg(long, requires = "bundle")]
+    pub checkpoint: Option<PathBuf>,
 }
 
 /// `blob` subcommands.
@@ -1121,7 +1130,27 @@ fn audit_summary(v: &Value) -> String {
 
 async fn audit(cli: &Cli, args: &AuditArgs) -> anyhow::Result<()> {
     let report: Value = if let Some(dir) = &args.bundle {
-        serde_json::to_value(meshnode_ledger::verify_bundle(dir)?)?
+        use meshnode_ledger::BundleTrust;
+        let trust = match (&args.node, &args.checkpoint) {
+            (Some(key), _) => BundleTrust::Node(
+                meshnode_schemas::AuthorKey::from_hex(key.trim())
+                    .map_err(|e| anyhow::anyhow!("--node {key}: {e}"))?,
+            ),
+            (None, Some(path)) => BundleTrust::Checkpoint(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the checkpoint {}", path.display()))?,
+            ),
+            (None, None) => bail!(
+                "a bundle proves only that it is self-consistent: pass --node KEY (the node's \
+                 key, from `meshnode status`) or --checkpoint FILE (a checkpoint you got from \
+                 the node) to say whose log it must be"
+            ),
+        };
+        let (report, key) = meshnode_ledger::verify_bundle(dir, &trust)?;
+        eprintln!("checked against node key {key}");
+        let mut value = serde_json::to_value(report)?;
+        value["checked_against"] = Value::String(key.to_hex());
+        value
     } else {
         let client = client(cli)?;
         let answered = match &args.export {

@@ -866,7 +866,9 @@ impl Ledger {
             )?;
         }
         let report = replay.report(audited.clone(), previous_size, started);
-        if report.ok {
+        // Only an export (an authorized POST) records the audited checkpoint: a plain audit
+        // is a read and writes nothing.
+        if report.ok && export.is_some() {
             let tx = db::begin_write(self.db())?;
             tx.open_table(db::META)?
                 .insert("last_audit", audited.as_bytes())?;
@@ -876,11 +878,23 @@ impl Ledger {
     }
 }
 
-/// Verifies an offline audit bundle without a node: replays every event from genesis with the
-/// same rules, recomputes the transparency-log root, checks the checkpoint signature by the
-/// manifest's node key, the fork proofs, and the consistency proof from the previous audited
-/// checkpoint.
-pub fn verify_bundle(dir: &Path) -> Result<AuditReport> {
+/// What ties an offline bundle to the node the verifier means: a bundle says by itself only
+/// that it is self-consistent, since anyone can sign one with a fresh key.
+#[derive(Clone, Debug)]
+pub enum BundleTrust {
+    /// The node key the bundle must be signed by (e.g. from `GET /v1/status` of the node).
+    Node(AuthorKey),
+    /// A checkpoint (signed note) obtained earlier from the node: the bundle must be signed by
+    /// the key that signed it, and its log must contain it (same root at that size).
+    Checkpoint(String),
+}
+
+/// Verifies an offline audit bundle without a node: checks that it is signed by the node
+/// `trust` names, replays every event from genesis with the same rules, recomputes the
+/// transparency-log root, checks the checkpoint signature, the fork proofs, and the
+/// consistency proof from the previous audited checkpoint. Returns the report and the node
+/// key it was checked against.
+pub fn verify_bundle(dir: &Path, trust: &BundleTrust) -> Result<(AuditReport, AuthorKey)> {
     let started = Instant::now();
     let read = |name: &str| std::fs::read(dir.join(name));
     let manifest: Manifest = serde_json::from_slice(&read(bundle::MANIFEST)?)
@@ -895,6 +909,23 @@ pub fn verify_bundle(dir: &Path) -> Result<AuditReport> {
     }
     let node = AuthorKey::from_hex(&manifest.node)?;
     let key = node.verifying_key()?;
+    let expected = match trust {
+        BundleTrust::Node(expected) if *expected != node => {
+            return Err(Error::Invalid(format!(
+                "the bundle is signed by node {node}, not by the expected node {expected}"
+            )));
+        }
+        BundleTrust::Node(_) => None,
+        BundleTrust::Checkpoint(note) => Some(
+            tlog::verify_checkpoint(note, &manifest.origin, &key).map_err(|e| {
+                Error::Invalid(format!(
+                    "the expected checkpoint is not signed by the bundle's node {node} for \
+                     origin {}: {e}",
+                    manifest.origin
+                ))
+            })?,
+        ),
+    };
     let note = String::from_utf8(read(bundle::CHECKPOINT)?)
         .map_err(|_| Error::Invalid("checkpoint is not UTF-8".into()))?;
     let fork_json: Vec<ForkJson> = serde_json::from_slice(&read(bundle::FORKS)?)
@@ -927,6 +958,9 @@ pub fn verify_bundle(dir: &Path) -> Result<AuditReport> {
     let mut wanted = vec![manifest.tree_size];
     if let Some(p) = &previous {
         wanted.push(p.size);
+    }
+    if let Some(e) = &expected {
+        wanted.push(e.size);
     }
     let mut replay = Replay::new(Rules { genesis, net }, wanted);
     let mut reader = BufReader::new(std::fs::File::open(dir.join(bundle::EVENTS))?);
@@ -1007,5 +1041,16 @@ pub fn verify_bundle(dir: &Path) -> Result<AuditReport> {
             );
         }
     }
-    Ok(replay.report(note, previous_size, started))
+    if let Some(e) = expected
+        && replay.roots.get(&e.size) != Some(&e.root)
+    {
+        replay.finding(
+            "inconsistent_checkpoint",
+            format!(
+                "the expected checkpoint (size {}) is not a prefix of the bundle's log",
+                e.size
+            ),
+        );
+    }
+    Ok((replay.report(note, previous_size, started), node))
 }

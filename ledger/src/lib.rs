@@ -20,7 +20,7 @@ mod state;
 pub mod tlog;
 mod worker;
 
-pub use audit::{AuditReport, Finding, verify_bundle};
+pub use audit::{AuditReport, BundleTrust, Finding, verify_bundle};
 pub use error::{Error, Result, Rule, RuleClass, Waiting};
 pub use fold::{
     Applied, AuthorState, BasinState, BasinVersion, Credit, Effect, EventRecord, ForkProof,

@@ -829,9 +829,10 @@ async fn transparency_log_proofs_and_checkpoints() {
 async fn audit_bundles_restart_and_gc() {
     let mut net = Net::new().await;
     let (issuer, alice, bob) = (key(ISSUER), key(2), key(3));
-    // An audit of the empty log records size 0, a prefix of every later log.
+    // An export of the empty log records size 0, a prefix of every later log.
+    let empty_dir = net.dir.path().join("empty");
     for _ in 0..2 {
-        let empty = net.ledger.audit(None).await.expect("audit");
+        let empty = net.ledger.audit(Some(&empty_dir)).await.expect("audit");
         assert!(empty.ok, "{:?}", empty.findings);
         assert_eq!(empty.n_events, 0);
     }
@@ -844,32 +845,43 @@ async fn audit_bundles_restart_and_gc() {
     assert!(report.ok, "{:?}", report.findings);
     assert_eq!(report.n_events, 21);
     assert_eq!(report.supply, 1000);
+    assert_eq!(report.previous_size, Some(0));
+    let checkpoint_21 = net.ledger.checkpoint();
 
-    // GC keeps every envelope the ledger references.
+    // GC keeps every envelope the ledger references. A plain audit records nothing.
     net.store.gc().await.expect("gc");
     let again = net.ledger.audit(None).await.expect("audit");
     assert!(again.ok, "{:?}", again.findings);
-    assert_eq!(again.previous_size, Some(21));
-    assert_eq!(report.previous_size, Some(0));
+    assert_eq!(again.previous_size, Some(0));
 
-    // An offline bundle verifies without the node, and tampering is found.
+    // An offline bundle verifies without the node, against the node key or a checkpoint the
+    // verifier got from the node earlier, and tampering is found.
     let bundle = net.dir.path().join("bundle");
     net.accept(&issuer, &[], mint(&bob, 5)).await;
     let exported = net.ledger.audit(Some(&bundle)).await.expect("export");
     assert!(exported.ok, "{:?}", exported.findings);
-    let verified = verify_bundle(&bundle).expect("verify bundle");
+    let node = net.ledger.node();
+    let (verified, checked) =
+        verify_bundle(&bundle, &BundleTrust::Node(node)).expect("verify bundle");
     assert!(verified.ok, "{:?}", verified.findings);
+    assert_eq!(checked, node);
     assert_eq!(
         (verified.tree_size, verified.root.clone()),
         (22, exported.root.clone())
     );
-    assert_eq!(verified.previous_size, Some(21));
+    assert_eq!(verified.previous_size, Some(0));
+    let (by_checkpoint, _) =
+        verify_bundle(&bundle, &BundleTrust::Checkpoint(checkpoint_21)).expect("verify bundle");
+    assert!(by_checkpoint.ok, "{:?}", by_checkpoint.findings);
+    // Signed by another key: refused, whatever the bundle says of itself.
+    let stranger = author_of(&key(77));
+    assert!(verify_bundle(&bundle, &BundleTrust::Node(stranger)).is_err());
     let events = bundle.join("events.bin");
     let mut bytes = std::fs::read(&events).expect("events");
     let len = bytes.len();
     bytes[len - 10] ^= 1;
     std::fs::write(&events, &bytes).expect("write");
-    let tampered = verify_bundle(&bundle).expect("verify bundle");
+    let (tampered, _) = verify_bundle(&bundle, &BundleTrust::Node(node)).expect("verify bundle");
     assert!(!tampered.ok);
 
     // Restart: the state and the log come back exactly.

@@ -458,21 +458,22 @@ pub(crate) async fn consistency(
     ))
 }
 
-/// Re-verify the whole ledger from its blobs (one audit at a time).
+/// Re-verify the whole ledger from its blobs. One audit runs at a time, detached from the
+/// request; concurrent requests share it, and a result is reused (header `x-audit-reused`)
+/// while the log did not grow (up to 5 minutes), or for 10 s in any case. Writes nothing.
 #[utoipa::path(get, path = "/v1/audit", tag = "ledger",
     responses((status = 200, description = "Audit report {ok, n_events, tree_size, root, checkpoint, findings, …}"),
               (status = 429, description = "An audit is already running", body = super::error::ErrorBody)))]
 pub(crate) async fn audit(state: AppState, headers: HeaderMap) -> Result<Response, ApiError> {
     state.authorize(&headers, false)?;
-    let Ok(_running) = state.inner.audit_lock.try_lock() else {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "audit_running",
-            "an audit is already running; try again when it finished",
-        ));
-    };
-    let report = state.node().ledger.audit(None).await?;
-    Ok(json(StatusCode::OK, &report))
+    let (report, reused) = super::audit_job::audit(&state).await?;
+    let mut response = json(StatusCode::OK, report.as_ref());
+    if reused {
+        response
+            .headers_mut()
+            .insert("x-audit-reused", http::HeaderValue::from_static("true"));
+    }
+    Ok(response)
 }
 
 /// The skill catalog with endorsements and hosts, paged in order of the publish EventId.
@@ -655,13 +656,6 @@ pub(crate) async fn audit_export(
             "`dir` must be an absolute path",
         ));
     }
-    let Ok(_running) = state.inner.audit_lock.try_lock() else {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "audit_running",
-            "an audit is already running; try again when it finished",
-        ));
-    };
-    let report = state.node().ledger.audit(Some(&dir)).await?;
-    Ok(json(StatusCode::OK, &report))
+    let report = super::audit_job::export(&state, dir).await?;
+    Ok(json(StatusCode::OK, report.as_ref()))
 }

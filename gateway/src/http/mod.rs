@@ -1,5 +1,6 @@
 //! The HTTP API (DESIGN.md §8): warp routes, shared state, auth, errors, server.
 
+mod audit_job;
 mod blobs;
 mod body;
 pub mod error;
@@ -59,8 +60,8 @@ struct StateInner {
     /// The store's GC generation the cache was last checked against.
     cache_generation: std::sync::atomic::AtomicU64,
     ready: AtomicBool,
-    /// One audit at a time (it re-reads every event).
-    audit_lock: tokio::sync::Mutex<()>,
+    /// Audits: one at a time, detached from requests, results reused (see `audit_job`).
+    audits: audit_job::Audits,
 }
 
 /// Everything a request handler needs. Cheap to clone.
@@ -89,7 +90,7 @@ impl AppState {
                 cache,
                 cache_generation: std::sync::atomic::AtomicU64::new(0),
                 ready: AtomicBool::new(false),
-                audit_lock: tokio::sync::Mutex::new(()),
+                audits: audit_job::Audits::default(),
             }),
         }
     }

@@ -587,3 +587,49 @@ async fn long_handlers_answer_and_gc_reaches_the_cache() {
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.json::<Value>().await.expect("json")["events"], json!([]));
 }
+
+#[tokio::test]
+async fn abandoned_audits_run_once_and_results_are_reused() {
+    let node = TestNode::start_demo(&[]).expect("node");
+    let watch = Watch::start(&node);
+    // Six clients ask for an audit and hang up at once.
+    for _ in 0..6 {
+        let _ = client()
+            .get(format!("{}/v1/audit", node.url))
+            .timeout(Duration::from_millis(5))
+            .send()
+            .await;
+    }
+    // The next ones share the audit that is running (or its result); none starts another.
+    let mut reused = 0;
+    for _ in 0..4 {
+        let r = client()
+            .get(format!("{}/v1/audit", node.url))
+            .send()
+            .await
+            .expect("audit");
+        assert_eq!(r.status(), StatusCode::OK);
+        reused += usize::from(r.headers().get("x-audit-reused").is_some());
+        let report: Value = r.json().await.expect("json");
+        assert_eq!(report["ok"], true, "{report}");
+    }
+    assert!(reused >= 3, "only {reused} of 4 audits were reused");
+    // An export (authorized) runs alone and records the audited checkpoint.
+    let dir = node.data_dir().join("bundle");
+    let (got, body) = {
+        let r = client()
+            .post(format!("{}/v1/audit/export", node.url))
+            .bearer_auth(&node.token)
+            .json(&json!({"dir": dir}))
+            .send()
+            .await
+            .expect("export");
+        (r.status(), r.json::<Value>().await.expect("json"))
+    };
+    assert_eq!(
+        (got, body["ok"].as_bool()),
+        (StatusCode::OK, Some(true)),
+        "{body}"
+    );
+    watch.finish("abandoned audits").await;
+}

@@ -786,23 +786,42 @@ async fn catalog_audit_bundle_and_gc_through_http_and_cli() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let status: Value = client()
+        .get(format!("{}/v1/status", node.url))
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("json");
+    let node_hex = status["node"].as_str().expect("node").to_string();
     node.stop().expect("stop");
+    let bundle_arg = bundle.to_str().expect("utf8");
+    // A bundle alone proves only that it is self-consistent: the verifier names the node.
+    let out = node.cli(&["--json", "audit", "--bundle", bundle_arg]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--node"));
+    let other = "ab".repeat(32);
+    let out = node.cli(&["--json", "audit", "--bundle", bundle_arg, "--node", &other]);
+    assert_eq!(out.status.code(), Some(1));
     let out = node.cli(&[
-        "--json",
-        "audit",
-        "--bundle",
-        bundle.to_str().expect("utf8"),
+        "--json", "audit", "--bundle", bundle_arg, "--node", &node_hex,
     ]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains(&format!("checked against node key {node_hex}"))
+    );
     let verified: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(
         (verified["ok"].as_bool(), verified["tree_size"].as_u64()),
         (Some(true), Some(4))
     );
+    assert_eq!(verified["checked_against"], node_hex.as_str());
     // With the node stopped, `meshnode audit` audits the data directory itself.
     let out = node.cli(&["--json", "audit"]);
     assert!(
@@ -817,10 +836,7 @@ async fn catalog_audit_bundle_and_gc_through_http_and_cli() {
     bytes[n - 3] ^= 0x10;
     std::fs::write(&events, bytes).expect("write");
     let out = node.cli(&[
-        "--json",
-        "audit",
-        "--bundle",
-        bundle.to_str().expect("utf8"),
+        "--json", "audit", "--bundle", bundle_arg, "--node", &node_hex,
     ]);
     assert_eq!(out.status.code(), Some(1));
 }
