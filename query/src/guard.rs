@@ -561,3 +561,97 @@ mod tests {
         assert!(shape(&format!("SELECT 1 WHERE 1 IN ({list})")).is_ok());
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use rand::{RngExt, SeedableRng};
+
+    /// Statements that reach every part of the gate: set operations, joins, subqueries,
+    /// CTEs, EXPLAIN, functions, casts, literals of every kind.
+    const CORPUS: &[&str] = &[
+        "SELECT name, price FROM skills WHERE price > 10 ORDER BY price DESC LIMIT 5",
+        "WITH t AS (SELECT author, count(*) AS n FROM events GROUP BY author) SELECT * FROM t",
+        "SELECT a.id FROM events a JOIN events b ON a.id = b.id UNION ALL SELECT 'x'",
+        "EXPLAIN SELECT * FROM knn('skills', '[0.1, 0.2]', 3) WHERE domain = 'viticulture'",
+        "SELECT CASE WHEN x IN (1, 2, 3) THEN 'a' ELSE lower('B') END FROM (VALUES (1), (2)) v(x)",
+        "SELECT * FROM skills WHERE name LIKE '%a%' AND NOT EXISTS (SELECT 1 FROM balances)",
+        "SELECT CAST(price AS DOUBLE) / 2.5e3, -1, x'ff', DATE '2026-01-01' FROM skills",
+    ];
+
+    fn mutate(text: &str, rng: &mut rand::rngs::StdRng) -> String {
+        let pieces = [
+            "(",
+            ")",
+            "'",
+            "\"",
+            ",",
+            " UNION ",
+            " JOIN ",
+            "--",
+            "/*",
+            "*/",
+            ";",
+            "\\",
+            "\u{0}",
+            "é",
+            "9999999999999999999999",
+            " EXPLAIN ANALYZE ",
+            " + 1",
+            "[",
+            "]",
+            "::",
+            "$1",
+            "?",
+        ];
+        let mut chars: Vec<char> = text.chars().collect();
+        for _ in 0..rng.random_range(1..6) {
+            let at = rng.random_range(0..=chars.len());
+            match rng.random_range(0..4) {
+                0 if at < chars.len() => {
+                    chars.remove(at);
+                }
+                1 => chars.truncate(at),
+                2 => {
+                    let piece = pieces[rng.random_range(0..pieces.len())];
+                    chars.splice(at..at, piece.chars());
+                }
+                _ => {
+                    let end = rng.random_range(at..=chars.len());
+                    let copy: Vec<char> = chars[at..end].to_vec();
+                    chars.splice(at..at, copy);
+                }
+            }
+        }
+        chars.into_iter().collect()
+    }
+
+    /// Mutated SQL through the gate and mutated filters through the filter parser: errors,
+    /// never panics, on a thread with the query runtime's stack.
+    #[test]
+    fn mutated_sql_and_filters_never_panic() {
+        std::thread::Builder::new()
+            .stack_size(256 << 20)
+            .spawn(|| {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(20261130);
+                let (mut accepted, mut refused) = (0, 0);
+                for round in 0..4000 {
+                    let base = CORPUS[round % CORPUS.len()];
+                    let text = mutate(base, &mut rng);
+                    match crate::sql::parse_read_only(&text, 64) {
+                        Ok(_) => accepted += 1,
+                        Err(_) => refused += 1,
+                    }
+                    let filter = text.rsplit("WHERE").next().unwrap_or("");
+                    let _ = crate::knn::parse_filter(filter);
+                }
+                // The mutations reach both sides of the gate.
+                assert!(
+                    accepted > 100 && refused > 100,
+                    "{accepted} accepted, {refused} refused"
+                );
+            })
+            .expect("spawn")
+            .join()
+            .expect("the gate panicked");
+    }
+}

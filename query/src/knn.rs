@@ -127,7 +127,7 @@ pub(crate) const FILTER_BYTES_MAX: usize = 8 * 1024;
 
 /// Parses a search filter (bounded depth) to its very end and checks its shape: `a = 1 b`
 /// is an error, not `a = 1`.
-fn parse_filter(text: &str) -> Result<datafusion::sql::sqlparser::ast::Expr> {
+pub(crate) fn parse_filter(text: &str) -> Result<datafusion::sql::sqlparser::ast::Expr> {
     use datafusion::sql::sqlparser::{dialect::GenericDialect, parser::Parser, tokenizer::Token};
     if text.len() > FILTER_BYTES_MAX {
         return Err(bad(

@@ -532,7 +532,10 @@ pub(crate) fn function_state() -> datafusion::execution::SessionState {
 /// Parses the text (with the recursion limit), accepts exactly one query statement
 /// (`SELECT`, `WITH`, `VALUES`, or `EXPLAIN` of one, never `EXPLAIN ANALYZE`, which runs the
 /// query) and checks its shape.
-fn parse_read_only(text: &str, depth_max: usize) -> Result<datafusion::sql::parser::Statement> {
+pub(crate) fn parse_read_only(
+    text: &str,
+    depth_max: usize,
+) -> Result<datafusion::sql::parser::Statement> {
     use datafusion::sql::parser::{DFParserBuilder, Statement as DfStatement};
     use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
     let mut parser = DFParserBuilder::new(text)
