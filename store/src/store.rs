@@ -266,6 +266,12 @@ impl Store {
         &self.inner.fs
     }
 
+    /// Bytes free for this process on the filesystem holding the store (`statvfs`).
+    pub fn free_bytes(&self) -> Result<u64> {
+        let stat = rustix::fs::statvfs(&self.inner.root).map_err(std::io::Error::from)?;
+        Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+    }
+
     /// Lets GC run (see [`StoreConfig::gc_waits_for_roots`]).
     pub fn enable_gc(&self) {
         self.inner.gc.arm();

@@ -77,10 +77,11 @@ where
 {
     state.authorize(&headers, true)?;
     let limit = state.node().config.limits.blob_bytes_max;
-    if let Some(length) = headers
+    let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(length) = declared
         && length > limit
     {
         // Refuse before reading a byte; hyper closes the connection instead of draining it.
@@ -105,7 +106,7 @@ where
         Err(_) if too_slow.load(Ordering::Acquire) => {
             return Err(super::error::body_timeout(UPLOAD_GRACE));
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(state.on_write_error(e.into(), declared.unwrap_or(0))),
     };
     state.metrics().blob_bytes_added.inc_by(added.size);
     let mut response = json(

@@ -151,6 +151,40 @@ impl AppState {
     }
 }
 
+/// Free space below which a failed write is taken for a full disk.
+const LOW_SPACE_BYTES: u64 = 16 << 20;
+
+impl AppState {
+    /// A failed write as `507 insufficient_storage` when the disk holding the data dir is
+    /// (nearly) full, with what to do; other errors unchanged. `needed` is what the write
+    /// tried to store (0 if unknown).
+    pub(crate) fn on_write_error(&self, error: ApiError, needed: u64) -> ApiError {
+        if !error.status.is_server_error() {
+            return error;
+        }
+        match self.inner.node.store.free_bytes() {
+            Ok(free) if free < LOW_SPACE_BYTES.max(needed.saturating_add(1 << 20)) => {
+                tracing::warn!(free, "a write failed on a full disk: {}", error.message);
+                ApiError::new(
+                    http::StatusCode::INSUFFICIENT_STORAGE,
+                    "insufficient_storage",
+                    format!(
+                        "the node's disk is full ({free} bytes free): nothing of this request \
+                         was kept. Free space (unpin blobs and run GC, or grow the disk), then \
+                         retry"
+                    ),
+                )
+            }
+            _ => error,
+        }
+    }
+}
+
+/// Turns the result of a write into a response, a failure on a full disk as a 507.
+fn respond_write(state: &AppState, result: Result<Response, ApiError>) -> Response {
+    respond(result.map_err(|e| state.on_write_error(e, 0)))
+}
+
 /// Turns a handler result into a response.
 fn respond(result: Result<Response, ApiError>) -> Response {
     match result {
@@ -223,21 +257,26 @@ pub fn routes(
             respond(blobs::fetch(state, id, headers).await)
         })
         .boxed();
-    let pin_put =
-        warp::path!("v1" / "pins" / String)
-            .and(warp::put())
-            .and(s())
-            .and(headers())
-            .then(|id: String, state, headers| async move {
-                respond(pins::put(state, id, headers).await)
-            })
-            .boxed();
+    let pin_put = warp::path!("v1" / "pins" / String)
+        .and(warp::put())
+        .and(s())
+        .and(headers())
+        .then(|id: String, state: AppState, headers| async move {
+            {
+                let st: AppState = state.clone();
+                respond_write(&st, pins::put(state, id, headers).await)
+            }
+        })
+        .boxed();
     let pin_delete = warp::path!("v1" / "pins" / String)
         .and(warp::delete())
         .and(s())
         .and(headers())
-        .then(|id: String, state, headers| async move {
-            respond(pins::delete(state, id, headers).await)
+        .then(|id: String, state: AppState, headers| async move {
+            {
+                let st: AppState = state.clone();
+                respond_write(&st, pins::delete(state, id, headers).await)
+            }
         })
         .boxed();
     let pin_list = warp::path!("v1" / "pins")
@@ -253,7 +292,12 @@ pub fn routes(
         .and(warp::post())
         .and(s())
         .and(headers())
-        .then(|state, headers| async move { respond(ops::gc(state, headers).await) })
+        .then(|state: AppState, headers| async move {
+            {
+                let st: AppState = state.clone();
+                respond_write(&st, ops::gc(state, headers).await)
+            }
+        })
         .boxed();
     let status = warp::path!("v1" / "status")
         .and(warp::get())
@@ -279,17 +323,19 @@ pub fn routes(
     let event_limit = meshnode_schemas::limits::EVENT_BYTES_MAX as u64 + 1024;
     let body_deadline =
         std::time::Duration::from_millis(state.node().config.server.body_timeout_ms.max(1));
-    let events_post =
-        warp::path!("v1" / "events")
-            .and(warp::post())
-            .and(authorized(state.clone(), true))
-            .and(s())
-            .and(headers())
-            .and(body::bounded(event_limit, body_deadline))
-            .then(|state, headers, body| async move {
-                respond(ledger::submit(state, headers, body).await)
-            })
-            .boxed();
+    let events_post = warp::path!("v1" / "events")
+        .and(warp::post())
+        .and(authorized(state.clone(), true))
+        .and(s())
+        .and(headers())
+        .and(body::bounded(event_limit, body_deadline))
+        .then(|state: AppState, headers, body| async move {
+            {
+                let st: AppState = state.clone();
+                respond_write(&st, ledger::submit(state, headers, body).await)
+            }
+        })
+        .boxed();
     let event_get = warp::path!("v1" / "events" / String)
         .and(warp::get())
         .and(s())
@@ -376,8 +422,11 @@ pub fn routes(
             json_limit,
             body_deadline,
         ))
-        .then(|state, headers, request| async move {
-            respond(ledger::audit_export(state, headers, request).await)
+        .then(|state: AppState, headers, request| async move {
+            {
+                let st: AppState = state.clone();
+                respond_write(&st, ledger::audit_export(state, headers, request).await)
+            }
         })
         .boxed();
     let skills = warp::path!("v1" / "skills")
@@ -490,8 +539,11 @@ pub fn routes(
         .and(s())
         .and(headers())
         .and(body::json::<query::Maintenance>(json_limit, body_deadline))
-        .then(|state, headers, request| async move {
-            respond(query::maintenance(state, headers, request).await)
+        .then(|state: AppState, headers, request| async move {
+            {
+                let st: AppState = state.clone();
+                respond_write(&st, query::maintenance(state, headers, request).await)
+            }
         })
         .boxed();
     let export = warp::path!("v1" / "export")
@@ -503,8 +555,11 @@ pub fn routes(
             json_limit,
             body_deadline,
         ))
-        .then(|state, headers, request| async move {
-            respond(query::export(state, headers, request).await)
+        .then(|state: AppState, headers, request| async move {
+            {
+                let st: AppState = state.clone();
+                respond_write(&st, query::export(state, headers, request).await)
+            }
         })
         .boxed();
     let query_routes = sql

@@ -71,12 +71,29 @@ impl TestNode {
         Self::start_init(env, serve_args, &[])
     }
 
+    /// A node whose data dir is a new directory inside `parent` (e.g. a small filesystem).
+    pub(crate) fn start_in(parent: &Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("meshnode-it-")
+            .tempdir_in(parent)?;
+        Self::start_at(dir, env, &[], &[])
+    }
+
     fn start_init(
         env: &[(&str, &str)],
         serve_args: &[&str],
         init_args: &[&std::ffi::OsStr],
     ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("meshnode-it-").tempdir()?;
+        Self::start_at(dir, env, serve_args, init_args)
+    }
+
+    fn start_at(
+        dir: tempfile::TempDir,
+        env: &[(&str, &str)],
+        serve_args: &[&str],
+        init_args: &[&std::ffi::OsStr],
+    ) -> anyhow::Result<Self> {
         let output = Command::new(meshnode_bin())
             .arg("--data-dir")
             .arg(dir.path())

@@ -633,3 +633,121 @@ async fn abandoned_audits_run_once_and_results_are_reused() {
     );
     watch.finish("abandoned audits").await;
 }
+
+/// A small tmpfs mounted for one test, unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// `None` when this process may not mount (not root): the test says so and skips.
+    fn mount(mib: u64) -> Option<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("meshnode-disk-")
+            .tempdir()
+            .expect("tempdir");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        ok.then_some(Self { dir })
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_writes_with_507_loses_nothing_and_recovers() {
+    let Some(disk) = SmallDisk::mount(48) else {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let mut node = TestNode::start_in(disk.path(), &[]).expect("node");
+    // Ballast the test removes later to free space.
+    let ballast = disk.path().join("ballast");
+    std::fs::write(&ballast, vec![0u8; 8 << 20]).expect("ballast");
+    let upload = |bytes: Vec<u8>| {
+        let (url, token) = (node.url.clone(), node.token.clone());
+        async move {
+            let r = client()
+                .post(format!("{url}/v1/blobs"))
+                .bearer_auth(token)
+                .body(bytes)
+                .send()
+                .await
+                .expect("upload");
+            let status = r.status();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let mut acked = Vec::new();
+    let mut refused = None;
+    for i in 0..40u8 {
+        let bytes: Vec<u8> = (0..(2usize << 20))
+            .map(|j| (j as u8) ^ i.wrapping_mul(31))
+            .collect();
+        let (status, body) = upload(bytes.clone()).await;
+        if status == StatusCode::CREATED {
+            acked.push((body["hash"].as_str().expect("hash").to_string(), bytes));
+            continue;
+        }
+        refused = Some((status, body));
+        break;
+    }
+    let (status, body) = refused.expect("the disk never filled");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (
+            StatusCode::INSUFFICIENT_STORAGE,
+            Some("insufficient_storage")
+        ),
+        "{body}"
+    );
+    assert!(acked.len() >= 5, "only {} uploads fit", acked.len());
+    // The node is up, and everything acknowledged is there, byte for byte.
+    let check = |acked: Vec<(String, Vec<u8>)>, url: String| async move {
+        for (hash, bytes) in acked {
+            let r = client()
+                .get(format!("{url}/v1/blobs/{hash}"))
+                .send()
+                .await
+                .expect("get");
+            assert_eq!(r.status(), StatusCode::OK, "{hash}");
+            assert!(r.bytes().await.expect("bytes") == bytes, "{hash} changed");
+        }
+    };
+    check(acked.clone(), node.url.clone()).await;
+    // Space freed: writes work again, and survive a restart.
+    std::fs::remove_file(&ballast).expect("remove ballast");
+    let (status, body) = upload(vec![7u8; 1 << 20]).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    acked.push((
+        body["hash"].as_str().expect("hash").to_string(),
+        vec![7u8; 1 << 20],
+    ));
+    node.restart().expect("restart");
+    check(acked, node.url.clone()).await;
+    let audit: Value = client()
+        .get(format!("{}/v1/audit", node.url))
+        .send()
+        .await
+        .expect("audit")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(audit["ok"], true, "{audit}");
+    drop(node);
+}
