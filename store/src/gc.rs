@@ -29,6 +29,11 @@ use crate::error::{Error, Result};
 /// Outstanding explicit GC requests, bounded.
 const GC_REQUESTS_MAX: usize = 64;
 
+/// Free space a GC pass needs to record its deletions. Below it the pass is skipped and
+/// reported, and the next one tries again: iroh-blobs' collector stops for good after an
+/// error, and a full disk is when operators run GC.
+pub(crate) const GC_FREE_MIN: u64 = 4 << 20;
+
 /// How long an explicit GC request waits for its run before reporting failure.
 pub(crate) const GC_WAIT_MAX: Duration = Duration::from_secs(600);
 
@@ -90,6 +95,8 @@ pub(crate) struct GcShared {
     /// GC waits until every root hook is registered ([`GcShared::arm`]).
     armed: tokio::sync::watch::Sender<bool>,
     health: Mutex<GcHealth>,
+    /// The store's directory (for its free space).
+    root: std::path::PathBuf,
     /// The store is shutting down (the collector's end is not a failure).
     pub(crate) closing: std::sync::atomic::AtomicBool,
     /// Bumped after every pass that may have deleted something (caches forget on change).
@@ -148,7 +155,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl GcShared {
-    pub(crate) fn new(interval: Duration, armed: bool) -> Arc<Self> {
+    pub(crate) fn new(interval: Duration, armed: bool, root: std::path::PathBuf) -> Arc<Self> {
         let (requests_tx, requests_rx) = mpsc::channel(GC_REQUESTS_MAX);
         Arc::new(Self {
             hooks: Mutex::new(Vec::new()),
@@ -160,6 +167,7 @@ impl GcShared {
             window: Mutex::new(Window::default()),
             armed: tokio::sync::watch::Sender::new(armed),
             health: Mutex::new(GcHealth::default()),
+            root,
             closing: std::sync::atomic::AtomicBool::new(false),
             generation: std::sync::atomic::AtomicU64::new(0),
             interval,
@@ -299,6 +307,20 @@ impl GcShared {
         result
     }
 
+    /// An error when the disk is too full for a pass to record its deletions.
+    fn enough_space(&self) -> std::result::Result<(), String> {
+        let free = rustix::fs::statvfs(&self.root)
+            .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+            .map_err(|e| format!("cannot read the free space of {}: {e}", self.root.display()))?;
+        if free < GC_FREE_MIN {
+            return Err(format!(
+                "the disk is full ({free} bytes free): a GC pass needs {GC_FREE_MIN} bytes to \
+                 record its deletions; free some space (or grow the disk) and run it again"
+            ));
+        }
+        Ok(())
+    }
+
     /// Requests a GC run and waits until it finished.
     pub(crate) async fn run_now(&self) -> Result<()> {
         if let Some(e) = self.health().last_error.filter(|_| self.health().stopped) {
@@ -345,6 +367,14 @@ impl GcShared {
             }
         }
         self.wait_armed().await;
+        if let Err(e) = self.enough_space() {
+            tracing::warn!("gc run skipped: {e}");
+            self.finished(&Err(e.clone()));
+            for waiter in waiters {
+                let _ = waiter.send(Err(e.clone()));
+            }
+            return ProtectOutcome::Abort;
+        }
         let snapshot = self.snapshot.lock().await;
         let pass = self.open();
         let roots = self.roots().await;

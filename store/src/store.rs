@@ -180,7 +180,11 @@ impl Store {
         let running_marker = root.join("RUNNING");
         let unclean = running_marker.exists();
 
-        let gc = GcShared::new(config.gc_interval, !config.gc_waits_for_roots);
+        let gc = GcShared::new(
+            config.gc_interval,
+            !config.gc_waits_for_roots,
+            root.to_path_buf(),
+        );
         let mut options = Options::new(root);
         options.gc = Some(gc.config());
         let paths = options.path.clone();

@@ -730,8 +730,26 @@ async fn a_full_disk_refuses_writes_with_507_loses_nothing_and_recovers() {
         }
     };
     check(acked.clone(), node.url.clone()).await;
-    // Space freed: writes work again, and survive a restart.
+    // GC on the full disk is refused and reported, not fatal: the collector keeps running.
+    let r = client()
+        .post(format!("{}/v1/gc", node.url))
+        .bearer_auth(&node.token)
+        .send()
+        .await
+        .expect("gc");
+    assert_eq!(r.status(), StatusCode::INSUFFICIENT_STORAGE);
+    let gc = self::status(&node).await["gc"].clone();
+    assert!(gc["failures"].as_u64() >= Some(1), "{gc}");
+    assert_eq!(gc["stopped"], false, "{gc}");
+    // Space freed: writes and GC work again, and survive a restart.
     std::fs::remove_file(&ballast).expect("remove ballast");
+    let r = client()
+        .post(format!("{}/v1/gc", node.url))
+        .bearer_auth(&node.token)
+        .send()
+        .await
+        .expect("gc");
+    assert_eq!(r.status(), StatusCode::OK);
     let (status, body) = upload(vec![7u8; 1 << 20]).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     acked.push((
