@@ -909,6 +909,15 @@ pub fn verify_bundle(dir: &Path, trust: &BundleTrust) -> Result<(AuditReport, Au
     }
     let node = AuthorKey::from_hex(&manifest.node)?;
     let key = node.verifying_key()?;
+    // The checkpoint's origin names the network and the node: a log of another network
+    // signed by the same key is not this one.
+    let origin = format!("meshnode/{}/{}", manifest.net, node.to_hex());
+    if manifest.origin != origin {
+        return Err(Error::Invalid(format!(
+            "the bundle's origin `{}` is not `{origin}` (its network and node)",
+            manifest.origin
+        )));
+    }
     let expected = match trust {
         BundleTrust::Node(expected) if *expected != node => {
             return Err(Error::Invalid(format!(

@@ -24,14 +24,34 @@ use datafusion::physical_plan::{
 };
 use futures::Stream;
 
-/// The cancellation flag of one query.
+/// The cancellation flag of one query, and its budget for scalar values.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Cancel(Arc<AtomicBool>);
+pub(crate) struct Cancel(Arc<AtomicBool>, Arc<std::sync::atomic::AtomicU64>);
+
+/// Most bytes of scalar values (constants, folded at planning or computed once per batch)
+/// one query may build in total: each is bounded per call, this bounds their sum
+/// (`SELECT repeat('a', 60000000), repeat('b', 60000000), …`).
+pub(crate) const SCALAR_BYTES_MAX: u64 = 256 << 20;
 
 impl Cancel {
     /// Asks every operator and function of the query to stop.
     pub(crate) fn set(&self) {
         self.0.store(true, Ordering::Release);
+    }
+
+    /// Charges a scalar value of `bytes` to the query's budget.
+    pub(crate) fn charge_scalar(&self, bytes: u64) -> Result<()> {
+        let total = self
+            .1
+            .fetch_add(bytes, Ordering::AcqRel)
+            .saturating_add(bytes);
+        if total > SCALAR_BYTES_MAX {
+            return Err(DataFusionError::ResourcesExhausted(format!(
+                "the query's constant values take {total} bytes, at most {SCALAR_BYTES_MAX} \
+                 allowed"
+            )));
+        }
+        Ok(())
     }
 
     /// An error once the query was cancelled.

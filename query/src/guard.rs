@@ -31,7 +31,7 @@ use datafusion::logical_expr::{
     ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
 use datafusion::sql::sqlparser::ast::{
-    Expr as AstExpr, Query, Select, TableFactor, Visit, Visitor,
+    Expr as AstExpr, Query, Select, SetExpr, TableFactor, Visit, Visitor,
 };
 
 use crate::cancel::Cancel;
@@ -93,7 +93,28 @@ impl Visitor for Shape {
         ControlFlow::Continue(())
     }
 
-    fn pre_visit_query(&mut self, _query: &Query) -> ControlFlow<Error> {
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<Error> {
+        // Every operand of a set operation counts: `SELECT`s in `pre_visit_select`, the
+        // others (`VALUES`, `TABLE t`) here — a chain of `VALUES` would otherwise count
+        // nothing.
+        if let Some(with) = &query.with {
+            let expanded = expanded_ctes(with, &query.body);
+            if expanded > CTE_EXPANSION_MAX {
+                return too_complex(format!(
+                    "common table expressions that expand to {expanded} table reads (each \
+                     reference is planned anew), more than {CTE_EXPANSION_MAX}"
+                ));
+            }
+        }
+        let operands = other_set_operands(&query.body);
+        if operands > 0 {
+            self.selects += operands;
+            if self.selects > SELECTS_MAX {
+                return too_complex(format!(
+                    "more than {SELECTS_MAX} SELECTs (set operations and subqueries)"
+                ));
+            }
+        }
         ControlFlow::Continue(())
     }
 
@@ -104,6 +125,71 @@ impl Visitor for Shape {
         }
         ControlFlow::Continue(())
     }
+}
+
+/// Most table reads a statement's CTEs expand to: a CTE referenced twice by the next, over 30
+/// levels, is a 61-line statement and a 2^30-node plan.
+pub(crate) const CTE_EXPANSION_MAX: u64 = 4096;
+
+/// Names of the relations a node reads (lowercased).
+#[derive(Default)]
+struct Relations(Vec<String>);
+
+impl Visitor for Relations {
+    type Break = ();
+    fn pre_visit_relation(
+        &mut self,
+        relation: &datafusion::sql::sqlparser::ast::ObjectName,
+    ) -> ControlFlow<()> {
+        self.0.push(relation.to_string().to_lowercase());
+        ControlFlow::Continue(())
+    }
+}
+
+fn relations<T: Visit>(node: &T) -> Vec<String> {
+    let mut r = Relations::default();
+    let _ = node.visit(&mut r);
+    r.0
+}
+
+/// Table reads the body of a query with `with` plans to, each CTE reference expanded (a
+/// reference costs what the CTE's own references cost, plus one).
+fn expanded_ctes(with: &datafusion::sql::sqlparser::ast::With, body: &SetExpr) -> u64 {
+    let mut cost: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let expand = |names: Vec<String>, cost: &std::collections::HashMap<String, u64>, own: &str| {
+        names
+            .iter()
+            .filter(|n| n.as_str() != own)
+            .map(|n| cost.get(n).copied().unwrap_or(1))
+            .fold(1u64, u64::saturating_add)
+    };
+    for cte in &with.cte_tables {
+        let name = cte.alias.name.value.to_lowercase();
+        let c = expand(relations(&cte.query), &cost, &name);
+        cost.insert(name, c);
+    }
+    expand(relations(body), &cost, "")
+}
+
+/// Operands other than `SELECT`s and subqueries of the set operations at the top of a query
+/// body, counted without recursion (the parser builds long chains of them).
+fn other_set_operands(body: &SetExpr) -> usize {
+    let SetExpr::SetOperation { .. } = body else {
+        return 0;
+    };
+    let mut n = 0;
+    let mut stack = vec![body];
+    while let Some(e) = stack.pop() {
+        match e {
+            SetExpr::SetOperation { left, right, .. } => {
+                stack.push(left);
+                stack.push(right);
+            }
+            SetExpr::Select(_) | SetExpr::Query(_) => {}
+            _ => n += 1,
+        }
+    }
+    n
 }
 
 fn too_complex(what: String) -> ControlFlow<Error> {
@@ -125,9 +211,32 @@ pub(crate) fn check_shape<T: Visit>(node: &T) -> Result<(), Error> {
 /// string `||` in a size check.
 pub(crate) fn plan(plan: LogicalPlan, cancel: &Cancel) -> datafusion::error::Result<LogicalPlan> {
     plan.transform_up_with_subqueries(|node| {
-        node.map_expressions(|e| e.transform_up(|e| wrap(e, cancel)))
+        let node = node.map_expressions(|e| e.transform_up(|e| wrap(e, cancel)))?;
+        node.transform_data(|node| match node {
+            // What a projection computes is checked once more as a whole: a scalar result
+            // is copied to every row of the batch.
+            LogicalPlan::Projection(mut p) => {
+                p.expr = p.expr.into_iter().map(|e| check_top(e, cancel)).collect();
+                Ok(Transformed::yes(LogicalPlan::Projection(p)))
+            }
+            other => Ok(Transformed::no(other)),
+        })
     })
     .map(|t| t.data)
+}
+
+/// A projection's output expression wrapped in [`Checked`] (under its alias), unless it is a
+/// plain column or already checked.
+fn check_top(e: Expr, cancel: &Cancel) -> Expr {
+    match e {
+        Expr::Column(_) => e,
+        Expr::Alias(mut alias) => {
+            alias.expr = Box::new(check_top(*alias.expr, cancel));
+            Expr::Alias(alias)
+        }
+        Expr::ScalarFunction(ref f) if (f.func.inner().as_ref() as &dyn Any).is::<Checked>() => e,
+        other => checked(other, cancel),
+    }
 }
 
 /// Wraps every scalar function of `expr` (see [`plan`]).
@@ -245,6 +354,21 @@ impl ScalarUDFImpl for Guarded {
         args: Vec<Expr>,
         info: &SimplifyContext,
     ) -> datafusion::error::Result<ExprSimplifyResult> {
+        // Simplification may join literal arguments (`concat` of literals): refuse first what
+        // would be too large to build.
+        let literals: u64 = args
+            .iter()
+            .map(|a| match a {
+                Expr::Literal(v, _) => v.size() as u64,
+                _ => 0,
+            })
+            .sum();
+        if literals > VALUE_BYTES_MAX {
+            return Err(exhausted(
+                self.inner.name(),
+                format!("its arguments take {literals} bytes, at most {VALUE_BYTES_MAX} allowed"),
+            ));
+        }
         // Some functions (`now`, `arrow_cast`) are only ever evaluated by simplification;
         // whatever they simplify to is guarded too.
         match self.inner.simplify(args, info)? {
@@ -262,6 +386,9 @@ impl ScalarUDFImpl for Guarded {
         check_cost(self.inner.name(), &args.args, args.number_rows)?;
         let out = self.inner.invoke_with_args(args)?;
         check_output(self.inner.name(), &out)?;
+        if let ColumnarValue::Scalar(v) = &out {
+            self.cancel.charge_scalar(v.size() as u64)?;
+        }
         Ok(out)
     }
 }
@@ -288,7 +415,9 @@ impl Hash for Checked {
 impl Checked {
     fn new(cancel: Cancel) -> Self {
         Self {
-            signature: Signature::any(1, Volatility::Immutable),
+            // Volatile: never folded into a constant at planning, so that the check runs on
+            // every batch, with its row count.
+            signature: Signature::any(1, Volatility::Volatile),
             cancel,
         }
     }
@@ -319,10 +448,24 @@ impl ScalarUDFImpl for Checked {
         args: ScalarFunctionArgs,
     ) -> datafusion::error::Result<ColumnarValue> {
         self.cancel.check()?;
+        let number_rows = args.number_rows;
         let value = args.args.into_iter().next().ok_or_else(|| {
             DataFusionError::Internal("meshnode_checked takes one argument".into())
         })?;
         check_output("||", &value)?;
+        // A scalar becomes a column of `number_rows` copies after this (a projection).
+        if let ColumnarValue::Scalar(v) = &value {
+            let expanded = (v.size() as u64).saturating_mul(number_rows as u64);
+            if expanded > VALUE_BYTES_MAX {
+                return Err(exhausted(
+                    "projection",
+                    format!(
+                        "a value repeated on {number_rows} rows would take {expanded} bytes, at \
+                         most {VALUE_BYTES_MAX} allowed"
+                    ),
+                ));
+            }
+        }
         Ok(value)
     }
 }
@@ -344,7 +487,9 @@ fn check_cost(name: &str, args: &[ColumnarValue], rows: usize) -> datafusion::er
     let bytes = match name {
         "repeat" => max_len(arg(0)).saturating_mul(max_int(arg(1))),
         "lpad" | "rpad" => 4u64.saturating_mul(max_int(arg(1))),
-        "array_repeat" | "array_resize" => 16u64.saturating_mul(max_int(arg(1))),
+        "array_repeat" | "array_resize" => {
+            (value_bytes(arg(0), 1) + 16).saturating_mul(max_int(arg(1)))
+        }
         "range" | "generate_series" => 8u64.saturating_mul(series_len(args, name)?),
         "replace" => max_len(arg(0)).saturating_mul(max_len(arg(2)).max(1)),
         "regexp_replace" => (max_len(arg(0)) + 1).saturating_mul(max_len(arg(2)).max(1)),
@@ -362,7 +507,13 @@ fn check_cost(name: &str, args: &[ColumnarValue], rows: usize) -> datafusion::er
             }
             0
         }
-        _ => 0,
+        // Anything else builds its result from its arguments: at most their sum, with a
+        // scalar counted once per row when it is combined with arrays (`concat` of three
+        // thousand 60 MB strings asks for 180 GB in one allocation).
+        _ => {
+            let combined: u64 = args.iter().map(|a| value_bytes(Some(a), rows)).sum();
+            combined / rows
+        }
     };
     let total = bytes.saturating_mul(rows);
     if total > VALUE_BYTES_MAX {
@@ -374,6 +525,15 @@ fn check_cost(name: &str, args: &[ColumnarValue], rows: usize) -> datafusion::er
         ));
     }
     Ok(())
+}
+
+/// Bytes of an argument's values; a scalar counts `rows` times.
+fn value_bytes(value: Option<&ColumnarValue>, rows: u64) -> u64 {
+    match value {
+        Some(ColumnarValue::Array(a)) => a.get_array_memory_size() as u64,
+        Some(ColumnarValue::Scalar(s)) => (s.size() as u64).saturating_mul(rows),
+        None => 0,
+    }
 }
 
 /// Refuses an output larger than [`VALUE_BYTES_MAX`].
@@ -544,6 +704,9 @@ mod tests {
         );
         let unions = vec!["SELECT 1"; 2500].join(" UNION ALL ");
         assert_eq!(code(shape(&unions)), "sql_too_complex");
+        let values = vec!["VALUES (1)"; 2500].join(" UNION ");
+        assert_eq!(code(shape(&values)), "sql_too_complex");
+        assert!(shape(&vec!["VALUES (1)"; 30].join(" UNION ")).is_ok());
         let joins = (0..1500).map(|i| format!("t{i}")).collect::<Vec<_>>();
         assert_eq!(
             code(shape(&format!("SELECT 1 FROM {}", joins.join(",")))),

@@ -318,11 +318,7 @@ async fn exact_filtered(
     let query = Float32Array::from(search.vector.clone());
     let mut best = std::collections::BinaryHeap::<Candidate>::with_capacity(search.k + 1);
     let mut seen = 0usize;
-    while let Some(batch) = stream
-        .try_next()
-        .await
-        .map_err(|e| bad("knn_error", e.to_string()))?
-    {
+    while let Some(batch) = stream.try_next().await.map_err(stream_error)? {
         seen += batch.num_rows();
         if seen > rows_max {
             return Ok(None);
@@ -422,7 +418,11 @@ fn literal_int(expr: Option<&Expr>) -> Option<i64> {
 }
 
 fn df_error(e: crate::error::Error) -> DataFusionError {
-    DataFusionError::Execution(format!("knn: {e}"))
+    match e {
+        // A guarded function's refusal stays what it is (422), not a knn error.
+        crate::error::Error::ResourcesExhausted(m) => DataFusionError::ResourcesExhausted(m),
+        e => DataFusionError::Execution(format!("knn: {e}")),
+    }
 }
 
 impl TableFunctionImpl for KnnFunction {
@@ -581,7 +581,7 @@ pub(crate) async fn search(
     run(&dataset, column, &planned, filter, use_index)
         .await
         .map_err(|e| match e {
-            crate::error::Error::Query { .. } => e,
+            crate::error::Error::Query { .. } | crate::error::Error::ResourcesExhausted(_) => e,
             other => internal(other),
         })
 }

@@ -34,6 +34,10 @@ const GC_REQUESTS_MAX: usize = 64;
 /// error, and a full disk is when operators run GC.
 pub(crate) const GC_FREE_MIN: u64 = 4 << 20;
 
+/// Longest an iroh-blobs pass may run (mark and sweep) before its collector is taken for
+/// stopped.
+pub(crate) const PASS_MAX: Duration = Duration::from_secs(900);
+
 /// How long an explicit GC request waits for its run before reporting failure.
 pub(crate) const GC_WAIT_MAX: Duration = Duration::from_secs(600);
 
@@ -87,8 +91,11 @@ pub(crate) struct GcShared {
     pub(crate) quarantined: Mutex<HashMap<BlobHash, bool>>,
     requests_tx: mpsc::Sender<Waiter>,
     requests_rx: tokio::sync::Mutex<mpsc::Receiver<Waiter>>,
-    /// Waiters of the iroh-blobs pass in progress, answered when it ends.
-    running: Mutex<Option<Vec<Waiter>>>,
+    /// The iroh-blobs pass in progress: when it took its roots, and its waiters (answered
+    /// when it ends).
+    running: Mutex<Option<(std::time::Instant, Vec<Waiter>)>>,
+    /// Whether an iroh-blobs pass is between its roots and its end (pins wait for it).
+    iroh_pass: tokio::sync::watch::Sender<bool>,
     /// Serializes root snapshots and the small-blob sweep. Writers never take it.
     snapshot: tokio::sync::Mutex<()>,
     window: Mutex<Window>,
@@ -128,15 +135,26 @@ struct LoopAlive(Arc<GcShared>);
 impl Drop for LoopAlive {
     fn drop(&mut self) {
         let shared = &self.0;
-        let waiters = lock(&shared.running).take();
+        shared.collector_stopped(
+            "the blob collector stopped after an error (see the node log); restart the node to \
+             resume garbage collection",
+        );
+    }
+}
+
+impl GcShared {
+    /// The iroh-blobs collector's loop ended (or stopped answering): closes its pass, answers
+    /// its waiters, and marks GC stopped.
+    fn collector_stopped(&self, message: &str) {
+        let shared = self;
+        let waiters = lock(&shared.running).take().map(|(_, w)| w);
         if waiters.is_some() {
+            shared.iroh_pass.send_replace(false);
             shared.close();
         }
         if shared.closing.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
-        let message = "the blob collector stopped after an error (see the node log); \
-                       restart the node to resume garbage collection";
         {
             let mut health = lock(&shared.health);
             health.failures += 1;
@@ -147,6 +165,45 @@ impl Drop for LoopAlive {
             let _ = waiter.send(Err(message.into()));
         }
         tracing::error!("{message}");
+    }
+
+    /// Watches the iroh-blobs pass in progress: a healthy collector calls back within
+    /// [`PASS_MAX`] of taking its roots. One that does not has stopped (its loop ends after
+    /// an error, and iroh-blobs keeps our callback alive, so nothing else tells us): the
+    /// pass is closed so that retired holds stop piling up, and GC is reported stopped.
+    pub(crate) fn watch(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let Some(shared) = weak.upgrade() else {
+                    return;
+                };
+                let stuck = lock(&shared.running)
+                    .as_ref()
+                    .is_some_and(|(at, _)| at.elapsed() > PASS_MAX);
+                if stuck {
+                    shared.collector_stopped(
+                        "the blob collector did not finish a pass in time and is taken for \
+                         stopped (see the node log); restart the node to resume garbage \
+                         collection",
+                    );
+                }
+            }
+        });
+    }
+
+    /// Returns with the snapshot mutex held and no iroh-blobs pass open: a pin set while
+    /// holding it is seen by the next pass's mark, and no pass can sweep past it.
+    pub(crate) async fn hold_off_passes(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        let mut open = self.iroh_pass.subscribe();
+        loop {
+            let _ = tokio::time::timeout(PASS_MAX, open.wait_for(|o| !*o)).await;
+            let guard = self.snapshot.lock().await;
+            if !*self.iroh_pass.borrow() {
+                return guard;
+            }
+        }
     }
 }
 
@@ -163,6 +220,7 @@ impl GcShared {
             requests_tx,
             requests_rx: tokio::sync::Mutex::new(requests_rx),
             running: Mutex::new(None),
+            iroh_pass: tokio::sync::watch::Sender::new(false),
             snapshot: tokio::sync::Mutex::new(()),
             window: Mutex::new(Window::default()),
             armed: tokio::sync::watch::Sender::new(armed),
@@ -290,21 +348,28 @@ impl GcShared {
         .map_err(|e| e.to_string())?
     }
 
-    /// Runs `sweep` (the small-blob table's) with the roots recorded now; the pass stays
-    /// open (retired holds kept) until it returns.
-    pub(crate) async fn small_pass<T>(
-        &self,
-        sweep: impl FnOnce(HashSet<BlobHash>, &Self) -> Result<T>,
-    ) -> Result<T> {
+    /// Opens a pass for the small-blob sweep and records its roots. Holds written or
+    /// retired while the returned [`Pass`] lives are kept; report the sweep's result with
+    /// [`GcShared::small_done`].
+    pub(crate) async fn small_pass(&self) -> Result<(Pass<'_>, HashSet<BlobHash>)> {
         self.wait_armed().await;
         let snapshot = self.snapshot.lock().await;
         let pass = self.open();
         let roots = self.roots().await.map_err(Error::Gc);
         drop(snapshot);
-        let result = roots.and_then(|roots| sweep(roots, self));
-        drop(pass);
+        match roots {
+            Ok(roots) => Ok((pass, roots)),
+            Err(e) => {
+                drop(pass);
+                self.finished(&Err(e.to_string()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Records how a small-blob sweep ended.
+    pub(crate) fn small_done<T>(&self, result: &Result<T>) {
         self.finished(&result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
-        result
     }
 
     /// An error when the disk is too full for a pass to record its deletions.
@@ -327,10 +392,12 @@ impl GcShared {
             return Err(Error::Gc(e));
         }
         let (tx, rx) = oneshot::channel();
-        self.requests_tx
-            .send(tx)
-            .await
-            .map_err(|_| Error::Gc("garbage collector stopped".into()))?;
+        self.requests_tx.try_send(tx).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                Error::Gc("too many garbage collections are waiting; retry later".into())
+            }
+            mpsc::error::TrySendError::Closed(_) => Error::Gc("garbage collector stopped".into()),
+        })?;
         match tokio::time::timeout(GC_WAIT_MAX, rx).await {
             Ok(Ok(result)) => result.map_err(Error::Gc),
             Ok(Err(_)) => Err(Error::Gc("garbage collector stopped".into())),
@@ -342,7 +409,8 @@ impl GcShared {
 
     async fn before_run(&self, live: &mut HashSet<Hash>) -> ProtectOutcome {
         // Reaching here again means the previous pass (if any) finished its sweep.
-        if let Some(waiters) = lock(&self.running).take() {
+        if let Some((_, waiters)) = lock(&self.running).take() {
+            self.iroh_pass.send_replace(false);
             self.close();
             self.finished(&Ok(()));
             for waiter in waiters {
@@ -378,10 +446,10 @@ impl GcShared {
         let snapshot = self.snapshot.lock().await;
         let pass = self.open();
         let roots = self.roots().await;
-        drop(snapshot);
         let roots = match roots {
             Ok(roots) => roots,
             Err(e) => {
+                drop(snapshot);
                 tracing::warn!("gc run aborted: a root hook failed: {e}");
                 let error = format!("a root hook failed: {e}");
                 drop(pass);
@@ -399,9 +467,13 @@ impl GcShared {
                 .filter(|h| !quarantined.contains_key(h))
                 .map(|h| Hash::from_bytes(*h.as_bytes())),
         );
-        // The pass stays open until iroh-blobs calls back again (or its loop ends).
+        // The pass stays open until iroh-blobs calls back again (or its loop ends); pins
+        // wait for it (`hold_off_passes`), so it is marked open before the snapshot mutex
+        // is released.
         std::mem::forget(pass);
-        *lock(&self.running) = Some(waiters);
+        *lock(&self.running) = Some((std::time::Instant::now(), waiters));
+        self.iroh_pass.send_replace(true);
+        drop(snapshot);
         ProtectOutcome::Continue
     }
 }

@@ -211,6 +211,7 @@ impl Store {
                 lock: std::sync::Mutex::new(Some(lock)),
             }),
         };
+        store.inner.gc.watch();
         store.finish_pending_quarantines().await?;
         {
             // GC of the small-blob table, on the same schedule as iroh-blobs' GC.
@@ -700,14 +701,22 @@ impl Store {
 
     /// Deletes small blobs that nothing pins or references (GC of the small-blob table).
     pub async fn sweep_small(&self) -> Result<u64> {
-        let pins: HashSet<BlobHash> = self.pins().await?.into_iter().collect();
-        let small = &self.inner.small;
-        self.inner
-            .gc
-            .small_pass(|roots, gc| {
-                small.sweep(|h| roots.contains(h) || pins.contains(h) || gc.small_held(h))
-            })
-            .await
+        let gc = &self.inner.gc;
+        let (pass, roots) = gc.small_pass().await?;
+        // Pins are read after the pass opened: one set later is held by its writer
+        // (`pin` registers small blobs) until the pass ends.
+        let result = match self.pins().await {
+            Ok(pins) => {
+                let pins: HashSet<BlobHash> = pins.into_iter().collect();
+                self.inner
+                    .small
+                    .sweep(|h| roots.contains(h) || pins.contains(h) || gc.small_held(h))
+            }
+            Err(e) => Err(e),
+        };
+        drop(pass);
+        gc.small_done(&result);
+        result
     }
 
     /// Reads a whole blob into memory, verified. Refuses blobs larger than `limit_bytes`.
@@ -916,16 +925,28 @@ impl Store {
     }
 
     /// Pins a stored blob so that GC never removes it. Durable on return.
+    ///
+    /// A pin never races a GC pass: it is set while no iroh-blobs pass is between its roots
+    /// and its sweep (it waits for one in progress), and a small blob is held until any
+    /// small-blob pass that might have missed the pin has ended.
     pub async fn pin(&self, hash: &BlobHash) -> Result<()> {
-        if !self.has(hash).await? {
-            return Err(Error::NotFound(*hash));
+        let gc = &self.inner.gc;
+        gc.small_begin(*hash);
+        let result = async {
+            let _no_pass = gc.hold_off_passes().await;
+            if !self.has(hash).await? {
+                return Err(Error::NotFound(*hash));
+            }
+            self.inner
+                .fs
+                .tags()
+                .set(pin_tag(hash), HashAndFormat::raw(to_iroh(hash)))
+                .await
+                .map_err(backend)
         }
-        self.inner
-            .fs
-            .tags()
-            .set(pin_tag(hash), HashAndFormat::raw(to_iroh(hash)))
-            .await
-            .map_err(backend)?;
+        .await;
+        gc.small_end(*hash);
+        result?;
         self.inner.barrier.sync(Vec::new()).await
     }
 

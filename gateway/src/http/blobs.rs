@@ -130,7 +130,8 @@ pub(crate) const UPLOAD_RATE_MIN: u64 = 16 * 1024;
 pub(crate) const UPLOAD_GRACE: Duration = Duration::from_secs(10);
 
 /// Ends `body` with an error once it falls behind [`UPLOAD_RATE_MIN`]: the next piece must
-/// arrive by `start + UPLOAD_GRACE + received / UPLOAD_RATE_MIN`.
+/// arrive by `start + UPLOAD_GRACE + received / UPLOAD_RATE_MIN`, and within
+/// [`UPLOAD_GRACE`] of the previous one.
 fn paced<S>(body: S, too_slow: Arc<AtomicBool>) -> impl Stream<Item = std::io::Result<Bytes>>
 where
     S: Stream<Item = std::io::Result<Bytes>> + Unpin,
@@ -142,7 +143,10 @@ where
             if done {
                 return None;
             }
-            let deadline = start + UPLOAD_GRACE + Duration::from_secs(seen / UPLOAD_RATE_MIN);
+            // The average since the start, and no pause longer than the grace either (a fast
+            // start banks no credit for a long stall).
+            let by_rate = start + UPLOAD_GRACE + Duration::from_secs(seen / UPLOAD_RATE_MIN);
+            let deadline = by_rate.min(tokio::time::Instant::now() + UPLOAD_GRACE);
             match tokio::time::timeout_at(deadline, body.next()).await {
                 Ok(Some(Ok(piece))) => {
                     let seen = seen + piece.len() as u64;

@@ -113,7 +113,8 @@ where
         }
         return Err(warp::reject::custom(TooLarge(limit)));
     }
-    let capacity = length.unwrap_or(0).min(limit);
+    // Grow with what arrives: a declared length alone reserves at most 64 KiB.
+    let capacity = length.unwrap_or(0).min(limit).min(64 * 1024);
     let mut buf = BytesMut::with_capacity(usize::try_from(capacity).unwrap_or(0));
     while let Some(chunk) = body.next().await {
         let mut chunk = chunk.map_err(|e| warp::reject::custom(Unreadable(e.to_string())))?;

@@ -460,7 +460,8 @@ pub(crate) async fn consistency(
 
 /// Re-verify the whole ledger from its blobs. One audit runs at a time, detached from the
 /// request; concurrent requests share it, and a result is reused (header `x-audit-reused`)
-/// while the log did not grow (up to 5 minutes), or for 10 s in any case. Writes nothing.
+/// while the log did not grow (up to 5 minutes); a new audit starts no sooner than 2 s (and
+/// twice the last audit's duration) after the last one. Writes nothing.
 #[utoipa::path(get, path = "/v1/audit", tag = "ledger",
     responses((status = 200, description = "Audit report {ok, n_events, tree_size, root, checkpoint, findings, …}"),
               (status = 429, description = "An audit is already running", body = super::error::ErrorBody)))]

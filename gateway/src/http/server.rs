@@ -36,6 +36,9 @@ pub struct PeerAddr(pub SocketAddr);
 /// How long shutdown waits for open connections to finish their requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// Connections being answered 429 at once; more are closed without an answer.
+const REFUSALS_MAX: usize = 64;
+
 /// Open connections per client address.
 #[derive(Default)]
 struct Clients(Mutex<HashMap<IpAddr, usize>>);
@@ -81,12 +84,12 @@ impl Drop for ClientSlot {
     }
 }
 
-/// Answers a connection over its client's cap with a 429 and closes it (within 2 s). The
-/// request head is read first (up to 16 KiB), so that the client reads an answer to its
-/// request rather than an unsolicited message.
+/// Answers a connection over its client's cap with a 429 and closes it (within 1.5 s). The
+/// request head is read first (up to 16 KiB, for at most 0.5 s), so that the client reads an
+/// answer to its request rather than an unsolicited message.
 async fn refuse(mut tcp: tokio::net::TcpStream, max: usize) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
         let mut head = Vec::with_capacity(1024);
         let mut buf = [0u8; 1024];
         while head.len() < 16 * 1024 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -106,7 +109,7 @@ async fn refuse(mut tcp: tokio::net::TcpStream, max: usize) {
          content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
         tcp.write_all(response.as_bytes()).await?;
         tcp.shutdown().await
     })
@@ -126,6 +129,7 @@ pub async fn serve<F>(
 {
     let connections = Arc::new(Semaphore::new(config.connections_max.max(1)));
     let clients = Arc::new(Clients::default());
+    let refusals = Arc::new(Semaphore::new(REFUSALS_MAX));
     let per_client_max = config.connections_per_client_max.max(1);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let header_timeout = Duration::from_millis(config.header_timeout_ms.max(1));
@@ -158,10 +162,15 @@ pub async fn serve<F>(
         }
         let Some(slot) = clients.admit(peer.ip(), per_client_max) else {
             metrics.connections_refused.inc();
-            tokio::spawn(async move {
-                refuse(tcp, per_client_max).await;
-                drop(permit);
-            });
+            // The refusal takes no connection slot, and refusals in flight are capped
+            // themselves: past that, the connection is closed at once.
+            drop(permit);
+            if let Ok(refusing) = refusals.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    refuse(tcp, per_client_max).await;
+                    drop(refusing);
+                });
+            }
             continue;
         };
         metrics.connections_total.inc();

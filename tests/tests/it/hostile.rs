@@ -205,6 +205,44 @@ async fn sql_chains_and_function_bombs_are_refused_before_they_cost() {
             StatusCode::UNPROCESSABLE_ENTITY,
             "query_too_expensive",
         ),
+        // Functions that combine their arguments, scalars copied to every row, element
+        // sizes of repeated arrays, and the sum of a query's constants.
+        (
+            format!("SELECT length(concat({}))", vec!["repeat('x', 60000000)"; 5].join(", ")),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "query_too_expensive",
+        ),
+        (
+            "SELECT arrow_cast(repeat('x', 60000000), 'LargeUtf8') FROM (SELECT unnest(range(10000)))".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "query_too_expensive",
+        ),
+        (
+            "SELECT cardinality(array_repeat(range(1000000), 1000000))".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "query_too_expensive",
+        ),
+        (
+            format!("SELECT {}", (0..6).map(|i| format!("length(repeat('{i}', 60000000))")).collect::<Vec<_>>().join(", ")),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "query_too_expensive",
+        ),
+        (
+            format!(
+                "WITH t0(x) AS (VALUES (1)), {} SELECT count(*) FROM t30",
+                (1..=30)
+                    .map(|i| format!("t{i} AS (SELECT x FROM t{0} UNION ALL SELECT x FROM t{0})", i - 1))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            StatusCode::BAD_REQUEST,
+            "sql_too_complex",
+        ),
+        (
+            vec!["VALUES (1)"; 2500].join(" UNION "),
+            StatusCode::BAD_REQUEST,
+            "sql_too_complex",
+        ),
         // EXPLAIN ANALYZE runs the query.
         (
             "EXPLAIN ANALYZE SELECT count(*) FROM events".into(),
