@@ -345,6 +345,17 @@ impl Worker {
         let shared = self.shared.clone();
         let rows = prepared.rows.take();
         let adds = std::mem::take(&mut prepared.adds);
+        // Skill publishes and blob.host events make blobs that are already stored GC roots;
+        // nothing holds those blobs, so their index rows are written while no GC pass is
+        // between its roots and its sweep.
+        let new_roots = prepared.overlay.accepted.iter().any(|id| {
+            prepared.overlay.events.get(id).is_some_and(|r| {
+                matches!(
+                    r.kind,
+                    meshnode_schemas::Kind::SkillPublish | meshnode_schemas::Kind::BlobHost
+                )
+            })
+        });
         let task = tokio::spawn(async move {
             let Some(rows) = rows else {
                 return Ok(Duration::ZERO);
@@ -354,11 +365,16 @@ impl Worker {
             writer.add_many(adds, STORE_ADDS_IN_FLIGHT).await?;
             writer.commit().await?;
             let t_barrier = tc.elapsed();
+            let no_pass = match new_roots {
+                true => Some(shared.store.hold_off_gc().await),
+                false => None,
+            };
             let db_shared = shared.clone();
             let result = tokio::task::spawn_blocking(move || db::write_rows(&db_shared.db, rows))
                 .await
                 .map_err(|e| Error::Unavailable(e.to_string()))
                 .and_then(|r| r);
+            drop(no_pass);
             // GC may look at the new blobs only now that the index referencing them is durable.
             drop(writer);
             tracing::debug!(

@@ -277,6 +277,14 @@ impl Store {
         Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
     }
 
+    /// Waits until no GC pass is between its roots and its sweep, and keeps a new one from
+    /// starting while the guard lives. Hold it while recording a root for a blob that nothing
+    /// else holds (not one just written: writers hold theirs), so that no pass that missed
+    /// the root can delete the blob.
+    pub async fn hold_off_gc(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.inner.gc.hold_off_passes().await
+    }
+
     /// Lets GC run (see [`StoreConfig::gc_waits_for_roots`]).
     pub fn enable_gc(&self) {
         self.inner.gc.arm();
@@ -951,7 +959,12 @@ impl Store {
     }
 
     /// Removes a pin. Returns whether the blob was pinned. Durable on return.
+    ///
+    /// Waits for a GC pass between its roots and its sweep: a root recorded for the blob after
+    /// the pass took its roots (say, a skill published with these weights) is then seen by
+    /// the next pass, while the pin still holds the blob through this one.
     pub async fn unpin(&self, hash: &BlobHash) -> Result<bool> {
+        let no_pass = self.inner.gc.hold_off_passes().await;
         let n = self
             .inner
             .fs
@@ -959,6 +972,7 @@ impl Store {
             .delete(pin_tag(hash))
             .await
             .map_err(backend)?;
+        drop(no_pass);
         self.inner.barrier.sync(Vec::new()).await?;
         Ok(n > 0)
     }

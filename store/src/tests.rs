@@ -619,3 +619,35 @@ async fn gc_waits_for_its_roots_when_asked() {
     assert_eq!(store.gc_health().failures, 0);
     assert!(store.gc_health().runs >= 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpin_during_a_pass_keeps_a_blob_that_became_a_root() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    let roots = Arc::new(SlowRoots {
+        roots: Mutex::new(HashSet::new()),
+        pause: Duration::from_millis(500),
+    });
+    store.add_gc_roots(roots.clone());
+    let weights = store
+        .add_bytes(data(30_000, 4), PinMode::Pin)
+        .await
+        .expect("add")
+        .hash;
+    // A pass records its roots (the blob is only pinned); meanwhile the blob becomes a root
+    // (a skill names it) and its pin is removed.
+    let pass = {
+        let store = store.clone();
+        tokio::spawn(async move { store.gc().await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    roots.roots.lock().expect("lock").insert(weights);
+    assert!(store.unpin(&weights).await.expect("unpin"));
+    pass.await.expect("join").expect("gc");
+    assert!(store.has(&weights).await.expect("has"), "lost to the pass");
+    store.gc().await.expect("gc");
+    assert!(
+        store.has(&weights).await.expect("has"),
+        "lost to the next pass"
+    );
+}

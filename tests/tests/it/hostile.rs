@@ -208,7 +208,7 @@ async fn sql_chains_and_function_bombs_are_refused_before_they_cost() {
         // Functions that combine their arguments, scalars copied to every row, element
         // sizes of repeated arrays, and the sum of a query's constants.
         (
-            format!("SELECT length(concat({}))", vec!["repeat('x', 60000000)"; 5].join(", ")),
+            format!("SELECT length(concat({}))", ["repeat('x', 60000000)"; 5].join(", ")),
             StatusCode::UNPROCESSABLE_ENTITY,
             "query_too_expensive",
         ),
@@ -239,7 +239,7 @@ async fn sql_chains_and_function_bombs_are_refused_before_they_cost() {
             "sql_too_complex",
         ),
         (
-            vec!["VALUES (1)"; 2500].join(" UNION "),
+            ["VALUES (1)"; 2500].join(" UNION "),
             StatusCode::BAD_REQUEST,
             "sql_too_complex",
         ),
