@@ -265,8 +265,24 @@ fn checked(e: Expr, cancel: &Cancel) -> Expr {
     Expr::ScalarFunction(ScalarFunction::new_udf(checked, vec![e]))
 }
 
+/// Aggregates whose value is a collection of their inputs: over a window, each row's value
+/// holds all the rows before it, so the output grows with the square of the rows, outside
+/// the memory pool.
+const COLLECTING_AGGREGATES: &[&str] = &["array_agg", "string_agg", "array_union_agg"];
+
 fn wrap(e: Expr, cancel: &Cancel) -> datafusion::error::Result<Transformed<Expr>> {
+    use datafusion::logical_expr::expr::WindowFunctionDefinition;
     match e {
+        Expr::WindowFunction(ref w)
+            if matches!(&w.fun, WindowFunctionDefinition::AggregateUDF(f)
+                if COLLECTING_AGGREGATES.contains(&f.name())) =>
+        {
+            Err(DataFusionError::ResourcesExhausted(format!(
+                "{} over a window builds, for every row, the collection of all rows before it; \
+                 aggregate with GROUP BY instead",
+                w.fun
+            )))
+        }
         Expr::ScalarFunction(f) if !is_exempt(&f.func) => {
             let guarded = Guarded::new(f.func.clone(), cancel.clone());
             Ok(Transformed::yes(Expr::ScalarFunction(

@@ -297,7 +297,8 @@ impl OwnedRuntime {
 const QUERY_STACK_BYTES: usize = 256 << 20;
 
 /// Most bytes of result batches one query returns (more rows are cut, `truncated` is set).
-pub(crate) const RESULT_BYTES_MAX: usize = 64 << 20;
+/// Encoded as JSON an answer takes a few times this; the gateway encodes a few at a time.
+pub(crate) const RESULT_BYTES_MAX: usize = 16 << 20;
 
 /// The SQL engine: a dedicated runtime with large stacks, a cap on concurrent queries and a
 /// deadline. SQL and vector search both run here.

@@ -62,6 +62,8 @@ struct StateInner {
     ready: AtomicBool,
     /// Audits: one at a time, detached from requests, results reused (see `audit_job`).
     audits: audit_job::Audits,
+    /// SQL answers being encoded at once (each takes a few times its 16 MiB cap).
+    encodings: tokio::sync::Semaphore,
 }
 
 /// Everything a request handler needs. Cheap to clone.
@@ -91,6 +93,7 @@ impl AppState {
                 cache_generation: std::sync::atomic::AtomicU64::new(0),
                 ready: AtomicBool::new(false),
                 audits: audit_job::Audits::default(),
+                encodings: tokio::sync::Semaphore::new(4),
             }),
         }
     }

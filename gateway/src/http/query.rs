@@ -84,6 +84,13 @@ pub(crate) async fn sql(
     let query = &state.node().query;
     let (answer, state_at) = query.sql(&request.sql, request.as_of).await?;
     let applied = query.status()?.applied;
+    // Encoding multiplies an answer's size a few times: a few at once.
+    let _encoding = state
+        .inner
+        .encodings
+        .acquire()
+        .await
+        .map_err(|_| ApiError::internal("the encoder limit closed"))?;
     match format.as_str() {
         "json" => {
             let mut value = answer.to_json();

@@ -243,6 +243,12 @@ async fn sql_chains_and_function_bombs_are_refused_before_they_cost() {
             StatusCode::BAD_REQUEST,
             "sql_too_complex",
         ),
+        // A collecting aggregate over a window grows with the square of the rows.
+        (
+            "SELECT cardinality(a) FROM (SELECT array_agg(i) OVER (ORDER BY i) a FROM (SELECT unnest(range(200000)) i)) ORDER BY 1 DESC LIMIT 1".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "query_too_expensive",
+        ),
         // EXPLAIN ANALYZE runs the query.
         (
             "EXPLAIN ANALYZE SELECT count(*) FROM events".into(),
