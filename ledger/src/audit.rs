@@ -418,10 +418,41 @@ struct Prepared {
 
 /// The audit's first stage: reads every envelope in acceptance order (writing it to the
 /// bundle when exporting), decodes and verifies chunk by chunk, and hands the chunks on.
+/// The stored records and leaf ids of the audited snapshot, read a chunk at a time.
+struct RecordSource {
+    tx: redb::ReadTransaction,
+    n_events: u64,
+}
+
+impl RecordSource {
+    /// Records and leaf ids `[from, from + AUDIT_CHUNK_EVENTS)` (empty past the end).
+    fn chunk(&self, from: u64) -> Result<(Vec<EventRecord>, Vec<EventId>)> {
+        let to = (from + AUDIT_CHUNK_EVENTS as u64).min(self.n_events);
+        if from >= to {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let mut ids = Vec::with_capacity((to - from) as usize);
+        for entry in self.tx.open_table(db::LEAVES)?.range(from..to)? {
+            ids.push(EventId::from_bytes(entry?.1.value()));
+        }
+        let mut records = Vec::with_capacity(ids.len());
+        for entry in self.tx.open_table(db::EVENTS)?.range(from..to)? {
+            records.push(db::decode::<EventRecord>(entry?.1.value())?);
+        }
+        if records.len() != ids.len() || ids.len() as u64 != to - from {
+            return Err(Error::Corrupt(format!(
+                "leaves {from}..{to}: {} leaves but {} event records",
+                ids.len(),
+                records.len()
+            )));
+        }
+        Ok((records, ids))
+    }
+}
+
 async fn prepare_chunks(
     store: meshnode_store::Store,
-    records: Vec<EventRecord>,
-    ids: Vec<EventId>,
+    source: RecordSource,
     keys: HashMap<AuthorKey, crate::fold::AuthorState>,
     mut writer: Option<BufWriter<std::fs::File>>,
     tx: tokio::sync::mpsc::Sender<Prepared>,
@@ -429,13 +460,12 @@ async fn prepare_chunks(
     let keys = std::sync::Arc::new(keys);
     let (mut fetching, mut verifying, mut sending) =
         (Duration::ZERO, Duration::ZERO, Duration::ZERO);
-    let mut records = records.into_iter();
     for chunk_idx in 0.. {
-        let chunk: Vec<EventRecord> = records.by_ref().take(AUDIT_CHUNK_EVENTS).collect();
+        let base = (chunk_idx * AUDIT_CHUNK_EVENTS) as u64;
+        let (chunk, ids) = source.chunk(base)?;
         if chunk.is_empty() {
             break;
         }
-        let base = (chunk_idx * AUDIT_CHUNK_EVENTS) as u64;
         let hashes: Vec<BlobHash> = chunk.iter().map(|r| r.envelope).collect();
         let t0 = Instant::now();
         let fetched = fetch_envelopes(store.clone(), hashes).await;
@@ -463,7 +493,7 @@ async fn prepare_chunks(
         }
         let expected: Vec<EventId> = present
             .iter()
-            .map(|(position, _)| ids[*position as usize])
+            .map(|(position, _)| ids[(*position - base) as usize])
             .collect();
         let keys = keys.clone();
         let chunk_records = chunk;
@@ -593,30 +623,15 @@ impl Ledger {
     /// there (events, fork proofs, checkpoint, consistency proof from the previous audit).
     pub async fn audit(&self, export: Option<&Path>) -> Result<AuditReport> {
         let started = Instant::now();
-        let (ids, records, stored, stored_covered_by, checkpoint_sizes, previous) = {
-            let tx = self.db().begin_read()?;
+        // One read transaction for the whole audit: a consistent snapshot, from which the
+        // records are streamed chunk by chunk rather than loaded whole.
+        let tx = self.db().begin_read()?;
+        let (stored, stored_covered_by, checkpoint_sizes, previous) = {
             let stored = db::load_state_in(&tx)?;
             let mut covered_by: BTreeMap<(EventId, EventId), ()> = BTreeMap::new();
             for entry in tx.open_table(db::COVERED_BY)?.iter()? {
                 let (c, y) = entry?.0.value();
                 covered_by.insert((EventId::from_bytes(c), EventId::from_bytes(y)), ());
-            }
-            let leaves = tx.open_table(db::LEAVES)?;
-            let events = tx.open_table(db::EVENTS)?;
-            let mut ids = Vec::with_capacity(stored.n_events as usize);
-            let mut records = Vec::with_capacity(stored.n_events as usize);
-            for entry in leaves.range(0..stored.n_events)? {
-                ids.push(EventId::from_bytes(entry?.1.value()));
-            }
-            for entry in events.range(0..stored.n_events)? {
-                records.push(db::decode::<EventRecord>(entry?.1.value())?);
-            }
-            if records.len() != ids.len() {
-                return Err(Error::Corrupt(format!(
-                    "{} leaves but {} event records",
-                    ids.len(),
-                    records.len()
-                )));
             }
             let mut sizes = Vec::new();
             for entry in tx.open_table(db::CHECKPOINTS)?.iter()? {
@@ -627,7 +642,7 @@ impl Ledger {
                 .open_table(db::META)?
                 .get("last_audit")?
                 .and_then(|v| String::from_utf8(v.value().to_vec()).ok());
-            (ids, records, stored, covered_by, sizes, previous)
+            (stored, covered_by, sizes, previous)
         };
         let key = self.verifying_key();
         let origin = self.origin().to_string();
@@ -662,8 +677,12 @@ impl Ledger {
             .iter()
             .map(|(k, a)| (*k, a.without_credits()))
             .collect();
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Prepared>(2);
-        let producer = tokio::spawn(prepare_chunks(store, records, ids, keys, writer, tx));
+        let (chunks_tx, mut rx) = tokio::sync::mpsc::channel::<Prepared>(2);
+        let source = RecordSource {
+            tx,
+            n_events: stored.n_events,
+        };
+        let producer = tokio::spawn(prepare_chunks(store, source, keys, writer, chunks_tx));
         // The fold is CPU work (seconds at a million events): off the async workers, so the
         // node keeps answering requests while it audits.
         let folded = tokio::task::spawn_blocking(move || {
