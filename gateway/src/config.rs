@@ -95,6 +95,12 @@ pub struct ServerConfig {
     /// Default 30 s. Env: `MESHNODE_BODY_TIMEOUT_MS`. Uploads instead need a sustained
     /// 16 KiB/s after their first 10 s.
     pub body_timeout_ms: u64,
+    /// Slowest average rate of a blob upload or download once its grace period is over, in
+    /// bytes per second. Default 16 KiB/s. Env: `MESHNODE_TRANSFER_RATE_MIN`.
+    pub transfer_rate_min: u64,
+    /// Time before `transfer_rate_min` applies, and the longest pause of an upload, in
+    /// milliseconds. Default 10 s. Env: `MESHNODE_TRANSFER_GRACE_MS`.
+    pub transfer_grace_ms: u64,
 }
 
 /// Blob store settings.
@@ -140,6 +146,8 @@ impl Default for ServerConfig {
             header_timeout_ms: 10_000,
             io_timeout_ms: 60_000,
             body_timeout_ms: 30_000,
+            transfer_rate_min: 16 * 1024,
+            transfer_grace_ms: 10_000,
         }
     }
 }
@@ -200,6 +208,12 @@ impl Config {
         }
         if let Some(v) = get("MESHNODE_BODY_TIMEOUT_MS") {
             self.server.body_timeout_ms = parse("MESHNODE_BODY_TIMEOUT_MS", v)?;
+        }
+        if let Some(v) = get("MESHNODE_TRANSFER_RATE_MIN") {
+            self.server.transfer_rate_min = parse("MESHNODE_TRANSFER_RATE_MIN", v)?;
+        }
+        if let Some(v) = get("MESHNODE_TRANSFER_GRACE_MS") {
+            self.server.transfer_grace_ms = parse("MESHNODE_TRANSFER_GRACE_MS", v)?;
         }
         if let Some(v) = get("MESHNODE_GC_INTERVAL_SECS") {
             self.store.gc_interval_secs = parse("MESHNODE_GC_INTERVAL_SECS", v)?;

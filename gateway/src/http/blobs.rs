@@ -97,14 +97,14 @@ where
             .map_err(std::io::Error::other)
     }));
     let too_slow = Arc::new(AtomicBool::new(false));
-    let chunks = Box::pin(paced(chunks, too_slow.clone()));
+    let chunks = Box::pin(paced(chunks, Pace::of(&state), too_slow.clone()));
     // The store writes each piece it gets; give it large ones.
     let chunks = Box::pin(meshnode_store::coalesce(chunks, STREAM_CHUNK_BYTES));
     let stream = Box::pin(sync_wrapper::SyncStream::new(chunks));
     let added = match state.node().store.add_stream(stream, limit, pin).await {
         Ok(added) => added,
         Err(_) if too_slow.load(Ordering::Acquire) => {
-            return Err(super::error::body_timeout(UPLOAD_GRACE));
+            return Err(super::error::upload_too_slow(Pace::of(&state)));
         }
         Err(e) => return Err(state.on_write_error(e.into(), declared.unwrap_or(0))),
     };
@@ -123,16 +123,39 @@ where
     Ok(response)
 }
 
-/// Slowest sustained upload rate, in bytes per second, after [`UPLOAD_GRACE`]: a client that
-/// trickles a body cannot hold a connection and an upload open indefinitely.
-pub(crate) const UPLOAD_RATE_MIN: u64 = 16 * 1024;
-/// Time an upload may take before [`UPLOAD_RATE_MIN`] applies.
-pub(crate) const UPLOAD_GRACE: Duration = Duration::from_secs(10);
+/// The slowest a blob transfer (upload or download) may go: a client that trickles cannot
+/// hold a connection, an upload or a read of a blob open indefinitely. From
+/// `server.transfer_rate_min` and `server.transfer_grace_ms`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Pace {
+    /// Bytes per second, on average since the start, once the grace period is over.
+    rate: u64,
+    /// Time before the rate applies; also the longest pause of an upload.
+    grace: Duration,
+}
 
-/// Ends `body` with an error once it falls behind [`UPLOAD_RATE_MIN`]: the next piece must
-/// arrive by `start + UPLOAD_GRACE + received / UPLOAD_RATE_MIN`, and within
-/// [`UPLOAD_GRACE`] of the previous one.
-fn paced<S>(body: S, too_slow: Arc<AtomicBool>) -> impl Stream<Item = std::io::Result<Bytes>>
+impl Pace {
+    pub(crate) fn of(state: &AppState) -> Self {
+        let server = &state.node().config.server;
+        Self {
+            rate: server.transfer_rate_min.max(1),
+            grace: Duration::from_millis(server.transfer_grace_ms.max(1)),
+        }
+    }
+
+    /// When a transfer that started at `start` and moved `bytes` must have moved more.
+    fn deadline(&self, start: tokio::time::Instant, bytes: u64) -> tokio::time::Instant {
+        start + self.grace + Duration::from_secs_f64(bytes as f64 / self.rate as f64)
+    }
+}
+
+/// Ends `body` with an error once it falls behind the pace: the next piece must arrive by
+/// [`Pace::deadline`], and within the grace period of the previous one.
+fn paced<S>(
+    body: S,
+    pace: Pace,
+    too_slow: Arc<AtomicBool>,
+) -> impl Stream<Item = std::io::Result<Bytes>>
 where
     S: Stream<Item = std::io::Result<Bytes>> + Unpin,
 {
@@ -145,8 +168,8 @@ where
             }
             // The average since the start, and no pause longer than the grace either (a fast
             // start banks no credit for a long stall).
-            let by_rate = start + UPLOAD_GRACE + Duration::from_secs(seen / UPLOAD_RATE_MIN);
-            let deadline = by_rate.min(tokio::time::Instant::now() + UPLOAD_GRACE);
+            let by_rate = pace.deadline(start, seen);
+            let deadline = by_rate.min(tokio::time::Instant::now() + pace.grace);
             match tokio::time::timeout_at(deadline, body.next()).await {
                 Ok(Some(Ok(piece))) => {
                     let seen = seen + piece.len() as u64;
@@ -162,6 +185,27 @@ where
             }
         }
     })
+}
+
+/// Ends a download whose client reads slower than the pace: the stream is polled when the
+/// connection can take more, so a client that trickles its reads shows up as late polls.
+/// (One that stops reading is cut by the write stall timeout. Socket buffers take a few MiB
+/// early, so the cut comes that much later.)
+fn read_paced(body: meshnode_store::ByteStream, pace: Pace) -> meshnode_store::ByteStream {
+    let start = tokio::time::Instant::now();
+    Box::pin(futures::stream::unfold(
+        (body, 0u64),
+        move |(mut body, sent)| async move {
+            let allowed = pace.deadline(start, sent);
+            if tokio::time::Instant::now() > allowed {
+                tracing::debug!(sent, "download cut: the client reads too slowly");
+                return None;
+            }
+            let piece = body.next().await?;
+            let sent = sent + piece.as_ref().map_or(0, |b| b.len() as u64);
+            Some((piece, (body, sent)))
+        },
+    ))
 }
 
 /// Download a blob, or a byte range of it, verified against its hash.
@@ -274,7 +318,7 @@ pub(crate) async fn get(
             bytes.into(),
         ));
     }
-    let stream = sync_wrapper::SyncStream::new(read.stream);
+    let stream = sync_wrapper::SyncStream::new(read_paced(read.stream, Pace::of(&state)));
     Ok(blob_response(
         &hash,
         &etag,

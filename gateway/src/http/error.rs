@@ -151,11 +151,18 @@ pub(crate) fn body_timeout(limit: std::time::Duration) -> ApiError {
         StatusCode::REQUEST_TIMEOUT,
         "body_timeout",
         format!(
-            "the request body did not arrive in time (whole bodies within {} s; uploads at a \
-             sustained rate of at least {} KiB/s)",
-            limit.as_secs(),
-            super::blobs::UPLOAD_RATE_MIN / 1024
+            "the request body did not arrive within {} ms; send it whole, without pauses",
+            limit.as_millis()
         ),
+    )
+}
+
+/// 408: an upload fell behind the transfer pace.
+pub(crate) fn upload_too_slow(pace: super::blobs::Pace) -> ApiError {
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "body_timeout",
+        format!("the upload fell behind the slowest pace allowed ({pace:?}); send it faster"),
     )
 }
 

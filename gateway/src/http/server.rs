@@ -39,6 +39,22 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Connections being answered 429 at once; more are closed without an answer.
 const REFUSALS_MAX: usize = 64;
 
+/// The client a connection counts against: its IPv4 address, or the /64 network of its IPv6
+/// address (one host commonly holds a whole /64).
+fn client_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut octets = v6.octets();
+                octets[8..].fill(0);
+                IpAddr::V6(std::net::Ipv6Addr::from(octets))
+            }
+        },
+    }
+}
+
 /// Open connections per client address.
 #[derive(Default)]
 struct Clients(Mutex<HashMap<IpAddr, usize>>);
@@ -160,7 +176,7 @@ pub async fn serve<F>(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!("set TCP_NODELAY failed: {e}");
         }
-        let Some(slot) = clients.admit(peer.ip(), per_client_max) else {
+        let Some(slot) = clients.admit(client_of(peer.ip()), per_client_max) else {
             metrics.connections_refused.inc();
             // The refusal takes no connection slot, and refusals in flight are capped
             // themselves: past that, the connection is closed at once.

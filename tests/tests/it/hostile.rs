@@ -813,3 +813,70 @@ async fn a_full_disk_refuses_writes_with_507_loses_nothing_and_recovers() {
     assert_eq!(audit["ok"], true, "{audit}");
     drop(node);
 }
+
+#[tokio::test]
+async fn a_download_read_too_slowly_is_cut_off() {
+    use tokio::io::AsyncReadExt;
+    let node = TestNode::start_with(&[
+        ("MESHNODE_TRANSFER_RATE_MIN", "1048576"),
+        ("MESHNODE_TRANSFER_GRACE_MS", "2000"),
+    ])
+    .expect("node");
+    let size = 48usize << 20;
+    let bytes: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let r = client()
+        .post(format!("{}/v1/blobs", node.url))
+        .bearer_auth(&node.token)
+        .body(bytes)
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let hash = r.json::<Value>().await.expect("json")["hash"]
+        .as_str()
+        .expect("hash")
+        .to_string();
+    let head = format!("GET /v1/blobs/{hash} HTTP/1.1\r\nhost: x\r\n\r\n");
+    let mut tcp = raw(&node, head.as_bytes()).await;
+    // Read 512 KiB a second: half the node's floor (1 MiB/s here). The cut comes once the
+    // grace period and what the socket buffers took early are used up; the client still
+    // reads what was buffered, then the connection ends short of the blob.
+    let started = Instant::now();
+    let mut received = 0usize;
+    let mut buf = vec![0u8; 512 << 10];
+    let ended = loop {
+        let mut this_second = 0usize;
+        let mut closed = false;
+        while this_second < buf.len() {
+            match tokio::time::timeout(Duration::from_secs(30), tcp.read(&mut buf[this_second..]))
+                .await
+            {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => {
+                    closed = true;
+                    break;
+                }
+                Ok(Ok(n)) => this_second += n,
+            }
+        }
+        received += this_second;
+        if closed {
+            break true;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert!(ended, "the slow download was not cut off");
+    assert!(
+        received < size,
+        "the whole blob was sent ({received} bytes)"
+    );
+    // The node is fine.
+    let r = client()
+        .get(format!("{}/healthz", node.url))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(r.status(), StatusCode::OK);
+}
