@@ -62,7 +62,9 @@ pub(crate) struct BlobFetched {
     responses(
         (status = 201, description = "Stored durably (and pinned unless pin=false)", body = BlobAdded),
         (status = 401, description = "Missing or wrong bearer token", body = super::error::ErrorBody),
+        (status = 408, description = "body_timeout: the upload fell behind the transfer pace", body = super::error::ErrorBody),
         (status = 413, description = "Body larger than limits.blob_bytes_max", body = super::error::ErrorBody),
+        (status = 507, description = "insufficient_storage: the disk is full; nothing was kept", body = super::error::ErrorBody),
     ),
     security(("bearer" = [])))]
 pub(crate) async fn upload<S, B>(

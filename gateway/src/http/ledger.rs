@@ -159,7 +159,9 @@ fn record_json(record: &EventRecord) -> Value {
         (status = 202, description = "Stored, waiting for its prev or deps: {id, blob, seq, status: pending, reason, missing}"),
         (status = 400, description = "Malformed, non-canonical, bad signature, wrong net", body = super::error::ErrorBody),
         (status = 401, description = "Missing or wrong bearer token", body = super::error::ErrorBody),
+        (status = 408, description = "body_timeout: the body did not arrive in time", body = super::error::ErrorBody),
         (status = 413, description = "Larger than 64 KiB", body = super::error::ErrorBody),
+        (status = 507, description = "insufficient_storage: the disk is full; nothing was kept", body = super::error::ErrorBody),
         (status = 422, description = "Breaks a ledger rule; error.code names it", body = super::error::ErrorBody),
     ),
     security(("bearer" = [])))]

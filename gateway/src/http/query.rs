@@ -59,10 +59,10 @@ pub(crate) struct SqlRequest {
     request_body = SqlRequest,
     responses(
         (status = 200, description = "{columns, rows, truncated, applied}; or CSV; or an Arrow IPC stream (Accept: application/vnd.apache.arrow.stream)"),
-        (status = 400, description = "sql_error, read_only, sql_too_deep, unknown_table…", body = super::error::ErrorBody),
+        (status = 400, description = "sql_error, read_only, sql_too_deep, sql_too_complex (over the shape limits), unknown_table…", body = super::error::ErrorBody),
         (status = 408, description = "query_timeout", body = super::error::ErrorBody),
         (status = 413, description = "sql_too_large", body = super::error::ErrorBody),
-        (status = 422, description = "query_too_expensive (memory limit)", body = super::error::ErrorBody),
+        (status = 422, description = "query_too_expensive: memory limit, or a function, value or constant over its limit", body = super::error::ErrorBody),
         (status = 503, description = "too_many_queries", body = super::error::ErrorBody),
     ))]
 pub(crate) async fn sql(
