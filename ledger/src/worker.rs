@@ -345,17 +345,10 @@ impl Worker {
         let shared = self.shared.clone();
         let rows = prepared.rows.take();
         let adds = std::mem::take(&mut prepared.adds);
-        // Skill publishes and blob.host events make blobs that are already stored GC roots;
-        // nothing holds those blobs, so their index rows are written while no GC pass is
-        // between its roots and its sweep.
-        let new_roots = prepared.overlay.accepted.iter().any(|id| {
-            prepared.overlay.events.get(id).is_some_and(|r| {
-                matches!(
-                    r.kind,
-                    meshnode_schemas::Kind::SkillPublish | meshnode_schemas::Kind::BlobHost
-                )
-            })
-        });
+        // Skill publishes and blob.host events make blobs that may already be stored GC
+        // roots; such a blob that nothing else holds (not pinned) must not be swept by a pass
+        // that took its roots before this commit.
+        let new_roots = referenced_blobs(&prepared.overlay);
         let task = tokio::spawn(async move {
             let Some(rows) = rows else {
                 return Ok(Duration::ZERO);
@@ -365,7 +358,7 @@ impl Worker {
             writer.add_many(adds, STORE_ADDS_IN_FLIGHT).await?;
             writer.commit().await?;
             let t_barrier = tc.elapsed();
-            let no_pass = match new_roots {
+            let no_pass = match unheld(&shared.store, &new_roots).await {
                 true => Some(shared.store.hold_off_gc().await),
                 false => None,
             };
@@ -547,6 +540,41 @@ struct Prepared {
 struct InFlight {
     task: tokio::task::JoinHandle<Result<Duration>>,
     prepared: Prepared,
+}
+
+/// Blobs that accepted skill publishes and `blob.host` events of a batch make GC roots.
+fn referenced_blobs(overlay: &crate::fold::Overlay) -> Vec<BlobHash> {
+    use meshnode_schemas::{Kind, Payload};
+    overlay
+        .accepted
+        .iter()
+        .filter(|id| {
+            overlay
+                .events
+                .get(id)
+                .is_some_and(|r| matches!(r.kind, Kind::SkillPublish | Kind::BlobHost))
+        })
+        .filter_map(|id| overlay.envelopes.get(id))
+        .filter_map(|bytes| SignedEvent::decode(bytes).ok())
+        .filter_map(|event| match event.body.payload {
+            Payload::SkillPublish(p) => Some(p.blob),
+            Payload::BlobHost(h) => Some(h.blob),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether any of `blobs` is stored here but not pinned: nothing else holds it while its
+/// root is recorded. (A pinned blob is held by its pin, which an unpin only removes when no
+/// pass is sweeping; an absent blob has nothing to lose.)
+async fn unheld(store: &meshnode_store::Store, blobs: &[BlobHash]) -> bool {
+    for blob in blobs {
+        let pinned = store.is_pinned(blob).await.unwrap_or(false);
+        if !pinned && store.has(blob).await.unwrap_or(true) {
+            return true;
+        }
+    }
+    false
 }
 
 /// Encodes what a batch writes (rows, envelopes, checkpoint) while the state is exactly the
