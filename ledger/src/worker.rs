@@ -348,7 +348,7 @@ impl Worker {
         // Skill publishes and blob.host events make blobs that may already be stored GC
         // roots; such a blob that nothing else holds (not pinned) must not be swept by a pass
         // that took its roots before this commit.
-        let new_roots = referenced_blobs(&prepared.overlay);
+        let new_roots = referenced_blobs(&prepared.overlay, &self.shared.node);
         let task = tokio::spawn(async move {
             let Some(rows) = rows else {
                 return Ok(Duration::ZERO);
@@ -542,17 +542,20 @@ struct InFlight {
     prepared: Prepared,
 }
 
-/// Blobs that accepted skill publishes and `blob.host` events of a batch make GC roots.
-fn referenced_blobs(overlay: &crate::fold::Overlay) -> Vec<BlobHash> {
+/// Blobs that accepted events of a batch make GC roots: the weights of skill publishes (by
+/// anyone) and the blobs of this node's own `blob.host` events (see `roots.rs`). Only those
+/// envelopes are decoded.
+fn referenced_blobs(overlay: &crate::fold::Overlay, node: &AuthorKey) -> Vec<BlobHash> {
     use meshnode_schemas::{Kind, Payload};
     overlay
         .accepted
         .iter()
         .filter(|id| {
-            overlay
-                .events
-                .get(id)
-                .is_some_and(|r| matches!(r.kind, Kind::SkillPublish | Kind::BlobHost))
+            overlay.events.get(id).is_some_and(|r| match r.kind {
+                Kind::SkillPublish => true,
+                Kind::BlobHost => r.author == *node,
+                _ => false,
+            })
         })
         .filter_map(|id| overlay.envelopes.get(id))
         .filter_map(|bytes| SignedEvent::decode(bytes).ok())

@@ -296,22 +296,37 @@ impl GcShared {
 
     /// A writer stored a small blob whose root is not recorded yet.
     pub(crate) fn small_begin(&self, hash: BlobHash) {
-        *lock(&self.window).small_in_flight.entry(hash).or_insert(0) += 1;
+        self.small_begin_many(std::slice::from_ref(&hash));
+    }
+
+    /// [`GcShared::small_begin`] for many, under one lock.
+    pub(crate) fn small_begin_many(&self, hashes: &[BlobHash]) {
+        let mut window = lock(&self.window);
+        for hash in hashes {
+            *window.small_in_flight.entry(*hash).or_insert(0) += 1;
+        }
     }
 
     /// The writer of a small blob is done with it.
     pub(crate) fn small_end(&self, hash: BlobHash) {
+        self.small_end_many(std::slice::from_ref(&hash));
+    }
+
+    /// [`GcShared::small_end`] for many, under one lock.
+    pub(crate) fn small_end_many(&self, hashes: &[BlobHash]) {
         let mut window = lock(&self.window);
-        if let std::collections::hash_map::Entry::Occupied(mut e) =
-            window.small_in_flight.entry(hash)
-        {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
-                e.remove();
+        for hash in hashes {
+            if let std::collections::hash_map::Entry::Occupied(mut e) =
+                window.small_in_flight.entry(*hash)
+            {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
             }
-        }
-        if window.open > 0 {
-            window.small.insert(hash);
+            if window.open > 0 {
+                window.small.insert(*hash);
+            }
         }
     }
 

@@ -1153,9 +1153,8 @@ impl Drop for Writer {
         for tag in self.tags.drain(..) {
             gc.retire(tag);
         }
-        for hash in self.small_held.drain(..) {
-            gc.small_end(hash);
-        }
+        gc.small_end_many(&self.small_held);
+        self.small_held.clear();
     }
 }
 
@@ -1199,6 +1198,7 @@ impl Writer {
         if items.iter().all(|b| b.len() <= SMALL_BYTES_MAX) {
             // Small blobs go to the grouped table, written in one transaction by `commit`.
             let mut out = Vec::with_capacity(items.len());
+            let mut rows = Vec::with_capacity(items.len());
             for data in items {
                 let hash = BlobHash::of(&data);
                 if self.store.is_quarantined(&hash) {
@@ -1208,10 +1208,13 @@ impl Writer {
                     hash,
                     size: data.len() as u64,
                 });
-                self.store.inner.gc.small_begin(hash);
-                self.small_held.push(hash);
-                self.small.push((hash, data));
+                rows.push((hash, data));
             }
+            // Held from here until the writer is dropped (one lock for the whole group).
+            let hashes: Vec<BlobHash> = rows.iter().map(|(h, _)| *h).collect();
+            self.store.inner.gc.small_begin_many(&hashes);
+            self.small_held.extend(hashes);
+            self.small.extend(rows);
             return Ok(out);
         }
         let store = self.store.clone();
