@@ -498,18 +498,31 @@ impl Ledger {
 
     /// Hosts of a blob (authors whose latest `blob.host` for it says pinned).
     pub fn hosts(&self, blob: &BlobHash) -> Result<Vec<AuthorKey>> {
+        Ok(self.hosts_up_to(blob, usize::MAX)?.0)
+    }
+
+    /// At most `max` hosts of a blob, and whether there are (or may be) more: reads at most
+    /// `4 × max` host rows, so a blob with a million announcements costs the same as one.
+    pub fn hosts_up_to(&self, blob: &BlobHash, max: usize) -> Result<(Vec<AuthorKey>, bool)> {
         let tx = self.shared.db.begin_read()?;
         let table = tx.open_table(db::HOSTS)?;
         let from = (*blob.as_bytes(), [0u8; 32]);
         let to = (*blob.as_bytes(), [0xffu8; 32]);
+        let scan_max = max.saturating_mul(4).max(1);
         let mut out = Vec::new();
-        for entry in table.range(from..=to)? {
+        for (scanned, entry) in table.range(from..=to)?.enumerate() {
+            if scanned == scan_max {
+                return Ok((out, true));
+            }
             let (k, v) = entry?;
             if v.value().2 {
+                if out.len() == max {
+                    return Ok((out, true));
+                }
                 out.push(AuthorKey::from_bytes(k.value().1));
             }
         }
-        Ok(out)
+        Ok((out, false))
     }
 
     /// Basins.

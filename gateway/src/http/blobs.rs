@@ -111,6 +111,7 @@ where
         Err(e) => return Err(state.on_write_error(e.into(), declared.unwrap_or(0))),
     };
     state.metrics().blob_bytes_added.inc_by(added.size);
+    state.pins_changed();
     let mut response = json(
         StatusCode::CREATED,
         &BlobAdded {

@@ -479,6 +479,9 @@ pub(crate) async fn audit(state: AppState, headers: HeaderMap) -> Result<Respons
     Ok(response)
 }
 
+/// Hosts listed per skill in `GET /v1/skills` (`hosts_more` says when there are more).
+const SKILL_HOSTS_SHOWN: usize = 32;
+
 /// The skill catalog with endorsements and hosts, paged in order of the publish EventId.
 #[utoipa::path(get, path = "/v1/skills", tag = "catalog",
     params(("limit" = Option<usize>, Query, description = "At most this many (1 to 1000, larger is clamped; default 100)"),
@@ -496,13 +499,15 @@ pub(crate) async fn skills(
     let page = ledger.skills_page(after.as_ref(), limit)?;
     let mut out = Vec::with_capacity(page.items.len());
     for s in &page.items {
-        let hosts = ledger.hosts(&s.blob)?;
+        // A page costs at most limit × a bounded host read, however many hosts a blob has.
+        let (hosts, hosts_more) = ledger.hosts_up_to(&s.blob, SKILL_HOSTS_SHOWN)?;
         out.push(json!({
             "id": s.id.to_hex(), "author": s.author.to_hex(), "skill_id": s.skill_id,
             "name": s.name, "version": s.version, "domain": s.domain, "blob": s.blob.to_hex(),
             "size": s.size, "price": s.price, "dim": s.dim,
             "endorsements": {"valid": s.n_valid, "invalid": s.n_invalid, "score_sum": amount(s.score_sum)},
             "hosts": hosts.iter().map(|h| h.to_hex()).collect::<Vec<_>>(),
+            "hosts_more": hosts_more,
             "contested": s.contested,
         }));
     }

@@ -64,6 +64,12 @@ struct StateInner {
     audits: audit_job::Audits,
     /// SQL answers being encoded at once (each takes a few times its 16 MiB cap).
     encodings: tokio::sync::Semaphore,
+    /// The number of pins, counted at most every [`PINS_COUNT_TTL`] (listing every pin per
+    /// `/v1/status` or `/metrics` request would cost O(pins) each).
+    pins_count: tokio::sync::Mutex<Option<(std::time::Instant, u64, u64)>>,
+    /// Bumped by every pin change made through this node (a cached count of another
+    /// generation is not reused).
+    pins_generation: std::sync::atomic::AtomicU64,
 }
 
 /// Everything a request handler needs. Cheap to clone.
@@ -94,6 +100,8 @@ impl AppState {
                 ready: AtomicBool::new(false),
                 audits: audit_job::Audits::default(),
                 encodings: tokio::sync::Semaphore::new(4),
+                pins_count: tokio::sync::Mutex::new(None),
+                pins_generation: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -116,6 +124,27 @@ impl AppState {
             self.inner.cache.clear();
         }
         &self.inner.cache
+    }
+
+    /// The number of pins, recounted at most every [`PINS_COUNT_TTL`]; concurrent callers
+    /// wait for one count.
+    pub(crate) async fn pins_count(&self) -> Result<u64, ApiError> {
+        let mut cached = self.inner.pins_count.lock().await;
+        let generation = self.inner.pins_generation.load(Ordering::Acquire);
+        if let Some((at, n, g)) = *cached
+            && at.elapsed() < PINS_COUNT_TTL
+            && g == generation
+        {
+            return Ok(n);
+        }
+        let n = self.inner.node.store.pins().await?.len() as u64;
+        *cached = Some((std::time::Instant::now(), n, generation));
+        Ok(n)
+    }
+
+    /// Forgets the pins count (after a pin, an unpin or a pinned upload through this node).
+    pub(crate) fn pins_changed(&self) {
+        self.inner.pins_generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Marks the node ready (or not) for `/readyz`.
@@ -153,6 +182,9 @@ impl AppState {
         Ok(())
     }
 }
+
+/// How long a count of the pins is reused.
+const PINS_COUNT_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Free space below which a failed write is taken for a full disk.
 const LOW_SPACE_BYTES: u64 = 16 << 20;

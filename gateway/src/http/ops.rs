@@ -88,8 +88,8 @@ pub(crate) async fn metrics(state: AppState, headers: HeaderMap) -> Result<Respo
     state.authorize(&headers, false)?;
     let store = &state.node().store;
     state.metrics().blobs_corrupt.set(store.n_corrupt() as i64);
-    if let Ok(pins) = store.pins().await {
-        state.metrics().pins.set(pins.len() as i64);
+    if let Ok(pins) = state.pins_count().await {
+        state.metrics().pins.set(pins as i64);
     }
     let ledger = &state.node().ledger;
     if let Ok(size) = ledger.tree_size() {
@@ -117,7 +117,7 @@ pub(crate) async fn metrics(state: AppState, headers: HeaderMap) -> Result<Respo
 pub(crate) async fn status(state: AppState, headers: HeaderMap) -> Result<Response, ApiError> {
     state.authorize(&headers, false)?;
     let node = state.node();
-    let pins = node.store.pins().await?.len() as u64;
+    let pins = state.pins_count().await?;
     Ok(json(
         StatusCode::OK,
         &Status {

@@ -53,6 +53,7 @@ pub(crate) async fn put(
     state.authorize(&headers, true)?;
     let hash = parse_hash(&id)?;
     state.node().store.pin(&hash).await?;
+    state.pins_changed();
     Ok(json(
         StatusCode::OK,
         &PinState {
@@ -79,7 +80,9 @@ pub(crate) async fn delete(
 ) -> Result<Response, ApiError> {
     state.authorize(&headers, true)?;
     let hash = parse_hash(&id)?;
-    if !state.node().store.unpin(&hash).await? {
+    let was_pinned = state.node().store.unpin(&hash).await?;
+    state.pins_changed();
+    if !was_pinned {
         return Err(ApiError::not_found(
             "not_pinned",
             format!("blob {hash} is not pinned"),
