@@ -16,7 +16,7 @@ use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::SessionStateDefaults;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
-use datafusion::logical_expr::LogicalPlanBuilder;
+use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext, col, lit};
 use lance::datafusion::LanceTableProvider;
 use serde_json::{Map, Value};
@@ -459,10 +459,14 @@ impl Engine {
                 .with_allow_statements(false);
             options.verify_plan(&plan).map_err(classify)?;
             let plan = crate::guard::plan(plan, &cancel).map_err(classify)?;
-            let plan = LogicalPlanBuilder::from(plan)
-                .limit(0, Some(rows_max + 1))
-                .and_then(|b| b.build())
-                .map_err(classify)?;
+            // EXPLAIN must stay the root of its plan (and answers a few rows anyway).
+            let plan = match plan {
+                LogicalPlan::Explain(_) => plan,
+                plan => LogicalPlanBuilder::from(plan)
+                    .limit(0, Some(rows_max + 1))
+                    .and_then(|b| b.build())
+                    .map_err(classify)?,
+            };
             let schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
             // Optimize here rather than in `create_physical_plan`, so that the join filters
             // the optimizer settles on can be wrapped in cancellation checks.

@@ -285,6 +285,18 @@ async fn sql_chains_and_function_bombs_are_refused_before_they_cost() {
     );
     let (got, body) = sql(&node, &chain(60, " UNION ALL ", "SELECT 1")).await;
     assert_eq!(got, StatusCode::OK, "{body}");
+    let (got, body) = sql(&node, "EXPLAIN SELECT upper(name) FROM skills").await;
+    assert_eq!(got, StatusCode::OK, "{body}");
+    let (got, body) = sql(
+        &node,
+        "SELECT upper(domain) u, count(*) FROM skills GROUP BY 1 ORDER BY 2 DESC, 1",
+    )
+    .await;
+    assert_eq!(
+        (got, body["rows"][0].clone()),
+        (StatusCode::OK, json!(["VITICULTURE", 3])),
+        "{body}"
+    );
     let (got, body) = sql(&node, "SELECT length(repeat('ab', 1000)), 'a' || 'b'").await;
     assert_eq!(got, StatusCode::OK, "{body}");
     assert_eq!(body["rows"][0], json!([2000, "ab"]));
