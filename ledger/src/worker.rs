@@ -567,13 +567,12 @@ fn referenced_blobs(overlay: &crate::fold::Overlay, node: &AuthorKey) -> Vec<Blo
         .collect()
 }
 
-/// Whether any of `blobs` is stored here but not pinned: nothing else holds it while its
-/// root is recorded. (A pinned blob is held by its pin, which an unpin only removes when no
-/// pass is sweeping; an absent blob has nothing to lose.)
+/// Whether any of `blobs` is stored here: its root is then recorded while no GC pass is
+/// sweeping. (Even a pinned one: its pin may be removed between this check and the commit.
+/// An absent blob has nothing to lose.)
 async fn unheld(store: &meshnode_store::Store, blobs: &[BlobHash]) -> bool {
     for blob in blobs {
-        let pinned = store.is_pinned(blob).await.unwrap_or(false);
-        if !pinned && store.has(blob).await.unwrap_or(true) {
+        if store.has(blob).await.unwrap_or(true) {
             return true;
         }
     }

@@ -141,8 +141,18 @@ impl Visitor for Relations {
         &mut self,
         relation: &datafusion::sql::sqlparser::ast::ObjectName,
     ) -> ControlFlow<()> {
-        self.0.push(relation.to_string().to_lowercase());
+        if let Some(ident) = relation.0.last().and_then(|p| p.as_ident()) {
+            self.0.push(ident_key(ident));
+        }
         ControlFlow::Continue(())
+    }
+}
+
+/// An identifier as the planner resolves it: unquoted ones are case-insensitive.
+fn ident_key(ident: &datafusion::sql::sqlparser::ast::Ident) -> String {
+    match ident.quote_style {
+        None => ident.value.to_lowercase(),
+        Some(_) => ident.value.clone(),
     }
 }
 
@@ -164,7 +174,7 @@ fn expanded_ctes(with: &datafusion::sql::sqlparser::ast::With, body: &SetExpr) -
             .fold(1u64, u64::saturating_add)
     };
     for cte in &with.cte_tables {
-        let name = cte.alias.name.value.to_lowercase();
+        let name = ident_key(&cte.alias.name);
         let c = expand(relations(&cte.query), &cost, &name);
         cost.insert(name, c);
     }
@@ -235,7 +245,7 @@ fn check_top(e: Expr, cancel: &Cancel) -> Expr {
             Expr::Alias(alias)
         }
         Expr::ScalarFunction(ref f) if (f.func.inner().as_ref() as &dyn Any).is::<Checked>() => e,
-        other => checked(other, cancel),
+        other => checked_per_batch(other, cancel),
     }
 }
 
@@ -260,8 +270,21 @@ pub(crate) fn join_filters(
     .map(|t| t.data)
 }
 
+/// `e` under a size check that may be folded into a constant (`||` of literals).
 fn checked(e: Expr, cancel: &Cancel) -> Expr {
-    let checked = Arc::new(ScalarUDF::new_from_impl(Checked::new(cancel.clone())));
+    let checked = Arc::new(ScalarUDF::new_from_impl(Checked::new(
+        cancel.clone(),
+        Volatility::Immutable,
+    )));
+    Expr::ScalarFunction(ScalarFunction::new_udf(checked, vec![e]))
+}
+
+/// `e` under a size check that runs on every batch, with its row count: never folded.
+fn checked_per_batch(e: Expr, cancel: &Cancel) -> Expr {
+    let checked = Arc::new(ScalarUDF::new_from_impl(Checked::new(
+        cancel.clone(),
+        Volatility::Volatile,
+    )));
     Expr::ScalarFunction(ScalarFunction::new_udf(checked, vec![e]))
 }
 
@@ -429,11 +452,11 @@ impl Hash for Checked {
 }
 
 impl Checked {
-    fn new(cancel: Cancel) -> Self {
+    /// Volatile for a projection's check (never folded into a constant at planning, so it
+    /// runs on every batch with its row count); immutable elsewhere.
+    fn new(cancel: Cancel, volatility: Volatility) -> Self {
         Self {
-            // Volatile: never folded into a constant at planning, so that the check runs on
-            // every batch, with its row count.
-            signature: Signature::any(1, Volatility::Volatile),
+            signature: Signature::any(1, volatility),
             cancel,
         }
     }
@@ -504,7 +527,8 @@ fn check_cost(name: &str, args: &[ColumnarValue], rows: usize) -> datafusion::er
         "repeat" => max_len(arg(0)).saturating_mul(max_int(arg(1))),
         "lpad" | "rpad" => 4u64.saturating_mul(max_int(arg(1))),
         "array_repeat" | "array_resize" => {
-            (value_bytes(arg(0), 1) + 16).saturating_mul(max_int(arg(1)))
+            let element = value_bytes(arg(0), rows) / rows;
+            (element + 16).saturating_mul(max_int(arg(1)))
         }
         "range" | "generate_series" => 8u64.saturating_mul(series_len(args, name)?),
         "replace" => max_len(arg(0)).saturating_mul(max_len(arg(2)).max(1)),
@@ -523,13 +547,17 @@ fn check_cost(name: &str, args: &[ColumnarValue], rows: usize) -> datafusion::er
             }
             0
         }
-        // Anything else builds its result from its arguments: at most their sum, with a
-        // scalar counted once per row when it is combined with arrays (`concat` of three
-        // thousand 60 MB strings asks for 180 GB in one allocation).
-        _ => {
+        // Functions that join their arguments: at most their sum, with a scalar counted
+        // once per row when it is combined with arrays (`concat` of three thousand 60 MB
+        // strings asks for 180 GB in one allocation).
+        "concat" | "concat_ws" | "array_concat" | "array_cat" | "list_concat" | "list_cat"
+        | "make_array" | "make_list" | "array_append" | "array_prepend" | "list_append"
+        | "list_prepend" | "array_union" | "array_to_string" | "named_struct" | "struct"
+        | "map" => {
             let combined: u64 = args.iter().map(|a| value_bytes(Some(a), rows)).sum();
             combined / rows
         }
+        _ => 0,
     };
     let total = bytes.saturating_mul(rows);
     if total > VALUE_BYTES_MAX {
@@ -543,10 +571,15 @@ fn check_cost(name: &str, args: &[ColumnarValue], rows: usize) -> datafusion::er
     Ok(())
 }
 
-/// Bytes of an argument's values; a scalar counts `rows` times.
+/// Bytes of an argument's values (of its slice, not its buffers' capacity); a scalar counts
+/// `rows` times.
 fn value_bytes(value: Option<&ColumnarValue>, rows: u64) -> u64 {
     match value {
-        Some(ColumnarValue::Array(a)) => a.get_array_memory_size() as u64,
+        Some(ColumnarValue::Array(a)) => {
+            a.to_data()
+                .get_slice_memory_size()
+                .unwrap_or_else(|_| a.get_array_memory_size()) as u64
+        }
         Some(ColumnarValue::Scalar(s)) => (s.size() as u64).saturating_mul(rows),
         None => 0,
     }
@@ -720,6 +753,12 @@ mod tests {
         );
         let unions = vec!["SELECT 1"; 2500].join(" UNION ALL ");
         assert_eq!(code(shape(&unions)), "sql_too_complex");
+        let quoted = (1..=30)
+            .map(|i| format!("\"t{i}\" AS (SELECT * FROM \"t{0}\" a, \"t{0}\" b)", i - 1))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let quoted = format!("WITH \"t0\" AS (SELECT 1 x), {quoted} SELECT count(*) FROM \"t30\"");
+        assert_eq!(code(shape(&quoted)), "sql_too_complex");
         let values = vec!["VALUES (1)"; 2500].join(" UNION ");
         assert_eq!(code(shape(&values)), "sql_too_complex");
         assert!(shape(&vec!["VALUES (1)"; 30].join(" UNION ")).is_ok());

@@ -36,7 +36,7 @@ pub(crate) const GC_FREE_MIN: u64 = 4 << 20;
 
 /// Longest an iroh-blobs pass may run (mark and sweep) before its collector is taken for
 /// stopped.
-pub(crate) const PASS_MAX: Duration = Duration::from_secs(900);
+pub(crate) const PASS_MAX: Duration = Duration::from_secs(3600);
 
 /// How long an explicit GC request waits for its run before reporting failure.
 pub(crate) const GC_WAIT_MAX: Duration = Duration::from_secs(600);
@@ -125,6 +125,18 @@ pub(crate) struct Pass<'a>(&'a GcShared);
 impl Drop for Pass<'_> {
     fn drop(&mut self) {
         self.0.close();
+    }
+}
+
+/// A hold on a small blob, released when dropped.
+pub(crate) struct SmallHold<'a> {
+    gc: &'a GcShared,
+    hash: BlobHash,
+}
+
+impl Drop for SmallHold<'_> {
+    fn drop(&mut self) {
+        self.gc.small_end(self.hash);
     }
 }
 
@@ -294,6 +306,12 @@ impl GcShared {
         }
     }
 
+    /// Holds a small blob (as [`GcShared::small_begin`]) until the guard is dropped.
+    pub(crate) fn hold_small(&self, hash: BlobHash) -> SmallHold<'_> {
+        self.small_begin(hash);
+        SmallHold { gc: self, hash }
+    }
+
     /// A writer stored a small blob whose root is not recorded yet.
     pub(crate) fn small_begin(&self, hash: BlobHash) {
         self.small_begin_many(std::slice::from_ref(&hash));
@@ -423,6 +441,19 @@ impl GcShared {
     }
 
     async fn before_run(&self, live: &mut HashSet<Hash>) -> ProtectOutcome {
+        // The collector is alive: a stop the watchdog reported (a pass slower than
+        // PASS_MAX) no longer holds.
+        {
+            let mut health = lock(&self.health);
+            if health.stopped
+                && health
+                    .last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("in time"))
+            {
+                health.stopped = false;
+            }
+        }
         // Reaching here again means the previous pass (if any) finished its sweep.
         if let Some((_, waiters)) = lock(&self.running).take() {
             self.iroh_pass.send_replace(false);

@@ -939,7 +939,8 @@ impl Store {
     /// small-blob pass that might have missed the pin has ended.
     pub async fn pin(&self, hash: &BlobHash) -> Result<()> {
         let gc = &self.inner.gc;
-        gc.small_begin(*hash);
+        // Released however this ends (a cancelled request included).
+        let _held = gc.hold_small(*hash);
         let result = async {
             let _no_pass = gc.hold_off_passes().await;
             if !self.has(hash).await? {
@@ -953,7 +954,6 @@ impl Store {
                 .map_err(backend)
         }
         .await;
-        gc.small_end(*hash);
         result?;
         self.inner.barrier.sync(Vec::new()).await
     }
