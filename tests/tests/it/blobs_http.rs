@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use crate::harness::{TestNode, client, python};
+use crate::harness::{TestNode, client, python, upload};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -25,18 +25,6 @@ fn data(size: usize, seed: u8) -> Vec<u8> {
     (0..size)
         .map(|i| ((i as u64 * 131 + u64::from(seed)) % 251) as u8)
         .collect()
-}
-
-async fn upload(node: &TestNode, bytes: Vec<u8>) -> Value {
-    let response = client()
-        .post(format!("{}/v1/blobs", node.url))
-        .bearer_auth(&node.token)
-        .body(bytes)
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(response.status(), StatusCode::CREATED);
-    response.json().await.expect("json")
 }
 
 #[track_caller]

@@ -7,6 +7,52 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 
+/// POSTs a JSON body (with the node's token if `token`); the status and the JSON answer.
+pub(crate) async fn post(
+    node: &TestNode,
+    path: &str,
+    body: serde_json::Value,
+    token: bool,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    let mut r = client().post(format!("{}{path}", node.url)).json(&body);
+    if token {
+        r = r.bearer_auth(&node.token);
+    }
+    let r = r.send().await.expect("post");
+    let status = r.status();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// Runs one SQL statement; the status and the JSON answer.
+pub(crate) async fn sql(node: &TestNode, text: &str) -> (reqwest::StatusCode, serde_json::Value) {
+    post(node, "/v1/sql", serde_json::json!({"sql": text}), false).await
+}
+
+/// Uploads a blob (pinned unless `pin` is false); the status and the JSON answer.
+pub(crate) async fn try_upload(
+    node: &TestNode,
+    bytes: Vec<u8>,
+    pin: bool,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    let query = if pin { "" } else { "?pin=false" };
+    let r = client()
+        .post(format!("{}/v1/blobs{query}", node.url))
+        .bearer_auth(&node.token)
+        .body(bytes)
+        .send()
+        .await
+        .expect("upload");
+    let status = r.status();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// Uploads a blob, pinned, and expects it stored; the JSON answer.
+pub(crate) async fn upload(node: &TestNode, bytes: Vec<u8>) -> serde_json::Value {
+    let (status, body) = try_upload(node, bytes, true).await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{body}");
+    body
+}
+
 /// The workspace root.
 /// An HTTP client for the test nodes (loopback only, no proxy).
 pub(crate) fn client() -> reqwest::Client {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::harness::{TestNode, client};
+use crate::harness::{TestNode, client, post, sql, try_upload, upload};
 
 /// The node's resident memory must stay below this while hostile requests run.
 const RSS_MAX: u64 = 1 << 30;
@@ -93,22 +93,6 @@ impl Watch {
         assert!(worst < HEALTHZ_MAX, "{what}: /healthz took {worst:?}");
         assert!(peak < RSS_MAX, "{what}: the node used {} MiB", peak >> 20);
     }
-}
-
-async fn post(node: &TestNode, path: &str, body: Value) -> (StatusCode, Value) {
-    let r = client()
-        .post(format!("{}{path}", node.url))
-        .json(&body)
-        .timeout(Duration::from_secs(60))
-        .send()
-        .await
-        .expect("post");
-    let status = r.status();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
-async fn sql(node: &TestNode, text: &str) -> (StatusCode, Value) {
-    post(node, "/v1/sql", json!({"sql": text})).await
 }
 
 async fn status(node: &TestNode) -> Value {
@@ -363,6 +347,7 @@ async fn search_filters_parse_to_the_end_and_share_the_sql_limits() {
         &node,
         "/v1/search",
         search("domain = 'viticulture' garbage"),
+        false,
     )
     .await;
     assert_eq!(
@@ -370,14 +355,20 @@ async fn search_filters_parse_to_the_end_and_share_the_sql_limits() {
         (StatusCode::BAD_REQUEST, Some("invalid_filter")),
         "{body}"
     );
-    let (got, body) = post(&node, "/v1/search", search("price > 0; DROP TABLE skills")).await;
+    let (got, body) = post(
+        &node,
+        "/v1/search",
+        search("price > 0; DROP TABLE skills"),
+        false,
+    )
+    .await;
     assert_eq!(
         (got, body["error"]["code"].as_str()),
         (StatusCode::BAD_REQUEST, Some("invalid_filter")),
         "{body}"
     );
     let long_chain = vec!["price>0"; 600].join(" AND ");
-    let (got, body) = post(&node, "/v1/search", search(&long_chain)).await;
+    let (got, body) = post(&node, "/v1/search", search(&long_chain), false).await;
     assert_eq!(
         (got, body["error"]["code"].as_str()),
         (StatusCode::BAD_REQUEST, Some("sql_too_complex")),
@@ -413,7 +404,7 @@ async fn search_filters_parse_to_the_end_and_share_the_sql_limits() {
         );
     }
     watch.finish("expensive filters").await;
-    let (got, body) = post(&node, "/v1/search", search("domain = 'viticulture'")).await;
+    let (got, body) = post(&node, "/v1/search", search("domain = 'viticulture'"), false).await;
     assert_eq!(got, StatusCode::OK, "{body}");
 }
 
@@ -566,18 +557,9 @@ async fn long_handlers_answer_and_gc_reaches_the_cache() {
     );
     // A blob served from the cache stops being served once a scheduled GC deleted it.
     let bytes = b"cached, then collected".to_vec();
-    let r = client()
-        .post(format!("{}/v1/blobs?pin=false", node.url))
-        .bearer_auth(&node.token)
-        .body(bytes.clone())
-        .send()
-        .await
-        .expect("upload");
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let hash = r.json::<Value>().await.expect("json")["hash"]
-        .as_str()
-        .expect("hash")
-        .to_string();
+    let (got, body) = try_upload(&node, bytes.clone(), false).await;
+    assert_eq!(got, StatusCode::CREATED);
+    let hash = body["hash"].as_str().expect("hash").to_string();
     let url = format!("{}/v1/blobs/{hash}", node.url);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -597,14 +579,7 @@ async fn long_handlers_answer_and_gc_reaches_the_cache() {
     assert!(gc["runs"].as_u64().expect("runs") >= 1, "{gc}");
     assert_eq!(gc["failures"], 0, "{gc}");
     // Range units: unknown ones are ignored, names are case-insensitive, ends are clamped.
-    let r = client()
-        .post(format!("{}/v1/blobs", node.url))
-        .bearer_auth(&node.token)
-        .body(b"0123456789".to_vec())
-        .send()
-        .await
-        .expect("upload");
-    let hash = r.json::<Value>().await.expect("json")["hash"]
+    let hash = upload(&node, b"0123456789".to_vec()).await["hash"]
         .as_str()
         .expect("hash")
         .to_string();
@@ -735,27 +710,13 @@ async fn a_full_disk_refuses_writes_with_507_loses_nothing_and_recovers() {
     // Ballast the test removes later to free space.
     let ballast = disk.path().join("ballast");
     std::fs::write(&ballast, vec![0u8; 8 << 20]).expect("ballast");
-    let upload = |bytes: Vec<u8>| {
-        let (url, token) = (node.url.clone(), node.token.clone());
-        async move {
-            let r = client()
-                .post(format!("{url}/v1/blobs"))
-                .bearer_auth(token)
-                .body(bytes)
-                .send()
-                .await
-                .expect("upload");
-            let status = r.status();
-            (status, r.json::<Value>().await.unwrap_or(Value::Null))
-        }
-    };
     let mut acked = Vec::new();
     let mut refused = None;
     for i in 0..40u8 {
         let bytes: Vec<u8> = (0..(2usize << 20))
             .map(|j| (j as u8) ^ i.wrapping_mul(31))
             .collect();
-        let (status, body) = upload(bytes.clone()).await;
+        let (status, body) = try_upload(&node, bytes.clone(), true).await;
         if status == StatusCode::CREATED {
             acked.push((body["hash"].as_str().expect("hash").to_string(), bytes));
             continue;
@@ -806,7 +767,7 @@ async fn a_full_disk_refuses_writes_with_507_loses_nothing_and_recovers() {
         .await
         .expect("gc");
     assert_eq!(r.status(), StatusCode::OK);
-    let (status, body) = upload(vec![7u8; 1 << 20]).await;
+    let (status, body) = try_upload(&node, vec![7u8; 1 << 20], true).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     acked.push((
         body["hash"].as_str().expect("hash").to_string(),
@@ -836,15 +797,7 @@ async fn a_download_read_too_slowly_is_cut_off() {
     .expect("node");
     let size = 48usize << 20;
     let bytes: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-    let r = client()
-        .post(format!("{}/v1/blobs", node.url))
-        .bearer_auth(&node.token)
-        .body(bytes)
-        .send()
-        .await
-        .expect("upload");
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let hash = r.json::<Value>().await.expect("json")["hash"]
+    let hash = upload(&node, bytes).await["hash"]
         .as_str()
         .expect("hash")
         .to_string();

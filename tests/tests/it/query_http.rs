@@ -10,18 +10,7 @@ use meshnode_schemas::{
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::harness::{TestNode, client, python};
-
-async fn sql(node: &TestNode, text: &str) -> (StatusCode, Value) {
-    let r = client()
-        .post(format!("{}/v1/sql", node.url))
-        .json(&json!({"sql": text}))
-        .send()
-        .await
-        .expect("sql");
-    let status = r.status();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
+use crate::harness::{TestNode, client, post, python, sql};
 
 async fn rows(node: &TestNode, text: &str) -> Vec<Value> {
     let (status, body) = sql(node, text).await;
@@ -31,16 +20,6 @@ async fn rows(node: &TestNode, text: &str) -> Vec<Value> {
 
 async fn scalar(node: &TestNode, text: &str) -> Value {
     rows(node, text).await[0][0].clone()
-}
-
-async fn post(node: &TestNode, path: &str, body: Value, token: bool) -> (StatusCode, Value) {
-    let mut r = client().post(format!("{}{path}", node.url)).json(&body);
-    if token {
-        r = r.bearer_auth(&node.token);
-    }
-    let r = r.send().await.expect("post");
-    let status = r.status();
-    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 #[tokio::test]
