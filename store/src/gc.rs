@@ -219,6 +219,12 @@ impl GcShared {
     }
 }
 
+/// Bytes free for this process on the filesystem holding `path` (`statvfs`).
+pub(crate) fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
+    let stat = rustix::fs::statvfs(path)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().expect("invariant: GC locks are never poisoned")
 }
@@ -407,8 +413,7 @@ impl GcShared {
 
     /// An error when the disk is too full for a pass to record its deletions.
     fn enough_space(&self) -> std::result::Result<(), String> {
-        let free = rustix::fs::statvfs(&self.root)
-            .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+        let free = free_bytes(&self.root)
             .map_err(|e| format!("cannot read the free space of {}: {e}", self.root.display()))?;
         if free < GC_FREE_MIN {
             return Err(format!(

@@ -273,8 +273,7 @@ impl Store {
 
     /// Bytes free for this process on the filesystem holding the store (`statvfs`).
     pub fn free_bytes(&self) -> Result<u64> {
-        let stat = rustix::fs::statvfs(&self.inner.root).map_err(std::io::Error::from)?;
-        Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+        Ok(crate::gc::free_bytes(&self.inner.root)?)
     }
 
     /// Waits until no GC pass is between its roots and its sweep, and keeps a new one from
