@@ -98,6 +98,9 @@ pub enum Command {
     Status,
     /// Run garbage collection on the running node now.
     Gc,
+    /// Internal: a SQL worker process of a running node (reads queries on stdin).
+    #[command(hide = true)]
+    QueryWorker,
 }
 
 /// `init` arguments.
@@ -372,6 +375,10 @@ pub enum KeyCommand {
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::QueryWorker) {
+        // Its stdout is the protocol: no logging set up, nothing else printed.
+        return meshnode_query::worker_main();
+    }
     init_logging(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -608,6 +615,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
             Ok(())
         }
+        Command::QueryWorker => bail!("query-worker is started by the node itself"),
     }
 }
 

@@ -37,8 +37,14 @@ pub struct QuerySettings {
     pub timeout_ms: u64,
     /// Most rows a query returns. Default 10 000.
     pub rows_max: usize,
-    /// Memory one query may use, in bytes. Default 512 MiB.
+    /// Memory one query may use for sorts, joins and aggregations (DataFusion's pool), in
+    /// bytes. Default 512 MiB.
     pub memory_bytes_max: usize,
+    /// Memory limit (`RLIMIT_DATA`) of each SQL worker process: heap, anonymous mappings and
+    /// its two 256 MiB thread stacks together. A query that needs more ends its worker and
+    /// answers `query_too_expensive`; the node is not affected. Default 2 GiB.
+    /// Env: `MESHNODE_QUERY_WORKER_MEMORY_BYTES`.
+    pub worker_memory_bytes: u64,
     /// Rows from which a vector table gets an ANN index. Default 20 000.
     /// Env: `MESHNODE_ANN_ROWS_MIN`.
     pub ann_rows_min: usize,
@@ -52,6 +58,7 @@ impl Default for QuerySettings {
             timeout_ms: 10_000,
             rows_max: 10_000,
             memory_bytes_max: 512 * 1024 * 1024,
+            worker_memory_bytes: 2 << 30,
             ann_rows_min: 20_000,
             ann_metric: "cosine".into(),
         }
@@ -226,6 +233,9 @@ impl Config {
         }
         if let Some(v) = get("MESHNODE_QUERY_TIMEOUT_MS") {
             self.query.timeout_ms = parse("MESHNODE_QUERY_TIMEOUT_MS", v)?;
+        }
+        if let Some(v) = get("MESHNODE_QUERY_WORKER_MEMORY_BYTES") {
+            self.query.worker_memory_bytes = parse("MESHNODE_QUERY_WORKER_MEMORY_BYTES", v)?;
         }
         if let Some(v) = get("MESHNODE_ANN_ROWS_MIN") {
             self.query.ann_rows_min = parse("MESHNODE_ANN_ROWS_MIN", v)?;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use meshnode_ledger::{Ledger, LedgerConfig};
-use meshnode_query::{Query, QueryConfig, SqlLimits};
+use meshnode_query::{Query, QueryConfig, SqlLimits, WorkerProgram};
 use meshnode_schemas::{AuthorKey, BlobHash, Genesis, SigningKey, author_of, key_file_text};
 use meshnode_store::{PinMode, Store, StoreConfig};
 
@@ -218,6 +218,7 @@ impl Node {
                 timeout: Duration::from_millis(config.query.timeout_ms.max(1)),
                 rows_max: config.query.rows_max.max(1),
                 memory_bytes_max: config.query.memory_bytes_max.max(1 << 20),
+                workers: Some(query_workers(&config)?),
                 ..SqlLimits::default()
             },
         )
@@ -252,4 +253,23 @@ impl Node {
         self.store.shutdown().await?;
         Ok(())
     }
+}
+
+/// SQL runs in worker processes: this binary, started with its hidden `query-worker`
+/// subcommand, each under `query.worker_memory_bytes`.
+fn query_workers(config: &Config) -> anyhow::Result<WorkerProgram> {
+    let program = std::env::current_exe().context("finding this binary to start query workers")?;
+    // Stacks (2 × 256 MiB) and the query pool must fit, with room for the rest.
+    let floor = 1u64 << 30;
+    if config.query.worker_memory_bytes < floor {
+        anyhow::bail!(
+            "query.worker_memory_bytes is {}; a query worker needs at least {floor} (1 GiB)",
+            config.query.worker_memory_bytes
+        );
+    }
+    Ok(WorkerProgram {
+        program,
+        args: vec!["query-worker".into()],
+        memory_bytes: config.query.worker_memory_bytes,
+    })
 }

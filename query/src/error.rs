@@ -57,7 +57,41 @@ impl Error {
     }
 }
 
+/// Every code of [`Error::Query`] (a worker process sends codes as text; the node maps them
+/// back here).
+const CODES: &[&str] = &[
+    "as_of_ahead",
+    "dimension_mismatch",
+    "filter_too_large",
+    "invalid_filter",
+    "invalid_k",
+    "invalid_metric",
+    "invalid_vector",
+    "knn_error",
+    "not_a_vector_table",
+    "read_only",
+    "sql_error",
+    "sql_too_complex",
+    "sql_too_deep",
+    "sql_too_large",
+    "unknown_function",
+    "unknown_table",
+];
+
+/// The static code for `code` (`sql_error` for an unknown one).
+pub(crate) fn known_code(code: &str) -> &'static str {
+    CODES
+        .iter()
+        .copied()
+        .find(|c| *c == code)
+        .unwrap_or("sql_error")
+}
+
 pub(crate) fn bad(code: &'static str, message: impl Into<String>) -> Error {
+    debug_assert!(
+        CODES.contains(&code),
+        "query error code {code} not in CODES"
+    );
     Error::Query {
         code,
         message: message.into(),

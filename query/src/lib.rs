@@ -15,6 +15,7 @@ mod materialize;
 mod rows;
 mod sql;
 mod tables;
+mod worker;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -32,6 +33,7 @@ pub use knn::{
 };
 pub use materialize::QueryConfig;
 pub use sql::{Answer, SqlLimits, cell};
+pub use worker::{WorkerProgram, WorkerStatus, worker_main};
 
 use crate::error::{bad, internal};
 use crate::materialize::{Command, Materializer, Shared};
@@ -123,7 +125,7 @@ impl Query {
         });
         let materializer = Materializer::open(shared.clone()).await?;
         tokio::spawn(materializer.run(rx));
-        let engine = Arc::new(Engine::new(limits)?);
+        let engine = Arc::new(Engine::with_workers(limits, dir)?);
         Ok(Self { shared, engine })
     }
 
@@ -134,6 +136,11 @@ impl Query {
     /// Query permits not in use (SQL and search share them).
     pub fn idle_permits(&self) -> usize {
         self.engine.idle_permits()
+    }
+
+    /// The SQL worker processes (None when SQL runs in this process).
+    pub fn workers(&self) -> Option<WorkerStatus> {
+        self.engine.pool.as_ref().map(|p| p.status())
     }
 
     /// Progress of the materialization.
@@ -261,8 +268,31 @@ impl Query {
     /// answer and, for `as_of`, the event count the state tables reflect.
     pub async fn sql(&self, text: &str, as_of: Option<u64>) -> Result<(Answer, Option<u64>)> {
         let (snapshot, state_at) = self.snapshot(as_of).await?;
-        let ctx = self.engine.session(&snapshot, &self.shared.tables).await?;
-        let answer = self.engine.run(ctx, text.to_string()).await?;
+        let answer = match &self.engine.pool {
+            Some(pool) => {
+                let request = worker::WorkerRequest {
+                    sql: text.to_string(),
+                    tables: snapshot
+                        .tables
+                        .iter()
+                        .map(|(name, ds)| {
+                            let (version, timestamp_nanos) = tables::version_stamp(ds);
+                            worker::TableVersion {
+                                name: name.to_string(),
+                                version,
+                                timestamp_nanos,
+                            }
+                        })
+                        .collect(),
+                    as_of: snapshot.as_of,
+                };
+                self.engine.run_in_worker(pool, request).await?
+            }
+            None => {
+                let ctx = self.engine.session(&snapshot, &self.shared.tables).await?;
+                self.engine.run(ctx, text.to_string()).await?
+            }
+        };
         Ok((answer, state_at))
     }
 

@@ -41,6 +41,9 @@ pub struct SqlLimits {
     pub depth_max: usize,
     /// Queries running at once; more wait up to `timeout`. Default 4.
     pub concurrent_max: usize,
+    /// Run SQL in worker processes started this way (`None`: on this process's query
+    /// runtime). See [`crate::worker`].
+    pub workers: Option<crate::worker::WorkerProgram>,
 }
 
 impl Default for SqlLimits {
@@ -52,6 +55,7 @@ impl Default for SqlLimits {
             memory_bytes_max: 512 * 1024 * 1024,
             depth_max: 64,
             concurrent_max: 4,
+            workers: None,
         }
     }
 }
@@ -306,6 +310,8 @@ pub(crate) struct Engine {
     runtime: OwnedRuntime,
     permits: Arc<tokio::sync::Semaphore>,
     pub(crate) limits: SqlLimits,
+    /// Worker processes for SQL, when [`SqlLimits::workers`] is set.
+    pub(crate) pool: Option<crate::worker::Pool>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -337,7 +343,59 @@ impl Engine {
             runtime: OwnedRuntime(Some(runtime)),
             permits: Arc::new(tokio::sync::Semaphore::new(limits.concurrent_max.max(1))),
             limits,
+            pool: None,
         })
+    }
+
+    /// An engine whose SQL runs in worker processes over the tables under `dir` when the
+    /// limits name a worker program.
+    pub(crate) fn with_workers(limits: SqlLimits, dir: &std::path::Path) -> Result<Self> {
+        let pool = match &limits.workers {
+            Some(program) => Some(crate::worker::Pool::new(
+                program.clone(),
+                dir.to_path_buf(),
+                &limits,
+            )?),
+            None => None,
+        };
+        Ok(Self {
+            pool,
+            ..Self::new(limits)?
+        })
+    }
+
+    /// Runs one query in a worker process under a permit and the deadline.
+    pub(crate) async fn run_in_worker(
+        &self,
+        pool: &crate::worker::Pool,
+        request: crate::worker::WorkerRequest,
+    ) -> Result<Answer> {
+        self.check_text(&request.sql)?;
+        let timeout = self.limits.timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let _permit = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| Error::Busy)?
+            .map_err(|_| Error::Busy)?;
+        pool.run(&request, deadline, timeout).await
+    }
+
+    /// The checks of the SQL text itself: size and NUL.
+    fn check_text(&self, text: &str) -> Result<()> {
+        if text.len() > self.limits.text_bytes_max {
+            return Err(bad(
+                "sql_too_large",
+                format!(
+                    "SQL text is {} bytes, at most {} allowed",
+                    text.len(),
+                    self.limits.text_bytes_max
+                ),
+            ));
+        }
+        if text.contains('\0') {
+            return Err(bad("sql_error", "SQL text contains NUL"));
+        }
+        Ok(())
     }
 
     /// Runs `work` on the query runtime under a permit and the deadline. Past the deadline
@@ -434,19 +492,7 @@ impl Engine {
     /// Runs one read-only query under the limits: shape checked before planning, every
     /// function guarded, memory and result size capped, all of it on the query runtime.
     pub(crate) async fn run(&self, ctx: SessionContext, text: String) -> Result<Answer> {
-        if text.len() > self.limits.text_bytes_max {
-            return Err(bad(
-                "sql_too_large",
-                format!(
-                    "SQL text is {} bytes, at most {} allowed",
-                    text.len(),
-                    self.limits.text_bytes_max
-                ),
-            ));
-        }
-        if text.contains('\0') {
-            return Err(bad("sql_error", "SQL text contains NUL"));
-        }
+        self.check_text(&text)?;
         let depth_max = self.limits.depth_max;
         let rows_max = self.limits.rows_max;
         self.submit(move |cancel| async move {

@@ -124,6 +124,47 @@ impl Tables {
         )?))
     }
 
+    /// A table at `version`, committed at `timestamp_nanos` (see [`version_stamp`]): the
+    /// current dataset when it is that one, else the version opened from the directory, which
+    /// becomes current when it is newer. For a process that reads tables another process
+    /// writes (the query workers). A stamp that does not match means the table was rebuilt
+    /// meanwhile: unavailable, retry.
+    pub(crate) async fn checkout(
+        &self,
+        table: &'static str,
+        version: u64,
+        timestamp_nanos: i64,
+    ) -> Result<Arc<Dataset>> {
+        if let Some(ds) = self.get(table)
+            && version_stamp(&ds) == (version, timestamp_nanos)
+        {
+            return Ok(ds);
+        }
+        let path = self.path(table).display().to_string();
+        let ds = lance::dataset::builder::DatasetBuilder::from_uri(&path)
+            .with_version(version)
+            .load()
+            .await
+            .map_err(|e| Error::Unavailable(format!("table {table} version {version}: {e}")))?;
+        if version_stamp(&ds) != (version, timestamp_nanos) {
+            return Err(Error::Unavailable(format!(
+                "table {table} was rebuilt while the query started; retry"
+            )));
+        }
+        let ds = Arc::new(ds);
+        let mut current = self
+            .current
+            .lock()
+            .expect("invariant: tables lock is never poisoned");
+        let newer = current
+            .get(table)
+            .is_none_or(|c| version_stamp(c).1 <= timestamp_nanos);
+        if newer {
+            current.insert(table, ds.clone());
+        }
+        Ok(ds)
+    }
+
     /// The dimension of a table's vector column (fixed when the table was created).
     pub(crate) fn dim(&self, table: &str) -> Option<i32> {
         let column = vector_column(table)?;
@@ -340,6 +381,13 @@ impl Tables {
             .map(|(t, d)| (t, d.version().version))
             .collect()
     }
+}
+
+/// A dataset's version and commit time: together they name one version of one incarnation
+/// of a table (a rebuilt table starts its versions over).
+pub(crate) fn version_stamp(ds: &Dataset) -> (u64, i64) {
+    let v = ds.version();
+    (v.version, v.timestamp.timestamp_nanos_opt().unwrap_or(0))
 }
 
 impl From<lance::Error> for Error {

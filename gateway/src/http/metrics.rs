@@ -70,6 +70,12 @@ pub struct Metrics {
     pub gc_stopped: Gauge,
     /// Connections refused because their client had too many open.
     pub connections_refused: Counter,
+    /// SQL worker processes started (at scrape time).
+    pub query_workers_started: Gauge,
+    /// SQL workers that ended during a query: out of memory, or a crash (at scrape time).
+    pub query_workers_ended: Gauge,
+    /// SQL workers killed at their query's deadline (at scrape time).
+    pub query_workers_killed: Gauge,
 }
 
 impl Default for Metrics {
@@ -176,6 +182,24 @@ impl Metrics {
             "Connections refused because their client had too many open",
             connections_refused.clone(),
         );
+        let query_workers_started = Gauge::default();
+        registry.register(
+            "query_workers_started",
+            "SQL worker processes started",
+            query_workers_started.clone(),
+        );
+        let query_workers_ended = Gauge::default();
+        registry.register(
+            "query_workers_ended",
+            "SQL workers that ended during a query (out of memory, or a crash)",
+            query_workers_ended.clone(),
+        );
+        let query_workers_killed = Gauge::default();
+        registry.register(
+            "query_workers_killed",
+            "SQL workers killed at their query's deadline",
+            query_workers_killed.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
@@ -194,6 +218,9 @@ impl Metrics {
             gc_failures,
             gc_stopped,
             connections_refused,
+            query_workers_started,
+            query_workers_ended,
+            query_workers_killed,
         }
     }
 

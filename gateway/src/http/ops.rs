@@ -103,6 +103,12 @@ pub(crate) async fn metrics(state: AppState, headers: HeaderMap) -> Result<Respo
     state.metrics().gc_runs.set(gc.runs as i64);
     state.metrics().gc_failures.set(gc.failures as i64);
     state.metrics().gc_stopped.set(i64::from(gc.stopped));
+    if let Some(w) = state.node().query.workers() {
+        let m = state.metrics();
+        m.query_workers_started.set(w.started as i64);
+        m.query_workers_ended.set(w.ended as i64);
+        m.query_workers_killed.set(w.killed_at_deadline as i64);
+    }
     Ok(warp::reply::with_header(
         state.metrics().encode(),
         http::header::CONTENT_TYPE,
@@ -146,6 +152,12 @@ pub(crate) async fn status(state: AppState, headers: HeaderMap) -> Result<Respon
                     "applied": q.applied,
                     "caught_up": q.caught_up,
                     "idle_permits": node.query.idle_permits(),
+                    "workers": node.query.workers().map(|w| serde_json::json!({
+                        "started": w.started,
+                        "ended": w.ended,
+                        "killed_at_deadline": w.killed_at_deadline,
+                        "idle": w.idle,
+                    })),
                 }),
                 Err(e) => serde_json::json!({"error": e.to_string()}),
             },

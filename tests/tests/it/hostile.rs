@@ -40,6 +40,39 @@ fn cpu_secs(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
+/// The processes whose parent is `pid` (the node's SQL workers).
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("proc") {
+        let Some(child) = entry
+            .ok()
+            .and_then(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+        // Field 4 of stat is the parent's pid (2nd after the command name and state).
+        if rest.split_whitespace().nth(1) == Some(pid.to_string().as_str()) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+/// CPU time of a process and its live children, in seconds.
+fn tree_cpu_secs(pid: u32) -> f64 {
+    let children: f64 = children(pid)
+        .into_iter()
+        .map(|c| {
+            std::panic::catch_unwind(|| cpu_secs(c)).unwrap_or(0.0) // ended meanwhile
+        })
+        .sum();
+    cpu_secs(pid) + children
+}
+
 /// Polls /healthz and the node's memory until dropped; reports the worst seen.
 struct Watch {
     stop: Arc<AtomicBool>,
@@ -318,19 +351,70 @@ async fn a_query_past_its_timeout_stops_using_cpu_and_frees_its_permit() {
         let (got, body) = run.await.expect("join");
         assert_eq!(got, StatusCode::REQUEST_TIMEOUT, "{body}");
     }
-    // Within a second the cancelled queries have stopped and given back their permits.
+    // Within a second the cancelled queries have stopped and given back their permits:
+    // their workers were killed.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(status(&node).await["query"]["idle_permits"], 4);
-    let before = cpu_secs(pid);
+    let query = status(&node).await["query"].clone();
+    assert_eq!(query["idle_permits"], 4, "{query}");
+    assert_eq!(query["workers"]["killed_at_deadline"], 4, "{query}");
+    let before = tree_cpu_secs(pid);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let used = cpu_secs(pid) - before;
+    let used = tree_cpu_secs(pid) - before;
     assert!(
         used < 0.5,
-        "the node used {used:.2} s of CPU in 2 s after every query was cancelled"
+        "the node and its workers used {used:.2} s of CPU in 2 s after every query was cancelled"
     );
     watch.finish("endless queries").await;
     let (got, _) = sql(&node, "SELECT count(*) FROM skills").await;
     assert_eq!(got, StatusCode::OK);
+}
+
+/// A query that passes every guard and still copies a 60 MB value per joined row: it needs
+/// 60 GB in one allocation, which used to abort the whole node.
+const MEMORY_BOMB: &str = "WITH big AS (SELECT arrow_cast(repeat('x', 60000000), 'LargeUtf8') \
+     AS s), r AS (SELECT unnest(generate_series(1, 1000)) AS i) \
+     SELECT sum(length(b.s)) FROM big b, r";
+
+/// The same copy at a size the machine would give (2 GB; with 1,000 rows it answers): the
+/// worker's memory limit, not the machine, stops it.
+const MEMORY_CREEP: &str = "WITH big AS (SELECT repeat('x', 1000000) AS s), \
+     r AS (SELECT unnest(generate_series(1, 2000)) AS i) \
+     SELECT sum(length(b.s)) FROM big b, r";
+
+#[tokio::test]
+async fn a_query_that_needs_too_much_memory_ends_its_worker_not_the_node() {
+    let node = TestNode::start_demo(&[("MESHNODE_QUERY_TIMEOUT_MS", "60000")]).expect("node");
+    let pid = node.pid().expect("running");
+    let watch = Watch::start(&node);
+    let runs: Vec<_> = [MEMORY_BOMB, MEMORY_CREEP, MEMORY_BOMB, MEMORY_CREEP]
+        .into_iter()
+        .map(|q| {
+            let url = node.url.clone();
+            tokio::spawn(async move {
+                let r = client()
+                    .post(format!("{url}/v1/sql"))
+                    .json(&json!({"sql": q}))
+                    .send()
+                    .await
+                    .expect("sql");
+                (r.status(), r.json::<Value>().await.unwrap_or(Value::Null))
+            })
+        })
+        .collect();
+    for run in runs {
+        let (got, body) = run.await.expect("join");
+        assert_eq!(got, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(body["error"]["code"], "query_too_expensive", "{body}");
+    }
+    watch.finish("memory bombs").await;
+    assert!(rss(pid) < RSS_MAX);
+    let query = status(&node).await["query"].clone();
+    assert!(query["workers"]["ended"].as_u64() >= Some(4), "{query}");
+    assert_eq!(query["idle_permits"], 4, "{query}");
+    // The node and its tables are untouched: queries answer as before.
+    let (got, body) = sql(&node, "SELECT count(*) FROM skills").await;
+    assert_eq!(got, StatusCode::OK, "{body}");
+    assert!(body["rows"][0][0].as_i64() > Some(0), "{body}");
 }
 
 #[tokio::test]
