@@ -53,7 +53,7 @@ bench-ledger: release
 	MESHNODE_BIN=$(TARGET_DIR)/release/meshnode python3 bench/ledger.py
 
 bench-query: release
-	python3 bench/query.py
+	MESHNODE_BIN=$(TARGET_DIR)/release/meshnode python3 bench/query.py
 
 clean-data:
 	rm -rf "$(DATA_DIR)"

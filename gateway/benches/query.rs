@@ -21,7 +21,7 @@ use arrow_array::builder::{
 use arrow_array::{ArrayRef, RecordBatch, RecordBatchIterator};
 use meshnode_gateway::node::{self, files};
 use meshnode_ledger::{Ledger, LedgerConfig};
-use meshnode_query::{Query, QueryConfig, Search, SqlLimits, parse_metric};
+use meshnode_query::{Query, QueryConfig, Search, SqlLimits, WorkerProgram, parse_metric};
 use meshnode_schemas::Genesis;
 use meshnode_schemas::tables::table_schema;
 use meshnode_store::{Store, StoreConfig};
@@ -360,6 +360,12 @@ async fn sql_bench(n: usize, scratch: &Path) -> anyhow::Result<serde_json::Value
             timeout: Duration::from_secs(600),
             rows_max: 100_000,
             memory_bytes_max: 4 << 30,
+            // As the node runs SQL: in worker processes of the release binary.
+            workers: std::env::var_os("MESHNODE_BIN").map(|bin| WorkerProgram {
+                program: bin.into(),
+                args: vec!["query-worker".into()],
+                memory_bytes: 8 << 30,
+            }),
             ..SqlLimits::default()
         },
     )
