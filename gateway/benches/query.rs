@@ -361,8 +361,15 @@ async fn sql_bench(n: usize, scratch: &Path) -> anyhow::Result<serde_json::Value
             rows_max: 100_000,
             memory_bytes_max: 4 << 30,
             // As the node runs SQL: in worker processes of the release binary.
-            workers: std::env::var_os("MESHNODE_BIN").map(|bin| WorkerProgram {
-                program: bin.into(),
+            workers: Some(WorkerProgram {
+                program: std::env::var_os("MESHNODE_BIN")
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "set MESHNODE_BIN to the release meshnode binary (make bench-query \
+                             does): SQL runs in its worker processes, as in the node"
+                        )
+                    })?
+                    .into(),
                 args: vec!["query-worker".into()],
                 memory_bytes: 8 << 30,
             }),

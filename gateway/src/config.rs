@@ -40,10 +40,10 @@ pub struct QuerySettings {
     /// Memory one query may use for sorts, joins and aggregations (DataFusion's pool), in
     /// bytes. Default 512 MiB.
     pub memory_bytes_max: usize,
-    /// Memory limit (`RLIMIT_DATA`) of each SQL worker process: heap, anonymous mappings and
-    /// its two 256 MiB thread stacks together. A query that needs more ends its worker and
-    /// answers `query_too_expensive`; the node is not affected. Default 2 GiB.
-    /// Env: `MESHNODE_QUERY_WORKER_MEMORY_BYTES`.
+    /// Memory each SQL worker process may allocate for its query, beyond what it holds at
+    /// start and the stacks of its threads (enforced with `RLIMIT_DATA`). A query that needs
+    /// more ends its worker and answers `query_too_expensive`; the node is not affected.
+    /// Default 2 GiB. Env: `MESHNODE_QUERY_WORKER_MEMORY_BYTES`.
     pub worker_memory_bytes: u64,
     /// Rows from which a vector table gets an ANN index. Default 20 000.
     /// Env: `MESHNODE_ANN_ROWS_MIN`.

@@ -258,12 +258,20 @@ impl Node {
 /// SQL runs in worker processes: this binary, started with its hidden `query-worker`
 /// subcommand, each under `query.worker_memory_bytes`.
 fn query_workers(config: &Config) -> anyhow::Result<WorkerProgram> {
-    let program = std::env::current_exe().context("finding this binary to start query workers")?;
-    // Stacks (2 × 256 MiB) and the query pool must fit, with room for the rest.
-    let floor = 1u64 << 30;
+    // The running binary itself, even when an upgrade replaced the file on disk meanwhile
+    // (a worker of another version would not speak this node's protocol).
+    let own = std::path::Path::new("/proc/self/exe");
+    let program = if own.exists() {
+        own.to_path_buf()
+    } else {
+        std::env::current_exe().context("finding this binary to start query workers")?
+    };
+    // DataFusion's pool must fit, with room for the values that are not counted there.
+    let floor = (config.query.memory_bytes_max as u64).saturating_add(256 << 20);
     if config.query.worker_memory_bytes < floor {
         anyhow::bail!(
-            "query.worker_memory_bytes is {}; a query worker needs at least {floor} (1 GiB)",
+            "query.worker_memory_bytes is {}; it must be at least query.memory_bytes_max + 256 MiB \
+             ({floor})",
             config.query.worker_memory_bytes
         );
     }

@@ -8,7 +8,7 @@
 //! and in the audit, so both compute the same state, and the same events give the same state
 //! in any order (DESIGN.md §3 "Convergence").
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use meshnode_schemas::{
     AuthorKey, BlobHash, EventId, Genesis, Kind, Payload, SignedEvent, verify_signature,
@@ -16,13 +16,13 @@ use meshnode_schemas::{
 
 use crate::error::{Error, Result, Rule, Waiting, reject};
 pub use crate::past::PAST_SEARCH_EVENTS_MAX;
-use crate::past::Past;
+use crate::past::{Past, descends};
 pub use crate::proof::ForkProof;
-use crate::state::basin_fixed;
 pub use crate::state::{
     AuthorState, BasinState, BasinVersion, Credit, EventRecord, HostMark, NodeState,
     ReputationState, SkillState, State, StateDigest,
 };
+use crate::state::{CreditsBySender, basin_fixed};
 
 /// Read access to accepted events and basin versions (the database at ingest, memory in the
 /// audit).
@@ -179,6 +179,14 @@ fn record_of<L: Lookup>(lookup: &L, id: &EventId) -> Result<EventRecord> {
 const AUTHOR_KEYS_KEPT: usize = 2;
 
 /// The seq of the event whose predecessor is `prev`.
+/// The amount a credit record gives (every candidate credit gives something).
+fn credit_amount(record: &EventRecord) -> Result<u64> {
+    record
+        .credit
+        .map(|c| c.amount)
+        .ok_or_else(|| corrupt(format!("credit {} gives nothing", record.id)))
+}
+
 fn past_seq(prev: Option<&EventRecord>) -> u64 {
     prev.map_or(1, |p| p.seq + 1)
 }
@@ -461,17 +469,104 @@ impl State {
             return Ok(Vec::new());
         }
         let need = u128::from(amount) - available;
+        let covers = match self.authors.get(&author) {
+            // The common case: one branch, extended at its head. The candidates are the
+            // unreferenced credits, and the index finds those below the deps directly.
+            Some(a) if a.frozen_from.is_none() && prev.map(|p| p.id) == a.head_id => {
+                self.cover_indexed(past, lookup, author, a, need)?
+            }
+            _ => self.cover_scan(past, lookup, author, prev, need)?,
+        };
+        // Every coverage the tests compute on small accounts is checked against the scan.
+        #[cfg(test)]
+        if self
+            .authors
+            .get(&author)
+            .is_some_and(|a| a.uncovered.len() <= 512)
+        {
+            assert_eq!(
+                covers,
+                self.cover_scan(past, lookup, author, prev, need)?,
+                "the indexed coverage differs from the reference scan"
+            );
+        }
+        Ok(covers)
+    }
+
+    /// [`State::cover`] when the candidates are exactly `a.uncovered`: reads the credits
+    /// each of prev and deps has below it in its sender's log (from the [`CreditIndex`]),
+    /// then the bounded walk's; never every unreferenced credit.
+    fn cover_indexed<L: Lookup>(
+        &self,
+        past: &Past<'_, L>,
+        lookup: &L,
+        author: AuthorKey,
+        a: &AuthorState,
+        need: u128,
+    ) -> Result<Vec<(EventId, u64)>> {
+        if a.credit_index.get().is_none() {
+            let mut index = CreditsBySender::default();
+            for id in &a.uncovered {
+                let record = record_of(lookup, id)?;
+                index.insert(*id, record.author, record.seq);
+            }
+            a.credit_index.set(index);
+        }
+        let index = a
+            .credit_index
+            .get()
+            .expect("invariant: the credit index was just built");
+        let mut found: BTreeMap<EventId, u64> = BTreeMap::new();
+        for x in past.prev.into_iter().chain(past.deps) {
+            for id in index.up_to(x.author, x.seq) {
+                if found.contains_key(id) {
+                    continue;
+                }
+                let record = record_of(lookup, id)?;
+                if descends(self, lookup, x, &record)? {
+                    found.insert(*id, credit_amount(&record)?);
+                }
+            }
+        }
+        let mut total: u128 = found.values().map(|a| u128::from(*a)).sum();
+        if total < need {
+            let mut reached: Vec<EventId> = past
+                .credits_to(&author)?
+                .into_iter()
+                .filter(|id| a.uncovered.contains(id) && !found.contains_key(id))
+                .collect();
+            reached.sort();
+            for id in reached {
+                if total >= need {
+                    break;
+                }
+                let amount = credit_amount(&record_of(lookup, &id)?)?;
+                found.insert(id, amount);
+                total += u128::from(amount);
+            }
+        }
+        Ok(found.into_iter().collect())
+    }
+
+    /// [`State::cover`] over every candidate, for branches of a forked log (and, in tests,
+    /// the reference the indexed path is checked against).
+    fn cover_scan<L: Lookup>(
+        &self,
+        past: &Past<'_, L>,
+        lookup: &L,
+        author: AuthorKey,
+        prev: Option<&EventRecord>,
+        need: u128,
+    ) -> Result<Vec<(EventId, u64)>> {
         let mut found = Vec::new();
         let mut rest = Vec::new();
         for id in self.candidates(lookup, author, prev, past_seq(prev))? {
             let record = record_of(lookup, &id)?;
-            let credit = record
-                .credit
-                .ok_or_else(|| corrupt(format!("credit {id} gives nothing")))?;
+            let amount = credit_amount(&record)?;
             if past.contains_fast(&record)? {
-                found.push((id, credit.amount));
+                found.push((id, amount));
             } else {
-                rest.push((id, credit.amount));
+                rest.push((id, amount));
             }
         }
         let mut total: u128 = found.iter().map(|(_, a)| u128::from(*a)).sum();
@@ -692,6 +787,7 @@ impl State {
             recipient.received += u128::from(credit.amount);
             if credit.to != author {
                 recipient.uncovered.insert(id);
+                recipient.credit_index.insert(id, author, record.seq);
                 overlay.uncovered.push((credit.to, id, true));
             }
             if record.kind == Kind::TokenMint {
@@ -744,6 +840,7 @@ impl State {
         a.sent += u128::from(record.debit);
         for (credit, _) in &record.covers {
             if a.uncovered.remove(credit) {
+                a.credit_index.remove(credit);
                 overlay.uncovered.push((author, *credit, false));
             }
             overlay

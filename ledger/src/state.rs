@@ -134,6 +134,100 @@ pub struct AuthorState {
     /// `deps`). Kept in a table of its own by the ledger (a popular account can collect many).
     #[serde(skip)]
     pub uncovered: BTreeSet<EventId>,
+    /// `uncovered` by sender and seq, built on first use: a transfer's coverage then reads
+    /// only the credits its `deps` reach, not every credit the account was ever sent (dust
+    /// sent by others must not slow the owner's transfers). Derived, not in the digest.
+    #[serde(skip)]
+    pub credit_index: CreditIndex,
+}
+
+/// The unreferenced credits of one author, by `(sender, seq)`. Built lazily (from the
+/// records of [`AuthorState::uncovered`]) and kept in step with it by the fold. Equal to any
+/// other index: it is a cache, never part of the state's value.
+#[derive(Clone, Default)]
+pub struct CreditIndex(std::sync::OnceLock<CreditsBySender>);
+
+/// See [`CreditIndex`].
+#[derive(Clone, Default, Debug)]
+pub struct CreditsBySender {
+    by_sender: BTreeSet<(AuthorKey, u64, EventId)>,
+    at: std::collections::HashMap<EventId, (AuthorKey, u64)>,
+}
+
+impl CreditsBySender {
+    /// Adds one credit sent by `sender` at `seq`.
+    pub fn insert(&mut self, id: EventId, sender: AuthorKey, seq: u64) {
+        if self.at.insert(id, (sender, seq)).is_none() {
+            self.by_sender.insert((sender, seq, id));
+        }
+    }
+
+    /// Removes one credit.
+    pub fn remove(&mut self, id: &EventId) {
+        if let Some((sender, seq)) = self.at.remove(id) {
+            self.by_sender.remove(&(sender, seq, *id));
+        }
+    }
+
+    /// Credits sent by `sender` at seqs up to `seq`.
+    pub fn up_to(&self, sender: AuthorKey, seq: u64) -> impl Iterator<Item = &EventId> + '_ {
+        let low = (sender, 0, EventId::from_bytes([0; 32]));
+        let high = (sender, seq, EventId::from_bytes([0xff; 32]));
+        self.by_sender.range(low..=high).map(|(_, _, id)| id)
+    }
+
+    /// Credits indexed.
+    pub fn len(&self) -> usize {
+        self.at.len()
+    }
+
+    /// Whether no credit is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
+}
+
+impl CreditIndex {
+    /// The index, if built.
+    pub fn get(&self) -> Option<&CreditsBySender> {
+        self.0.get()
+    }
+
+    /// Installs a freshly built index (no-op when one exists).
+    pub fn set(&self, index: CreditsBySender) {
+        let _ = self.0.set(index);
+    }
+
+    /// Keeps a built index in step with a new unreferenced credit.
+    pub fn insert(&mut self, id: EventId, sender: AuthorKey, seq: u64) {
+        if let Some(index) = self.0.get_mut() {
+            index.insert(id, sender, seq);
+        }
+    }
+
+    /// Keeps a built index in step with a credit that got covered.
+    pub fn remove(&mut self, id: &EventId) {
+        if let Some(index) = self.0.get_mut() {
+            index.remove(id);
+        }
+    }
+}
+
+impl PartialEq for CreditIndex {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for CreditIndex {}
+
+impl std::fmt::Debug for CreditIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.get() {
+            Some(index) => write!(f, "CreditIndex({} credits)", index.len()),
+            None => write!(f, "CreditIndex(unbuilt)"),
+        }
+    }
 }
 
 impl AuthorState {
@@ -141,6 +235,7 @@ impl AuthorState {
     pub fn without_credits(&self) -> AuthorState {
         AuthorState {
             uncovered: BTreeSet::new(),
+            credit_index: CreditIndex::default(),
             head_seq: self.head_seq,
             head_id: self.head_id,
             keys: self.keys.clone(),

@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 use meshnode_schemas::*;
 
 use crate::audit::MemLookup;
-use crate::fold::{Applied, Overlay, Rules, State};
+use crate::fold::{Applied, Lookup, Overlay, Rules, State};
 
 /// A small deterministic generator (SplitMix64): the tests need no particular distribution.
 struct Rng(u64);
@@ -667,4 +667,126 @@ fn counters_past_two_to_the_64_stay_exact() {
         digests.insert(summary(&ledger).0);
     }
     assert_eq!(digests.len(), 1);
+}
+
+/// A lookup that counts its reads.
+struct Counting<'a> {
+    inner: &'a MemLookup,
+    reads: std::cell::Cell<usize>,
+}
+
+impl Counting<'_> {
+    fn count(&self) {
+        self.reads.set(self.reads.get() + 1);
+    }
+}
+
+impl Lookup for Counting<'_> {
+    fn event(&self, id: &EventId) -> crate::Result<Option<crate::fold::EventRecord>> {
+        self.count();
+        self.inner.event(id)
+    }
+    fn at(&self, author: &AuthorKey, seq: u64) -> crate::Result<Vec<EventId>> {
+        self.count();
+        self.inner.at(author, seq)
+    }
+    fn basin_version(&self, id: &EventId) -> crate::Result<Option<crate::fold::BasinVersion>> {
+        self.count();
+        self.inner.basin_version(id)
+    }
+    fn envelope(&self, id: &EventId) -> crate::Result<Option<Vec<u8>>> {
+        self.count();
+        self.inner.envelope(id)
+    }
+    fn covered_by(&self, credit: &EventId) -> crate::Result<Vec<EventId>> {
+        self.count();
+        self.inner.covered_by(credit)
+    }
+}
+
+fn mint(to: u8, amount: u64) -> Payload {
+    Payload::TokenMint(TokenMint {
+        to: author_of(&key(to)),
+        amount,
+        reason: String::new(),
+    })
+}
+
+fn transfer(to: u8, amount: u64) -> Payload {
+    Payload::TokenTransfer(TokenTransfer {
+        to: author_of(&key(to)),
+        amount,
+        memo: String::new(),
+    })
+}
+
+/// Dust sent to an account does not slow its owner: a transfer reads the credits its prev
+/// and deps reach (through the per-sender index, kept in step as dust arrives), not every
+/// unreferenced credit of the account. Counted in reads, not time.
+#[test]
+fn dust_sent_to_an_account_does_not_slow_its_owners_transfers() {
+    const DUST: usize = 3000;
+    let rules = rules();
+    let (owner, duster, payee) = (2u8, 3u8, 4u8);
+    let mut g = Generator::new(11, rules.net);
+    let first = g
+        .emit(ISSUER, false, vec![], mint(owner, 1000))
+        .expect("mint");
+    let funding = g
+        .emit(ISSUER, false, vec![], mint(duster, 10_000))
+        .expect("mint");
+    // The owner's first transfer builds its index (no dust yet).
+    g.emit(owner, false, vec![first], transfer(payee, 100))
+        .expect("first transfer");
+    for i in 0..DUST {
+        let deps = if i == 0 { vec![funding] } else { vec![] };
+        g.emit(duster, false, deps, transfer(owner, 1))
+            .expect("dust");
+    }
+    let second = g
+        .emit(ISSUER, false, vec![], mint(owner, 1000))
+        .expect("mint");
+    let owner_key = author_of(&key(owner));
+    assert_eq!(
+        g.check.state.authors[&owner_key].uncovered.len(),
+        DUST + 1,
+        "every dust credit and the second mint are unreferenced"
+    );
+    // 900 left on the branch; 1500 needs the second mint, which its deps name.
+    let head = g
+        .events
+        .iter()
+        .rev()
+        .find(|e| e.body.author == owner_key)
+        .expect("head");
+    let body = EventBody {
+        net: rules.net,
+        author: owner_key,
+        seq: 2,
+        prev: Some(head.id),
+        deps: vec![second],
+        ts: 0,
+        payload: transfer(payee, 1500),
+    };
+    let event = SignedEvent::sign(body, &key(owner)).expect("sign");
+    let counting = Counting {
+        inner: &g.check.mem,
+        reads: std::cell::Cell::new(0),
+    };
+    let mut overlay = Overlay::default();
+    let hash = BlobHash::of(&event.envelope);
+    let applied = g
+        .check
+        .state
+        .apply(&rules, &counting, &mut overlay, &event, hash, None)
+        .expect("apply");
+    let Applied::Accepted(record) = applied else {
+        panic!("the transfer was not accepted: {applied:?}");
+    };
+    assert_eq!(record.covers, vec![(second, 1000)]);
+    let reads = counting.reads.get();
+    assert!(
+        reads < 50,
+        "a transfer read {reads} records with {DUST} dust credits on the account"
+    );
 }

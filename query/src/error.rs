@@ -104,3 +104,35 @@ pub(crate) fn internal(e: impl std::fmt::Display) -> Error {
 
 /// The query result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    /// Every literal code given to `bad(…)` in this crate is one a worker's answer can carry
+    /// back (`known_code` would turn any other into `sql_error`).
+    #[test]
+    fn every_code_of_the_crate_is_known() {
+        let sources = [
+            include_str!("sql.rs"),
+            include_str!("knn.rs"),
+            include_str!("guard.rs"),
+            include_str!("lib.rs"),
+            include_str!("tables.rs"),
+            include_str!("materialize.rs"),
+            include_str!("cancel.rs"),
+            include_str!("worker.rs"),
+        ];
+        let mut seen = 0;
+        for source in sources {
+            for (i, _) in source.match_indices("bad(") {
+                let rest = source[i + 4..].trim_start();
+                let Some(rest) = rest.strip_prefix('"') else {
+                    continue;
+                };
+                let code = &rest[..rest.find('"').expect("closing quote")];
+                assert_eq!(super::known_code(code), code, "code {code} is not in CODES");
+                seen += 1;
+            }
+        }
+        assert!(seen > 20, "found only {seen} codes: the scan is broken");
+    }
+}

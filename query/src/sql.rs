@@ -298,7 +298,7 @@ impl OwnedRuntime {
 /// ([`crate::guard::check_shape`]), but parsing, planning and dropping a statement still
 /// recurse over its tree; this keeps every bounded statement far from the end of the stack.
 /// Only touched pages take memory.
-const QUERY_STACK_BYTES: usize = 256 << 20;
+pub(crate) const QUERY_STACK_BYTES: usize = 256 << 20;
 
 /// Most bytes of result batches one query returns (more rows are cut, `truncated` is set).
 /// Encoded as JSON an answer takes a few times this; the gateway encodes a few at a time.
@@ -333,10 +333,18 @@ pub(crate) struct Snapshot {
 
 impl Engine {
     pub(crate) fn new(limits: SqlLimits) -> Result<Self> {
+        Self::with_blocking_threads(limits, 8)
+    }
+
+    /// An engine whose runtime has at most `blocking` blocking threads (Lance reads files on
+    /// them; each gets the runtime's large stack).
+    pub(crate) fn with_blocking_threads(limits: SqlLimits, blocking: usize) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("meshnode-query")
             .thread_stack_size(QUERY_STACK_BYTES)
+            // Blocking threads get the same stacks.
+            .max_blocking_threads(blocking)
             .enable_all()
             .build()?;
         Ok(Self {

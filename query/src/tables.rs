@@ -89,6 +89,15 @@ impl Tables {
         })
     }
 
+    /// The tables under `dir`, none opened yet ([`Tables::checkout`] opens them): for a
+    /// process that only reads what another one writes.
+    pub(crate) fn unopened(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            current: Mutex::new(HashMap::new()),
+        }
+    }
+
     fn path(&self, table: &str) -> PathBuf {
         self.dir.join(format!("{table}.lance"))
     }

@@ -10,8 +10,8 @@
 //! `query_too_expensive`; a query past its deadline has its worker killed, which stops its
 //! CPU at once. The node stays up either way.
 //!
-//! Protocol (stdin/stdout of the worker, frames of a little-endian `u32` length and a
-//! payload): the node sends a [`WorkerInit`], the worker answers `{"ready": true}`; then per
+//! Protocol (a socket pair, the worker's end as its stdin; frames of a little-endian `u32`
+//! length and a payload): the node sends a [`WorkerInit`], the worker answers `{"ready": true}`; then per
 //! query a [`WorkerRequest`] and the answer: a [`WorkerReply`] header and, when it is `ok`,
 //! one more frame with the Arrow IPC stream of the rows. A worker runs one query at a time;
 //! the node holds one query permit per worker at work.
@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::process::{Child, Command};
 
 use crate::error::{Error, Result, internal};
 use crate::sql::{Answer, Engine, RESULT_BYTES_MAX, Snapshot, SqlLimits};
@@ -114,7 +115,7 @@ impl WorkerReply {
             truncated: false,
             kind: kind.into(),
             code,
-            message,
+            message: clip(message),
         }
     }
 
@@ -131,6 +132,21 @@ impl WorkerReply {
             _ => Error::Internal(self.message),
         }
     }
+}
+
+/// Longest error message a worker sends (an error may quote a value of many MiB).
+const MESSAGE_BYTES_MAX: usize = 8 << 10;
+
+fn clip(mut message: String) -> String {
+    if message.len() > MESSAGE_BYTES_MAX {
+        let mut end = MESSAGE_BYTES_MAX;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str(" …");
+    }
+    message
 }
 
 // ---------------------------------------------------------------------------------------
@@ -159,19 +175,76 @@ fn write_frame_sync(output: &mut impl Write, payload: &[u8]) -> std::io::Result<
     output.flush()
 }
 
-/// Caps this process's data segment (heap, anonymous mappings, thread stacks): past it an
-/// allocation fails and the process aborts, which is what the node expects of a query that
-/// needs too much.
-fn limit_memory(bytes: u64) -> std::io::Result<()> {
-    use rustix::process::{Resource, Rlimit, setrlimit};
+/// Blocking threads of a worker's query runtime (Lance reads files on them). Each has the
+/// runtime's large stack, which counts against `RLIMIT_DATA` once it exists, so the limit
+/// leaves room for them: few, so that a query that spawns none cannot use that room as heap
+/// for much. One query at a time on two cores needs no more.
+const WORKER_BLOCKING_THREADS: usize = 2;
+
+/// The data segment (private writable mappings) this process has now, from `/proc`.
+fn data_bytes_now() -> std::io::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmData:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| std::io::Error::other("no VmData in /proc/self/status"))
+}
+
+/// Caps this process's data segment (heap, anonymous mappings, thread stacks) at what it has
+/// now, plus `budget` for the queries, plus the stacks of the blocking threads still to come:
+/// past it an allocation fails and the process aborts, which is what the node expects of a
+/// query that needs too much. Only the soft limit is set, never above the hard one.
+fn limit_memory(budget: u64) -> std::io::Result<()> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let stacks = (WORKER_BLOCKING_THREADS * crate::sql::QUERY_STACK_BYTES) as u64;
+    let want = data_bytes_now()?
+        .saturating_add(budget)
+        .saturating_add(stacks);
+    let hard = getrlimit(Resource::Data).maximum;
     setrlimit(
         Resource::Data,
         Rlimit {
-            current: Some(bytes),
-            maximum: Some(bytes),
+            current: Some(hard.map_or(want, |h| want.min(h))),
+            maximum: hard,
         },
     )
     .map_err(std::io::Error::from)
+}
+
+/// A worker dies with the node, leaves no core dump behind an out-of-memory abort (a client
+/// could ask for one per request), and is the first the kernel's OOM killer picks.
+fn harden() -> std::io::Result<()> {
+    use rustix::process::{
+        DumpableBehavior, Resource, Rlimit, Signal, getppid, set_dumpable_behavior,
+        set_parent_process_death_signal, setrlimit,
+    };
+    set_parent_process_death_signal(Some(Signal::KILL))?;
+    if getppid().is_none_or(|p| p.as_raw_nonzero().get() == 1) {
+        // The node is already gone.
+        std::process::exit(0);
+    }
+    set_dumpable_behavior(DumpableBehavior::NotDumpable)?;
+    setrlimit(
+        Resource::Core,
+        Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        },
+    )?;
+    // Raising one's own score needs no privilege; where /proc is read-only, go on.
+    let _ = std::fs::write("/proc/self/oom_score_adj", "1000");
+    Ok(())
+}
+
+/// The protocol's socket: the node starts a worker with one end of a socket pair as its
+/// stdin (its stdout goes to the node's stderr, so a stray print from any library lands in
+/// the log, never in a frame).
+fn protocol_socket() -> std::io::Result<std::os::unix::net::UnixStream> {
+    use std::os::fd::AsFd;
+    Ok(std::io::stdin().as_fd().try_clone_to_owned()?.into())
 }
 
 /// The worker's state: its engine (one query at a time) and its view of the tables.
@@ -221,8 +294,10 @@ pub fn worker_main() -> i32 {
 }
 
 fn serve_worker() -> std::io::Result<()> {
-    let mut input = std::io::stdin().lock();
-    let mut output = std::io::BufWriter::new(std::io::stdout().lock());
+    harden()?;
+    let socket = protocol_socket()?;
+    let mut input = std::io::BufReader::new(socket.try_clone()?);
+    let mut output = std::io::BufWriter::new(socket);
     let Some(init) = read_frame_sync(&mut input, REQUEST_FRAME_MAX)? else {
         return Ok(());
     };
@@ -240,12 +315,10 @@ fn serve_worker() -> std::io::Result<()> {
     let io = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let engine = Engine::new(limits).map_err(std::io::Error::other)?;
-    let tables = Arc::new(
-        io.block_on(Tables::open(&init.dir))
-            .map_err(std::io::Error::other)?,
-    );
-    // After the runtimes and their thread stacks exist: the limit is for queries.
+    let engine = Engine::with_blocking_threads(limits, WORKER_BLOCKING_THREADS)
+        .map_err(std::io::Error::other)?;
+    // Tables are opened when a query names them: one being rebuilt must not stop a worker.
+    let tables = Arc::new(Tables::unopened(&init.dir));
     limit_memory(init.memory_bytes)?;
     let state = WorkerState { engine, tables, io };
     write_frame_sync(&mut output, br#"{"ready":true}"#)?;
@@ -283,12 +356,12 @@ fn serve_worker() -> std::io::Result<()> {
 /// A running worker.
 struct Worker {
     child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
+    to: OwnedWriteHalf,
+    from: BufReader<OwnedReadHalf>,
     queries: u64,
 }
 
-async fn read_frame(input: &mut BufReader<ChildStdout>, max: usize) -> std::io::Result<Vec<u8>> {
+async fn read_frame(input: &mut BufReader<OwnedReadHalf>, max: usize) -> std::io::Result<Vec<u8>> {
     let len = input.read_u32_le().await? as usize;
     if len > max {
         return Err(std::io::Error::other(format!(
@@ -300,7 +373,7 @@ async fn read_frame(input: &mut BufReader<ChildStdout>, max: usize) -> std::io::
     Ok(buf)
 }
 
-async fn write_frame(output: &mut ChildStdin, payload: &[u8]) -> std::io::Result<()> {
+async fn write_frame(output: &mut OwnedWriteHalf, payload: &[u8]) -> std::io::Result<()> {
     let len = u32::try_from(payload.len()).map_err(std::io::Error::other)?;
     output.write_all(&len.to_le_bytes()).await?;
     output.write_all(payload).await?;
@@ -311,13 +384,13 @@ impl Worker {
     /// The answer to one request. An I/O error means the worker died (or broke the protocol).
     async fn exchange(&mut self, request: &[u8]) -> std::io::Result<Result<Answer>> {
         self.queries += 1;
-        write_frame(&mut self.stdin, request).await?;
-        let header = read_frame(&mut self.stdout, REQUEST_FRAME_MAX).await?;
+        write_frame(&mut self.to, request).await?;
+        let header = read_frame(&mut self.from, REQUEST_FRAME_MAX).await?;
         let reply: WorkerReply = serde_json::from_slice(&header).map_err(std::io::Error::other)?;
         if !reply.ok {
             return Ok(Err(reply.into_error()));
         }
-        let rows = read_frame(&mut self.stdout, REPLY_FRAME_MAX).await?;
+        let rows = read_frame(&mut self.from, REPLY_FRAME_MAX).await?;
         Ok(decode(&rows).map(|(schema, batches)| Answer {
             schema,
             batches,
@@ -406,31 +479,44 @@ impl Pool {
     }
 
     async fn start(&self) -> Result<Worker> {
-        let mut child = Command::new(&self.program.program)
+        let failed = |e: std::io::Error| {
+            internal(format!(
+                "cannot start a query worker ({}): {e}",
+                self.program.program.display()
+            ))
+        };
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(failed)?;
+        let log = {
+            use std::os::fd::AsFd;
+            std::io::stderr()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(failed)?
+        };
+        let child = Command::new(&self.program.program)
             .args(&self.program.args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
+            .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+                theirs,
+            )))
+            .stdout(std::process::Stdio::from(log))
             .stderr(std::process::Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| {
-                internal(format!(
-                    "cannot start a query worker ({}): {e}",
-                    self.program.program.display()
-                ))
-            })?;
-        let stdin = child.stdin.take().expect("invariant: stdin is piped");
-        let stdout = BufReader::new(child.stdout.take().expect("invariant: stdout is piped"));
+            .map_err(failed)?;
+        ours.set_nonblocking(true).map_err(failed)?;
+        let (from, to) = tokio::net::UnixStream::from_std(ours)
+            .map_err(failed)?
+            .into_split();
         self.counters.started.fetch_add(1, Ordering::Relaxed);
         let mut worker = Worker {
             child,
-            stdin,
-            stdout,
+            to,
+            from: BufReader::new(from),
             queries: 0,
         };
         let ready = async {
-            write_frame(&mut worker.stdin, &self.init).await?;
-            read_frame(&mut worker.stdout, REQUEST_FRAME_MAX).await
+            write_frame(&mut worker.to, &self.init).await?;
+            read_frame(&mut worker.from, REQUEST_FRAME_MAX).await
         };
         match ready.await {
             Ok(frame) if frame == br#"{"ready":true}"# => Ok(worker),
@@ -500,21 +586,40 @@ impl Pool {
         }
     }
 
-    /// The error for a worker that stopped answering mid-query.
+    /// The error for a worker that stopped answering mid-query. A worker whose pipe closed
+    /// has exited (or is exiting): an abort (a failed allocation) or a kill (the kernel's OOM
+    /// killer) is a query that needed too much; any other end, or a worker that broke the
+    /// protocol (it is killed), is our failure.
     async fn ended(&self, mut worker: Worker, io: std::io::Error) -> Error {
-        let status = match tokio::time::timeout(Duration::from_secs(2), worker.child.wait()).await {
-            Ok(Ok(status)) => status.to_string(),
+        use std::os::unix::process::ExitStatusExt;
+        let closed = matches!(
+            io.kind(),
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::BrokenPipe
+        );
+        if !closed {
+            let _ = worker.child.start_kill();
+        }
+        let status = tokio::time::timeout(Duration::from_secs(1), worker.child.wait()).await;
+        let status = match status {
+            Ok(Ok(status)) => status,
             _ => {
                 let _ = worker.child.start_kill();
-                format!("protocol error: {io}")
+                return internal(format!("a query worker stopped answering: {io}"));
             }
         };
+        if !closed {
+            return internal(format!("a query worker broke the protocol: {io}"));
+        }
         tracing::warn!(%status, "a query worker ended during a query");
-        Error::ResourcesExhausted(format!(
-            "its worker process ended ({status}), which is how a query that needs more than \
-             the {} MiB a worker may use ends (fewer rows, smaller values, a LIMIT before joins)",
-            self.program.memory_bytes >> 20
-        ))
+        match status.signal() {
+            Some(libc::SIGABRT) | Some(libc::SIGKILL) => Error::ResourcesExhausted(format!(
+                "its worker process ended ({status}), which is how a query that needs more \
+                 than the {} MiB a worker may use ends (fewer rows, smaller values, a LIMIT \
+                 before joins)",
+                self.program.memory_bytes >> 20
+            )),
+            _ => internal(format!("a query worker crashed ({status})")),
+        }
     }
 
     /// Counters and idle workers.
