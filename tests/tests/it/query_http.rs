@@ -570,6 +570,28 @@ async fn ann_index_keeps_recall_high_and_time_travel_and_rebuild_work() {
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["rows"][0], json!([500, 500]));
+    // A state table as of now: the version of its last write, which the query worker opens
+    // by version and commit time; the same rows as the live table.
+    let status_body: Value = client()
+        .get(format!("{}/v1/status", node.url))
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("json");
+    let n = status_body["events"].as_u64().expect("events");
+    let (status, body) = post(
+        &node,
+        "/v1/sql",
+        json!({"sql": "SELECT count(*), sum(balance) FROM balances", "as_of": n}),
+        false,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["as_of"]["state_tables_at"].as_u64(), Some(n), "{body}");
+    let live = rows(&node, "SELECT count(*), sum(balance) FROM balances").await;
+    assert_eq!(body["rows"], Value::Array(live), "{body}");
     let (status, body) = post(
         &node,
         "/v1/sql",
