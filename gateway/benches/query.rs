@@ -178,6 +178,7 @@ async fn sql_bench(n: usize, scratch: &Path) -> anyhow::Result<serde_json::Value
         UInt64Builder::new(),
         UInt64Builder::new(),
         UInt64Builder::new(),
+        UInt64Builder::new(),
     );
     for (i, a) in accounts.iter().enumerate() {
         b.0.append_value(a);
@@ -185,7 +186,8 @@ async fn sql_bench(n: usize, scratch: &Path) -> anyhow::Result<serde_json::Value
         b.2.append_value(received[i]);
         b.3.append_value(0);
         b.4.append_value(sent[i]);
-        b.5.append_value(minted[i]);
+        b.5.append_value(0);
+        b.6.append_value(minted[i]);
     }
     let columns: Vec<ArrayRef> = vec![
         Arc::new(b.0.finish()),
@@ -194,6 +196,7 @@ async fn sql_bench(n: usize, scratch: &Path) -> anyhow::Result<serde_json::Value
         Arc::new(b.3.finish()),
         Arc::new(b.4.finish()),
         Arc::new(b.5.finish()),
+        Arc::new(b.6.finish()),
     ];
     write_table(
         &qdir,
