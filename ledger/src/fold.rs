@@ -178,7 +178,6 @@ fn record_of<L: Lookup>(lookup: &L, id: &EventId) -> Result<EventRecord> {
 /// Rotations an author's row keeps (see `commit_log`).
 const AUTHOR_KEYS_KEPT: usize = 2;
 
-/// The seq of the event whose predecessor is `prev`.
 /// The amount a credit record gives (every candidate credit gives something).
 fn credit_amount(record: &EventRecord) -> Result<u64> {
     record
@@ -187,6 +186,7 @@ fn credit_amount(record: &EventRecord) -> Result<u64> {
         .ok_or_else(|| corrupt(format!("credit {} gives nothing", record.id)))
 }
 
+/// The seq of the event whose predecessor is `prev`.
 fn past_seq(prev: Option<&EventRecord>) -> u64 {
     prev.map_or(1, |p| p.seq + 1)
 }
@@ -473,6 +473,11 @@ impl State {
             // The common case: one branch, extended at its head. The candidates are the
             // unreferenced credits, and the index finds those below the deps directly.
             Some(a) if a.frozen_from.is_none() && prev.map(|p| p.id) == a.head_id => {
+                debug_assert_eq!(
+                    prev.map(|p| p.id),
+                    past.prev.map(|p| p.id),
+                    "the indexed path reads the causal past's prev"
+                );
                 self.cover_indexed(past, lookup, author, a, need)?
             }
             _ => self.cover_scan(past, lookup, author, prev, need)?,
@@ -529,7 +534,8 @@ impl State {
             }
         }
         let mut total: u128 = found.values().map(|a| u128::from(*a)).sum();
-        if total < need {
+        // Like the scan, walk only when some candidate is still unfound.
+        if total < need && found.len() < a.uncovered.len() {
             let mut reached: Vec<EventId> = past
                 .credits_to(&author)?
                 .into_iter()

@@ -176,6 +176,11 @@ impl CreditsBySender {
         self.by_sender.range(low..=high).map(|(_, _, id)| id)
     }
 
+    /// Every credit indexed, in no particular order.
+    pub fn ids(&self) -> impl Iterator<Item = &EventId> + '_ {
+        self.at.keys()
+    }
+
     /// Credits indexed.
     pub fn len(&self) -> usize {
         self.at.len()

@@ -784,6 +784,17 @@ fn dust_sent_to_an_account_does_not_slow_its_owners_transfers() {
         panic!("the transfer was not accepted: {applied:?}");
     };
     assert_eq!(record.covers, vec![(second, 1000)]);
+    // The index built before the dust kept in step with every credit that arrived since.
+    let account = &g.check.state.authors[&owner_key];
+    let index = account
+        .credit_index
+        .get()
+        .expect("built by the first transfer");
+    let indexed: BTreeSet<EventId> = index.ids().copied().collect();
+    assert_eq!(
+        indexed, account.uncovered,
+        "the index and the unreferenced credits differ"
+    );
     let reads = counting.reads.get();
     assert!(
         reads < 50,
