@@ -1,16 +1,23 @@
-//! The crate graph must follow DESIGN.md §1: schemas <- store <- ledger <- {query, sync} <- gateway.
+//! The crate graph must follow DESIGN.md §1: schemas <- store <- ledger <- {query, sync} <- gateway,
+//! with `embed` a leaf that only query and gateway may use.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
 fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
-    let edges: [(&str, &[&str]); 6] = [
+    let edges: [(&str, &[&str]); 7] = [
         ("meshnode-schemas", &[]),
+        ("meshnode-embed", &[]),
         ("meshnode-store", &["meshnode-schemas"]),
         ("meshnode-ledger", &["meshnode-schemas", "meshnode-store"]),
         (
             "meshnode-query",
-            &["meshnode-schemas", "meshnode-store", "meshnode-ledger"],
+            &[
+                "meshnode-schemas",
+                "meshnode-store",
+                "meshnode-ledger",
+                "meshnode-embed",
+            ],
         ),
         (
             "meshnode-sync",
@@ -24,6 +31,7 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
                 "meshnode-ledger",
                 "meshnode-query",
                 "meshnode-sync",
+                "meshnode-embed",
             ],
         ),
     ];

