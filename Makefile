@@ -17,6 +17,7 @@ build: deps
 	$(CARGO) build --bin meshnode
 
 run: build
+	@scripts/ensure-deps.sh model
 	@$(BIN) --data-dir "$(DATA_DIR)" serve --init --demo --http-addr $(HTTP_ADDR)
 
 test:

@@ -98,6 +98,9 @@ pub enum Command {
     Status,
     /// Run garbage collection on the running node now.
     Gc,
+    /// Sentence embeddings of texts with the node's model (all-MiniLM-L6-v2, 384-d), computed
+    /// here, without a running node: the vectors agents put in a publish.
+    Embed(EmbedArgs),
     /// Internal: a SQL worker process of a running node (reads queries on stdin).
     #[command(hide = true)]
     QueryWorker,
@@ -152,6 +155,18 @@ pub struct EventArgs {
     /// Write the signed envelope to this file instead of submitting it.
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+/// `embed` arguments.
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// The texts (one embedding each).
+    #[arg(required = true)]
+    pub texts: Vec<String>,
+    /// Directory of the model files. Default: $MESHNODE_MODEL_DIR, then
+    /// ~/.cache/meshnode/models/all-MiniLM-L6-v2 (`scripts/ensure-deps.sh model` installs it).
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
 }
 
 /// `sql` arguments.
@@ -615,6 +630,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
             Ok(())
         }
+        Command::Embed(args) => embed(&cli, args),
         Command::QueryWorker => bail!("query-worker is started by the node itself"),
     }
 }
@@ -624,6 +640,38 @@ fn plain(value: &Value) -> String {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     }
+}
+
+/// `meshnode embed`: one vector per text; with `--json`, the model, token ids and vectors.
+fn embed(cli: &Cli, args: &EmbedArgs) -> anyhow::Result<()> {
+    use meshnode_embed::Embedder;
+    let dir = match &args.model_dir {
+        Some(dir) => dir.clone(),
+        None => meshnode_embed::default_model_dir()
+            .ok_or_else(|| anyhow!("HOME is not set; pass --model-dir"))?,
+    };
+    let embedder = Embedder::open(&dir)?;
+    let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
+    let vectors = embedder.embed(&texts)?;
+    let mut data = Vec::with_capacity(texts.len());
+    for (index, (text, vector)) in texts.iter().zip(&vectors).enumerate() {
+        data.push(serde_json::json!({
+            "index": index,
+            "tokens": embedder.tokenize(text)?,
+            "embedding": vector,
+        }));
+    }
+    let value = serde_json::json!({"model": embedder.model_id(), "data": data});
+    print_value(cli, &value, |v| {
+        v["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| d["embedding"].to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    Ok(())
 }
 
 fn print_value(cli: &Cli, value: &Value, human: impl Fn(&Value) -> String) {

