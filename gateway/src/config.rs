@@ -50,6 +50,10 @@ pub struct QuerySettings {
     pub ann_rows_min: usize,
     /// Metric of the ANN index (`cosine`, `l2`, `dot`). Default `cosine`.
     pub ann_metric: String,
+    /// Directory of the embedding model (all-MiniLM-L6-v2). Empty: `$MESHNODE_MODEL_DIR`, else
+    /// `~/.cache/meshnode/models/all-MiniLM-L6-v2`. Without a model the node runs and its text
+    /// routes answer 503 `no_embed_model`; weights that fail their hash stop the start.
+    pub model_dir: String,
 }
 
 impl Default for QuerySettings {
@@ -61,6 +65,7 @@ impl Default for QuerySettings {
             worker_memory_bytes: 2 << 30,
             ann_rows_min: 20_000,
             ann_metric: "cosine".into(),
+            model_dir: String::new(),
         }
     }
 }

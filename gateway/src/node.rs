@@ -224,6 +224,10 @@ impl Node {
         )
         .await
         .context("opening the query tables")?;
+        let query = match load_embedder(&config).await? {
+            Some(embedder) => query.with_embedder(embedder),
+            None => query,
+        };
         let total_ms = opening.elapsed().as_millis() as u64;
         // Cumulative milliseconds; worth a line at the default level only when slow.
         if total_ms >= 1000 {
@@ -280,4 +284,34 @@ fn query_workers(config: &Config) -> anyhow::Result<WorkerProgram> {
         args: vec!["query-worker".into()],
         memory_bytes: config.query.worker_memory_bytes,
     })
+}
+
+/// The embedding model, if installed. A missing model is a warning (text routes answer 503);
+/// weights that fail their hash, or files that do not load, stop the start.
+async fn load_embedder(
+    config: &Config,
+) -> anyhow::Result<Option<std::sync::Arc<meshnode_embed::Embedder>>> {
+    let dir = if config.query.model_dir.is_empty() {
+        match meshnode_embed::default_model_dir() {
+            Some(dir) => dir,
+            None => return Ok(None),
+        }
+    } else {
+        PathBuf::from(&config.query.model_dir)
+    };
+    let opened = {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || meshnode_embed::Embedder::open(&dir)).await?
+    };
+    match opened {
+        Ok(embedder) => {
+            tracing::debug!(model = embedder.model_id(), dir = %dir.display(), "embedding model loaded");
+            Ok(Some(std::sync::Arc::new(embedder)))
+        }
+        Err(e @ meshnode_embed::Error::Missing { .. }) => {
+            tracing::warn!("{e}; until then text routes answer 503 no_embed_model");
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("loading the embedding model")),
+    }
 }

@@ -26,6 +26,9 @@ pub enum Error {
     /// The tables are being rebuilt or caught up.
     #[error("query tables unavailable: {0}")]
     Unavailable(String),
+    /// The node has no embedding model: text routes cannot answer.
+    #[error("{0}")]
+    NoModel(String),
     /// The ledger failed.
     #[error("ledger: {0}")]
     Ledger(#[from] meshnode_ledger::Error),
@@ -49,6 +52,7 @@ impl Error {
             Error::ResourcesExhausted(_) => "query_too_expensive",
             Error::Busy => "too_many_queries",
             Error::Unavailable(_) => "unavailable",
+            Error::NoModel(_) => "no_embed_model",
             Error::Ledger(e) => e.code(),
             Error::Store(_) => "store_error",
             Error::Io(_) => "io_error",
@@ -64,6 +68,7 @@ const CODES: &[&str] = &[
     "dimension_mismatch",
     "filter_too_large",
     "invalid_filter",
+    "invalid_input",
     "invalid_k",
     "invalid_metric",
     "invalid_vector",
@@ -74,6 +79,7 @@ const CODES: &[&str] = &[
     "sql_too_complex",
     "sql_too_deep",
     "sql_too_large",
+    "too_many_inputs",
     "unknown_function",
     "unknown_table",
 ];

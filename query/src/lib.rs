@@ -84,11 +84,26 @@ pub struct Hit {
     pub row: Map<String, Value>,
 }
 
+/// Most texts one embedding request may carry.
+pub const EMBED_INPUTS_MAX: usize = 64;
+
+/// Embeddings of some texts.
+#[derive(Clone, Debug)]
+pub struct Embedded {
+    /// The model's id (name and weights' hash prefix).
+    pub model: String,
+    /// One L2-normalised vector per text, in order.
+    pub vectors: Vec<Vec<f32>>,
+    /// Tokens read, over all texts.
+    pub tokens: usize,
+}
+
 /// The query layer of a node. Cheap to clone.
 #[derive(Clone)]
 pub struct Query {
     shared: Arc<Shared>,
     engine: Arc<Engine>,
+    embedder: Option<Arc<meshnode_embed::Embedder>>,
 }
 
 impl std::fmt::Debug for Query {
@@ -126,7 +141,66 @@ impl Query {
         let materializer = Materializer::open(shared.clone()).await?;
         tokio::spawn(materializer.run(rx));
         let engine = Arc::new(Engine::with_workers(limits, dir)?);
-        Ok(Self { shared, engine })
+        Ok(Self {
+            shared,
+            engine,
+            embedder: None,
+        })
+    }
+
+    /// The same query layer with a text embedding model (for `embed` and, later, text
+    /// search).
+    pub fn with_embedder(mut self, embedder: Arc<meshnode_embed::Embedder>) -> Self {
+        self.embedder = Some(embedder);
+        self
+    }
+
+    /// The embedding model's id, if the node has one.
+    pub fn embed_model(&self) -> Option<&str> {
+        self.embedder.as_ref().map(|e| e.model_id())
+    }
+
+    /// Embeds at most [`EMBED_INPUTS_MAX`] texts under a query permit and the deadline (the
+    /// model takes CPU like a query does, so it shares the query engine's slots).
+    pub async fn embed(&self, texts: Vec<String>) -> Result<Embedded> {
+        let Some(embedder) = self.embedder.clone() else {
+            return Err(Error::NoModel(
+                "this node has no embedding model: install it with `scripts/ensure-deps.sh \
+                 model` (make run does) and restart the node"
+                    .into(),
+            ));
+        };
+        if texts.is_empty() {
+            return Err(bad("invalid_input", "give at least one text to embed"));
+        }
+        if texts.len() > EMBED_INPUTS_MAX {
+            return Err(bad(
+                "too_many_inputs",
+                format!(
+                    "{} texts, at most {EMBED_INPUTS_MAX} per request",
+                    texts.len()
+                ),
+            ));
+        }
+        for (i, text) in texts.iter().enumerate() {
+            meshnode_embed::Embedder::check(text)
+                .map_err(|e| bad("invalid_input", format!("input {i}: {e}")))?;
+        }
+        self.engine
+            .submit(move |_cancel| async move {
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                let mut tokens = 0;
+                for text in &refs {
+                    tokens += embedder.tokenize(text).map_err(internal)?.len();
+                }
+                let vectors = embedder.embed(&refs).map_err(internal)?;
+                Ok(Embedded {
+                    model: embedder.model_id().to_string(),
+                    vectors,
+                    tokens,
+                })
+            })
+            .await
     }
 
     fn live_tables(&self) -> &tables::Tables {

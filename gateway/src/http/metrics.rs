@@ -284,6 +284,7 @@ pub fn route_of(method: &http::Method, path: &str) -> &'static str {
         ["v1", "audit", "export"] => "/v1/audit/export",
         ["v1", "sql"] => "/v1/sql",
         ["v1", "search"] => "/v1/search",
+        ["v1", "embeddings"] => "/v1/embeddings",
         ["v1", "tables"] => "/v1/tables",
         ["v1", "query"] => "/v1/query",
         ["v1", "export"] => "/v1/export",

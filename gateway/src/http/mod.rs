@@ -562,6 +562,19 @@ pub fn routes(
             respond(query::search(state, headers, request).await)
         })
         .boxed();
+    let embeddings = warp::path!("v1" / "embeddings")
+        .and(warp::post())
+        .and(authorized(state.clone(), false))
+        .and(s())
+        .and(headers())
+        .and(body::json::<query::EmbeddingsRequest>(
+            json_limit,
+            body_deadline,
+        ))
+        .then(|state, headers, request| async move {
+            respond(query::embeddings(state, headers, request).await)
+        })
+        .boxed();
     let tables = warp::path!("v1" / "tables")
         .and(warp::get())
         .and(s())
@@ -599,6 +612,8 @@ pub fn routes(
         .boxed();
     let query_routes = sql
         .or(search)
+        .unify()
+        .or(embeddings)
         .unify()
         .or(tables)
         .unify()

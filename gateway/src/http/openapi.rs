@@ -19,7 +19,7 @@ use super::{blobs, error, ledger, ops, pins, query};
         ledger::checkpoint, ledger::inclusion, ledger::consistency, ledger::audit,
         ledger::audit_export,
         ledger::skills, ledger::basins, ledger::basin, ledger::reputation, ledger::nodes,
-        query::sql, query::search, query::tables, query::maintenance, query::export,
+        query::sql, query::search, query::embeddings, query::tables, query::maintenance, query::export,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail)),
     modifiers(&BearerAuth),

@@ -152,6 +152,7 @@ pub(crate) async fn status(state: AppState, headers: HeaderMap) -> Result<Respon
                     "applied": q.applied,
                     "caught_up": q.caught_up,
                     "idle_permits": node.query.idle_permits(),
+                    "embed_model": node.query.embed_model(),
                     "workers": node.query.workers().map(|w| serde_json::json!({
                         "started": w.started,
                         "ended": w.ended,

@@ -33,6 +33,7 @@ impl From<meshnode_query::Error> for ApiError {
                 code,
                 format!("{error}; narrow the query"),
             ),
+            E::NoModel(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, m.clone()),
             E::Busy | E::Unavailable(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, error.to_string())
                     .with_header(header::RETRY_AFTER, "1".into())
@@ -293,4 +294,122 @@ pub(crate) async fn export(
         })
         .collect();
     Ok(json(StatusCode::OK, &json!({"tables": tables})))
+}
+
+/// Body of `POST /v1/embeddings` (OpenAI's shape; fields this node does not use are ignored).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(crate) struct EmbeddingsRequest {
+    /// A text, or an array of at most 64 texts.
+    #[schema(value_type = Object)]
+    input: Value,
+    /// `all-MiniLM-L6-v2` (also accepted: `sentence-transformers/all-MiniLM-L6-v2` and the
+    /// model id with its hash). Default: the node's model.
+    model: Option<String>,
+    /// `float` (default) or `base64` (little-endian f32).
+    encoding_format: Option<String>,
+}
+
+/// Sentence embeddings of texts with the node's model, in OpenAI's format (any OpenAI client
+/// pointed at `http://node/v1` works): the vectors agents put in a publish.
+#[utoipa::path(post, path = "/v1/embeddings", tag = "query",
+    request_body = EmbeddingsRequest,
+    responses(
+        (status = 200, description = "{object: list, data: [{object: embedding, embedding, index}], model, usage: {prompt_tokens, total_tokens}}"),
+        (status = 400, description = "invalid_input (empty, blank, over 16 KiB, not a string), too_many_inputs (over 64), unknown_model, invalid_encoding_format", body = super::error::ErrorBody),
+        (status = 503, description = "no_embed_model: the node has no model installed; too_many_queries", body = super::error::ErrorBody),
+    ))]
+pub(crate) async fn embeddings(
+    state: AppState,
+    headers: HeaderMap,
+    request: EmbeddingsRequest,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, false)?;
+    let query = &state.node().query;
+    if let (Some(asked), Some(ours)) = (request.model.as_deref(), query.embed_model()) {
+        let name = meshnode_embed::MODEL_NAME;
+        let known = [name, ours, "sentence-transformers/all-MiniLM-L6-v2"];
+        if !known.iter().any(|k| k.eq_ignore_ascii_case(asked)) {
+            return Err(ApiError::bad_request(
+                "unknown_model",
+                format!(
+                    "this node embeds with {name} ({ours}) only; ask for that model, not `{}`",
+                    asked.chars().take(80).collect::<String>()
+                ),
+            ));
+        }
+    }
+    let base64 = match request.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_encoding_format",
+                format!(
+                    "encoding_format `{}`: use float or base64",
+                    other.chars().take(40).collect::<String>()
+                ),
+            ));
+        }
+    };
+    let texts = embedding_inputs(request.input)?;
+    let embedded = query.embed(texts).await?;
+    let data: Vec<Value> = embedded
+        .vectors
+        .iter()
+        .enumerate()
+        .map(|(index, v)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                Value::String(data_encoding::BASE64.encode(&bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "embedding": embedding, "index": index})
+        })
+        .collect();
+    Ok(json(
+        StatusCode::OK,
+        &json!({
+            "object": "list",
+            "data": data,
+            "model": meshnode_embed::MODEL_NAME,
+            "usage": {"prompt_tokens": embedded.tokens, "total_tokens": embedded.tokens},
+        }),
+    ))
+}
+
+/// `input` as texts: a string or an array of strings (token arrays are not taken).
+fn embedding_inputs(input: Value) -> Result<Vec<String>, ApiError> {
+    let invalid = |what: &str| {
+        ApiError::bad_request(
+            "invalid_input",
+            format!("input must be a text or an array of texts; {what}"),
+        )
+    };
+    match input {
+        Value::String(text) => Ok(vec![text]),
+        Value::Array(items) => {
+            if items.len() > meshnode_query::EMBED_INPUTS_MAX {
+                return Err(ApiError::bad_request(
+                    "too_many_inputs",
+                    format!(
+                        "{} texts, at most {} per request",
+                        items.len(),
+                        meshnode_query::EMBED_INPUTS_MAX
+                    ),
+                ));
+            }
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| match item {
+                    Value::String(text) => Ok(text),
+                    _ => Err(invalid(&format!(
+                        "item {i} is not a string (token arrays are not taken)"
+                    ))),
+                })
+                .collect()
+        }
+        _ => Err(invalid("got another JSON type")),
+    }
 }

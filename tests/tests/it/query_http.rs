@@ -769,3 +769,131 @@ async fn tables_catch_up_after_sigkill_and_match_duckdb() {
         assert_eq!(normalize(&ours), normalize(&theirs), "{query}");
     }
 }
+
+async fn embeddings(node: &TestNode, body: Value) -> (StatusCode, Value) {
+    post(node, "/v1/embeddings", body, false).await
+}
+
+fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number"))
+        .collect()
+}
+
+#[tokio::test]
+async fn embeddings_answer_in_openai_format_for_any_openai_client() {
+    let node = TestNode::start().expect("node");
+    let status: Value = client()
+        .get(format!("{}/v1/status", node.url))
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(status["query"]["embed_model"], "all-MiniLM-L6-v2@53aa5117");
+    let texts = ["who can bandage a cut?", "make me a margarita"];
+    let (got, body) = embeddings(&node, json!({"input": texts, "model": "all-MiniLM-L6-v2"})).await;
+    assert_eq!(got, StatusCode::OK, "{body}");
+    assert_eq!(body["object"], "list");
+    assert_eq!(body["model"], "all-MiniLM-L6-v2");
+    assert!(body["usage"]["prompt_tokens"].as_u64() > Some(10), "{body}");
+    let data = body["data"].as_array().expect("data");
+    assert_eq!(data.len(), 2);
+    let ours: Vec<Vec<f64>> = data.iter().map(|d| floats(&d["embedding"])).collect();
+    assert_eq!(data[1]["index"], 1);
+    assert_eq!(ours[0].len(), 384);
+    // The same vectors as the CLI computes offline.
+    let cli = node.cli(&["--json", "embed", texts[0]]);
+    assert!(cli.status.success());
+    let cli: Value = serde_json::from_slice(&cli.stdout).expect("cli json");
+    assert!(cosine(&ours[0], &floats(&cli["data"][0]["embedding"])) > 0.99999);
+    // The official OpenAI client (base64 by default, decoded by the client).
+    let url = node.url.clone();
+    let python_out = tokio::task::spawn_blocking(move || {
+        crate::harness::python("openai_embeddings.py", &[&url, texts[0], texts[1]])
+    })
+    .await
+    .expect("join")
+    .expect("openai client");
+    let theirs: Value = serde_json::from_str(&python_out).expect("json");
+    assert_eq!(theirs["model"], "all-MiniLM-L6-v2");
+    for (i, v) in ours.iter().enumerate() {
+        assert!(
+            cosine(v, &floats(&theirs["embeddings"][i])) > 0.99999,
+            "{i}"
+        );
+    }
+    // Bad input: a clear code each, nothing embedded.
+    let many: Vec<&str> = vec!["a"; 65];
+    let long = "x".repeat(16 * 1024 + 1);
+    for (body, code) in [
+        (json!({"input": ""}), "invalid_input"),
+        (json!({"input": ["ok", "  "]}), "invalid_input"),
+        (json!({"input": []}), "invalid_input"),
+        (json!({"input": [[101, 102]]}), "invalid_input"),
+        (json!({"input": 7}), "invalid_input"),
+        (json!({"input": long}), "invalid_input"),
+        (json!({"input": many}), "too_many_inputs"),
+        (
+            json!({"input": "x", "model": "text-embedding-3-small"}),
+            "unknown_model",
+        ),
+        (
+            json!({"input": "x", "encoding_format": "int8"}),
+            "invalid_encoding_format",
+        ),
+    ] {
+        let (got, answer) = embeddings(&node, body).await;
+        assert_eq!(
+            (got, answer["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(code)),
+            "{answer}"
+        );
+    }
+    // Other scripts and odd characters embed like any text.
+    let (got, body) = embeddings(&node, json!({"input": ["東京でワイン", "🍷", "Ελληνικά"]})).await;
+    assert_eq!(got, StatusCode::OK, "{body}");
+}
+
+#[tokio::test]
+async fn without_the_model_text_routes_answer_503_and_wrong_weights_stop_the_start() {
+    let empty = tempfile::tempdir().expect("tempdir");
+    let dir = empty.path().to_str().expect("utf-8").to_string();
+    let node = TestNode::start_with(&[("MESHNODE_MODEL_DIR", &dir)]).expect("node runs");
+    let (got, body) = embeddings(&node, json!({"input": "x"})).await;
+    assert_eq!(
+        (got, body["error"]["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("no_embed_model")),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("ensure-deps.sh model")),
+        "{body}"
+    );
+    // The right config and tokenizer with weights one byte off: the node refuses to start.
+    let model = meshnode_embed::default_model_dir().expect("model dir");
+    let wrong = tempfile::tempdir().expect("tempdir");
+    let mut weights = std::fs::read(model.join("model.safetensors")).expect("weights");
+    weights[1000] ^= 1;
+    std::fs::write(wrong.path().join("model.safetensors"), weights).expect("write");
+    for name in ["config.json", "tokenizer.json"] {
+        std::fs::copy(model.join(name), wrong.path().join(name)).expect("copy");
+    }
+    let wrong_dir = wrong.path().to_str().expect("utf-8").to_string();
+    let Err(error) = TestNode::start_with(&[("MESHNODE_MODEL_DIR", &wrong_dir)]) else {
+        panic!("a node with wrong weights must not start");
+    };
+    let error = format!("{error:#}");
+    assert!(error.contains("SHA-256"), "{error}");
+}
