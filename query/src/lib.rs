@@ -87,6 +87,9 @@ pub struct Hit {
 /// Most texts one embedding request may carry.
 pub const EMBED_INPUTS_MAX: usize = 64;
 
+/// Texts per forward pass of the model (bounds its memory: 8 × 256 tokens is about 60 MiB).
+const EMBED_BATCH: usize = 8;
+
 /// Embeddings of some texts.
 #[derive(Clone, Debug)]
 pub struct Embedded {
@@ -187,13 +190,21 @@ impl Query {
                 .map_err(|e| bad("invalid_input", format!("input {i}: {e}")))?;
         }
         self.engine
-            .submit(move |_cancel| async move {
+            .submit(move |cancel| async move {
                 let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
                 let mut tokens = 0;
                 for text in &refs {
                     tokens += embedder.tokenize(text).map_err(internal)?.len();
                 }
-                let vectors = embedder.embed(&refs).map_err(internal)?;
+                // A few texts per forward pass: the attention of a batch grows with its
+                // size times the square of its longest text, and a request past its
+                // deadline stops between passes.
+                let mut vectors = Vec::with_capacity(refs.len());
+                for chunk in refs.chunks(EMBED_BATCH) {
+                    cancel.check().map_err(crate::sql::classify)?;
+                    vectors.extend(embedder.embed(chunk).map_err(internal)?);
+                    tokio::task::yield_now().await;
+                }
                 Ok(Embedded {
                     model: embedder.model_id().to_string(),
                     vectors,

@@ -937,3 +937,62 @@ async fn a_download_read_too_slowly_is_cut_off() {
         .expect("healthz");
     assert_eq!(r.status(), StatusCode::OK);
 }
+
+/// A flood of the largest embedding requests (64 texts of 15 KiB each, cut to 256 tokens; the
+/// 1 MiB body cap leaves no room for 16 KiB ones)
+/// shares the query engine's 4 slots: the excess waits or is refused, /healthz stays fast and
+/// the node's memory bounded, and the node embeds normally afterwards.
+#[tokio::test]
+async fn a_flood_of_embedding_requests_shares_the_query_slots() {
+    let node = TestNode::start_with(&[("MESHNODE_QUERY_TIMEOUT_MS", "3000")]).expect("node");
+    let watch = Watch::start(&node);
+    let text = "vineyard ".repeat(16 * 1024 / 9 + 1);
+    let texts: Vec<String> = (0..64)
+        .map(|i| format!("{i} {text}")[..15 * 1024].to_string())
+        .collect();
+    let body = json!({"input": texts});
+    let runs: Vec<_> = (0..16)
+        .map(|_| {
+            let url = node.url.clone();
+            let body = body.clone();
+            tokio::spawn(async move {
+                let r = client()
+                    .post(format!("{url}/v1/embeddings"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("embeddings");
+                let status = r.status();
+                (status, r.json::<Value>().await.unwrap_or(Value::Null))
+            })
+        })
+        .collect();
+    let mut answered = std::collections::BTreeMap::new();
+    for run in runs {
+        let (got, body) = run.await.expect("join");
+        match got {
+            StatusCode::OK => assert_eq!(body["data"].as_array().map(Vec::len), Some(64)),
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(body["error"]["code"], "too_many_queries", "{body}")
+            }
+            StatusCode::REQUEST_TIMEOUT => {
+                assert_eq!(body["error"]["code"], "query_timeout", "{body}")
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+        *answered.entry(got.as_u16()).or_insert(0) += 1;
+    }
+    watch.finish("embedding flood").await;
+    eprintln!("embedding flood answers by status: {answered:?}");
+    assert!(answered.values().sum::<i32>() == 16, "{answered:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(status(&node).await["query"]["idle_permits"], 4);
+    let (got, body) = post(
+        &node,
+        "/v1/embeddings",
+        json!({"input": "still here"}),
+        false,
+    )
+    .await;
+    assert_eq!(got, StatusCode::OK, "{body}");
+}
