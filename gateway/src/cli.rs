@@ -756,6 +756,11 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
                 dir.display()
             ));
         }
+        if node.query.embed_model().is_some() {
+            text.push_str(&format!(
+                "\n      curl -s http://{addr}/v1/embeddings -H 'content-type: application/json' -d '{{\"input\": \"who can bandage a cut?\"}}'"
+            ));
+        }
         text
     });
     std::io::stdout().flush().ok();
