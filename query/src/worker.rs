@@ -216,6 +216,10 @@ fn limit_memory(budget: u64) -> std::io::Result<()> {
 
 /// A worker dies with the node, leaves no core dump behind an out-of-memory abort (a client
 /// could ask for one per request), and is the first the kernel's OOM killer picks.
+///
+/// The death signal follows the *thread* that started the worker, not the process: the node
+/// starts workers from its async runtime's worker threads ([`Pool::run`] is async and never
+/// runs on a blocking thread), which live as long as the node does.
 fn harden() -> std::io::Result<()> {
     use rustix::process::{
         DumpableBehavior, Resource, Rlimit, Signal, getppid, set_dumpable_behavior,
