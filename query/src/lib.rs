@@ -87,8 +87,31 @@ pub struct Hit {
 /// Most texts one embedding request may carry.
 pub const EMBED_INPUTS_MAX: usize = 64;
 
-/// Texts per forward pass of the model (bounds its memory: 8 × 256 tokens is about 60 MiB).
-const EMBED_BATCH: usize = 8;
+/// Padded tokens per forward pass of the model (texts × longest text): 8 texts of 256
+/// tokens, or 64 short ones; bounds a pass's memory to tens of MiB.
+const EMBED_BATCH_TOKENS: usize = 2048;
+
+/// Consecutive ranges of texts, each within [`EMBED_BATCH_TOKENS`] padded tokens (a text
+/// longer than that alone is a range of its own).
+fn embed_batches(lens: &[usize]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut longest = 0;
+    for (i, &len) in lens.iter().enumerate() {
+        let wider = longest.max(len);
+        if i > start && wider * (i + 1 - start) > EMBED_BATCH_TOKENS {
+            out.push((start, i));
+            start = i;
+            longest = len;
+        } else {
+            longest = wider;
+        }
+    }
+    if start < lens.len() {
+        out.push((start, lens.len()));
+    }
+    out
+}
 
 /// Embeddings of some texts.
 #[derive(Clone, Debug)]
@@ -192,17 +215,18 @@ impl Query {
         self.engine
             .submit(move |cancel| async move {
                 let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-                let mut tokens = 0;
+                let mut lens = Vec::with_capacity(refs.len());
                 for text in &refs {
-                    tokens += embedder.tokenize(text).map_err(internal)?.len();
+                    lens.push(embedder.tokenize(text).map_err(internal)?.len());
                 }
-                // A few texts per forward pass: the attention of a batch grows with its
-                // size times the square of its longest text, and a request past its
-                // deadline stops between passes.
+                let tokens = lens.iter().sum();
+                // Forward passes of at most EMBED_BATCH_TOKENS padded tokens: the memory of
+                // a pass grows with its texts times its longest text (squared, for
+                // attention), and a request past its deadline stops between passes.
                 let mut vectors = Vec::with_capacity(refs.len());
-                for chunk in refs.chunks(EMBED_BATCH) {
+                for (start, end) in embed_batches(&lens) {
                     cancel.check().map_err(crate::sql::classify)?;
-                    vectors.extend(embedder.embed(chunk).map_err(internal)?);
+                    vectors.extend(embedder.embed(&refs[start..end]).map_err(internal)?);
                     tokio::task::yield_now().await;
                 }
                 Ok(Embedded {
@@ -440,5 +464,38 @@ impl Query {
     /// Writes every table as `<dir>/<table>.parquet`; returns (table, rows).
     pub async fn export_parquet(&self, dir: &Path) -> Result<Vec<(String, u64)>> {
         export::parquet(self.live_tables(), dir).await
+    }
+}
+
+#[cfg(test)]
+mod embed_batch_tests {
+    use super::{EMBED_BATCH_TOKENS, embed_batches};
+
+    #[test]
+    fn batches_cover_every_text_once_within_the_token_budget() {
+        let cases: [&[usize]; 5] = [
+            &[],
+            &[21; 64],
+            &[256; 64],
+            &[3, 256, 5, 7, 256, 9],
+            &[4000, 2],
+        ];
+        for lens in cases {
+            let batches = embed_batches(lens);
+            let mut next = 0;
+            for &(start, end) in &batches {
+                assert_eq!(start, next, "{lens:?}: contiguous");
+                assert!(end > start);
+                let longest = lens[start..end].iter().max().copied().unwrap_or(0);
+                assert!(
+                    end - start == 1 || longest * (end - start) <= EMBED_BATCH_TOKENS,
+                    "{lens:?}: {start}..{end}"
+                );
+                next = end;
+            }
+            assert_eq!(next, lens.len(), "{lens:?}: every text");
+        }
+        assert_eq!(embed_batches(&[21; 64]).len(), 1);
+        assert_eq!(embed_batches(&[256; 64]).len(), 8);
     }
 }
