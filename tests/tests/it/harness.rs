@@ -315,3 +315,15 @@ pub(crate) fn python(script: &str, args: &[&str]) -> anyhow::Result<String> {
     }
     Ok(String::from_utf8(output.stdout)?)
 }
+
+/// `GET /v1/status` as JSON.
+pub(crate) async fn status(node: &TestNode) -> serde_json::Value {
+    client()
+        .get(format!("{}/v1/status", node.url))
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("status json")
+}

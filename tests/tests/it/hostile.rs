@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::harness::{TestNode, client, post, sql, try_upload, upload};
+use crate::harness::{TestNode, client, post, sql, status, try_upload, upload};
 
 /// The node's resident memory must stay below this while hostile requests run.
 const RSS_MAX: u64 = 1 << 30;
@@ -129,15 +129,28 @@ impl Watch {
     }
 }
 
-async fn status(node: &TestNode) -> Value {
-    client()
-        .get(format!("{}/v1/status", node.url))
-        .send()
-        .await
-        .expect("status")
-        .json()
-        .await
-        .expect("json")
+/// Posts each statement to /v1/sql at once; the answers in order.
+async fn concurrent_sql(node: &TestNode, statements: &[&'static str]) -> Vec<(StatusCode, Value)> {
+    let runs: Vec<_> = statements
+        .iter()
+        .map(|&q| {
+            let url = node.url.clone();
+            tokio::spawn(async move {
+                let r = client()
+                    .post(format!("{url}/v1/sql"))
+                    .json(&json!({"sql": q}))
+                    .send()
+                    .await
+                    .expect("sql");
+                (r.status(), r.json::<Value>().await.unwrap_or(Value::Null))
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(runs.len());
+    for run in runs {
+        out.push(run.await.expect("join"));
+    }
+    out
 }
 
 #[tokio::test]
@@ -334,22 +347,7 @@ async fn a_query_past_its_timeout_stops_using_cpu_and_frees_its_permit() {
     let watch = Watch::start(&node);
     let endless = "SELECT count(*) FROM (SELECT unnest(range(1000000)) AS a) x \
                    CROSS JOIN (SELECT unnest(range(1000000)) AS b) y WHERE (a * b) % 7 = 3";
-    let runs: Vec<_> = (0..4)
-        .map(|_| {
-            let url = node.url.clone();
-            tokio::spawn(async move {
-                let r = client()
-                    .post(format!("{url}/v1/sql"))
-                    .json(&json!({"sql": endless}))
-                    .send()
-                    .await
-                    .expect("sql");
-                (r.status(), r.json::<Value>().await.unwrap_or(Value::Null))
-            })
-        })
-        .collect();
-    for run in runs {
-        let (got, body) = run.await.expect("join");
+    for (got, body) in concurrent_sql(&node, &[endless; 4]).await {
         assert_eq!(got, StatusCode::REQUEST_TIMEOUT, "{body}");
     }
     // Within a second the cancelled queries have stopped and given back their permits:
@@ -390,23 +388,8 @@ async fn a_query_that_needs_too_much_memory_ends_its_worker_not_the_node() {
     let node = TestNode::start_demo(&[("MESHNODE_QUERY_TIMEOUT_MS", "60000")]).expect("node");
     let pid = node.pid().expect("running");
     let watch = Watch::start(&node);
-    let runs: Vec<_> = [MEMORY_BOMB, MEMORY_CREEP, MEMORY_BOMB, MEMORY_CREEP]
-        .into_iter()
-        .map(|q| {
-            let url = node.url.clone();
-            tokio::spawn(async move {
-                let r = client()
-                    .post(format!("{url}/v1/sql"))
-                    .json(&json!({"sql": q}))
-                    .send()
-                    .await
-                    .expect("sql");
-                (r.status(), r.json::<Value>().await.unwrap_or(Value::Null))
-            })
-        })
-        .collect();
-    for run in runs {
-        let (got, body) = run.await.expect("join");
+    let bombs = [MEMORY_BOMB, MEMORY_CREEP, MEMORY_BOMB, MEMORY_CREEP];
+    for (got, body) in concurrent_sql(&node, &bombs).await {
         assert_eq!(got, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
         assert_eq!(body["error"]["code"], "query_too_expensive", "{body}");
     }

@@ -572,15 +572,9 @@ async fn ann_index_keeps_recall_high_and_time_travel_and_rebuild_work() {
     assert_eq!(body["rows"][0], json!([500, 500]));
     // A state table as of now: the version of its last write, which the query worker opens
     // by version and commit time; the same rows as the live table.
-    let status_body: Value = client()
-        .get(format!("{}/v1/status", node.url))
-        .send()
-        .await
-        .expect("status")
-        .json()
-        .await
-        .expect("json");
-    let n = status_body["events"].as_u64().expect("events");
+    let n = crate::harness::status(&node).await["events"]
+        .as_u64()
+        .expect("events");
     let (status, body) = post(
         &node,
         "/v1/sql",
@@ -791,15 +785,10 @@ fn floats(v: &Value) -> Vec<f64> {
 #[tokio::test]
 async fn embeddings_answer_in_openai_format_for_any_openai_client() {
     let node = TestNode::start().expect("node");
-    let status: Value = client()
-        .get(format!("{}/v1/status", node.url))
-        .send()
-        .await
-        .expect("status")
-        .json()
-        .await
-        .expect("json");
-    assert_eq!(status["query"]["embed_model"], "all-MiniLM-L6-v2@53aa5117");
+    assert_eq!(
+        crate::harness::status(&node).await["query"]["embed_model"],
+        "all-MiniLM-L6-v2@53aa5117"
+    );
     let texts = ["who can bandage a cut?", "make me a margarita"];
     let (got, body) = embeddings(&node, json!({"input": texts, "model": "all-MiniLM-L6-v2"})).await;
     assert_eq!(got, StatusCode::OK, "{body}");
