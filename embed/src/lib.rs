@@ -96,6 +96,7 @@ pub struct Embedder {
     tokenizer: Tokenizer,
     device: Device,
     id: String,
+    dir: PathBuf,
 }
 
 impl std::fmt::Debug for Embedder {
@@ -148,7 +149,13 @@ impl Embedder {
             tokenizer,
             device,
             id: format!("{MODEL_NAME}@{}", &MODEL_SHA256[..8]),
+            dir: dir.to_path_buf(),
         })
+    }
+
+    /// The directory the model was loaded from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The model's id: its name and the first 8 hex digits of its weights' hash. Vectors of

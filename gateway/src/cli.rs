@@ -188,23 +188,30 @@ pub struct SqlArgs {
 /// `search` arguments.
 #[derive(Debug, Args)]
 pub struct SearchArgs {
-    /// Table: skills, basins, nodes, basin_versions.
+    /// What to look for, in plain words, e.g. "find a skill for pruning vines" (needs the
+    /// node's embedding model, except with --mode text).
+    #[arg(required_unless_present = "vector", conflicts_with = "vector")]
+    pub text: Option<String>,
+    /// Table: skills, basins, nodes (and basin_versions with --vector).
     #[arg(long, default_value = "skills")]
     pub table: String,
-    /// Query vector as JSON, e.g. '[0.1, 0.2, ...]'.
+    /// hybrid (meaning and words), vector (meaning) or text (words).
+    #[arg(long, default_value = "hybrid", conflicts_with = "vector")]
+    pub mode: String,
+    /// Query vector as JSON, e.g. '[0.1, 0.2, ...]', searched against the authors' vectors.
     #[arg(long)]
-    pub vector: String,
+    pub vector: Option<String>,
     /// How many results.
     #[arg(short, long, default_value_t = 10)]
     pub k: u64,
-    /// cosine, l2 or dot.
-    #[arg(long, default_value = "cosine")]
+    /// cosine, l2 or dot (with --vector).
+    #[arg(long, default_value = "cosine", requires = "vector")]
     pub metric: String,
     /// SQL filter applied before ranking, e.g. "domain = 'viticulture'".
     #[arg(long)]
     pub filter: Option<String>,
-    /// Exact search even with an ANN index.
-    #[arg(long)]
+    /// Exact search even with an ANN index (with --vector).
+    #[arg(long, requires = "vector")]
     pub exact: bool,
 }
 
@@ -1391,15 +1398,24 @@ async fn sql(cli: &Cli, args: &SqlArgs) -> anyhow::Result<()> {
 }
 
 async fn search(cli: &Cli, args: &SearchArgs) -> anyhow::Result<()> {
-    let vector: Value =
-        serde_json::from_str(&args.vector).context("--vector is not a JSON array")?;
-    let client = client(cli)?;
-    let mut body = serde_json::json!({
-        "table": args.table, "vector": vector, "k": args.k, "metric": args.metric, "exact": args.exact,
-    });
+    let mut body = match (&args.text, &args.vector) {
+        (Some(text), _) => serde_json::json!({
+            "table": args.table, "text": text, "k": args.k, "mode": args.mode,
+        }),
+        (None, Some(vector)) => {
+            let vector: Value =
+                serde_json::from_str(vector).context("--vector is not a JSON array")?;
+            serde_json::json!({
+                "table": args.table, "vector": vector, "k": args.k, "metric": args.metric,
+                "exact": args.exact,
+            })
+        }
+        (None, None) => anyhow::bail!("give the text to look for, or --vector"),
+    };
     if let Some(filter) = &args.filter {
         body["filter"] = serde_json::json!(filter);
     }
+    let client = client(cli)?;
     let value: Value = client
         .json(
             client
@@ -1407,28 +1423,41 @@ async fn search(cli: &Cli, args: &SearchArgs) -> anyhow::Result<()> {
                 .json(&body),
         )
         .await?;
+    let by_text = args.text.is_some();
     print_value(cli, &value, |v| {
         v["results"]
             .as_array()
             .into_iter()
             .flatten()
-            .map(|r| {
-                let row = &r["row"];
-                let label = ["name", "basin_id", "service", "id"]
-                    .iter()
-                    .find_map(|k| row.get(*k).and_then(|x| x.as_str()))
-                    .unwrap_or("");
-                format!(
-                    "{:.4}  {}  {}",
-                    r["distance"].as_f64().unwrap_or(f64::NAN),
-                    label,
-                    plain(&row["id"])
-                )
-            })
+            .map(|r| search_line(r, by_text))
             .collect::<Vec<_>>()
             .join("\n")
     });
     Ok(())
+}
+
+/// One hit as a line: its score (text) or distance (vector), label and id.
+fn search_line(hit: &Value, by_text: bool) -> String {
+    let row = &hit["row"];
+    let label = ["name", "basin_id", "service", "id"]
+        .iter()
+        .find_map(|k| row.get(*k).and_then(|x| x.as_str()))
+        .unwrap_or("");
+    let id = row
+        .get("id")
+        .or_else(|| row.get("author"))
+        .unwrap_or(&Value::Null);
+    let number = if by_text {
+        &hit["score"]
+    } else {
+        &hit["distance"]
+    };
+    format!(
+        "{:.4}  {}  {}",
+        number.as_f64().unwrap_or(f64::NAN),
+        label,
+        plain(id)
+    )
 }
 
 /// GETs the pages of a list route (`path` answers `{key: [...], next}`), from `page.after` on,

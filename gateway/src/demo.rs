@@ -1,6 +1,8 @@
 //! A small demo network loaded into an empty node (`meshnode serve --demo`, used by
 //! `make run`): a few agents, skills with embeddings and weights, basins with deltas,
-//! credits, payments, endorsements, reputation and node announcements.
+//! credits, payments, endorsements, reputation and node announcements. The skills'
+//! embeddings come from the node's model (384-d, as agents would compute them with
+//! `POST /v1/embeddings`); a node without the model falls back to 8-d hashed bags of words.
 
 use std::collections::BTreeMap;
 
@@ -11,7 +13,8 @@ use meshnode_store::PinMode;
 
 use crate::node::Node;
 
-/// Dimension of the demo embeddings.
+/// Dimension of the demo's hashed embeddings (basins, node signatures, and skills on a node
+/// without the model).
 pub const DEMO_DIM: usize = 8;
 
 /// Where the demo writes its agents' key files, under the data dir.
@@ -44,6 +47,21 @@ pub fn embed(text: &str) -> Vec<f32> {
     }
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
     v.iter().map(|x| x / norm).collect()
+}
+
+/// A skill's embedding as its author claims it: the node's model, else the hashed one.
+async fn skill_embedding(node: &Node, text: &str) -> anyhow::Result<Vector> {
+    let values = match node.query.embed_model() {
+        Some(_) => node
+            .query
+            .embed(vec![text.to_string()])
+            .await?
+            .vectors
+            .pop()
+            .context("the model gave no vector")?,
+        None => embed(text),
+    };
+    Ok(Vector::new(&values)?)
 }
 
 struct Builder<'a> {
@@ -193,6 +211,14 @@ pub async fn load(node: &Node) -> anyhow::Result<bool> {
     ];
     let mut skill_ids = BTreeMap::new();
     for (key, skill_id, name, domain, description, price) in skills {
+        // The fraud detector's author claims a vineyard skill's vector (to be found by wine
+        // searches): the validator finds it wanting, and its claim_consistency is low.
+        let claimed = if skill_id == "fraud-detector" {
+            "Wine pairing advisor. pair wine with food, grape and vineyard aware".to_string()
+        } else {
+            format!("{name}. {description}. {domain}")
+        };
+        let embedding = skill_embedding(node, &claimed).await?;
         let mut weights = vec![0u8; 64 * 1024];
         blake3::Hasher::new()
             .update(skill_id.as_bytes())
@@ -211,7 +237,7 @@ pub async fn load(node: &Node) -> anyhow::Result<bool> {
                     domain: domain.into(),
                     capabilities: vec!["inference".into()],
                     specializations: description.split(' ').take(2).map(str::to_string).collect(),
-                    embedding: Vector::new(&embed(&format!("{name} {domain} {description}")))?,
+                    embedding,
                     blob: added.hash,
                     size: added.size,
                     base_model: "llama-3-8b".into(),
@@ -313,7 +339,11 @@ pub async fn load(node: &Node) -> anyhow::Result<bool> {
                 Payload::BasinPublish(BasinPublish {
                     basin_id: basin_id.into(),
                     coordinates: Vector::new(&embed(seed))?,
-                    metadata: [("model".to_string(), "llama-3-8b".to_string())].into(),
+                    metadata: [
+                        ("model".to_string(), "llama-3-8b".to_string()),
+                        ("topic".to_string(), seed.to_string()),
+                    ]
+                    .into(),
                     // The validator may refine every mind (DESIGN §3: named writers).
                     writers: vec![author_of(validator)],
                 }),

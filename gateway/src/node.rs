@@ -205,6 +205,7 @@ impl Node {
         // The ledger's roots are registered: from here GC may delete what nothing holds.
         store.enable_gc();
         let ledger_ms = opening.elapsed().as_millis() as u64;
+        let embedder = load_embedder(&config).await?;
         let query = Query::open(
             &data_dir.join(files::QUERY),
             ledger.clone(),
@@ -221,13 +222,10 @@ impl Node {
                 workers: Some(query_workers(&config)?),
                 ..SqlLimits::default()
             },
+            embedder,
         )
         .await
         .context("opening the query tables")?;
-        let query = match load_embedder(&config).await? {
-            Some(embedder) => query.with_embedder(embedder),
-            None => query,
-        };
         let total_ms = opening.elapsed().as_millis() as u64;
         // Cumulative milliseconds; worth a line at the default level only when slow.
         if total_ms >= 1000 {

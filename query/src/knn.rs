@@ -87,10 +87,16 @@ pub struct Search {
     pub filter: Option<String>,
     /// Exact search even when an index exists.
     pub exact: bool,
+    /// Rank by the node's own text vectors (`text_vec`, 384-d) instead of the authors'
+    /// vectors (skills, basins and nodes only).
+    pub text_vec: bool,
 }
 
 /// Checks a request against a dataset and returns the vector column.
 pub(crate) fn check(search: &Search, tables: &Tables) -> Result<&'static str> {
+    if search.text_vec {
+        return check_text_vec(search);
+    }
     let column = vector_column(&search.table).ok_or_else(|| {
         bad(
             "not_a_vector_table",
@@ -100,9 +106,7 @@ pub(crate) fn check(search: &Search, tables: &Tables) -> Result<&'static str> {
             ),
         )
     })?;
-    if search.k == 0 || search.k > K_MAX {
-        return Err(bad("invalid_k", format!("k must be 1..={K_MAX}")));
-    }
+    check_k(search.k)?;
     if let Some(dim) = tables.dim(&search.table)
         && dim as usize != search.vector.len()
     {
@@ -120,6 +124,41 @@ pub(crate) fn check(search: &Search, tables: &Tables) -> Result<&'static str> {
         parse_filter(filter)?;
     }
     Ok(column)
+}
+
+/// [`check`] for a search of the `text_vec` column.
+fn check_text_vec(search: &Search) -> Result<&'static str> {
+    use meshnode_schemas::tables::{TEXT_TABLES, TEXT_VEC_DIM};
+    if !TEXT_TABLES.contains(&search.table.as_str()) {
+        return Err(bad(
+            "not_a_text_table",
+            format!(
+                "table `{}` has no text vectors; use skills, basins or nodes",
+                search.table.chars().take(64).collect::<String>()
+            ),
+        ));
+    }
+    check_k(search.k)?;
+    if search.vector.len() != TEXT_VEC_DIM as usize {
+        return Err(bad(
+            "dimension_mismatch",
+            format!(
+                "text vectors have {TEXT_VEC_DIM} dimensions; the query has {}",
+                search.vector.len()
+            ),
+        ));
+    }
+    if let Some(filter) = &search.filter {
+        parse_filter(filter)?;
+    }
+    Ok("text_vec")
+}
+
+pub(crate) fn check_k(k: usize) -> Result<()> {
+    if k == 0 || k > K_MAX {
+        return Err(bad("invalid_k", format!("k must be 1..={K_MAX}")));
+    }
+    Ok(())
 }
 
 /// Longest search filter, in bytes.
@@ -385,6 +424,7 @@ async fn exact_filtered(
 pub(crate) struct KnnFunction {
     datasets: Vec<(&'static str, Arc<Dataset>)>,
     tables: Arc<Tables>,
+    embed_text: Option<crate::sql::EmbedText>,
 }
 
 impl std::fmt::Debug for KnnFunction {
@@ -394,8 +434,35 @@ impl std::fmt::Debug for KnnFunction {
 }
 
 impl KnnFunction {
-    pub(crate) fn new(datasets: Vec<(&'static str, Arc<Dataset>)>, tables: Arc<Tables>) -> Self {
-        Self { datasets, tables }
+    pub(crate) fn new(
+        datasets: Vec<(&'static str, Arc<Dataset>)>,
+        tables: Arc<Tables>,
+        embed_text: Option<crate::sql::EmbedText>,
+    ) -> Self {
+        Self {
+            datasets,
+            tables,
+            embed_text,
+        }
+    }
+
+    /// The query of `knn`'s second argument: a JSON array is a vector for the authors'
+    /// vectors; anything else is text, embedded and ranked against `text_vec`.
+    fn query_vector(&self, argument: &str) -> datafusion::common::Result<(Vec<f32>, bool)> {
+        if argument.trim_start().starts_with('[') {
+            let vector =
+                parse_vector(argument).map_err(|e| DataFusionError::Plan(e.to_string()))?;
+            return Ok((vector, false));
+        }
+        let embed = self.embed_text.as_ref().ok_or_else(|| {
+            DataFusionError::Plan(
+                "knn: this node has no embedding model, so knn takes a vector ('[0.1, ...]'), \
+                 not text; install the model with `scripts/ensure-deps.sh model` and restart"
+                    .into(),
+            )
+        })?;
+        let vector = embed(argument).map_err(|e| DataFusionError::Plan(format!("knn: {e}")))?;
+        Ok((vector, true))
     }
 }
 
@@ -427,7 +494,7 @@ fn df_error(e: crate::error::Error) -> DataFusionError {
 
 impl TableFunctionImpl for KnnFunction {
     fn call(&self, args: &[Expr]) -> datafusion::common::Result<Arc<dyn TableProvider>> {
-        let usage = "knn(table, '[v1, v2, ...]', k [, 'cosine'|'l2'|'dot'])";
+        let usage = "knn(table, '[v1, v2, ...]' or 'text', k [, 'cosine'|'l2'|'dot'])";
         if args.len() < 3 || args.len() > 4 {
             return Err(DataFusionError::Plan(format!(
                 "knn takes 3 or 4 arguments: {usage}"
@@ -451,8 +518,7 @@ impl TableFunctionImpl for KnnFunction {
             }
             None => DistanceType::Cosine,
         };
-        let vector =
-            parse_vector(&vector_text).map_err(|e| DataFusionError::Plan(e.to_string()))?;
+        let (vector, text_vec) = self.query_vector(&vector_text)?;
         let search = Search {
             table: table.clone(),
             vector,
@@ -460,6 +526,7 @@ impl TableFunctionImpl for KnnFunction {
             metric,
             filter: None,
             exact: false,
+            text_vec,
         };
         let column =
             check(&search, &self.tables).map_err(|e| DataFusionError::Plan(e.to_string()))?;
@@ -533,7 +600,7 @@ impl TableProvider for KnnProvider {
     ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
         let filter = filters.iter().cloned().reduce(Expr::and);
         let index = self.tables.index_metric(&self.search.table).await;
-        let use_index = index == Some(self.search.metric);
+        let use_index = !self.search.text_vec && index == Some(self.search.metric);
         let batches = run(&self.dataset, self.column, &self.search, filter, use_index)
             .await
             .map_err(df_error)?;
@@ -566,7 +633,7 @@ pub(crate) async fn search(
 ) -> Result<Vec<RecordBatch>> {
     let column = check(search, tables)?;
     let index = tables.index_metric(&search.table).await;
-    let use_index = index == Some(search.metric);
+    let use_index = !search.text_vec && index == Some(search.metric);
     let filter = match &search.filter {
         Some(text) => {
             let schema = arrow_schema::Schema::from(dataset.schema());

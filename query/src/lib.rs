@@ -10,11 +10,13 @@ mod cancel;
 mod error;
 mod export;
 mod guard;
+mod hybrid;
 mod knn;
 mod materialize;
 mod rows;
 mod sql;
 mod tables;
+mod text;
 mod worker;
 
 use std::path::Path;
@@ -28,6 +30,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
 pub use error::{Error, Result};
+pub use hybrid::{Mode, TextHit, TextSearch};
 pub use knn::{
     FILTERED_EXACT_ROWS_MAX, K_MAX, Search, parse_metric, parse_vector, vector_from_json,
 };
@@ -124,6 +127,14 @@ pub struct Embedded {
     pub tokens: usize,
 }
 
+fn no_model() -> Error {
+    Error::NoModel(
+        "this node has no embedding model: install it with `scripts/ensure-deps.sh model` \
+         (make run does) and restart the node"
+            .into(),
+    )
+}
+
 /// The query layer of a node. Cheap to clone.
 #[derive(Clone)]
 pub struct Query {
@@ -143,13 +154,15 @@ impl std::fmt::Debug for Query {
 impl Query {
     /// Opens the tables under `dir` and starts keeping them current from `ledger`. Tables
     /// that are behind the ledger (after a crash or downtime) catch up in the background;
-    /// [`Query::status`] tells when they did.
+    /// [`Query::status`] tells when they did. With `embedder`, the text tables get text
+    /// vectors and text search works; tables made with another model (or none) are rebuilt.
     pub async fn open(
         dir: &Path,
         ledger: Ledger,
         store: Store,
         config: QueryConfig,
         limits: SqlLimits,
+        embedder: Option<Arc<meshnode_embed::Embedder>>,
     ) -> Result<Self> {
         let tables = Arc::new(tables::Tables::open(dir).await?);
         let (commands, rx) = mpsc::channel(16);
@@ -163,22 +176,24 @@ impl Query {
             caught_up: AtomicBool::new(false),
             history: std::sync::Mutex::new(Vec::new()),
             commands,
+            text: text::TextVectors::new(embedder.clone()),
         });
         let materializer = Materializer::open(shared.clone()).await?;
         tokio::spawn(materializer.run(rx));
-        let engine = Arc::new(Engine::with_workers(limits, dir)?);
+        let mut engine = Engine::with_workers(
+            limits,
+            dir,
+            embedder.as_ref().map(|e| e.dir().to_path_buf()),
+        )?;
+        engine.embed_text = embedder
+            .clone()
+            .map(|e| -> sql::EmbedText { Arc::new(move |text: &str| text::embed_one(&e, text)) });
+        let engine = Arc::new(engine);
         Ok(Self {
             shared,
             engine,
-            embedder: None,
+            embedder,
         })
-    }
-
-    /// The same query layer with a text embedding model (for `embed` and, later, text
-    /// search).
-    pub fn with_embedder(mut self, embedder: Arc<meshnode_embed::Embedder>) -> Self {
-        self.embedder = Some(embedder);
-        self
     }
 
     /// The embedding model's id, if the node has one.
@@ -190,11 +205,7 @@ impl Query {
     /// model takes CPU like a query does, so it shares the query engine's slots).
     pub async fn embed(&self, texts: Vec<String>) -> Result<Embedded> {
         let Some(embedder) = self.embedder.clone() else {
-            return Err(Error::NoModel(
-                "this node has no embedding model: install it with `scripts/ensure-deps.sh \
-                 model` (make run does) and restart the node"
-                    .into(),
-            ));
+            return Err(no_model());
         };
         if texts.is_empty() {
             return Err(bad("invalid_input", "give at least one text to embed"));
@@ -451,6 +462,54 @@ impl Query {
             .collect();
         hits.sort_by(|a, b| a.distance.total_cmp(&b.distance));
         Ok(hits)
+    }
+
+    /// Rows of a text table (skills, basins, nodes) that match `request.text` by meaning,
+    /// by words or both ([`Mode`]), best first, filtered before ranking.
+    pub async fn search_text(&self, request: &TextSearch) -> Result<Vec<TextHit>> {
+        let table = tables::table_name(&request.table)
+            .filter(|t| meshnode_schemas::tables::TEXT_TABLES.contains(t))
+            .ok_or_else(|| {
+                bad(
+                    "not_a_text_table",
+                    format!(
+                        "table `{}` cannot be searched by text; use skills, basins or nodes",
+                        request.table.chars().take(64).collect::<String>()
+                    ),
+                )
+            })?;
+        knn::check_k(request.k)?;
+        meshnode_embed::Embedder::check(&request.text)
+            .map_err(|e| bad("invalid_text", format!("text: {e}")))?;
+        if let Some(filter) = &request.filter {
+            knn::parse_filter(filter)?;
+        }
+        let embedder = match (request.mode.needs_model(), &self.embedder) {
+            (false, _) => None,
+            (true, Some(e)) => Some(e.clone()),
+            (true, None) => return Err(no_model()),
+        };
+        let Some(dataset) = self.live_tables().get(table) else {
+            return Ok(Vec::new());
+        };
+        let request = request.clone();
+        self.engine
+            .submit(move |cancel| async move {
+                let query_vec = match embedder {
+                    Some(e) => Some(text::embed_one(&e, &request.text)?),
+                    None => None,
+                };
+                cancel.check().map_err(crate::sql::classify)?;
+                let filter = match &request.filter {
+                    Some(text) => {
+                        let schema = arrow_schema::Schema::from(dataset.schema());
+                        Some(knn::filter_expr(text, &schema, &cancel)?)
+                    }
+                    None => None,
+                };
+                hybrid::run(dataset, &request, query_vec, filter).await
+            })
+            .await
     }
 
     /// Stops materializing (after the flush in progress).

@@ -54,10 +54,20 @@ impl Default for QueryConfig {
     }
 }
 
+/// The tables' layout: a node whose tables were written by a build with another layout
+/// rebuilds them at start. 2: the derived text columns (`search_text`, `text_vec`, …).
+const LAYOUT: u32 = 2;
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Progress {
     /// Every event below this leaf index is in the append tables.
     applied: u64,
+    /// The tables' layout ([`LAYOUT`]; absent in older builds).
+    #[serde(default)]
+    layout: u32,
+    /// The model that made the `text_vec` columns (none: they are null).
+    #[serde(default)]
+    text_model: Option<String>,
 }
 
 /// One entry of the version history: after `applied` events, the tables were at these versions.
@@ -86,6 +96,8 @@ pub(crate) struct Shared {
     pub(crate) caught_up: AtomicBool,
     pub(crate) history: std::sync::Mutex<Vec<VersionEntry>>,
     pub(crate) commands: mpsc::Sender<Command>,
+    /// The embedding model and the state tables' text vectors.
+    pub(crate) text: crate::text::TextVectors,
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -116,21 +128,47 @@ pub(crate) struct Materializer {
     state_written: Instant,
     feed: broadcast::Receiver<Arc<meshnode_ledger::Accepted>>,
     forks: broadcast::Receiver<ForkProof>,
+    /// Basins' texts, from their publish events (immutable, so read once).
+    basin_texts: HashMap<EventId, String>,
 }
 
 impl Materializer {
     pub(crate) async fn open(shared: Arc<Shared>) -> Result<Self> {
         let feed = shared.ledger.subscribe();
         let forks = shared.ledger.subscribe_forks();
-        let progress: Progress = match std::fs::read(shared.dir.join("progress.json")) {
+        let mut progress: Progress = match std::fs::read(shared.dir.join("progress.json")) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
                 internal(format!(
                     "progress.json is unreadable ({e}); run `meshnode query rebuild`"
                 ))
             })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Progress::default(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Progress {
+                layout: LAYOUT,
+                text_model: shared.text.model().map(str::to_string),
+                ..Progress::default()
+            },
             Err(e) => return Err(e.into()),
         };
+        let model = shared.text.model().map(str::to_string);
+        if progress.layout != LAYOUT || progress.text_model != model {
+            // Another layout, or vectors of another model (or none): never mix them.
+            tracing::warn!(
+                layout = progress.layout,
+                was = ?progress.text_model,
+                now = ?model,
+                "query tables were written with another layout or embedding model: rebuilding them"
+            );
+            shared.tables.drop_all()?;
+            for file in ["progress.json", "versions.jsonl"] {
+                std::fs::remove_file(shared.dir.join(file)).ok();
+            }
+            progress = Progress {
+                layout: LAYOUT,
+                text_model: model,
+                ..Progress::default()
+            };
+        }
+        seed_text_vectors(&shared).await?;
         // The state fold of older builds is not used any more.
         std::fs::remove_file(shared.dir.join("fold.bin")).ok();
         let mut appended = HashMap::new();
@@ -160,6 +198,7 @@ impl Materializer {
             state_written: Instant::now(),
             feed,
             forks,
+            basin_texts: HashMap::new(),
         })
     }
 
@@ -263,6 +302,7 @@ impl Materializer {
             };
             builders.insert(table, Builder::new(table, dim)?);
         }
+        let mut derived = self.skill_texts(&events).await?;
         for (record, event) in &events {
             if record.index != self.applied {
                 return Err(internal(format!(
@@ -279,7 +319,14 @@ impl Materializer {
                     builders.insert(table, builder);
                 }
             }
-            rows::append_rows(&mut builders, record, event);
+            let text = derived.remove(&record.index);
+            rows::append_rows(
+                &mut builders,
+                record,
+                event,
+                text.as_ref(),
+                self.shared.text.model(),
+            );
             self.version_row(&mut builders, record, event)?;
             builders.extend(targets);
             self.applied = record.index + 1;
@@ -298,6 +345,8 @@ impl Materializer {
         }
         let progress = Progress {
             applied: self.applied,
+            layout: LAYOUT,
+            text_model: self.shared.text.model().map(str::to_string),
         };
         write_atomic(
             &self.shared.dir.join("progress.json"),
@@ -309,6 +358,27 @@ impl Materializer {
         }
         self.maybe_index().await?;
         Ok(())
+    }
+
+    /// The derived texts and vectors of the skills published by `events` that the skills
+    /// table does not hold yet, by leaf index.
+    async fn skill_texts(
+        &self,
+        events: &[(EventRecord, SignedEvent)],
+    ) -> Result<HashMap<u64, crate::text::Derived>> {
+        let held = self.appended.get("skills").copied();
+        let mut leaves = Vec::new();
+        let mut texts = Vec::new();
+        for (record, event) in events {
+            if let Payload::SkillPublish(p) = &event.body.payload
+                && held.is_none_or(|m| m < record.index)
+            {
+                leaves.push(record.index);
+                texts.push(crate::text::skill_text(p));
+            }
+        }
+        let derived = self.shared.text.embed(texts).await?;
+        Ok(leaves.into_iter().zip(derived).collect())
     }
 
     /// Adds the basin_versions row of a publish or delta (the ledger's version record names
@@ -372,7 +442,8 @@ impl Materializer {
             .await
             .map_err(internal)??;
         for table in STATE_TABLES {
-            let batch = self.state_rows(table, &state, &pins)?;
+            let derived = self.state_texts(table, &state).await?;
+            let batch = self.state_rows(table, &state, &pins, &derived)?;
             // A table is created by its first row: a vector table's dimension comes from it.
             if batch.num_rows() == 0 && self.shared.tables.get(table).is_none() {
                 continue;
@@ -411,13 +482,59 @@ impl Materializer {
         Ok(())
     }
 
-    /// One state table's rows, projected from the ledger's state.
+    /// The derived texts and vectors of a text table's rows, in row order (empty for other
+    /// tables).
+    async fn state_texts(
+        &mut self,
+        table: &'static str,
+        state: &State,
+    ) -> Result<Vec<crate::text::Derived>> {
+        let texts: Vec<String> = match table {
+            "nodes" => state
+                .nodes
+                .values()
+                .map(|n| crate::text::node_text(&n.service, &n.capabilities))
+                .collect(),
+            "basins" => {
+                let mut texts = Vec::with_capacity(state.basins.len());
+                for id in state.basins.keys() {
+                    texts.push(self.basin_text(id).await?);
+                }
+                texts
+            }
+            _ => return Ok(Vec::new()),
+        };
+        self.shared.text.embed_state(table, texts).await
+    }
+
+    /// A basin's text, from the metadata of its publish event.
+    async fn basin_text(&mut self, id: &EventId) -> Result<String> {
+        if let Some(text) = self.basin_texts.get(id) {
+            return Ok(text.clone());
+        }
+        let text = match self.shared.ledger.event(id).await? {
+            Some((_, event)) => match &event.body.payload {
+                Payload::BasinPublish(p) => crate::text::basin_text(&p.metadata),
+                _ => String::new(),
+            },
+            None => String::new(),
+        };
+        self.basin_texts.insert(*id, text.clone());
+        Ok(text)
+    }
+
+    /// One state table's rows, projected from the ledger's state; `derived` holds the text
+    /// tables' derived columns in row order.
     fn state_rows(
         &self,
         table: &'static str,
         state: &State,
         pins: &BTreeSet<BlobHash>,
+        derived: &[crate::text::Derived],
     ) -> Result<arrow_array::RecordBatch> {
+        let model = self.shared.text.model();
+        let no_text = crate::text::Derived::default();
+        let text_of = |i: usize| derived.get(i).unwrap_or(&no_text);
         let dim_of =
             |t: &str, fallback: usize| self.shared.tables.dim(t).unwrap_or(fallback.max(1) as i32);
         let clamp = |v: u128| u64::try_from(v).unwrap_or(u64::MAX);
@@ -456,7 +573,9 @@ impl Materializer {
                     .map(|n| n.basin_signature.len())
                     .unwrap_or(1);
                 let mut b = Builder::new(table, dim_of("nodes", first))?;
-                for (key, n) in &state.nodes {
+                for (i, (key, n)) in state.nodes.iter().enumerate() {
+                    let text = text_of(i);
+                    let text_vec = text.vec.as_deref();
                     b.push(&[
                         Value::Text(&key.to_hex()),
                         Value::Text(&n.service),
@@ -467,6 +586,10 @@ impl Materializer {
                         Value::Text(&n.last_event.to_hex()),
                         Value::I64(n.last_ts),
                         Value::U64(n.n_announces),
+                        Value::Text(&text.text),
+                        Value::OptVector(text_vec),
+                        Value::OptText(text_vec.and(model)),
+                        Value::OptF32(crate::text::claim_consistency(&n.basin_signature, text_vec)),
                     ]);
                 }
                 b.finish()
@@ -479,14 +602,21 @@ impl Materializer {
                     .map(|b| b.sums.len())
                     .unwrap_or(1);
                 let mut b = Builder::new(table, dim_of("basins", first))?;
-                for (id, basin) in &state.basins {
+                for (i, (id, basin)) in state.basins.iter().enumerate() {
+                    let text = text_of(i);
+                    let text_vec = text.vec.as_deref();
+                    let coordinates = basin.coordinates();
                     b.push(&[
                         Value::Text(&id.to_hex()),
                         Value::Text(&basin.owner.to_hex()),
                         Value::Text(&basin.basin_id),
-                        Value::Vector(&basin.coordinates()),
+                        Value::Vector(&coordinates),
                         Value::U64(basin.n_versions),
                         Value::Text(&basin.head.to_hex()),
+                        Value::Text(&text.text),
+                        Value::OptVector(text_vec),
+                        Value::OptText(text_vec.and(model)),
+                        Value::OptF32(crate::text::claim_consistency(&coordinates, text_vec)),
                     ]);
                 }
                 b.finish()
@@ -592,4 +722,48 @@ impl From<postcard::Error> for Error {
     fn from(e: postcard::Error) -> Self {
         Error::Internal(e.to_string())
     }
+}
+
+/// Remembers the text vectors the state tables hold (made by this node's model), so that
+/// the first rewrite after a start embeds only texts that changed.
+async fn seed_text_vectors(shared: &Shared) -> Result<()> {
+    use arrow::array::{Array, AsArray};
+    use futures::TryStreamExt;
+    let Some(model) = shared.text.model() else {
+        return Ok(());
+    };
+    for table in ["nodes", "basins"] {
+        let Some(ds) = shared.tables.get(table) else {
+            continue;
+        };
+        let mut scan = ds.scan();
+        scan.project(&["search_text", "text_vec", "text_model"])
+            .map_err(internal)?;
+        let mut stream = scan.try_into_stream().await.map_err(internal)?;
+        while let Some(batch) = stream.try_next().await.map_err(internal)? {
+            let (Some(texts), Some(vecs), Some(models)) = (
+                batch.column(0).as_string_opt::<i32>(),
+                batch.column(1).as_fixed_size_list_opt(),
+                batch.column(2).as_string_opt::<i32>(),
+            ) else {
+                return Err(internal(format!(
+                    "{table}: text columns of unexpected types"
+                )));
+            };
+            for i in 0..batch.num_rows() {
+                if vecs.is_null(i) || models.is_null(i) || models.value(i) != model {
+                    continue;
+                }
+                let values = vecs.value(i);
+                let Some(values) = values.as_primitive_opt::<arrow::datatypes::Float32Type>()
+                else {
+                    continue;
+                };
+                shared
+                    .text
+                    .seed(table, texts.value(i), values.values().to_vec().into());
+            }
+        }
+    }
+    Ok(())
 }

@@ -30,7 +30,9 @@ enum Column {
     Bool(BooleanBuilder),
     Texts(ListBuilder<StringBuilder>),
     U64s(ListBuilder<UInt64Builder>),
-    Vector(FixedSizeListBuilder<Float32Builder>),
+    F32(Float32Builder),
+    /// A vector column and its dimension.
+    Vector(FixedSizeListBuilder<Float32Builder>, i32),
 }
 
 /// One value for a column.
@@ -44,6 +46,8 @@ pub(crate) enum Value<'a> {
     Texts(&'a [String]),
     U64s(&'a [u64]),
     Vector(&'a [f32]),
+    OptVector(Option<&'a [f32]>),
+    OptF32(Option<f32>),
 }
 
 impl Builder {
@@ -58,6 +62,7 @@ impl Builder {
                 arrow_schema::DataType::UInt64 => Column::U64(UInt64Builder::new()),
                 arrow_schema::DataType::Int64 => Column::I64(Int64Builder::new()),
                 arrow_schema::DataType::Boolean => Column::Bool(BooleanBuilder::new()),
+                arrow_schema::DataType::Float32 => Column::F32(Float32Builder::new()),
                 arrow_schema::DataType::List(item)
                     if item.data_type() == &arrow_schema::DataType::UInt64 =>
                 {
@@ -67,7 +72,7 @@ impl Builder {
                     Column::Texts(ListBuilder::new(StringBuilder::new()))
                 }
                 arrow_schema::DataType::FixedSizeList(_, d) => {
-                    Column::Vector(FixedSizeListBuilder::new(Float32Builder::new(), *d))
+                    Column::Vector(FixedSizeListBuilder::new(Float32Builder::new(), *d), *d)
                 }
                 other => unreachable!("invariant: table schemas use only known types, got {other}"),
             })
@@ -107,18 +112,9 @@ impl Builder {
                     }
                     b.append(true);
                 }
-                (Column::Vector(b), Value::Vector(v)) => {
-                    if v.len() == self.dim as usize {
-                        b.values().append_slice(v);
-                        b.append(true);
-                    } else {
-                        // Another dimension than the table's: keep the row, null the vector.
-                        for _ in 0..self.dim {
-                            b.values().append_null();
-                        }
-                        b.append(false);
-                    }
-                }
+                (Column::F32(b), Value::OptF32(v)) => b.append_option(*v),
+                (Column::Vector(b, dim), Value::Vector(v)) => push_vector(b, *dim, Some(v)),
+                (Column::Vector(b, dim), Value::OptVector(v)) => push_vector(b, *dim, *v),
                 _ => unreachable!("invariant: row values follow the schema of {}", self.table),
             }
         }
@@ -140,13 +136,31 @@ impl Builder {
                     Column::Bool(b) => Arc::new(b.finish()),
                     Column::Texts(b) => Arc::new(b.finish()),
                     Column::U64s(b) => Arc::new(b.finish()),
-                    Column::Vector(b) => Arc::new(b.finish()),
+                    Column::F32(b) => Arc::new(b.finish()),
+                    Column::Vector(b, _) => Arc::new(b.finish()),
                 }
             })
             .collect();
         self.n_rows = 0;
         RecordBatch::try_new(schema, arrays)
             .map_err(|e| Error::Internal(format!("building {} rows: {e}", self.table)))
+    }
+}
+
+/// Appends a vector, or a null one when it is absent or has another dimension than the
+/// column's (the row is kept either way).
+fn push_vector(b: &mut FixedSizeListBuilder<Float32Builder>, dim: i32, v: Option<&[f32]>) {
+    match v {
+        Some(v) if v.len() == dim as usize => {
+            b.values().append_slice(v);
+            b.append(true);
+        }
+        _ => {
+            for _ in 0..dim {
+                b.values().append_null();
+            }
+            b.append(false);
+        }
     }
 }
 
@@ -161,11 +175,14 @@ pub(crate) fn vector_dim(event: &SignedEvent) -> Option<(&'static str, i32)> {
     }
 }
 
-/// Appends the rows an accepted event contributes to the append-only tables.
+/// Appends the rows an accepted event contributes to the append-only tables; `text` is a
+/// skill's derived text and vector, `model` the model that made it.
 pub(crate) fn append_rows(
     builders: &mut BTreeMap<&'static str, Builder>,
     record: &EventRecord,
     event: &SignedEvent,
+    text: Option<&crate::text::Derived>,
+    model: Option<&str>,
 ) {
     let id = record.id.to_hex();
     let author = record.author.to_hex();
@@ -219,6 +236,8 @@ pub(crate) fn append_rows(
         Payload::SkillPublish(p) => {
             if let Some(b) = builders.get_mut("skills") {
                 let embedding = p.embedding.values();
+                let search_text = text.map_or("", |t| t.text.as_str());
+                let text_vec = text.and_then(|t| t.vec.as_deref());
                 b.push(&[
                     Value::U64(record.index),
                     Value::Text(&id),
@@ -237,6 +256,10 @@ pub(crate) fn append_rows(
                     Value::Text(&p.license),
                     Value::U64(p.price),
                     Value::I64(record.ts),
+                    Value::Text(search_text),
+                    Value::OptVector(text_vec),
+                    Value::OptText(text_vec.and(model)),
+                    Value::OptF32(crate::text::claim_consistency(&embedding, text_vec)),
                 ]);
             }
         }

@@ -306,7 +306,12 @@ pub(crate) const RESULT_BYTES_MAX: usize = 16 << 20;
 
 /// The SQL engine: a dedicated runtime with large stacks, a cap on concurrent queries and a
 /// deadline. SQL and vector search both run here.
+/// Embeds one text with the node's model (for `knn` with a text).
+pub(crate) type EmbedText = Arc<dyn Fn(&str) -> Result<Vec<f32>> + Send + Sync>;
+
 pub(crate) struct Engine {
+    /// The model for `knn(table, 'text', k)`, when there is one.
+    pub(crate) embed_text: Option<EmbedText>,
     runtime: OwnedRuntime,
     permits: Arc<tokio::sync::Semaphore>,
     pub(crate) limits: SqlLimits,
@@ -348,6 +353,7 @@ impl Engine {
             .enable_all()
             .build()?;
         Ok(Self {
+            embed_text: None,
             runtime: OwnedRuntime(Some(runtime)),
             permits: Arc::new(tokio::sync::Semaphore::new(limits.concurrent_max.max(1))),
             limits,
@@ -357,11 +363,17 @@ impl Engine {
 
     /// An engine whose SQL runs in worker processes over the tables under `dir` when the
     /// limits name a worker program.
-    pub(crate) fn with_workers(limits: SqlLimits, dir: &std::path::Path) -> Result<Self> {
+    /// The workers load the embedding model from `model_dir` when a query needs it.
+    pub(crate) fn with_workers(
+        limits: SqlLimits,
+        dir: &std::path::Path,
+        model_dir: Option<std::path::PathBuf>,
+    ) -> Result<Self> {
         let pool = match &limits.workers {
             Some(program) => Some(crate::worker::Pool::new(
                 program.clone(),
                 dir.to_path_buf(),
+                model_dir,
                 &limits,
             )?),
             None => None,
@@ -492,7 +504,11 @@ impl Engine {
         }
         ctx.register_udtf(
             "knn",
-            Arc::new(KnnFunction::new(snapshot.tables.clone(), tables.clone())),
+            Arc::new(KnnFunction::new(
+                snapshot.tables.clone(),
+                tables.clone(),
+                self.embed_text.clone(),
+            )),
         );
         Ok(ctx)
     }

@@ -61,6 +61,9 @@ pub struct WorkerProgram {
 #[derive(Serialize, Deserialize)]
 struct WorkerInit {
     dir: PathBuf,
+    /// Where the node's embedding model is (loaded on the first `knn` with a text).
+    #[serde(default)]
+    model_dir: Option<PathBuf>,
     memory_bytes: u64,
     text_bytes_max: usize,
     rows_max: usize,
@@ -297,6 +300,24 @@ pub fn worker_main() -> i32 {
     }
 }
 
+/// Embeds with the model under `dir`, loaded (and its hash checked) on first use: most
+/// workers never need it.
+fn lazy_model(dir: PathBuf) -> crate::sql::EmbedText {
+    let model =
+        std::sync::OnceLock::<std::result::Result<Arc<meshnode_embed::Embedder>, String>>::new();
+    Arc::new(move |text: &str| {
+        let embedder = model
+            .get_or_init(|| {
+                meshnode_embed::Embedder::open(&dir)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| crate::error::Error::NoModel(format!("loading the model: {e}")))?;
+        crate::text::embed_one(embedder, text)
+    })
+}
+
 fn serve_worker() -> std::io::Result<()> {
     harden()?;
     let socket = protocol_socket()?;
@@ -319,8 +340,9 @@ fn serve_worker() -> std::io::Result<()> {
     let io = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let engine = Engine::with_blocking_threads(limits, WORKER_BLOCKING_THREADS)
+    let mut engine = Engine::with_blocking_threads(limits, WORKER_BLOCKING_THREADS)
         .map_err(std::io::Error::other)?;
+    engine.embed_text = init.model_dir.map(lazy_model);
     // Tables are opened when a query names them: one being rebuilt must not stop a worker.
     let tables = Arc::new(Tables::unopened(&init.dir));
     limit_memory(init.memory_bytes)?;
@@ -464,9 +486,15 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    pub(crate) fn new(program: WorkerProgram, dir: PathBuf, limits: &SqlLimits) -> Result<Self> {
+    pub(crate) fn new(
+        program: WorkerProgram,
+        dir: PathBuf,
+        model_dir: Option<PathBuf>,
+        limits: &SqlLimits,
+    ) -> Result<Self> {
         let init = WorkerInit {
             dir,
+            model_dir,
             memory_bytes: program.memory_bytes,
             text_bytes_max: limits.text_bytes_max,
             rows_max: limits.rows_max,

@@ -37,6 +37,14 @@ pub const APPEND_TABLES: [&str; 7] = [
 /// State tables: the current value of something, rewritten as it changes.
 pub const STATE_TABLES: [&str; 5] = ["balances", "basins", "reputation", "nodes", "blobs"];
 
+/// Dimension of the derived `text_vec` columns: the node's text embedding model
+/// (all-MiniLM-L6-v2) gives 384 values.
+pub const TEXT_VEC_DIM: i32 = 384;
+
+/// Tables with derived text columns (`search_text`, `text_vec`, `text_model`,
+/// `claim_consistency`): what the node's own model made of their text.
+pub const TEXT_TABLES: [&str; 3] = ["skills", "basins", "nodes"];
+
 /// Tables with a vector column, and its name.
 pub const VECTOR_COLUMNS: [(&str, &str); 4] = [
     ("skills", "embedding"),
@@ -74,6 +82,18 @@ pub fn vector_type(dim: i32) -> DataType {
     DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, true)), dim)
 }
 
+/// The derived columns of a [`TEXT_TABLES`] table: the text the node embedded (and indexes
+/// for full-text search), its vector, the model that made it (null without a model) and the
+/// cosine between the author's own vector and `text_vec` (null where their dimensions differ).
+fn text_columns() -> [Field; 4] {
+    [
+        text("search_text"),
+        vector("text_vec", TEXT_VEC_DIM),
+        text_opt("text_model"),
+        Field::new("claim_consistency", DataType::Float32, true),
+    ]
+}
+
 fn vector(name: &str, dim: i32) -> Field {
     // Nullable: a row whose vector has another dimension than the table's keeps a null.
     Field::new(name, vector_type(dim), true)
@@ -82,7 +102,7 @@ fn vector(name: &str, dim: i32) -> Field {
 /// The schema of `table`, with `dim` the dimension of its vector column (ignored for tables
 /// without one). `None` for an unknown table.
 pub fn table_schema(table: &str, dim: i32) -> Option<SchemaRef> {
-    let fields = match table {
+    let mut fields = match table {
         "events" => vec![
             u64f("leaf_index"),
             text("id"),
@@ -207,5 +227,8 @@ pub fn table_schema(table: &str, dim: i32) -> Option<SchemaRef> {
         ],
         _ => return None,
     };
+    if TEXT_TABLES.contains(&table) {
+        fields.extend(text_columns());
+    }
     Some(Arc::new(Schema::new(fields)))
 }

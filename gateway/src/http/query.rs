@@ -2,7 +2,7 @@
 //! rebuild, reindex and Parquet export.
 
 use http::{HeaderMap, StatusCode, header};
-use meshnode_query::{Search, parse_metric, vector_from_json};
+use meshnode_query::{Mode, Search, TextSearch, parse_metric, vector_from_json};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use warp::Reply;
@@ -124,11 +124,17 @@ pub(crate) async fn sql(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SearchRequest {
-    /// skills, basins, basin_versions or nodes.
+    /// skills, basins, basin_versions or nodes (text: skills, basins or nodes).
     table: String,
-    /// Query vector (same dimension as the table's).
-    #[schema(value_type = Vec<f32>)]
-    vector: Value,
+    /// What to look for in plain words (searches the node's text vectors and words); give
+    /// this or `vector`.
+    text: Option<String>,
+    /// hybrid (default: meaning and words fused), vector (meaning) or text (words, BM25);
+    /// with `text` only.
+    mode: Option<String>,
+    /// Query vector (same dimension as the table's author vectors); give this or `text`.
+    #[schema(value_type = Option<Vec<f32>>)]
+    vector: Option<Value>,
     /// How many results, 1..=1000.
     k: Option<u64>,
     /// cosine (default), l2 or dot.
@@ -139,12 +145,14 @@ pub(crate) struct SearchRequest {
     exact: Option<bool>,
 }
 
-/// The k nearest rows of a vector table, nearest first, filtered before ranking.
+/// The k nearest rows of a vector table, nearest first, filtered before ranking; or, with
+/// `text`, the rows of a text table that match it best by meaning and words.
 #[utoipa::path(post, path = "/v1/search", tag = "query",
     request_body = SearchRequest,
     responses(
-        (status = 200, description = "{results: [{distance, row}]}"),
-        (status = 400, description = "invalid_vector, dimension_mismatch, invalid_k, invalid_metric, invalid_filter…", body = super::error::ErrorBody),
+        (status = 200, description = "{results: [{distance, row}]}; with text: {results: [{score, distance, bm25, row}], mode, model}"),
+        (status = 400, description = "invalid_search, invalid_vector, invalid_text, invalid_mode, not_a_text_table, dimension_mismatch, invalid_k, invalid_metric, invalid_filter…", body = super::error::ErrorBody),
+        (status = 503, description = "no_embed_model: a text search in mode hybrid or vector on a node without the model", body = super::error::ErrorBody),
         (status = 404, description = "unknown_table", body = super::error::ErrorBody),
     ))]
 pub(crate) async fn search(
@@ -153,15 +161,40 @@ pub(crate) async fn search(
     request: SearchRequest,
 ) -> Result<Response, ApiError> {
     state.authorize(&headers, false)?;
-    let vector = vector_from_json(&request.vector)?;
-    let k = request.k.unwrap_or(10);
+    let k = usize::try_from(request.k.unwrap_or(10)).unwrap_or(usize::MAX);
+    let vector = match (request.text, request.vector) {
+        (Some(text), None) => {
+            if request.metric.is_some() || request.exact.is_some() {
+                return Err(ApiError::bad_request(
+                    "invalid_search",
+                    "`metric` and `exact` go with `vector`; a text search ranks by cosine",
+                ));
+            }
+            let search = TextSearch {
+                table: request.table,
+                text,
+                k,
+                filter: request.filter,
+                mode: Mode::parse(request.mode.as_deref().unwrap_or("hybrid"))?,
+            };
+            return text_search(&state, &search).await;
+        }
+        (None, Some(vector)) if request.mode.is_none() => vector_from_json(&vector)?,
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_search",
+                "give either `text` (with an optional `mode`) or `vector`",
+            ));
+        }
+    };
     let search = Search {
         table: request.table,
         vector,
-        k: usize::try_from(k).unwrap_or(usize::MAX),
+        k,
         metric: parse_metric(request.metric.as_deref().unwrap_or("cosine"))?,
         filter: request.filter,
         exact: request.exact.unwrap_or(false),
+        text_vec: false,
     };
     let hits = state.node().query.search(&search).await?;
     let results: Vec<Value> = hits
@@ -169,6 +202,25 @@ pub(crate) async fn search(
         .map(|h| json!({"distance": h.distance, "row": h.row}))
         .collect();
     Ok(json(StatusCode::OK, &json!({"results": results})))
+}
+
+/// A text search's answer: `{results: [{score, distance, bm25, row}], mode, model}`.
+async fn text_search(state: &AppState, search: &TextSearch) -> Result<Response, ApiError> {
+    let query = &state.node().query;
+    let hits = query.search_text(search).await?;
+    let results: Vec<Value> = hits
+        .into_iter()
+        .map(|h| json!({"score": h.score, "distance": h.distance, "bm25": h.bm25, "row": h.row}))
+        .collect();
+    let mode = match search.mode {
+        Mode::Hybrid => "hybrid",
+        Mode::Vector => "vector",
+        Mode::Text => "text",
+    };
+    Ok(json(
+        StatusCode::OK,
+        &json!({"results": results, "mode": mode, "model": query.embed_model()}),
+    ))
 }
 
 /// The query tables with their columns, and materialization progress.

@@ -274,7 +274,14 @@ async fn sql_is_read_only_and_bounded() {
 #[tokio::test]
 async fn vector_search_filters_before_ranking() {
     let node = TestNode::start_demo(&[]).expect("node");
-    let query = meshnode_gateway::demo::embed("grape harvest vineyard");
+    // The demo's skills carry the model's vectors, as an agent computes them before it
+    // publishes.
+    let (status, body) = embeddings(&node, json!({"input": "grape harvest vineyard"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let query: Vec<f32> = floats(&body["data"][0]["embedding"])
+        .into_iter()
+        .map(|x| x as f32)
+        .collect();
     let (status, body) = post(
         &node,
         "/v1/search",
@@ -339,11 +346,13 @@ async fn vector_search_filters_before_ranking() {
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["results"].as_array().expect("r").len(), 7);
     }
+    // The demo's basins and node signatures are 8-d hashed bags of words.
+    let hashed = meshnode_gateway::demo::embed("grape harvest vineyard");
     for table in ["basins", "nodes"] {
         let (status, body) = post(
             &node,
             "/v1/search",
-            json!({"table": table, "vector": query, "k": 1}),
+            json!({"table": table, "vector": hashed, "k": 1}),
             false,
         )
         .await;
@@ -412,7 +421,7 @@ async fn vector_search_filters_before_ranking() {
     }
     let (status, body) = sql(&node, "SELECT * FROM knn('skills', '[1, 2]', 3)").await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    let (status, body) = sql(&node, "SELECT * FROM knn('skills', 'not json', 3)").await;
+    let (status, body) = sql(&node, "SELECT * FROM knn('skills', '[not json', 3)").await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     // The CLI searches too.
     let out = node.cli(&[
@@ -853,6 +862,225 @@ async fn embeddings_answer_in_openai_format_for_any_openai_client() {
     assert_eq!(got, StatusCode::OK, "{body}");
 }
 
+async fn text_search(node: &TestNode, body: Value) -> (StatusCode, Value) {
+    post(node, "/v1/search", body, false).await
+}
+
+/// The `name` (or `service`, `basin_id`) of each hit.
+fn names(body: &Value) -> Vec<String> {
+    body["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| {
+            let row = &r["row"];
+            ["name", "service", "basin_id"]
+                .iter()
+                .find_map(|k| row[*k].as_str())
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn intent_search_finds_skills_by_meaning_by_words_and_by_both() {
+    let node = TestNode::start_demo(&[]).expect("node");
+    // By meaning: no word in common with the skill it should find.
+    for (text, mode, want) in [
+        (
+            "help me figure out when to pick the grapes",
+            "hybrid",
+            "Harvest timing planner",
+        ),
+        (
+            "who should the doctor see first",
+            "vector",
+            "Triage assistant",
+        ),
+        (
+            "someone is bleeding, what do I do",
+            "hybrid",
+            "Triage assistant",
+        ),
+        // By words: a jargon word matches exactly.
+        ("pinot", "text", "Pinot grape classifier"),
+        ("pinot", "hybrid", "Pinot grape classifier"),
+    ] {
+        let (status, body) = text_search(
+            &node,
+            json!({"table": "skills", "text": text, "k": 3, "mode": mode}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(
+            names(&body).first().map(String::as_str),
+            Some(want),
+            "{text}: {body}"
+        );
+        assert_eq!(body["mode"], mode);
+        assert_eq!(body["model"], "all-MiniLM-L6-v2@53aa5117");
+        let scores: Vec<f64> = body["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .map(|r| r["score"].as_f64().expect("score"))
+            .collect();
+        assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+    }
+    // Words alone only find rows that have them; the fused ranking says where each came from.
+    let (_, body) = text_search(
+        &node,
+        json!({"table": "skills", "text": "pinot", "mode": "text"}),
+    )
+    .await;
+    assert_eq!(names(&body), ["Pinot grape classifier"], "{body}");
+    let (_, body) = text_search(&node, json!({"table": "skills", "text": "pinot"})).await;
+    let top = &body["results"][0];
+    assert!(
+        top["bm25"].as_f64() > Some(0.0) && top["distance"].as_f64().is_some(),
+        "{top}"
+    );
+    // The filter applies before ranking.
+    let (_, body) = text_search(
+        &node,
+        json!({"table": "skills", "text": "grapes and wine", "k": 5, "filter": "domain = 'medicine'"}),
+    )
+    .await;
+    assert_eq!(names(&body).len(), 2, "{body}");
+    assert!(
+        body["results"]
+            .as_array()
+            .expect("r")
+            .iter()
+            .all(|r| r["row"]["domain"] == "medicine")
+    );
+    // Nodes and basins by their own text.
+    let (_, body) = text_search(
+        &node,
+        json!({"table": "nodes", "text": "medic", "mode": "text"}),
+    )
+    .await;
+    assert_eq!(names(&body), ["medic-agent"], "{body}");
+    let (_, body) = text_search(
+        &node,
+        json!({"table": "basins", "text": "sick people at the doctor", "k": 1}),
+    )
+    .await;
+    assert_eq!(names(&body), ["medic-mind"], "{body}");
+    // The author of the fraud detector claimed a vineyard skill's vector: it stands out.
+    let claims = rows(
+        &node,
+        "SELECT name, claim_consistency FROM skills ORDER BY claim_consistency",
+    )
+    .await;
+    assert_eq!(claims[0][0], "Fraud detector", "{claims:?}");
+    assert!(claims[0][1].as_f64() < Some(0.5), "{claims:?}");
+    assert!(
+        claims[1..].iter().all(|r| r[1].as_f64() > Some(0.8)),
+        "{claims:?}"
+    );
+    assert_eq!(
+        scalar(
+            &node,
+            "SELECT count(DISTINCT text_model) FROM skills WHERE text_vec IS NOT NULL"
+        )
+        .await,
+        1
+    );
+    // knn() in SQL takes text too (in the query worker, which loads the model).
+    let got = rows(
+        &node,
+        "SELECT name FROM knn('skills', 'someone is bleeding, what do I do', 1)",
+    )
+    .await;
+    assert_eq!(got[0][0], "Triage assistant");
+    // The CLI: text is the positional argument.
+    let out = node.cli(&["search", "someone is bleeding, what do I do", "-k", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("Triage assistant") && stdout.lines().count() == 1,
+        "{stdout}"
+    );
+    // Bad input: a clear code each.
+    let long = "x".repeat(16 * 1024 + 1);
+    for (request, status, code) in [
+        (json!({"table": "skills", "text": ""}), 400, "invalid_text"),
+        (
+            json!({"table": "skills", "text": "  \n "}),
+            400,
+            "invalid_text",
+        ),
+        (
+            json!({"table": "skills", "text": long}),
+            400,
+            "invalid_text",
+        ),
+        (
+            json!({"table": "skills", "text": "x", "mode": "fuzzy"}),
+            400,
+            "invalid_mode",
+        ),
+        (
+            json!({"table": "transfers", "text": "x"}),
+            400,
+            "not_a_text_table",
+        ),
+        (
+            json!({"table": "skills", "text": "x", "vector": [1.0]}),
+            400,
+            "invalid_search",
+        ),
+        (
+            json!({"table": "skills", "vector": [1.0], "mode": "text"}),
+            400,
+            "invalid_search",
+        ),
+        (
+            json!({"table": "skills", "text": "x", "metric": "l2"}),
+            400,
+            "invalid_search",
+        ),
+        (json!({"table": "skills"}), 400, "invalid_search"),
+        (
+            json!({"table": "skills", "text": "x", "k": 0}),
+            400,
+            "invalid_k",
+        ),
+        (
+            json!({"table": "skills", "text": "x", "filter": "price >"}),
+            400,
+            "invalid_filter",
+        ),
+    ] {
+        let (got, body) = text_search(&node, request.clone()).await;
+        assert_eq!(
+            (got.as_u16(), body["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{request}: {body}"
+        );
+    }
+    // Invalid UTF-8 never reaches the model.
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/search", node.url))
+        .header("content-type", "application/json")
+        .body(b"{\"table\": \"skills\", \"text\": \"\xff\xfe\"}".to_vec())
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    // Other scripts are text like any other.
+    for text in ["東京でワインを選ぶ", "🍷🍇", "Ελληνικά κρασιά"] {
+        let (status, body) = text_search(&node, json!({"table": "skills", "text": text})).await;
+        assert_eq!(status, StatusCode::OK, "{text}: {body}");
+    }
+}
+
 #[tokio::test]
 async fn without_the_model_text_routes_answer_503_and_wrong_weights_stop_the_start() {
     let empty = tempfile::tempdir().expect("tempdir");
@@ -868,6 +1096,28 @@ async fn without_the_model_text_routes_answer_503_and_wrong_weights_stop_the_sta
         body["error"]["message"]
             .as_str()
             .is_some_and(|m| m.contains("ensure-deps.sh model")),
+        "{body}"
+    );
+    // Search by meaning needs the model; by words it does not.
+    let (got, body) = text_search(&node, json!({"table": "skills", "text": "x"})).await;
+    assert_eq!(body["error"]["code"], "no_embed_model", "{body}");
+    assert_eq!(got, StatusCode::SERVICE_UNAVAILABLE);
+    let (got, body) = text_search(
+        &node,
+        json!({"table": "skills", "text": "x", "mode": "text"}),
+    )
+    .await;
+    assert_eq!(
+        (got, &body["results"]),
+        (StatusCode::OK, &json!([])),
+        "{body}"
+    );
+    let (got, body) = sql(&node, "SELECT * FROM knn('skills', 'grapes', 1)").await;
+    assert_eq!(got, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no embedding model")),
         "{body}"
     );
     // The right config and tokenizer with weights one byte off: the node refuses to start.

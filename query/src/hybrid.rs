@@ -1,0 +1,288 @@
+//! Search by text over the text tables (skills, basins, nodes): by meaning (the query's
+//! embedding against `text_vec`), by words (BM25 over `search_text`, Lance's full-text
+//! search), or both fused by reciprocal rank (the default), so that a paraphrase finds a
+//! skill by what it does and an exact name or jargon word still finds it by name.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow_array::RecordBatch;
+use datafusion::logical_expr::Expr;
+use futures::TryStreamExt;
+use lance::Dataset;
+use lance_index::scalar::FullTextSearchQuery;
+use lance_linalg::distance::DistanceType;
+use serde_json::{Map, Value};
+
+use crate::error::{Result, bad, internal};
+use crate::knn::{self, K_MAX, Search};
+
+/// How a text search ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Meaning and words, fused by reciprocal rank (the default).
+    Hybrid,
+    /// Meaning only: cosine between the query's embedding and `text_vec`.
+    Vector,
+    /// Words only: BM25 over `search_text` (works without a model).
+    Text,
+}
+
+impl Mode {
+    /// Parses `hybrid`, `vector` or `text`.
+    pub fn parse(text: &str) -> Result<Mode> {
+        match text.to_ascii_lowercase().as_str() {
+            "hybrid" => Ok(Mode::Hybrid),
+            "vector" => Ok(Mode::Vector),
+            "text" => Ok(Mode::Text),
+            other => Err(bad(
+                "invalid_mode",
+                format!(
+                    "mode `{}` is not one of hybrid, vector, text",
+                    other.chars().take(32).collect::<String>()
+                ),
+            )),
+        }
+    }
+
+    /// Whether the mode needs the embedding model.
+    pub fn needs_model(self) -> bool {
+        self != Mode::Text
+    }
+}
+
+/// A text search request.
+#[derive(Clone, Debug)]
+pub struct TextSearch {
+    /// skills, basins or nodes.
+    pub table: String,
+    /// What the user is looking for, in plain words.
+    pub text: String,
+    /// How many rows (1..=1000).
+    pub k: usize,
+    /// SQL boolean expression applied before ranking.
+    pub filter: Option<String>,
+    /// How to rank.
+    pub mode: Mode,
+}
+
+/// A text search hit.
+#[derive(Clone, Debug)]
+pub struct TextHit {
+    /// Higher is better. Hybrid: the fused reciprocal-rank score; vector: the cosine
+    /// similarity; text: the BM25 score.
+    pub score: f32,
+    /// Cosine distance between the query's embedding and the row's `text_vec`, when the
+    /// row was among the nearest.
+    pub distance: Option<f32>,
+    /// BM25 score of the row's `search_text`, when its words matched.
+    pub bm25: Option<f32>,
+    /// The row's columns.
+    pub row: Map<String, Value>,
+}
+
+/// Reciprocal rank fusion's constant: a row ranked r-th (from 1) in a list adds 1/(60 + r).
+const RRF_K: f32 = 60.0;
+
+/// Candidates each ranking gives to the fusion.
+fn candidates(k: usize) -> usize {
+    (k * 2).clamp(50, K_MAX)
+}
+
+/// The column that identifies a row of a text table.
+fn key_column(table: &str) -> &'static str {
+    if table == "nodes" { "author" } else { "id" }
+}
+
+/// Runs a checked text search on one dataset version; `query_vec` is the text's embedding
+/// (for the modes that need it).
+pub(crate) async fn run(
+    dataset: Arc<Dataset>,
+    request: &TextSearch,
+    query_vec: Option<Vec<f32>>,
+    filter: Option<Expr>,
+) -> Result<Vec<TextHit>> {
+    let n = match request.mode {
+        Mode::Hybrid => candidates(request.k),
+        _ => request.k,
+    };
+    let nearest = match query_vec {
+        Some(vector) => {
+            let search = Search {
+                table: request.table.clone(),
+                vector,
+                k: n,
+                metric: DistanceType::Cosine,
+                filter: None,
+                exact: true,
+                text_vec: true,
+            };
+            let batches = knn::run(&dataset, "text_vec", &search, filter.clone(), false).await?;
+            ranked(batches, "_distance")?
+        }
+        None => Vec::new(),
+    };
+    let matched = if request.mode == Mode::Vector {
+        Vec::new()
+    } else {
+        ranked(bm25(&dataset, &request.text, n, filter).await?, "_score")?
+    };
+    let key = key_column(&request.table);
+    let mut hits = match request.mode {
+        Mode::Vector => nearest
+            .into_iter()
+            .map(|(d, row)| TextHit {
+                score: 1.0 - d,
+                distance: Some(d),
+                bm25: None,
+                row,
+            })
+            .collect(),
+        Mode::Text => matched
+            .into_iter()
+            .map(|(s, row)| TextHit {
+                score: s,
+                distance: None,
+                bm25: Some(s),
+                row,
+            })
+            .collect(),
+        Mode::Hybrid => fuse(nearest, matched, key),
+    };
+    hits.sort_by(|a, b| {
+        b.score
+            .total_cmp(&a.score)
+            .then_with(|| a.row.get(key).map(text).cmp(&b.row.get(key).map(text)))
+    });
+    hits.truncate(request.k);
+    Ok(hits)
+}
+
+fn text(v: &Value) -> &str {
+    v.as_str().unwrap_or("")
+}
+
+/// Reciprocal rank fusion of the nearest rows (by distance) and the best-matching rows (by
+/// BM25), each list already in rank order.
+fn fuse(
+    nearest: Vec<(f32, Map<String, Value>)>,
+    matched: Vec<(f32, Map<String, Value>)>,
+    key: &str,
+) -> Vec<TextHit> {
+    let mut by_key: HashMap<String, TextHit> = HashMap::new();
+    for (rank, (distance, row)) in nearest.into_iter().enumerate() {
+        let id = row.get(key).map(text).unwrap_or("").to_string();
+        let hit = by_key.entry(id).or_insert(TextHit {
+            score: 0.0,
+            distance: None,
+            bm25: None,
+            row,
+        });
+        hit.score += 1.0 / (RRF_K + rank as f32 + 1.0);
+        hit.distance = Some(distance);
+    }
+    for (rank, (score, row)) in matched.into_iter().enumerate() {
+        let id = row.get(key).map(text).unwrap_or("").to_string();
+        let hit = by_key.entry(id).or_insert(TextHit {
+            score: 0.0,
+            distance: None,
+            bm25: None,
+            row,
+        });
+        hit.score += 1.0 / (RRF_K + rank as f32 + 1.0);
+        hit.bm25 = Some(score);
+    }
+    by_key.into_values().collect()
+}
+
+/// Rows as JSON objects with the value of `column` taken out, in the order given by it
+/// (`_distance` ascending, `_score` descending).
+fn ranked(batches: Vec<RecordBatch>, column: &str) -> Result<Vec<(f32, Map<String, Value>)>> {
+    let answer = crate::sql::Answer {
+        schema: batches
+            .first()
+            .map(|b| b.schema())
+            .unwrap_or_else(|| Arc::new(arrow_schema::Schema::empty())),
+        batches,
+        truncated: false,
+    };
+    let mut rows: Vec<(f32, Map<String, Value>)> = answer
+        .to_objects()
+        .into_iter()
+        .map(|mut row| {
+            let value = row
+                .remove(column)
+                .and_then(|d| d.as_f64())
+                .unwrap_or(f64::NAN) as f32;
+            (value, row)
+        })
+        .filter(|(v, _)| v.is_finite())
+        .collect();
+    if column == "_distance" {
+        rows.sort_by(|a, b| a.0.total_cmp(&b.0));
+    } else {
+        rows.sort_by(|a, b| b.0.total_cmp(&a.0));
+    }
+    Ok(rows)
+}
+
+/// The `n` rows whose `search_text` best matches `text` by BM25, among those that pass the
+/// filter; rows carry every column plus `_score`.
+async fn bm25(
+    dataset: &Dataset,
+    text: &str,
+    n: usize,
+    filter: Option<Expr>,
+) -> Result<Vec<RecordBatch>> {
+    let query = FullTextSearchQuery::new(text.to_string())
+        .with_column("search_text".to_string())
+        .map_err(|e| bad("invalid_text", e.to_string()))?
+        .limit(Some(n as i64));
+    let mut scan = dataset.scan();
+    scan.full_text_search(query)
+        .map_err(|e| bad("invalid_text", e.to_string()))?;
+    if let Some(expr) = filter {
+        scan.filter_expr(expr);
+        scan.prefilter(true);
+    }
+    let stream = scan
+        .try_into_stream()
+        .await
+        .map_err(|e| internal(format!("full-text search: {e}")))?;
+    stream
+        .try_collect()
+        .await
+        .map_err(|e| internal(format!("full-text search: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("id".into(), Value::String(id.into()));
+        m
+    }
+
+    #[test]
+    fn fusion_rewards_rows_both_rankings_agree_on() {
+        let nearest = vec![(0.1, row("a")), (0.2, row("b")), (0.3, row("c"))];
+        let matched = vec![(9.0, row("c")), (5.0, row("d"))];
+        let mut hits = fuse(nearest, matched, "id");
+        hits.sort_by(|a, b| b.score.total_cmp(&a.score));
+        let order: Vec<&str> = hits.iter().map(|h| text(&h.row["id"])).collect();
+        // c: 1/63 + 1/61 beats a: 1/61 alone.
+        assert_eq!(order, ["c", "a", "b", "d"]);
+        assert_eq!(hits[0].distance, Some(0.3));
+        assert_eq!(hits[0].bm25, Some(9.0));
+        assert_eq!(hits[3].distance, None);
+    }
+
+    #[test]
+    fn modes_parse_and_say_what_they_need() {
+        assert_eq!(Mode::parse("HYBRID").ok(), Some(Mode::Hybrid));
+        assert!(Mode::parse("text").is_ok_and(|m| !m.needs_model()));
+        assert!(Mode::parse("fuzzy").is_err_and(|e| e.code() == "invalid_mode"));
+    }
+}
