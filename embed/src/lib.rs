@@ -97,6 +97,30 @@ pub struct Embedder {
     device: Device,
     id: String,
     dir: PathBuf,
+    /// Calls of `embed` running now.
+    running: std::sync::atomic::AtomicUsize,
+}
+
+/// One running `embed` call, counted while it lives.
+struct Running<'a> {
+    count: &'a std::sync::atomic::AtomicUsize,
+    alone: bool,
+}
+
+impl<'a> Running<'a> {
+    fn enter(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        let before = count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self {
+            count,
+            alone: before == 0,
+        }
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for Embedder {
@@ -150,6 +174,7 @@ impl Embedder {
             device,
             id: format!("{MODEL_NAME}@{}", &MODEL_SHA256[..8]),
             dir: dir.to_path_buf(),
+            running: Default::default(),
         })
     }
 
@@ -192,21 +217,45 @@ impl Embedder {
             .iter()
             .map(|t| self.tokenize(t))
             .collect::<Result<_>>()?;
-        let Some(width) = ids.iter().map(Vec::len).max() else {
+        if ids.is_empty() {
             return Ok(Vec::new());
+        }
+        // Two halves on two threads: the matrix products use every core anyway, but the
+        // element-wise parts (erf GELU, softmax, layer norm) run on one thread per pass
+        // (about 12% faster on 2 cores).
+        // Only on an otherwise idle embedder: concurrent calls already fill the cores.
+        let running = Running::enter(&self.running);
+        let alone = running.alone;
+        let embeddings = if alone && ids.len() >= 2 && ids.iter().map(Vec::len).sum::<usize>() >= 64
+        {
+            let (first, second) = ids.split_at(ids.len() / 2);
+            let (a, b) = std::thread::scope(|scope| {
+                let a = scope.spawn(|| self.forward_padded(first));
+                (a.join(), self.forward_padded(second))
+            });
+            let mut a = a.map_err(|_| Error::Model("an embedding thread panicked".into()))??;
+            a.extend(b?);
+            a
+        } else {
+            self.forward_padded(&ids)?
         };
+        debug_assert!(embeddings.iter().all(|e| e.len() == DIM));
+        Ok(embeddings)
+    }
+
+    /// One forward pass over texts' token ids, padded to the longest.
+    fn forward_padded(&self, ids: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let width = ids.iter().map(Vec::len).max().unwrap_or(0);
         let n = ids.len();
         let mut flat = Vec::with_capacity(n * width);
         let mut mask = Vec::with_capacity(n * width);
-        for row in &ids {
+        for row in ids {
             flat.extend(row.iter().copied());
             flat.extend(std::iter::repeat_n(0u32, width - row.len()));
             mask.extend(std::iter::repeat_n(1u32, row.len()));
             mask.extend(std::iter::repeat_n(0u32, width - row.len()));
         }
-        let embeddings = self.forward(flat, mask, n, width).map_err(model_error)?;
-        debug_assert!(embeddings.iter().all(|e| e.len() == DIM));
-        Ok(embeddings)
+        self.forward(flat, mask, n, width).map_err(model_error)
     }
 
     fn forward(

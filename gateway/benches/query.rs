@@ -5,9 +5,13 @@
 //!   knn  N_VECTORS   SCRATCH  — 384-dim vectors (random and clustered) in `skills`, ANN index,
 //!                               recall@10 and p50 latency against exact search; writes the raw
 //!                               vectors and queries for FAISS
+//!   intent N_SKILLS  SCRATCH  — search by intent: top-1/top-3 on bench/intent_quality.json and
+//!                               p50 of embed + rank over N skills (the model must be installed)
 //!
 //! Usage: cargo bench -p meshnode-gateway --bench query -- MODE N SCRATCH
 //! Prints one JSON object on stdout.
+
+mod intent;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -422,6 +426,71 @@ fn clustered(rng: &mut Rng, centroids: &[Vec<f32>]) -> Vec<f32> {
     c.iter().map(|x| x + 0.15 * rng.gauss()).collect()
 }
 
+/// The ids each query found and the median latency.
+struct KnnRuns {
+    ids: Vec<Vec<String>>,
+    p50_ms: f64,
+}
+
+async fn knn_runs(
+    query: &Query,
+    queries: &[Vec<f32>],
+    filter: Option<&str>,
+    exact: bool,
+) -> anyhow::Result<KnnRuns> {
+    let mut latencies = Vec::new();
+    let mut ids = Vec::new();
+    for q in queries {
+        let search = Search {
+            table: "skills".into(),
+            vector: q.clone(),
+            k: 10,
+            metric: parse_metric("cosine")?,
+            filter: filter.map(str::to_string),
+            exact,
+            text_vec: false,
+        };
+        let started = Instant::now();
+        let hits = query.search(&search).await?;
+        latencies.push(started.elapsed());
+        ids.push(hits.iter().map(|h| h.row["id"].to_string()).collect());
+    }
+    latencies.sort();
+    Ok(KnnRuns {
+        ids,
+        p50_ms: latencies[latencies.len() / 2].as_secs_f64() * 1000.0,
+    })
+}
+
+fn recall_at_10(truth: &[Vec<String>], got: &[Vec<String>]) -> f64 {
+    let found: usize = truth
+        .iter()
+        .zip(got)
+        .map(|(t, g)| g.iter().filter(|id| t.contains(id)).count())
+        .sum();
+    found as f64 / (truth.len() as f64 * 10.0)
+}
+
+/// Waits until the in-memory index of `column` (`table.column`) holds `rows` rows.
+async fn wait_for_memory_index(query: &Query, column: &str, rows: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        let covered = query
+            .memory_indexes()
+            .into_iter()
+            .find(|(c, _)| c == column)
+            .map_or(0, |(_, n)| n);
+        if covered >= rows {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{column}: in-memory index not built"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn knn_bench(n: usize, scratch: &Path) -> anyhow::Result<serde_json::Value> {
     let dim = 384usize;
     let (_dir, data, store, ledger) = open_node(scratch).await?;
@@ -514,7 +583,11 @@ async fn knn_bench(n: usize, scratch: &Path) -> anyhow::Result<serde_json::Value
             None,
         )
         .await?;
-        eprintln!("{distribution}: building the index");
+        eprintln!("{distribution}: building the in-memory index");
+        let started = Instant::now();
+        wait_for_memory_index(&query, "skills.embedding", n).await?;
+        let memory_index_secs = started.elapsed().as_secs_f64();
+        eprintln!("{distribution}: building Lance's index (SQL knn, large filtered searches)");
         let started = Instant::now();
         query.reindex().await?;
         let index_secs = started.elapsed().as_secs_f64();
@@ -533,55 +606,35 @@ async fn knn_bench(n: usize, scratch: &Path) -> anyhow::Result<serde_json::Value
             }
             queries.push(v);
         }
-        let measure = |filter: Option<&str>| {
-            let query = query.clone();
-            let queries = queries.clone();
-            let filter = filter.map(str::to_string);
-            async move {
-                let mut latencies = Vec::new();
-                let mut found = 0usize;
-                let mut exact_latencies = Vec::new();
-                for q in &queries {
-                    let mut search = Search {
-                        table: "skills".into(),
-                        vector: q.clone(),
-                        k: 10,
-                        metric: parse_metric("cosine")?,
-                        filter: filter.clone(),
-                        exact: true,
-                        text_vec: false,
-                    };
-                    let started = Instant::now();
-                    let truth: Vec<String> = query
-                        .search(&search)
-                        .await?
-                        .iter()
-                        .map(|h| h.row["id"].to_string())
-                        .collect();
-                    exact_latencies.push(started.elapsed());
-                    search.exact = false;
-                    let started = Instant::now();
-                    let got = query.search(&search).await?;
-                    latencies.push(started.elapsed());
-                    found += got
-                        .iter()
-                        .filter(|h| truth.contains(&h.row["id"].to_string()))
-                        .count();
-                }
-                latencies.sort();
-                exact_latencies.sort();
-                Ok::<_, anyhow::Error>(serde_json::json!({
-                    "recall_at_10": found as f64 / (queries.len() as f64 * 10.0),
-                    "p50_ms": latencies[latencies.len() / 2].as_secs_f64() * 1000.0,
-                    "exact_p50_ms": exact_latencies[exact_latencies.len() / 2].as_secs_f64() * 1000.0,
-                }))
+        let truth = knn_runs(&query, &queries, None, true).await?;
+        // As FAISS is measured: the smallest ef that reaches recall@10 0.95.
+        let mut sweep = Vec::new();
+        for ef in [16, 32, 64, 128, 256, 512, 1024] {
+            query.set_ann_ef(ef);
+            let run = knn_runs(&query, &queries, None, false).await?;
+            let recall = recall_at_10(&truth.ids, &run.ids);
+            eprintln!(
+                "{distribution}: ef {ef}: recall@10 {recall:.3}, p50 {:.3} ms",
+                run.p50_ms
+            );
+            sweep.push(
+                serde_json::json!({"ef_search": ef, "recall_at_10": recall, "p50_ms": run.p50_ms}),
+            );
+            if recall >= 0.95 {
+                break;
             }
-        };
-        let plain = measure(None).await?;
-        let filtered = measure(Some("domain = 'rare'")).await?;
+        }
+        let plain = sweep.last().cloned().unwrap_or_default();
+        let filtered_truth = knn_runs(&query, &queries, Some("domain = 'rare'"), true).await?;
+        let filtered = knn_runs(&query, &queries, Some("domain = 'rare'"), false).await?;
         out.push(serde_json::json!({
             "distribution": distribution, "n": n, "dim": dim, "index_secs": index_secs,
-            "ann": plain, "filtered_1pct": filtered,
+            "memory_index_secs": memory_index_secs, "exact_p50_ms": truth.p50_ms,
+            "ann": plain, "sweep": sweep,
+            "filtered_1pct": {
+                "recall_at_10": recall_at_10(&filtered_truth.ids, &filtered.ids),
+                "p50_ms": filtered.p50_ms,
+            },
             "vectors": scratch.join(format!("bench-knn-{distribution}.f32")).display().to_string(),
             "queries": scratch.join(format!("bench-knn-{distribution}.queries.f32")).display().to_string(),
         }));
@@ -610,6 +663,8 @@ async fn main() -> anyhow::Result<()> {
     let report = match mode.as_str() {
         "sql" => sql_bench(n, &scratch).await?,
         "knn" => knn_bench(n, &scratch).await?,
+        "intent" => intent::intent_bench(n, &scratch).await?,
+        "embed" => intent::embed_bench(n)?,
         other => anyhow::bail!("unknown mode {other}"),
     };
     println!("{report}");

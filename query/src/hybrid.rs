@@ -97,6 +97,8 @@ fn key_column(table: &str) -> &'static str {
 /// Runs a checked text search on one dataset version; `query_vec` is the text's embedding
 /// (for the modes that need it).
 pub(crate) async fn run(
+    tables: &crate::tables::Tables,
+    ann: &crate::ann::AnnIndexes,
     dataset: Arc<Dataset>,
     request: &TextSearch,
     query_vec: Option<Vec<f32>>,
@@ -107,19 +109,25 @@ pub(crate) async fn run(
         _ => request.k,
     };
     let nearest = match query_vec {
-        Some(vector) => {
-            let search = Search {
-                table: request.table.clone(),
-                vector,
-                k: n,
-                metric: DistanceType::Cosine,
-                filter: None,
-                exact: true,
-                text_vec: true,
-            };
-            let batches = knn::run(&dataset, "text_vec", &search, filter.clone(), false).await?;
-            ranked(batches, "_distance")?
+        Some(vector) if filter.is_none() => {
+            match ann
+                .search(
+                    tables,
+                    &request.table,
+                    &dataset,
+                    "text_vec",
+                    &vector,
+                    n,
+                    DistanceType::Cosine,
+                    false,
+                )
+                .await?
+            {
+                Some(found) => ranked(found, "_distance")?,
+                None => nearest_by_lance(&dataset, request, vector, n, None).await?,
+            }
         }
+        Some(vector) => nearest_by_lance(&dataset, request, vector, n, filter.clone()).await?,
         None => Vec::new(),
     };
     let matched = if request.mode == Mode::Vector {
@@ -127,6 +135,39 @@ pub(crate) async fn run(
     } else {
         ranked(bm25(&dataset, &request.text, n, filter).await?, "_score")?
     };
+    rank(request, nearest, matched)
+}
+
+/// The `n` rows nearest to `vector` by `text_vec`, exact, through Lance (filtered searches,
+/// tables without an in-memory index).
+async fn nearest_by_lance(
+    dataset: &Dataset,
+    request: &TextSearch,
+    vector: Vec<f32>,
+    n: usize,
+    filter: Option<Expr>,
+) -> Result<Vec<(f32, Map<String, Value>)>> {
+    let search = Search {
+        table: request.table.clone(),
+        vector,
+        k: n,
+        metric: DistanceType::Cosine,
+        filter: None,
+        exact: true,
+        text_vec: true,
+    };
+    ranked(
+        knn::run(dataset, "text_vec", &search, filter, false).await?,
+        "_distance",
+    )
+}
+
+/// The hits of a mode from the two rankings, best first, at most k.
+fn rank(
+    request: &TextSearch,
+    nearest: Vec<(f32, Map<String, Value>)>,
+    matched: Vec<(f32, Map<String, Value>)>,
+) -> Result<Vec<TextHit>> {
     let key = key_column(&request.table);
     let mut hits = match request.mode {
         Mode::Vector => nearest

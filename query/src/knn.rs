@@ -624,14 +624,33 @@ impl TableProvider for KnnProvider {
     }
 }
 
-/// A search on the current version (used by `POST /v1/search`).
+/// A search on the current version (used by `POST /v1/search`): unfiltered, through the
+/// in-memory index when it covers the table; otherwise through Lance.
 pub(crate) async fn search(
     tables: &Arc<Tables>,
+    ann: &crate::ann::AnnIndexes,
     dataset: Arc<Dataset>,
     search: &Search,
     cancel: &crate::cancel::Cancel,
 ) -> Result<Vec<RecordBatch>> {
     let column = check(search, tables)?;
+    if search.filter.is_none()
+        && let Some(table) = crate::tables::table_name(&search.table)
+        && let Some(found) = ann
+            .search(
+                tables,
+                table,
+                &dataset,
+                column,
+                &search.vector,
+                search.k,
+                search.metric,
+                search.exact,
+            )
+            .await?
+    {
+        return Ok(found);
+    }
     let index = tables.index_metric(&search.table).await;
     let use_index = !search.text_vec && index == Some(search.metric);
     let filter = match &search.filter {

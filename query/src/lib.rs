@@ -6,6 +6,7 @@
 //! SQL ([`Query::sql`]) and vector search ([`Query::search`]) read a consistent snapshot of
 //! them, optionally "as of" a transparency-log size.
 
+mod ann;
 mod cancel;
 mod error;
 mod export;
@@ -64,6 +65,9 @@ pub struct TableInfo {
     pub columns: Vec<ColumnInfo>,
     /// Metric of the ANN index on its vector column, if any.
     pub ann_index: Option<String>,
+    /// Rows each in-memory HNSW index of the table holds, by column (complete when equal to
+    /// `rows`; searches use it only then).
+    pub memory_indexes: std::collections::BTreeMap<String, u64>,
 }
 
 /// Progress of the materialization.
@@ -166,6 +170,12 @@ impl Query {
     ) -> Result<Self> {
         let tables = Arc::new(tables::Tables::open(dir).await?);
         let (commands, rx) = mpsc::channel(16);
+        let ann_config = ann::AnnConfig {
+            ef: config.ann_ef.max(1),
+            graph_rows_min: config.ann_rows_min,
+            memory_bytes_max: config.ann_memory_bytes,
+            metric: knn::parse_metric(&config.ann_metric)?,
+        };
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             tables,
@@ -177,6 +187,7 @@ impl Query {
             history: std::sync::Mutex::new(Vec::new()),
             commands,
             text: text::TextVectors::new(embedder.clone()),
+            ann: Arc::new(ann::AnnIndexes::new(ann_config)),
         });
         let materializer = Materializer::open(shared.clone()).await?;
         tokio::spawn(materializer.run(rx));
@@ -251,6 +262,18 @@ impl Query {
 
     fn live_tables(&self) -> &tables::Tables {
         &self.shared.tables
+    }
+
+    /// Rows each in-memory HNSW index holds, as `table.column` (an index is complete when
+    /// it holds every row of its table).
+    pub fn memory_indexes(&self) -> Vec<(String, usize)> {
+        self.shared.ann.covered()
+    }
+
+    /// Sets the candidates the in-memory HNSW searches keep (`query.ann_ef`; recall against
+    /// latency), for every index now open.
+    pub fn set_ann_ef(&self, ef: usize) {
+        self.shared.ann.set_ef(ef);
     }
 
     /// Query permits not in use (SQL and search share them).
@@ -329,6 +352,16 @@ impl Query {
                     .index_metric(name)
                     .await
                     .map(|m| format!("{m:?}").to_lowercase()),
+                memory_indexes: self
+                    .shared
+                    .ann
+                    .covered()
+                    .into_iter()
+                    .filter_map(|(c, n)| {
+                        let column = c.strip_prefix(name)?.strip_prefix('.')?;
+                        Some((column.to_string(), n as u64))
+                    })
+                    .collect(),
             });
         }
         Ok(out)
@@ -434,11 +467,12 @@ impl Query {
         };
         // Same runtime, permits, deadline and function guards as SQL.
         let tables = self.shared.tables.clone();
+        let ann = self.shared.ann.clone();
         let request_owned = request.clone();
         let batches = self
             .engine
             .submit(move |cancel| async move {
-                knn::search(&tables, dataset, &request_owned, &cancel).await
+                knn::search(&tables, &ann, dataset, &request_owned, &cancel).await
             })
             .await?;
         let answer = Answer {
@@ -493,6 +527,7 @@ impl Query {
             return Ok(Vec::new());
         };
         let request = request.clone();
+        let (tables, ann) = (self.shared.tables.clone(), self.shared.ann.clone());
         self.engine
             .submit(move |cancel| async move {
                 let query_vec = match embedder {
@@ -507,7 +542,7 @@ impl Query {
                     }
                     None => None,
                 };
-                hybrid::run(dataset, &request, query_vec, filter).await
+                hybrid::run(&tables, &ann, dataset, &request, query_vec, filter).await
             })
             .await
     }

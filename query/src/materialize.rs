@@ -40,6 +40,10 @@ pub struct QueryConfig {
     pub ann_rows_min: usize,
     /// Metric the ANN index is built for (`cosine`, `l2`, `dot`); other metrics search exactly.
     pub ann_metric: String,
+    /// Candidates the in-memory HNSW keeps while searching (recall against latency).
+    pub ann_ef: usize,
+    /// Memory the in-memory indexes may take together; columns past it search through Lance.
+    pub ann_memory_bytes: u64,
 }
 
 impl Default for QueryConfig {
@@ -50,6 +54,8 @@ impl Default for QueryConfig {
             state_interval: Duration::from_secs(2),
             ann_rows_min: 20_000,
             ann_metric: "cosine".into(),
+            ann_ef: 128,
+            ann_memory_bytes: 4 << 30,
         }
     }
 }
@@ -98,6 +104,8 @@ pub(crate) struct Shared {
     pub(crate) commands: mpsc::Sender<Command>,
     /// The embedding model and the state tables' text vectors.
     pub(crate) text: crate::text::TextVectors,
+    /// In-memory HNSW indexes of the append tables' vector columns.
+    pub(crate) ann: Arc<crate::ann::AnnIndexes>,
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -189,6 +197,8 @@ impl Materializer {
             }
         }
         shared.applied.store(progress.applied, Ordering::Release);
+        // The in-memory indexes start empty: build them from the tables in the background.
+        shared.ann.refresh(&shared.tables);
         Ok(Self {
             shared,
             applied: progress.applied,
@@ -353,6 +363,7 @@ impl Materializer {
             &serde_json::to_vec(&progress).map_err(internal)?,
         )?;
         self.shared.applied.store(self.applied, Ordering::Release);
+        self.shared.ann.refresh(&self.shared.tables);
         if self.state_written.elapsed() >= self.shared.config.state_interval {
             self.write_state().await?;
         }

@@ -29,6 +29,9 @@ const COMPACT_FRAGMENTS_MIN: usize = 64;
 pub(crate) struct Tables {
     dir: PathBuf,
     current: Mutex<HashMap<&'static str, Arc<Dataset>>>,
+    /// Bumped whenever tables are dropped (a rebuild): rows of another generation are
+    /// other rows, even at the same positions.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Tables {
@@ -86,6 +89,7 @@ impl Tables {
         Ok(Self {
             dir: dir.to_path_buf(),
             current: Mutex::new(current),
+            generation: Default::default(),
         })
     }
 
@@ -95,11 +99,17 @@ impl Tables {
         Self {
             dir: dir.to_path_buf(),
             current: Mutex::new(HashMap::new()),
+            generation: Default::default(),
         }
     }
 
     fn path(&self, table: &str) -> PathBuf {
         self.dir.join(format!("{table}.lance"))
+    }
+
+    /// The tables' generation (see [`Tables::drop_all`]).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The current dataset of a table, if it exists.
@@ -365,6 +375,8 @@ impl Tables {
             .lock()
             .expect("invariant: tables lock is never poisoned");
         current.clear();
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         for table in TABLES {
             let path = self.path(table);
             if path.exists() {

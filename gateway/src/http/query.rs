@@ -225,7 +225,7 @@ async fn text_search(state: &AppState, search: &TextSearch) -> Result<Response, 
 
 /// The query tables with their columns, and materialization progress.
 #[utoipa::path(get, path = "/v1/tables", tag = "query",
-    responses((status = 200, description = "{tables: [{name, rows, version, columns, ann_index}], status}")))]
+    responses((status = 200, description = "{tables: [{name, rows, version, columns, ann_index, memory_indexes}], status}")))]
 pub(crate) async fn tables(state: AppState, headers: HeaderMap) -> Result<Response, ApiError> {
     state.authorize(&headers, false)?;
     let query = &state.node().query;
@@ -239,6 +239,7 @@ pub(crate) async fn tables(state: AppState, headers: HeaderMap) -> Result<Respon
                 "rows": t.rows,
                 "version": t.version,
                 "ann_index": t.ann_index,
+                "memory_indexes": t.memory_indexes,
                 "columns": t.columns.iter().map(|c| json!({"name": c.name, "type": c.data_type})).collect::<Vec<_>>(),
             })
         })

@@ -530,6 +530,10 @@ async fn ann_index_keeps_recall_high_and_time_travel_and_rebuild_work() {
         "{body}"
     );
 
+    // The in-memory HNSW index is built in the background; searches use it once it holds
+    // every row.
+    wait_for_memory_index(&node, "skills", "embedding", n).await;
+
     // Recall@10 of the ANN index against exact search.
     let mut found = 0;
     let queries = 30;
@@ -607,6 +611,48 @@ async fn ann_index_keeps_recall_high_and_time_travel_and_rebuild_work() {
         (StatusCode::BAD_REQUEST, Some("as_of_ahead"))
     );
 
+    // A row appended after the index was built is found at once: the search falls back to
+    // Lance until the index holds it, then the index has it.
+    let fresh = random_vector(99, dim);
+    let body = EventBody {
+        net,
+        author: author_of(&key),
+        seq: n + 1,
+        prev,
+        deps: vec![],
+        ts: (n + 1) as i64,
+        payload: Payload::SkillPublish(SkillPublish {
+            skill_id: "fresh".into(),
+            name: "fresh skill".into(),
+            version: "1".into(),
+            description: String::new(),
+            domain: "common".into(),
+            capabilities: vec![],
+            specializations: vec![],
+            embedding: Vector::new(&fresh).expect("v"),
+            blob: BlobHash::of(b"fresh"),
+            size: 1,
+            base_model: "m".into(),
+            license: "MIT".into(),
+            price: 1,
+        }),
+    };
+    let event = SignedEvent::sign(body, &key).expect("sign");
+    let r = c
+        .post(format!("{}/v1/events", node.url))
+        .bearer_auth(&node.token)
+        .header("content-type", "application/cbor")
+        .body(event.envelope.clone())
+        .send()
+        .await
+        .expect("post");
+    assert!(r.status().is_success(), "{}", r.status());
+    let (status, _) = post(&node, "/v1/query", json!({"action": "sync"}), true).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(nearest_skill(&node, json!(fresh)).await, "fresh");
+    wait_for_memory_index(&node, "skills", "embedding", n + 1).await;
+    assert_eq!(nearest_skill(&node, json!(fresh)).await, "fresh");
+
     // Rebuild from the ledger gives the same answers.
     let before = rows(&node, "SELECT count(*), sum(price) FROM skills").await;
     let out = node.cli(&["query", "rebuild"]);
@@ -619,6 +665,52 @@ async fn ann_index_keeps_recall_high_and_time_travel_and_rebuild_work() {
         rows(&node, "SELECT count(*), sum(price) FROM skills").await,
         before
     );
+    // The rebuilt tables are other rows: the index of the old ones is never served from,
+    // and a new one is built.
+    assert_eq!(nearest_skill(&node, json!(fresh)).await, "fresh");
+    wait_for_memory_index(&node, "skills", "embedding", n + 1).await;
+    assert_eq!(nearest_skill(&node, json!(fresh)).await, "fresh");
+}
+
+/// The skill_id of the skill nearest to `vector`.
+async fn nearest_skill(node: &TestNode, vector: Value) -> Value {
+    let (_, body) = post(
+        node,
+        "/v1/search",
+        json!({"table": "skills", "vector": vector, "k": 1}),
+        false,
+    )
+    .await;
+    body["results"][0]["row"]["skill_id"].clone()
+}
+
+/// Waits until `table`'s in-memory index of `column` holds `rows` rows (`GET /v1/tables`).
+async fn wait_for_memory_index(node: &TestNode, table: &str, column: &str, rows: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let tables: Value = client()
+            .get(format!("{}/v1/tables", node.url))
+            .send()
+            .await
+            .expect("tables")
+            .json()
+            .await
+            .expect("json");
+        let held = tables["tables"]
+            .as_array()
+            .expect("tables")
+            .iter()
+            .find(|t| t["name"] == table)
+            .and_then(|t| t["memory_indexes"][column].as_u64());
+        if held == Some(rows) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{table}.{column}: {held:?} of {rows} rows indexed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
