@@ -763,6 +763,12 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
                 dir.display()
             ));
         }
+        if has_events && node.query.embed_model().is_some() {
+            text.push_str(&format!(
+                "\n      {exe} --data-dir {} search \"help me figure out when to pick the grapes\"",
+                dir.display()
+            ));
+        }
         if node.query.embed_model().is_some() {
             text.push_str(&format!(
                 "\n      curl -s http://{addr}/v1/embeddings -H 'content-type: application/json' -d '{{\"input\": \"who can bandage a cut?\"}}'"

@@ -39,6 +39,8 @@ const CONNECTIVITY: usize = 32;
 const EXPANSION_ADD: usize = 200;
 /// Thread contexts: concurrent searches plus the builder's threads.
 const THREADS: usize = 32;
+/// Most rows an index may hold beyond a search's snapshot for an exact search through it.
+const K_AHEAD_MAX: usize = 1000;
 
 /// Settings of the in-memory indexes.
 #[derive(Clone, Debug)]
@@ -61,9 +63,13 @@ pub(crate) struct ColumnIndex {
     generation: u64,
     /// `leaf_index` of every row in it, by position; its length is the rows covered.
     leaves: RwLock<Vec<u64>>,
-    /// Searches hold it shared; growing the index's capacity (which moves its memory) holds
-    /// it exclusively. Adds run alongside searches, as usearch allows.
+    /// Searches hold it shared; growing the index's capacity (which moves its memory) and
+    /// changing its settings hold it exclusively. Graph searches run alongside adds, as
+    /// usearch allows.
     gate: RwLock<()>,
+    /// Held exclusively while rows are added: an exact search scans every slot, and a slot
+    /// being added is not complete yet, so exact searches only run when it is free.
+    adding: RwLock<()>,
 }
 
 impl ColumnIndex {
@@ -80,6 +86,8 @@ impl ColumnIndex {
 /// The in-memory indexes of a node's tables.
 pub(crate) struct AnnIndexes {
     config: AnnConfig,
+    /// Candidates kept while searching, for indexes open now and built later.
+    ef: std::sync::atomic::AtomicUsize,
     indexes: RwLock<HashMap<(&'static str, &'static str), Arc<ColumnIndex>>>,
     /// Columns whose index a background task is building or extending.
     busy: Mutex<HashSet<(&'static str, &'static str)>>,
@@ -107,6 +115,7 @@ fn estimate_bytes(rows: usize, dim: usize) -> u64 {
 impl AnnIndexes {
     pub(crate) fn new(config: AnnConfig) -> Self {
         Self {
+            ef: std::sync::atomic::AtomicUsize::new(config.ef),
             config,
             indexes: RwLock::new(HashMap::new()),
             busy: Mutex::new(HashSet::new()),
@@ -127,22 +136,39 @@ impl AnnIndexes {
         }
     }
 
+    /// Drops `key`'s index if it is still `ix` (not one built since).
+    fn drop_if_same(&self, key: (&'static str, &'static str), ix: &Arc<ColumnIndex>) {
+        if let Ok(mut indexes) = self.indexes.write()
+            && indexes
+                .get(&key)
+                .is_some_and(|current| Arc::ptr_eq(current, ix))
+        {
+            indexes.remove(&key);
+        }
+    }
+
     /// Sets the candidates every index keeps while searching (recall against latency).
     pub(crate) fn set_ef(&self, ef: usize) {
+        let ef = ef.max(1);
+        self.ef.store(ef, std::sync::atomic::Ordering::Release);
         if let Ok(indexes) = self.indexes.read() {
             for ix in indexes.values() {
-                ix.index.change_expansion_search(ef.max(1));
+                // usearch reads it unsynchronised during a search.
+                if let Ok(_exclusive) = ix.gate.write() {
+                    ix.index.change_expansion_search(ef);
+                }
             }
         }
     }
 
-    /// Rows covered per indexed column (for status).
-    pub(crate) fn covered(&self) -> Vec<(String, usize)> {
+    /// Rows covered per indexed column, for indexes of the tables' `generation` (status).
+    pub(crate) fn covered(&self, generation: u64) -> Vec<(String, usize)> {
         let Ok(indexes) = self.indexes.read() else {
             return Vec::new();
         };
         let mut out: Vec<(String, usize)> = indexes
             .iter()
+            .filter(|(_, ix)| ix.generation == generation)
             .map(|((t, c), ix)| (format!("{t}.{c}"), ix.rows()))
             .collect();
         out.sort();
@@ -187,6 +213,8 @@ impl AnnIndexes {
     /// Adds the rows the index lacks; `Ok(true)` when it added some (look again).
     async fn extend(&self, tables: &Tables, key: (&'static str, &'static str)) -> Result<bool> {
         let (table, column) = key;
+        // Before the dataset: a rebuild in between then only makes this index stale.
+        let generation = tables.generation();
         let Some(dataset) = tables.get(table) else {
             self.drop_index(key);
             return Ok(false);
@@ -195,7 +223,6 @@ impl AnnIndexes {
             return Ok(false);
         };
         let rows = dataset.count_rows(None).await.map_err(internal)?;
-        let generation = tables.generation();
         let metric = if column == "text_vec" {
             DistanceType::Cosine
         } else {
@@ -204,16 +231,23 @@ impl AnnIndexes {
         let current = self
             .get(table, column)
             .filter(|ix| ix.generation == generation && ix.metric == metric && ix.rows() <= rows);
+        if current.as_ref().is_some_and(|ix| ix.rows() == rows) {
+            return Ok(false);
+        }
+        // The bound holds as indexes grow, not only when they are made.
+        if estimate_bytes(rows, dim) + self.others_bytes(key) > self.config.memory_bytes_max {
+            tracing::warn!(
+                "{table}.{column}: {rows} rows would take the in-memory indexes past \
+                 ann_memory_bytes; searched through Lance"
+            );
+            self.drop_index(key);
+            return Ok(false);
+        }
         let index = match current {
-            Some(ix) if ix.rows() == rows => return Ok(false),
             Some(ix) => ix,
             None => {
-                if estimate_bytes(rows, dim) + self.others_bytes(key) > self.config.memory_bytes_max
-                {
-                    self.drop_index(key);
-                    return Ok(false);
-                }
-                let ix = Arc::new(new_index(dim, metric, generation, self.config.ef)?);
+                let ef = self.ef.load(std::sync::atomic::Ordering::Acquire);
+                let ix = Arc::new(new_index(dim, metric, generation, ef)?);
                 if let Ok(mut indexes) = self.indexes.write() {
                     indexes.insert(key, ix.clone());
                 }
@@ -252,30 +286,43 @@ impl AnnIndexes {
         metric: DistanceType,
         exact: bool,
     ) -> Result<Option<Found>> {
+        let generation = tables.generation();
         let Some(ix) = self.get(table, column) else {
             return Ok(None);
         };
         if ix.metric != metric
-            || ix.generation != tables.generation()
+            || ix.generation != generation
             || ix.index.dimensions() != query.len()
         {
             return Ok(None);
         }
-        // Rows a flush appended that the index does not hold yet would be missed.
-        let rows = ix.rows();
-        if rows == 0 || rows != dataset.count_rows(None).await.map_err(internal)? {
+        // The rows of the caller's snapshot: every one must be in the index, and keys past
+        // them (rows added since) must not come back.
+        let rows = dataset.count_rows(None).await.map_err(internal)?;
+        if rows == 0 || ix.rows() < rows {
             return Ok(None);
         }
-        let exact = exact || rows < self.config.graph_rows_min;
-        let matches = {
+        let below = rows as u64;
+        let matches = if exact || rows < self.config.graph_rows_min {
+            // Never while rows are being added (see `adding`); Lance answers meanwhile.
+            let Ok(_no_adds) = ix.adding.try_read() else {
+                return Ok(None);
+            };
+            let ahead = ix.rows() - rows;
+            if ahead > K_AHEAD_MAX {
+                return Ok(None);
+            }
             let Ok(_shared) = ix.gate.read() else {
                 return Ok(None);
             };
-            if exact {
-                ix.index.exact_search(query, k)
-            } else {
-                ix.index.search(query, k)
-            }
+            ix.index
+                .exact_search(query, k + ahead)
+                .map(|m| keep_below(m, below, k))
+        } else {
+            let Ok(_shared) = ix.gate.read() else {
+                return Ok(None);
+            };
+            ix.index.filtered_search(query, k, |key| key < below)
         };
         // No free thread context (more concurrent searches than reserved) and the like.
         let Ok(matches) = matches else {
@@ -288,9 +335,10 @@ impl AnnIndexes {
         };
         let found = take_rows(dataset, &ix, &matches.keys, &distances).await?;
         if found.is_none() {
+            // A row at a position the index holds is another row: the table changed under it.
             tracing::warn!("in-memory index of {table}.{column} no longer matches its table");
             if let Some(key) = INDEXED.iter().find(|(t, c)| *t == table && *c == column) {
-                self.drop_index(*key);
+                self.drop_if_same(*key, &ix);
             }
         }
         Ok(found)
@@ -326,6 +374,7 @@ fn new_index(dim: usize, metric: DistanceType, generation: u64, ef: usize) -> Re
         generation,
         leaves: RwLock::new(Vec::new()),
         gate: RwLock::new(()),
+        adding: RwLock::new(()),
     })
 }
 
@@ -384,9 +433,13 @@ fn add_batch(ix: &ColumnIndex, batch: &RecordBatch, start: usize) -> Result<()> 
             .write()
             .map_err(|_| internal("in-memory index: lock poisoned"))?;
         ix.index
-            .reserve_capacity_and_threads(needed.next_power_of_two(), THREADS)
+            .reserve_capacity_and_threads(needed + needed / 4, THREADS)
             .map_err(internal)?;
     }
+    let _adding = ix
+        .adding
+        .write()
+        .map_err(|_| internal("in-memory index: lock poisoned"))?;
     let add = |range: std::ops::Range<usize>| -> Result<()> {
         for i in range {
             if vectors.is_null(i) {
@@ -417,6 +470,17 @@ fn add_batch(ix: &ColumnIndex, batch: &RecordBatch, start: usize) -> Result<()> 
     }
     covered.extend(leaves.values().iter().copied());
     Ok(())
+}
+
+/// The first `k` matches whose keys are below `below`.
+fn keep_below(mut m: usearch::ffi::Matches, below: u64, k: usize) -> usearch::ffi::Matches {
+    let keep: Vec<usize> = (0..m.keys.len())
+        .filter(|&i| m.keys[i] < below)
+        .take(k)
+        .collect();
+    m.distances = keep.iter().map(|&i| m.distances[i]).collect();
+    m.keys = keep.iter().map(|&i| m.keys[i]).collect();
+    m
 }
 
 /// Reads the matched rows by position, checks each is the row the index holds there (by

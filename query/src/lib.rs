@@ -267,7 +267,7 @@ impl Query {
     /// Rows each in-memory HNSW index holds, as `table.column` (an index is complete when
     /// it holds every row of its table).
     pub fn memory_indexes(&self) -> Vec<(String, usize)> {
-        self.shared.ann.covered()
+        self.shared.ann.covered(self.shared.tables.generation())
     }
 
     /// Sets the candidates the in-memory HNSW searches keep (`query.ann_ef`; recall against
@@ -355,7 +355,7 @@ impl Query {
                 memory_indexes: self
                     .shared
                     .ann
-                    .covered()
+                    .covered(self.live_tables().generation())
                     .into_iter()
                     .filter_map(|(c, n)| {
                         let column = c.strip_prefix(name)?.strip_prefix('.')?;

@@ -108,6 +108,20 @@ pub(crate) struct Shared {
     pub(crate) ann: Arc<crate::ann::AnnIndexes>,
 }
 
+/// Removes the version history, then the progress record, durably: a crash in between
+/// never leaves a history of dropped tables next to new ones.
+fn forget_progress(dir: &Path) -> std::io::Result<()> {
+    for file in ["versions.jsonl", "progress.json"] {
+        match std::fs::remove_file(dir.join(file)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let temp = path.with_extension("tmp");
     {
@@ -138,43 +152,64 @@ pub(crate) struct Materializer {
     forks: broadcast::Receiver<ForkProof>,
     /// Basins' texts, from their publish events (immutable, so read once).
     basin_texts: HashMap<EventId, String>,
+    /// The model the tables' text vectors come from (recorded in `progress.json`).
+    text_model: Option<String>,
 }
 
 impl Materializer {
     pub(crate) async fn open(shared: Arc<Shared>) -> Result<Self> {
         let feed = shared.ledger.subscribe();
         let forks = shared.ledger.subscribe_forks();
+        let model = shared.text.model().map(str::to_string);
         let mut progress: Progress = match std::fs::read(shared.dir.join("progress.json")) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
                 internal(format!(
                     "progress.json is unreadable ({e}); run `meshnode query rebuild`"
                 ))
             })?,
+            // Tables without a record of what wrote them (a crash in a rebuild, an older
+            // build): never trusted.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Progress {
-                layout: LAYOUT,
-                text_model: shared.text.model().map(str::to_string),
+                layout: if shared.tables.all().is_empty() {
+                    LAYOUT
+                } else {
+                    0
+                },
+                text_model: model.clone(),
                 ..Progress::default()
             },
             Err(e) => return Err(e.into()),
         };
-        let model = shared.text.model().map(str::to_string);
-        if progress.layout != LAYOUT || progress.text_model != model {
-            // Another layout, or vectors of another model (or none): never mix them.
+        let other_model = match (&progress.text_model, &model) {
+            (Some(was), Some(now)) => was != now,
+            // The first model: the tables have no vectors yet.
+            (None, Some(_)) => true,
+            // The model is missing now: keep the tables (rows added meanwhile get no vector).
+            (_, None) => false,
+        };
+        if progress.layout != LAYOUT || other_model {
+            // Another layout, or vectors of another model: never mix them.
             tracing::warn!(
                 layout = progress.layout,
                 was = ?progress.text_model,
                 now = ?model,
                 "query tables were written with another layout or embedding model: rebuilding them"
             );
+            // The record first: tables without one are rebuilt at the next start.
+            forget_progress(&shared.dir)?;
             shared.tables.drop_all()?;
-            for file in ["progress.json", "versions.jsonl"] {
-                std::fs::remove_file(shared.dir.join(file)).ok();
-            }
             progress = Progress {
                 layout: LAYOUT,
                 text_model: model,
                 ..Progress::default()
             };
+        } else if model.is_none()
+            && let Some(was) = &progress.text_model
+        {
+            tracing::warn!(
+                "the query tables hold text vectors of {was} but this node has no model: rows \
+                 added now get none; run `meshnode query rebuild` once the model is back"
+            );
         }
         seed_text_vectors(&shared).await?;
         // The state fold of older builds is not used any more.
@@ -209,6 +244,7 @@ impl Materializer {
             feed,
             forks,
             basin_texts: HashMap::new(),
+            text_model: progress.text_model,
         })
     }
 
@@ -294,7 +330,7 @@ impl Materializer {
             if events.is_empty() {
                 return Ok(());
             }
-            self.flush(events).await?;
+            self.flush(cap_skill_publishes(events)).await?;
         }
     }
 
@@ -356,7 +392,7 @@ impl Materializer {
         let progress = Progress {
             applied: self.applied,
             layout: LAYOUT,
-            text_model: self.shared.text.model().map(str::to_string),
+            text_model: self.text_model.clone(),
         };
         write_atomic(
             &self.shared.dir.join("progress.json"),
@@ -672,10 +708,9 @@ impl Materializer {
 
     async fn rebuild(&mut self) -> Result<()> {
         self.shared.caught_up.store(false, Ordering::Release);
+        forget_progress(&self.shared.dir)?;
         self.shared.tables.drop_all()?;
-        for file in ["progress.json", "versions.jsonl"] {
-            std::fs::remove_file(self.shared.dir.join(file)).ok();
-        }
+        self.text_model = self.shared.text.model().map(str::to_string);
         self.shared
             .history
             .lock()
@@ -694,8 +729,12 @@ impl Materializer {
             .unwrap_or(lance_linalg::distance::DistanceType::Cosine)
     }
 
-    /// Builds missing ANN indexes on vector tables past the size threshold.
+    /// Builds missing ANN indexes on vector tables past the size threshold, and the
+    /// full-text index of the skills' text.
     async fn maybe_index(&mut self) -> Result<()> {
+        if self.shared.tables.maybe_text_index("skills").await? {
+            tracing::info!(table = "skills", "built the full-text index");
+        }
         for (table, _) in meshnode_schemas::tables::VECTOR_COLUMNS {
             if self.shared.tables.index_metric(table).await.is_some() {
                 continue;
@@ -733,6 +772,27 @@ impl From<postcard::Error> for Error {
     fn from(e: postcard::Error) -> Self {
         Error::Internal(e.to_string())
     }
+}
+
+/// Skill publishes per flush at most: each is embedded before its flush is appended (up to
+/// ~10 s of model time for 256 texts of 256 tokens on 2 cores), so a flood of publishes is
+/// taken in bounded steps, between which syncs, state writes and a stop get their turn.
+const SKILLS_PER_FLUSH: usize = 256;
+
+/// The events up to (not including) the publish past [`SKILLS_PER_FLUSH`].
+fn cap_skill_publishes(
+    mut events: Vec<(EventRecord, SignedEvent)>,
+) -> Vec<(EventRecord, SignedEvent)> {
+    let cut = events
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, e))| matches!(e.body.payload, Payload::SkillPublish(_)))
+        .nth(SKILLS_PER_FLUSH)
+        .map(|(i, _)| i);
+    if let Some(cut) = cut {
+        events.truncate(cut);
+    }
+    events
 }
 
 /// Remembers the text vectors the state tables hold (made by this node's model), so that

@@ -11,8 +11,8 @@ use futures::TryStreamExt;
 use lance::Dataset;
 use lance::dataset::optimize::{CompactionOptions, compact_files};
 use lance::dataset::{WriteMode, WriteParams};
-use lance::index::DatasetIndexExt;
 use lance::index::vector::VectorIndexParams;
+use lance::index::{DatasetIndexExt, DatasetIndexInternalExt};
 use lance_index::IndexType;
 use lance_index::vector::hnsw::builder::HnswBuildParams;
 use lance_index::vector::ivf::IvfBuildParams;
@@ -55,6 +55,12 @@ pub(crate) fn vector_column(table: &str) -> Option<&'static str> {
 
 /// Fsyncs every file under `dir` modified at or after `since`, and every directory, so that a
 /// Lance commit survives power loss (Lance does not fsync local files itself).
+/// Rows from which a text table gets a full-text index (below, BM25 reads them flat).
+pub(crate) const FTS_ROWS_MIN: usize = 2_000;
+
+/// Name of the full-text index on `search_text`.
+const FTS_INDEX: &str = "search_text_fts";
+
 fn fsync_since(dir: &Path, since: SystemTime) -> std::io::Result<()> {
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -336,6 +342,60 @@ impl Tables {
         )
         .await
         .map_err(|e| internal(format!("indexing {table}.{column}: {e}")))?;
+        let dir = self.path(table);
+        tokio::task::spawn_blocking(move || fsync_since(&dir, started))
+            .await
+            .map_err(internal)??;
+        self.current
+            .lock()
+            .expect("invariant: tables lock is never poisoned")
+            .insert(table, Arc::new(ds));
+        Ok(true)
+    }
+
+    /// Builds (or rebuilds) the full-text (BM25) index of a text table's `search_text` once
+    /// it has [`FTS_ROWS_MIN`] rows, and again when a fifth of its rows are not in it (Lance
+    /// searches those flat meanwhile). Returns whether it built one.
+    pub(crate) async fn maybe_text_index(&self, table: &'static str) -> Result<bool> {
+        if !meshnode_schemas::tables::TEXT_TABLES.contains(&table) {
+            return Ok(false);
+        }
+        let Some(ds) = self.get(table) else {
+            return Ok(false);
+        };
+        let rows = ds.count_rows(None).await.map_err(internal)?;
+        if rows < FTS_ROWS_MIN {
+            return Ok(false);
+        }
+        let indexed = ds
+            .load_indices()
+            .await
+            .map_err(internal)?
+            .iter()
+            .any(|i| i.name == FTS_INDEX);
+        if indexed {
+            let unindexed: usize = ds
+                .unindexed_fragments(FTS_INDEX)
+                .await
+                .map_err(internal)?
+                .iter()
+                .map(|f| f.num_rows().unwrap_or(0))
+                .sum();
+            if unindexed * 5 < rows {
+                return Ok(false);
+            }
+        }
+        let started = SystemTime::now();
+        let mut ds = (*ds).clone();
+        ds.create_index(
+            &["search_text"],
+            IndexType::Inverted,
+            Some(FTS_INDEX.to_string()),
+            &lance_index::scalar::InvertedIndexParams::default(),
+            true,
+        )
+        .await
+        .map_err(|e| internal(format!("full-text index of {table}: {e}")))?;
         let dir = self.path(table);
         tokio::task::spawn_blocking(move || fsync_since(&dir, started))
             .await

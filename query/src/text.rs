@@ -191,19 +191,41 @@ fn embed_blocking(embedder: &Embedder, texts: Vec<String>) -> Result<Vec<Derived
         .collect();
     unique.sort_unstable();
     unique.dedup();
-    let mut sized = unique
+    // A text the model fails on gets no vector (and a warning); it never stops the others.
+    let mut sized: Vec<(usize, &str)> = unique
         .into_iter()
-        .map(|t| embedder.tokenize(t).map(|ids| (ids.len(), t)))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(internal)?;
+        .filter_map(|t| match embedder.tokenize(t) {
+            Ok(ids) => Some((ids.len(), t)),
+            Err(e) => {
+                tracing::warn!("no text vector for a text the tokenizer refused: {e}");
+                None
+            }
+        })
+        .collect();
     sized.sort_unstable();
     let lens: Vec<usize> = sized.iter().map(|(n, _)| *n).collect();
     let mut vectors: HashMap<&str, Arc<[f32]>> = HashMap::with_capacity(sized.len());
     for (start, end) in crate::embed_batches(&lens) {
         let pass: Vec<&str> = sized[start..end].iter().map(|(_, t)| *t).collect();
-        let out = embedder.embed(&pass).map_err(internal)?;
-        for (text, v) in pass.into_iter().zip(out) {
-            vectors.insert(text, v.into());
+        match embedder.embed(&pass) {
+            Ok(out) => {
+                for (text, v) in pass.into_iter().zip(out) {
+                    vectors.insert(text, v.into());
+                }
+            }
+            // One by one, to find the text at fault.
+            Err(_) => {
+                for text in pass {
+                    match embedder.embed(&[text]) {
+                        Ok(mut v) => {
+                            if let Some(v) = v.pop() {
+                                vectors.insert(text, v.into());
+                            }
+                        }
+                        Err(e) => tracing::warn!("no text vector for one text: {e}"),
+                    }
+                }
+            }
         }
     }
     Ok(texts

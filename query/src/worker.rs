@@ -301,20 +301,26 @@ pub fn worker_main() -> i32 {
 }
 
 /// Embeds with the model under `dir`, loaded (and its hash checked) on first use: most
-/// workers never need it.
+/// workers never need it. A failed load is not remembered: the next query tries again.
 fn lazy_model(dir: PathBuf) -> crate::sql::EmbedText {
-    let model =
-        std::sync::OnceLock::<std::result::Result<Arc<meshnode_embed::Embedder>, String>>::new();
+    let model = std::sync::Mutex::new(None::<Arc<meshnode_embed::Embedder>>);
     Arc::new(move |text: &str| {
-        let embedder = model
-            .get_or_init(|| {
-                meshnode_embed::Embedder::open(&dir)
-                    .map(Arc::new)
-                    .map_err(|e| e.to_string())
-            })
-            .as_ref()
-            .map_err(|e| crate::error::Error::NoModel(format!("loading the model: {e}")))?;
-        crate::text::embed_one(embedder, text)
+        let embedder = {
+            let mut slot = model
+                .lock()
+                .map_err(|_| crate::error::internal("model lock poisoned"))?;
+            match slot.as_ref() {
+                Some(e) => e.clone(),
+                None => {
+                    let e = Arc::new(meshnode_embed::Embedder::open(&dir).map_err(|e| {
+                        crate::error::Error::NoModel(format!("loading the model: {e}"))
+                    })?);
+                    *slot = Some(e.clone());
+                    e
+                }
+            }
+        };
+        crate::text::embed_one(&embedder, text)
     })
 }
 

@@ -472,51 +472,11 @@ async fn ann_index_keeps_recall_high_and_time_travel_and_rebuild_work() {
     let mut prev: Option<EventId> = None;
     let mut envelopes = Vec::new();
     for i in 1..=n {
-        let body = EventBody {
-            net,
-            author: author_of(&key),
-            seq: i,
-            prev,
-            deps: vec![],
-            ts: i as i64,
-            payload: Payload::SkillPublish(SkillPublish {
-                skill_id: format!("s{i}"),
-                name: format!("skill {i}"),
-                version: "1".into(),
-                description: String::new(),
-                domain: if i % 100 == 0 {
-                    "rare".into()
-                } else {
-                    "common".into()
-                },
-                capabilities: vec![],
-                specializations: vec![],
-                embedding: Vector::new(&random_vector(i, dim)).expect("v"),
-                blob: BlobHash::of(&i.to_le_bytes()),
-                size: 1,
-                base_model: "m".into(),
-                license: "MIT".into(),
-                price: i,
-            }),
-        };
-        let event = SignedEvent::sign(body, &key).expect("sign");
+        let event = skill_publish(net, &key, i, prev, &random_vector(i, dim));
         prev = Some(event.id);
         envelopes.push(event.envelope);
     }
-    let c = client();
-    for chunk in envelopes.chunks(100) {
-        let futures = chunk.iter().map(|e| {
-            c.post(format!("{}/v1/events", node.url))
-                .bearer_auth(&node.token)
-                .header("content-type", "application/cbor")
-                .body(e.clone())
-                .send()
-        });
-        for r in futures::future::join_all(futures).await {
-            let r = r.expect("post");
-            assert!(r.status().is_success(), "{}", r.status());
-        }
-    }
+    publish(&node, &envelopes).await;
     let (status, body) = post(&node, "/v1/query", json!({"action": "sync"}), true).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (status, body) = post(&node, "/v1/query", json!({"action": "reindex"}), true).await;
@@ -567,6 +527,70 @@ async fn ann_index_keeps_recall_high_and_time_travel_and_rebuild_work() {
     }
     let recall = found as f64 / (queries as f64 * 10.0);
     assert!(recall >= 0.9, "recall@10 = {recall}");
+    // The in-memory exact answer is Lance's: a filter that keeps every row takes Lance's
+    // exact path.
+    for q in 0..5 {
+        let vector = random_vector(20_000 + q, dim);
+        let ids = |v: &Value| -> Vec<Value> {
+            v["results"]
+                .as_array()
+                .expect("r")
+                .iter()
+                .map(|r| r["row"]["id"].clone())
+                .collect()
+        };
+        let (_, ours) = post(
+            &node,
+            "/v1/search",
+            json!({"table": "skills", "vector": vector, "k": 10, "exact": true}),
+            false,
+        )
+        .await;
+        let (_, lance) = post(
+            &node,
+            "/v1/search",
+            json!({"table": "skills", "vector": vector, "k": 10, "filter": "price > 0"}),
+            false,
+        )
+        .await;
+        assert_eq!(ids(&ours), ids(&lance), "{ours} {lance}");
+    }
+    // Searches, exact and by the graph, while rows are being added to the table and the
+    // index: every one answers, from rows that exist.
+    let mut more = Vec::new();
+    for i in n + 1..=n + 300 {
+        let event = skill_publish(net, &key, i, prev, &random_vector(i, dim));
+        prev = Some(event.id);
+        more.push(event.envelope);
+    }
+    let searching = {
+        let url = node.url.clone();
+        tokio::spawn(async move {
+            let mut answered = 0;
+            for q in 0..120u64 {
+                let r = client()
+                    .post(format!("{url}/v1/search"))
+                    .json(&json!({"table": "skills", "vector": random_vector(30_000 + q, dim), "k": 10, "exact": q % 2 == 0}))
+                    .send()
+                    .await
+                    .expect("search");
+                assert_eq!(r.status(), StatusCode::OK);
+                let body: Value = r.json().await.expect("json");
+                assert_eq!(body["results"].as_array().map(Vec::len), Some(10), "{body}");
+                answered += 1;
+            }
+            answered
+        })
+    };
+    for chunk in more.chunks(20) {
+        publish(&node, chunk).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(searching.await.expect("join"), 120);
+    let (status, _) = post(&node, "/v1/query", json!({"action": "sync"}), true).await;
+    assert_eq!(status, StatusCode::OK);
+    let n = n + 300;
+    wait_for_memory_index(&node, "skills", "embedding", n).await;
     // A selective filter (1%) still returns k matching rows with the index.
     let (_, filtered) = post(&node, "/v1/search", json!({"table": "skills", "vector": random_vector(7, dim), "k": 10, "filter": "domain = 'rare'"}), false).await;
     let results = filtered["results"].as_array().expect("results");
@@ -613,45 +637,20 @@ async fn ann_index_keeps_recall_high_and_time_travel_and_rebuild_work() {
 
     // A row appended after the index was built is found at once: the search falls back to
     // Lance until the index holds it, then the index has it.
-    let fresh = random_vector(99, dim);
-    let body = EventBody {
-        net,
-        author: author_of(&key),
-        seq: n + 1,
-        prev,
-        deps: vec![],
-        ts: (n + 1) as i64,
-        payload: Payload::SkillPublish(SkillPublish {
-            skill_id: "fresh".into(),
-            name: "fresh skill".into(),
-            version: "1".into(),
-            description: String::new(),
-            domain: "common".into(),
-            capabilities: vec![],
-            specializations: vec![],
-            embedding: Vector::new(&fresh).expect("v"),
-            blob: BlobHash::of(b"fresh"),
-            size: 1,
-            base_model: "m".into(),
-            license: "MIT".into(),
-            price: 1,
-        }),
-    };
-    let event = SignedEvent::sign(body, &key).expect("sign");
-    let r = c
-        .post(format!("{}/v1/events", node.url))
-        .bearer_auth(&node.token)
-        .header("content-type", "application/cbor")
-        .body(event.envelope.clone())
-        .send()
-        .await
-        .expect("post");
-    assert!(r.status().is_success(), "{}", r.status());
+    let fresh = random_vector(999_999, dim);
+    let event = skill_publish(net, &key, n + 1, prev, &fresh);
+    publish(&node, &[event.envelope]).await;
     let (status, _) = post(&node, "/v1/query", json!({"action": "sync"}), true).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(nearest_skill(&node, json!(fresh)).await, "fresh");
+    assert_eq!(
+        nearest_skill(&node, json!(fresh)).await,
+        format!("s{}", n + 1)
+    );
     wait_for_memory_index(&node, "skills", "embedding", n + 1).await;
-    assert_eq!(nearest_skill(&node, json!(fresh)).await, "fresh");
+    assert_eq!(
+        nearest_skill(&node, json!(fresh)).await,
+        format!("s{}", n + 1)
+    );
 
     // Rebuild from the ledger gives the same answers.
     let before = rows(&node, "SELECT count(*), sum(price) FROM skills").await;
@@ -667,9 +666,73 @@ async fn ann_index_keeps_recall_high_and_time_travel_and_rebuild_work() {
     );
     // The rebuilt tables are other rows: the index of the old ones is never served from,
     // and a new one is built.
-    assert_eq!(nearest_skill(&node, json!(fresh)).await, "fresh");
+    assert_eq!(
+        nearest_skill(&node, json!(fresh)).await,
+        format!("s{}", n + 1)
+    );
     wait_for_memory_index(&node, "skills", "embedding", n + 1).await;
-    assert_eq!(nearest_skill(&node, json!(fresh)).await, "fresh");
+    assert_eq!(
+        nearest_skill(&node, json!(fresh)).await,
+        format!("s{}", n + 1)
+    );
+}
+
+/// A `skill.publish` by `key` at `seq`, with `vector` as its embedding; every 100th is in
+/// the domain `rare`.
+fn skill_publish(
+    net: BlobHash,
+    key: &meshnode_schemas::SigningKey,
+    seq: u64,
+    prev: Option<EventId>,
+    vector: &[f32],
+) -> SignedEvent {
+    let body = EventBody {
+        net,
+        author: author_of(key),
+        seq,
+        prev,
+        deps: vec![],
+        ts: seq as i64,
+        payload: Payload::SkillPublish(SkillPublish {
+            skill_id: format!("s{seq}"),
+            name: format!("skill {seq}"),
+            version: "1".into(),
+            description: String::new(),
+            domain: if seq.is_multiple_of(100) {
+                "rare"
+            } else {
+                "common"
+            }
+            .into(),
+            capabilities: vec![],
+            specializations: vec![],
+            embedding: Vector::new(vector).expect("v"),
+            blob: BlobHash::of(&seq.to_le_bytes()),
+            size: 1,
+            base_model: "m".into(),
+            license: "MIT".into(),
+            price: seq,
+        }),
+    };
+    SignedEvent::sign(body, key).expect("sign")
+}
+
+/// Posts envelopes, 100 at a time, each accepted.
+async fn publish(node: &TestNode, envelopes: &[Vec<u8>]) {
+    let c = client();
+    for chunk in envelopes.chunks(100) {
+        let futures = chunk.iter().map(|e| {
+            c.post(format!("{}/v1/events", node.url))
+                .bearer_auth(&node.token)
+                .header("content-type", "application/cbor")
+                .body(e.clone())
+                .send()
+        });
+        for r in futures::future::join_all(futures).await {
+            let r = r.expect("post");
+            assert!(r.status().is_success(), "{}", r.status());
+        }
+    }
 }
 
 /// The skill_id of the skill nearest to `vector`.
