@@ -255,6 +255,12 @@ impl TestNode {
         Ok(())
     }
 
+    /// Sets (or replaces) an environment variable of the next start.
+    pub(crate) fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
     /// Starts the process again on the same address and data directory.
     pub(crate) fn restart(&mut self) -> anyhow::Result<()> {
         self.kill9();

@@ -1236,6 +1236,75 @@ async fn intent_search_finds_skills_by_meaning_by_words_and_by_both() {
     }
 }
 
+/// Waits until a query answers `want` (tables catch up in the background after a start).
+async fn eventually(node: &TestNode, text: &str, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = sql(node, text).await;
+        if status == StatusCode::OK && body["rows"][0][0].as_u64() == Some(want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{text}: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A file put into a table's directory: a rebuild removes the directory, and it with it.
+fn mark(node: &TestNode, table: &str) -> std::path::PathBuf {
+    let path = node
+        .data_dir()
+        .join("query")
+        .join(format!("{table}.lance"))
+        .join("test-marker");
+    std::fs::write(&path, b"x").expect("marker");
+    path
+}
+
+#[tokio::test]
+async fn tables_are_rebuilt_for_another_layout_or_model_never_for_a_missing_one() {
+    let mut node = TestNode::start_demo(&[]).expect("node");
+    let vectors = "SELECT count(*) FROM skills WHERE text_vec IS NOT NULL AND text_model = 'all-MiniLM-L6-v2@53aa5117'";
+    eventually(&node, vectors, 7).await;
+    let marked = mark(&node, "skills");
+    // The model is missing: the tables and their vectors stay; words still search.
+    let empty = tempfile::tempdir().expect("tempdir");
+    node.set_env("MESHNODE_MODEL_DIR", empty.path().to_str().expect("utf-8"));
+    node.restart().expect("restart");
+    eventually(&node, vectors, 7).await;
+    assert!(marked.exists(), "the tables were rebuilt");
+    let (status, _) = text_search(&node, json!({"table": "skills", "text": "grapes"})).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, body) = text_search(
+        &node,
+        json!({"table": "skills", "text": "pinot", "mode": "text"}),
+    )
+    .await;
+    assert_eq!((status, names(&body).len()), (StatusCode::OK, 1), "{body}");
+    // The model is back: nothing to rebuild.
+    let model = meshnode_embed::default_model_dir().expect("model dir");
+    node.set_env("MESHNODE_MODEL_DIR", model.to_str().expect("utf-8"));
+    node.restart().expect("restart");
+    eventually(&node, vectors, 7).await;
+    assert!(marked.exists(), "the tables were rebuilt");
+    // Tables of another layout, or with no record of what wrote them, are rebuilt.
+    let progress = node.data_dir().join("query").join("progress.json");
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(&progress).expect("progress")).expect("json");
+    assert_eq!(record["layout"], 2, "{record}");
+    let mut older = record.clone();
+    older["layout"] = json!(1);
+    std::fs::write(&progress, older.to_string()).expect("write");
+    node.restart().expect("restart");
+    eventually(&node, vectors, 7).await;
+    assert!(!marked.exists(), "tables of another layout are rebuilt");
+    let marked = mark(&node, "skills");
+    std::fs::remove_file(&progress).expect("remove");
+    node.restart().expect("restart");
+    eventually(&node, vectors, 7).await;
+    assert!(!marked.exists(), "tables without a record are rebuilt");
+    eventually(&node, "SELECT count(*) FROM events", 40).await;
+}
+
 #[tokio::test]
 async fn without_the_model_text_routes_answer_503_and_wrong_weights_stop_the_start() {
     let empty = tempfile::tempdir().expect("tempdir");
