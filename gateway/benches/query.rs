@@ -68,6 +68,16 @@ fn hex_id(i: u64, salt: u64) -> String {
     )
 }
 
+/// Records that the tables under `dir` were written with this build's layout (and `model`'s
+/// text vectors, if any): a node rebuilds tables it has no such record of, from its ledger.
+fn write_progress(dir: &Path, model: Option<&str>) -> anyhow::Result<()> {
+    let record = serde_json::json!({
+        "applied": 0, "layout": meshnode_query::TABLES_LAYOUT, "text_model": model,
+    });
+    std::fs::write(dir.join("progress.json"), record.to_string())?;
+    Ok(())
+}
+
 async fn write_table(dir: &Path, table: &str, batches: Vec<RecordBatch>) -> anyhow::Result<()> {
     let schema = batches[0].schema();
     let reader = RecordBatchIterator::new(batches.into_iter().map(Ok), schema);
@@ -359,6 +369,7 @@ async fn sql_bench(n: usize, scratch: &Path) -> anyhow::Result<serde_json::Value
         .await?;
     }
 
+    write_progress(&qdir, None)?;
     let query = Query::open(
         &qdir,
         ledger.clone(),
@@ -473,7 +484,7 @@ fn recall_at_10(truth: &[Vec<String>], got: &[Vec<String>]) -> f64 {
 
 /// Waits until the in-memory index of `column` (`table.column`) holds `rows` rows.
 async fn wait_for_memory_index(query: &Query, column: &str, rows: usize) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(3600);
+    let deadline = Instant::now() + Duration::from_secs(900);
     loop {
         let covered = query
             .memory_indexes()
@@ -571,6 +582,7 @@ async fn knn_bench(n: usize, scratch: &Path) -> anyhow::Result<serde_json::Value
         }
         vectors_file.flush()?;
         write_table(&table_dir, "skills", batches).await?;
+        write_progress(&table_dir, None)?;
         let query = Query::open(
             &table_dir,
             ledger.clone(),

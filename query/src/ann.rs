@@ -322,7 +322,18 @@ impl AnnIndexes {
             let Ok(_shared) = ix.gate.read() else {
                 return Ok(None);
             };
-            ix.index.filtered_search(query, k, |key| key < below)
+            // The predicate is a call back into Rust per visited node: only when rows were
+            // added since the snapshot.
+            let plain = if ix.rows() == rows {
+                ix.index.search(query, k).ok()
+            } else {
+                None
+            };
+            match plain {
+                // Rows added between the check and the search: filter after all.
+                Some(m) if m.keys.iter().all(|&key| key < below) => Ok(m),
+                _ => ix.index.filtered_search(query, k, |key| key < below),
+            }
         };
         // No free thread context (more concurrent searches than reserved) and the like.
         let Ok(matches) = matches else {

@@ -31,11 +31,11 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
 pub use error::{Error, Result};
-pub use hybrid::{Mode, TextHit, TextSearch};
+pub use hybrid::{ALPHA, Mode, TextHit, TextSearch};
 pub use knn::{
     FILTERED_EXACT_ROWS_MAX, K_MAX, Search, parse_metric, parse_vector, vector_from_json,
 };
-pub use materialize::QueryConfig;
+pub use materialize::{LAYOUT as TABLES_LAYOUT, QueryConfig};
 pub use sql::{Answer, SqlLimits, cell};
 pub use worker::{WorkerProgram, WorkerStatus, worker_main};
 

@@ -62,7 +62,7 @@ impl Default for QueryConfig {
 
 /// The tables' layout: a node whose tables were written by a build with another layout
 /// rebuilds them at start. 2: the derived text columns (`search_text`, `text_vec`, …).
-const LAYOUT: u32 = 2;
+pub const LAYOUT: u32 = 2;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Progress {
@@ -755,6 +755,9 @@ impl Materializer {
 
     async fn reindex(&mut self) -> Result<Vec<String>> {
         let mut built = Vec::new();
+        if self.shared.tables.maybe_text_index("skills").await? {
+            built.push("skills.search_text".to_string());
+        }
         for (table, _) in meshnode_schemas::tables::VECTOR_COLUMNS {
             let table = crate::tables::table_name(table).expect("invariant: a known table");
             if self.shared.tables.build_index(table, self.metric()).await? {

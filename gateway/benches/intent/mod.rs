@@ -13,7 +13,7 @@ use meshnode_query::{Mode, Query, QueryConfig, SqlLimits, TextSearch};
 use meshnode_schemas::tables::table_schema;
 use serde::Deserialize;
 
-use super::{Rng, open_node, wait_for_memory_index, write_table};
+use super::{Rng, open_node, wait_for_memory_index, write_progress, write_table};
 
 #[derive(Deserialize, Clone)]
 struct Skill {
@@ -258,7 +258,7 @@ fn blake3_like(name: &str) -> u128 {
 async fn measure(
     query: &Query,
     intents: &[Intent],
-    mode: Mode,
+    (mode, alpha): (Mode, Option<f32>),
 ) -> anyhow::Result<serde_json::Value> {
     let (mut top1, mut top3) = (0, 0);
     let mut latencies = Vec::new();
@@ -270,6 +270,7 @@ async fn measure(
             k: 3,
             filter: None,
             mode,
+            alpha,
         };
         let started = Instant::now();
         let hits = query.search_text(&search).await?;
@@ -296,10 +297,14 @@ async fn measure(
     }))
 }
 
-const MODES: [(&str, Mode); 3] = [
-    ("hybrid", Mode::Hybrid),
-    ("vector", Mode::Vector),
-    ("text", Mode::Text),
+/// The modes measured, with hybrid's weight of meaning (None: the default).
+const MODES: [(&str, (Mode, Option<f32>)); 6] = [
+    ("hybrid", (Mode::Hybrid, None)),
+    ("hybrid_alpha_0.5", (Mode::Hybrid, Some(0.5))),
+    ("hybrid_alpha_0.7", (Mode::Hybrid, Some(0.7))),
+    ("hybrid_alpha_0.9", (Mode::Hybrid, Some(0.9))),
+    ("vector", (Mode::Vector, None)),
+    ("text", (Mode::Text, None)),
 ];
 
 pub(super) async fn intent_bench(n: usize, scratch: &Path) -> anyhow::Result<serde_json::Value> {
@@ -332,6 +337,7 @@ pub(super) async fn intent_bench(n: usize, scratch: &Path) -> anyhow::Result<ser
         std::fs::create_dir_all(&table_dir)?;
         let batch = skills_batch(&skills[..rows], &vectors[..rows], &model)?;
         write_table(&table_dir, "skills", vec![batch]).await?;
+        write_progress(&table_dir, Some(&model))?;
         let query = Query::open(
             &table_dir,
             ledger.clone(),
@@ -342,8 +348,10 @@ pub(super) async fn intent_bench(n: usize, scratch: &Path) -> anyhow::Result<ser
         )
         .await?;
         wait_for_memory_index(&query, "skills.text_vec", rows).await?;
+        // As the node's materializer would have: the full-text index of search_text.
+        query.reindex().await?;
         // Warm the model and the tables once.
-        let _ = measure(&query, &set.queries[..1], Mode::Hybrid).await?;
+        let _ = measure(&query, &set.queries[..1], (Mode::Hybrid, None)).await?;
         for (mode_label, mode) in MODES {
             out[label][mode_label] = measure(&query, &set.queries, mode).await?;
         }

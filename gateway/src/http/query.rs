@@ -132,6 +132,8 @@ pub(crate) struct SearchRequest {
     /// hybrid (default: meaning and words fused), vector (meaning) or text (words, BM25);
     /// with `text` only.
     mode: Option<String>,
+    /// Hybrid only: weight of meaning against words, 0..=1 (default 0.9).
+    alpha: Option<f32>,
     /// Query vector (same dimension as the table's author vectors); give this or `text`.
     #[schema(value_type = Option<Vec<f32>>)]
     vector: Option<Value>,
@@ -176,10 +178,21 @@ pub(crate) async fn search(
                 k,
                 filter: request.filter,
                 mode: Mode::parse(request.mode.as_deref().unwrap_or("hybrid"))?,
+                alpha: match request.alpha {
+                    Some(a) if !(0.0..=1.0).contains(&a) => {
+                        return Err(ApiError::bad_request(
+                            "invalid_search",
+                            "`alpha` is the weight of meaning against words, 0 to 1",
+                        ));
+                    }
+                    a => a,
+                },
             };
             return text_search(&state, &search).await;
         }
-        (None, Some(vector)) if request.mode.is_none() => vector_from_json(&vector)?,
+        (None, Some(vector)) if request.mode.is_none() && request.alpha.is_none() => {
+            vector_from_json(&vector)?
+        }
         _ => {
             return Err(ApiError::bad_request(
                 "invalid_search",
