@@ -21,7 +21,7 @@ use crate::knn::{self, K_MAX, Search};
 /// How a text search ranks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
-    /// Meaning and words, fused by reciprocal rank (the default).
+    /// Meaning and words, weighted to meaning (the default; see [`ALPHA`]).
     Hybrid,
     /// Meaning only: cosine between the query's embedding and `text_vec`.
     Vector,
