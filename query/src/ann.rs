@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Float32Type, UInt64Type};
 use arrow_array::{Float32Array, RecordBatch};
-use arrow_schema::{DataType, Field, Schema};
+use arrow_schema::{DataType, Schema};
 use futures::TryStreamExt;
 use lance::Dataset;
 use lance_linalg::distance::DistanceType;
@@ -528,18 +528,8 @@ async fn take_rows(
         order.push(*i);
     }
     let order = arrow_array::UInt32Array::from(order);
-    let mut columns = Vec::with_capacity(rows.num_columns() + 1);
-    for c in rows.columns() {
-        columns.push(arrow::compute::take(c.as_ref(), &order, None).map_err(internal)?);
-    }
-    columns.push(Arc::new(Float32Array::from(distances.to_vec())));
-    let mut fields: Vec<Field> = rows
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone())
-        .collect();
-    fields.push(Field::new("_distance", DataType::Float32, true));
-    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(internal)?;
-    Ok(Some(vec![batch]))
+    let distances = Arc::new(Float32Array::from(distances.to_vec()));
+    Ok(Some(vec![crate::knn::with_distance(
+        &rows, &order, distances,
+    )?]))
 }

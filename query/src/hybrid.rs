@@ -263,14 +263,7 @@ fn fuse(
 /// Rows as JSON objects with the value of `column` taken out, in the order given by it
 /// (`_distance` ascending, `_score` descending).
 fn ranked(batches: Vec<RecordBatch>, column: &str) -> Result<Vec<(f32, Map<String, Value>)>> {
-    let answer = crate::sql::Answer {
-        schema: batches
-            .first()
-            .map(|b| b.schema())
-            .unwrap_or_else(|| Arc::new(arrow_schema::Schema::empty())),
-        batches,
-        truncated: false,
-    };
+    let answer = crate::sql::Answer::of_rows(batches);
     let mut rows: Vec<(f32, Map<String, Value>)> = answer
         .to_objects()
         .into_iter()

@@ -128,16 +128,8 @@ pub(crate) fn check(search: &Search, tables: &Tables) -> Result<&'static str> {
 
 /// [`check`] for a search of the `text_vec` column.
 fn check_text_vec(search: &Search) -> Result<&'static str> {
-    use meshnode_schemas::tables::{TEXT_TABLES, TEXT_VEC_DIM};
-    if !TEXT_TABLES.contains(&search.table.as_str()) {
-        return Err(bad(
-            "not_a_text_table",
-            format!(
-                "table `{}` has no text vectors; use skills, basins or nodes",
-                search.table.chars().take(64).collect::<String>()
-            ),
-        ));
-    }
+    use meshnode_schemas::tables::TEXT_VEC_DIM;
+    text_table(&search.table)?;
     check_k(search.k)?;
     if search.vector.len() != TEXT_VEC_DIM as usize {
         return Err(bad(
@@ -152,6 +144,21 @@ fn check_text_vec(search: &Search) -> Result<&'static str> {
         parse_filter(filter)?;
     }
     Ok("text_vec")
+}
+
+/// A table with text columns (skills, basins, nodes), or `not_a_text_table`.
+pub(crate) fn text_table(name: &str) -> Result<&'static str> {
+    crate::tables::table_name(name)
+        .filter(|t| meshnode_schemas::tables::TEXT_TABLES.contains(t))
+        .ok_or_else(|| {
+            bad(
+                "not_a_text_table",
+                format!(
+                    "table `{}` cannot be searched by text; use skills, basins or nodes",
+                    name.chars().take(64).collect::<String>()
+                ),
+            )
+        })
 }
 
 pub(crate) fn check_k(k: usize) -> Result<()> {
@@ -404,11 +411,21 @@ async fn exact_filtered(
     let distances = distance(&query, vectors).map_err(|e| bad("knn_error", e.to_string()))?;
     let order = arrow::compute::sort_to_indices(distances.as_ref(), None, None)
         .map_err(|e| internal(e.to_string()))?;
+    let distances = arrow::compute::take(distances.as_ref(), &order, None).map_err(internal)?;
+    Ok(Some(vec![with_distance(&rows, &order, distances)?]))
+}
+
+/// `rows` in `order`, with `distances` (already in that order) as a last `_distance` column.
+pub(crate) fn with_distance(
+    rows: &RecordBatch,
+    order: &arrow_array::UInt32Array,
+    distances: arrow_array::ArrayRef,
+) -> Result<RecordBatch> {
     let mut columns = Vec::with_capacity(rows.num_columns() + 1);
     for c in rows.columns() {
-        columns.push(arrow::compute::take(c.as_ref(), &order, None).map_err(internal)?);
+        columns.push(arrow::compute::take(c.as_ref(), order, None).map_err(internal)?);
     }
-    columns.push(arrow::compute::take(distances.as_ref(), &order, None).map_err(internal)?);
+    columns.push(distances);
     let mut fields: Vec<Field> = rows
         .schema()
         .fields()
@@ -416,8 +433,7 @@ async fn exact_filtered(
         .map(|f| f.as_ref().clone())
         .collect();
     fields.push(Field::new("_distance", DataType::Float32, true));
-    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(internal)?;
-    Ok(Some(vec![batch]))
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(internal)
 }
 
 /// The `knn(table, vector_json, k [, metric])` SQL table function.

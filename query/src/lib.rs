@@ -475,14 +475,7 @@ impl Query {
                 knn::search(&tables, &ann, dataset, &request_owned, &cancel).await
             })
             .await?;
-        let answer = Answer {
-            schema: batches
-                .first()
-                .map(|b| b.schema())
-                .unwrap_or_else(|| Arc::new(arrow_schema::Schema::empty())),
-            batches,
-            truncated: false,
-        };
+        let answer = crate::sql::Answer::of_rows(batches);
         let mut hits: Vec<Hit> = answer
             .to_objects()
             .into_iter()
@@ -501,17 +494,7 @@ impl Query {
     /// Rows of a text table (skills, basins, nodes) that match `request.text` by meaning,
     /// by words or both ([`Mode`]), best first, filtered before ranking.
     pub async fn search_text(&self, request: &TextSearch) -> Result<Vec<TextHit>> {
-        let table = tables::table_name(&request.table)
-            .filter(|t| meshnode_schemas::tables::TEXT_TABLES.contains(t))
-            .ok_or_else(|| {
-                bad(
-                    "not_a_text_table",
-                    format!(
-                        "table `{}` cannot be searched by text; use skills, basins or nodes",
-                        request.table.chars().take(64).collect::<String>()
-                    ),
-                )
-            })?;
+        let table = knn::text_table(&request.table)?;
         knn::check_k(request.k)?;
         meshnode_embed::Embedder::check(&request.text)
             .map_err(|e| bad("invalid_text", format!("text: {e}")))?;

@@ -72,6 +72,18 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// The whole answer of a search: every row, none cut.
+    pub(crate) fn of_rows(batches: Vec<RecordBatch>) -> Self {
+        Self {
+            schema: batches
+                .first()
+                .map(|b| b.schema())
+                .unwrap_or_else(|| Arc::new(arrow_schema::Schema::empty())),
+            batches,
+            truncated: false,
+        }
+    }
+
     /// Number of rows.
     pub fn n_rows(&self) -> usize {
         self.batches.iter().map(|b| b.num_rows()).sum()

@@ -234,7 +234,18 @@ impl Tables {
                 )
             }
         };
-        let dir = path.clone();
+        self.install(table, ds, started).await
+    }
+
+    /// Makes what a table's directory got since `started` durable, then makes `ds` the
+    /// table's current version.
+    async fn install(
+        &self,
+        table: &'static str,
+        ds: Arc<Dataset>,
+        started: SystemTime,
+    ) -> Result<()> {
+        let dir = self.path(table);
         tokio::task::spawn_blocking(move || fsync_since(&dir, started))
             .await
             .map_err(internal)??;
@@ -287,14 +298,7 @@ impl Tables {
         compact_files(&mut ds, CompactionOptions::default(), None)
             .await
             .map_err(|e| internal(format!("compacting {table}: {e}")))?;
-        let dir = self.path(table);
-        tokio::task::spawn_blocking(move || fsync_since(&dir, started))
-            .await
-            .map_err(internal)??;
-        self.current
-            .lock()
-            .expect("invariant: tables lock is never poisoned")
-            .insert(table, Arc::new(ds));
+        self.install(table, Arc::new(ds), started).await?;
         Ok(())
     }
 
@@ -342,14 +346,7 @@ impl Tables {
         )
         .await
         .map_err(|e| internal(format!("indexing {table}.{column}: {e}")))?;
-        let dir = self.path(table);
-        tokio::task::spawn_blocking(move || fsync_since(&dir, started))
-            .await
-            .map_err(internal)??;
-        self.current
-            .lock()
-            .expect("invariant: tables lock is never poisoned")
-            .insert(table, Arc::new(ds));
+        self.install(table, Arc::new(ds), started).await?;
         Ok(true)
     }
 
@@ -396,14 +393,7 @@ impl Tables {
         )
         .await
         .map_err(|e| internal(format!("full-text index of {table}: {e}")))?;
-        let dir = self.path(table);
-        tokio::task::spawn_blocking(move || fsync_since(&dir, started))
-            .await
-            .map_err(internal)??;
-        self.current
-            .lock()
-            .expect("invariant: tables lock is never poisoned")
-            .insert(table, Arc::new(ds));
+        self.install(table, Arc::new(ds), started).await?;
         Ok(true)
     }
 

@@ -513,17 +513,12 @@ async fn ann_index_keeps_recall_high_and_time_travel_and_rebuild_work() {
             false,
         )
         .await;
-        let ids = |v: &Value| -> Vec<String> {
-            v["results"]
-                .as_array()
-                .expect("r")
-                .iter()
-                .map(|r| r["row"]["id"].as_str().expect("id").to_string())
-                .collect()
-        };
-        let truth = ids(&exact);
+        let truth = result_ids(&exact);
         assert_eq!(truth.len(), 10);
-        found += ids(&ann).iter().filter(|id| truth.contains(id)).count();
+        found += result_ids(&ann)
+            .iter()
+            .filter(|id| truth.contains(id))
+            .count();
     }
     let recall = found as f64 / (queries as f64 * 10.0);
     assert!(recall >= 0.9, "recall@10 = {recall}");
@@ -531,14 +526,6 @@ async fn ann_index_keeps_recall_high_and_time_travel_and_rebuild_work() {
     // exact path.
     for q in 0..5 {
         let vector = random_vector(20_000 + q, dim);
-        let ids = |v: &Value| -> Vec<Value> {
-            v["results"]
-                .as_array()
-                .expect("r")
-                .iter()
-                .map(|r| r["row"]["id"].clone())
-                .collect()
-        };
         let (_, ours) = post(
             &node,
             "/v1/search",
@@ -553,7 +540,7 @@ async fn ann_index_keeps_recall_high_and_time_travel_and_rebuild_work() {
             false,
         )
         .await;
-        assert_eq!(ids(&ours), ids(&lance), "{ours} {lance}");
+        assert_eq!(result_ids(&ours), result_ids(&lance), "{ours} {lance}");
     }
     // Searches, exact and by the graph, while rows are being added to the table and the
     // index: every one answers, from rows that exist.
@@ -733,6 +720,16 @@ async fn publish(node: &TestNode, envelopes: &[Vec<u8>]) {
             assert!(r.status().is_success(), "{}", r.status());
         }
     }
+}
+
+/// The `id` of each row a search answered, in order.
+fn result_ids(answer: &Value) -> Vec<Value> {
+    answer["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["row"]["id"].clone())
+        .collect()
 }
 
 /// The skill_id of the skill nearest to `vector`.
