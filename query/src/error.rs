@@ -67,6 +67,7 @@ const CODES: &[&str] = &[
     "as_of_ahead",
     "dimension_mismatch",
     "filter_too_large",
+    "invalid_columns",
     "invalid_filter",
     "invalid_input",
     "invalid_k",
@@ -83,6 +84,7 @@ const CODES: &[&str] = &[
     "sql_too_deep",
     "sql_too_large",
     "too_many_inputs",
+    "unknown_column",
     "unknown_function",
     "unknown_table",
 ];
@@ -129,6 +131,10 @@ mod tests {
             include_str!("materialize.rs"),
             include_str!("cancel.rs"),
             include_str!("worker.rs"),
+            include_str!("hybrid.rs"),
+            include_str!("ann.rs"),
+            include_str!("hot.rs"),
+            include_str!("text.rs"),
         ];
         let mut seen = 0;
         for source in sources {

@@ -67,6 +67,8 @@ pub struct TextSearch {
     pub mode: Mode,
     /// Hybrid only: weight of meaning against words, 0..=1 (default [`ALPHA`]).
     pub alpha: Option<f32>,
+    /// The columns each row carries; `None`: every column but the vectors.
+    pub columns: Option<Vec<String>>,
 }
 
 /// Default weight of meaning in hybrid ranking. Measured on `bench/intent_quality.json`
@@ -115,6 +117,13 @@ pub(crate) async fn run(
         Mode::Hybrid => candidates(request.k),
         _ => request.k,
     };
+    // The rows carry the key too, which the fusion joins on.
+    let asked = knn::resolve_columns(request.columns.as_deref(), &dataset)?;
+    let key = key_column(&request.table);
+    let mut columns = asked.clone();
+    if !columns.iter().any(|c| c == key) {
+        columns.push(key.to_string());
+    }
     let nearest = match query_vec {
         Some(vector) if filter.is_none() => {
             match ann
@@ -127,22 +136,32 @@ pub(crate) async fn run(
                     n,
                     DistanceType::Cosine,
                     false,
+                    &columns,
                 )
                 .await?
             {
-                Some(found) => ranked(found, "_distance")?,
-                None => nearest_by_lance(&dataset, request, vector, n, None).await?,
+                Some(found) => ranked(found, "_distance", &columns)?,
+                None => nearest_by_lance(&dataset, request, vector, n, None, &columns).await?,
             }
         }
-        Some(vector) => nearest_by_lance(&dataset, request, vector, n, filter.clone()).await?,
+        Some(vector) => {
+            nearest_by_lance(&dataset, request, vector, n, filter.clone(), &columns).await?
+        }
         None => Vec::new(),
     };
     let matched = if request.mode == Mode::Vector {
         Vec::new()
     } else {
-        ranked(bm25(&dataset, &request.text, n, filter).await?, "_score")?
+        let found = bm25(&dataset, &request.text, n, filter).await?;
+        ranked(found, "_score", &columns)?
     };
-    rank(request, nearest, matched)
+    let mut hits = rank(request, nearest, matched)?;
+    if !asked.iter().any(|c| c == key) {
+        for hit in &mut hits {
+            hit.row.remove(key);
+        }
+    }
+    Ok(hits)
 }
 
 /// The `n` rows nearest to `vector` by `text_vec`, exact, through Lance (filtered searches,
@@ -153,6 +172,7 @@ async fn nearest_by_lance(
     vector: Vec<f32>,
     n: usize,
     filter: Option<Expr>,
+    columns: &[String],
 ) -> Result<Vec<(f32, Map<String, Value>)>> {
     let search = Search {
         table: request.table.clone(),
@@ -162,10 +182,12 @@ async fn nearest_by_lance(
         filter: None,
         exact: true,
         text_vec: true,
+        columns: None,
     };
     ranked(
         knn::run(dataset, "text_vec", &search, filter, false).await?,
         "_distance",
+        columns,
     )
 }
 
@@ -260,9 +282,19 @@ fn fuse(
     by_key.into_values().collect()
 }
 
-/// Rows as JSON objects with the value of `column` taken out, in the order given by it
-/// (`_distance` ascending, `_score` descending).
-fn ranked(batches: Vec<RecordBatch>, column: &str) -> Result<Vec<(f32, Map<String, Value>)>> {
+/// Rows (`columns` of them) as JSON objects with the value of `column` taken out, in the
+/// order given by it (`_distance` ascending, `_score` descending).
+fn ranked(
+    batches: Vec<RecordBatch>,
+    column: &str,
+    columns: &[String],
+) -> Result<Vec<(f32, Map<String, Value>)>> {
+    let mut keep: Vec<String> = columns.to_vec();
+    keep.push(column.to_string());
+    let batches = batches
+        .iter()
+        .map(|b| knn::select(b, &keep))
+        .collect::<Result<Vec<_>>>()?;
     let answer = crate::sql::Answer::of_rows(batches);
     let mut rows: Vec<(f32, Map<String, Value>)> = answer
         .to_objects()

@@ -90,6 +90,59 @@ pub struct Search {
     /// Rank by the node's own text vectors (`text_vec`, 384-d) instead of the authors'
     /// vectors (skills, basins and nodes only).
     pub text_vec: bool,
+    /// The columns each row carries; `None`: every column but the vectors.
+    pub columns: Option<Vec<String>>,
+}
+
+/// Most names in a search's `columns`.
+pub(crate) const COLUMNS_MAX: usize = 64;
+
+/// The columns a search's rows carry, checked against the table: the ones asked for (each
+/// once, in order), else every column but the vectors.
+pub(crate) fn resolve_columns(
+    columns: Option<&[String]>,
+    dataset: &Dataset,
+) -> Result<Vec<String>> {
+    let schema = Schema::from(dataset.schema());
+    let Some(asked) = columns else {
+        return Ok(crate::hot::scalar_columns(&schema));
+    };
+    if asked.is_empty() || asked.len() > COLUMNS_MAX {
+        return Err(bad(
+            "invalid_columns",
+            format!("`columns` takes 1..={COLUMNS_MAX} column names"),
+        ));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(asked.len());
+    for name in asked {
+        if schema.field_with_name(name).is_err() {
+            return Err(bad(
+                "unknown_column",
+                format!(
+                    "no column `{}`; GET /v1/tables lists them",
+                    name.chars().take(64).collect::<String>()
+                ),
+            ));
+        }
+        if !out.contains(name) {
+            out.push(name.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// `batch` with only `columns` and its `_distance` (if any), in that order.
+pub(crate) fn select(batch: &RecordBatch, columns: &[String]) -> Result<RecordBatch> {
+    let schema = batch.schema();
+    let mut indices: Vec<usize> = Vec::with_capacity(columns.len() + 1);
+    for name in columns.iter().map(String::as_str).chain(["_distance"]) {
+        if let Ok(i) = schema.index_of(name)
+            && !indices.contains(&i)
+        {
+            indices.push(i);
+        }
+    }
+    batch.project(&indices).map_err(internal)
 }
 
 /// Checks a request against a dataset and returns the vector column.
@@ -543,6 +596,7 @@ impl TableFunctionImpl for KnnFunction {
             filter: None,
             exact: false,
             text_vec,
+            columns: None,
         };
         let column =
             check(&search, &self.tables).map_err(|e| DataFusionError::Plan(e.to_string()))?;
@@ -640,6 +694,41 @@ impl TableProvider for KnnProvider {
     }
 }
 
+/// An unfiltered, approximate search through the in-memory index, on the caller's task:
+/// `None` when it cannot answer (filtered, exact, no index covering the table, a high ef).
+/// Exact comparisons happen only on tables below the graph threshold, which are small.
+pub(crate) async fn search_inline(
+    tables: &Arc<Tables>,
+    ann: &crate::ann::AnnIndexes,
+    dataset: &Dataset,
+    search: &Search,
+) -> Result<Option<Vec<RecordBatch>>> {
+    if search.filter.is_some() || search.exact || !ann.inline_ok() {
+        return Ok(None);
+    }
+    let column = check(search, tables)?;
+    let columns = resolve_columns(search.columns.as_deref(), dataset)?;
+    let Some(table) = crate::tables::table_name(&search.table) else {
+        return Ok(None);
+    };
+    // Below the graph threshold the index compares every vector: not on this task.
+    if dataset.count_rows(None).await.map_err(internal)? < ann.graph_rows_min() {
+        return Ok(None);
+    }
+    ann.search(
+        tables,
+        table,
+        dataset,
+        column,
+        &search.vector,
+        search.k,
+        search.metric,
+        false,
+        &columns,
+    )
+    .await
+}
+
 /// A search on the current version (used by `POST /v1/search`): unfiltered, through the
 /// in-memory index when it covers the table; otherwise through Lance.
 pub(crate) async fn search(
@@ -650,6 +739,7 @@ pub(crate) async fn search(
     cancel: &crate::cancel::Cancel,
 ) -> Result<Vec<RecordBatch>> {
     let column = check(search, tables)?;
+    let columns = resolve_columns(search.columns.as_deref(), &dataset)?;
     if search.filter.is_none()
         && let Some(table) = crate::tables::table_name(&search.table)
         && let Some(found) = ann
@@ -662,6 +752,7 @@ pub(crate) async fn search(
                 search.k,
                 search.metric,
                 search.exact,
+                &columns,
             )
             .await?
     {
@@ -680,10 +771,11 @@ pub(crate) async fn search(
         filter: None,
         ..search.clone()
     };
-    run(&dataset, column, &planned, filter, use_index)
+    let batches = run(&dataset, column, &planned, filter, use_index)
         .await
         .map_err(|e| match e {
             crate::error::Error::Query { .. } | crate::error::Error::ResourcesExhausted(_) => e,
             other => internal(other),
-        })
+        })?;
+    batches.iter().map(|b| select(b, &columns)).collect()
 }

@@ -465,6 +465,11 @@ impl Engine {
         }
     }
 
+    /// A permit if one is free now (work short enough to run on the caller's task).
+    pub(crate) fn try_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_owned().ok()
+    }
+
     /// Permits not in use (for tests and status).
     pub(crate) fn idle_permits(&self) -> usize {
         self.permits.available_permits()

@@ -271,6 +271,7 @@ async fn measure(
             filter: None,
             mode,
             alpha,
+            columns: None,
         };
         let started = Instant::now();
         let hits = query.search_text(&search).await?;

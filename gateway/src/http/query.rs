@@ -145,6 +145,9 @@ pub(crate) struct SearchRequest {
     filter: Option<String>,
     /// Force exact search even if an ANN index exists.
     exact: Option<bool>,
+    /// The columns each row carries (default: every column but the vectors; name a vector
+    /// column to get it).
+    columns: Option<Vec<String>>,
 }
 
 /// The k nearest rows of a vector table, nearest first, filtered before ranking; or, with
@@ -153,7 +156,7 @@ pub(crate) struct SearchRequest {
     request_body = SearchRequest,
     responses(
         (status = 200, description = "{results: [{distance, row}]}; with text: {results: [{score, distance, bm25, row}], mode, model}"),
-        (status = 400, description = "invalid_search, invalid_vector, invalid_text, invalid_mode, not_a_text_table, dimension_mismatch, invalid_k, invalid_metric, invalid_filter…", body = super::error::ErrorBody),
+        (status = 400, description = "invalid_search, invalid_vector, invalid_text, invalid_mode, not_a_text_table, dimension_mismatch, invalid_k, invalid_metric, invalid_filter, invalid_columns, unknown_column…", body = super::error::ErrorBody),
         (status = 503, description = "no_embed_model: a text search in mode hybrid or vector on a node without the model", body = super::error::ErrorBody),
         (status = 404, description = "unknown_table", body = super::error::ErrorBody),
     ))]
@@ -187,6 +190,7 @@ pub(crate) async fn search(
                     }
                     a => a,
                 },
+                columns: request.columns,
             };
             return text_search(&state, &search).await;
         }
@@ -208,6 +212,7 @@ pub(crate) async fn search(
         filter: request.filter,
         exact: request.exact.unwrap_or(false),
         text_vec: false,
+        columns: request.columns,
     };
     let hits = state.node().query.search(&search).await?;
     let results: Vec<Value> = hits

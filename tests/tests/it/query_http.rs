@@ -282,6 +282,7 @@ async fn vector_search_filters_before_ranking() {
         .into_iter()
         .map(|x| x as f32)
         .collect();
+    // By default a row has every column but the vectors.
     let (status, body) = post(
         &node,
         "/v1/search",
@@ -290,8 +291,43 @@ async fn vector_search_filters_before_ranking() {
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    let row = &body["results"][0]["row"];
+    assert!(
+        row["name"].is_string() && row["domain"].is_string(),
+        "{row}"
+    );
+    assert!(
+        row.get("embedding").is_none() && row.get("text_vec").is_none(),
+        "{row}"
+    );
+    // Named columns, a vector among them; an unknown one is refused.
+    let (status, body) = post(
+        &node,
+        "/v1/search",
+        json!({"table": "skills", "vector": query, "k": 3, "columns": ["id", "author", "embedding"]}),
+        false,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     let results = body["results"].as_array().expect("results");
     assert_eq!(results.len(), 3);
+    let keys: Vec<&String> = results[0]["row"].as_object().expect("row").keys().collect();
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    for columns in [json!(["nope"]), json!([]), json!(vec!["id"; 65])] {
+        let (status, body) = post(
+            &node,
+            "/v1/search",
+            json!({"table": "skills", "vector": query, "k": 3, "columns": columns}),
+            false,
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let code = body["error"]["code"].as_str().unwrap_or("");
+        assert!(
+            code == "unknown_column" || code == "invalid_columns",
+            "{body}"
+        );
+    }
     let distances: Vec<f64> = results
         .iter()
         .map(|r| r["distance"].as_f64().expect("d"))
