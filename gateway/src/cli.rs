@@ -67,6 +67,9 @@ pub enum Command {
     /// Pin blobs so that GC keeps them.
     #[command(subcommand)]
     Pin(PinCommand),
+    /// The peers the running node replicates with: add by ticket, list, remove.
+    #[command(subcommand)]
+    Peer(PeerCommand),
     /// Generate and show Ed25519 key files.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -130,6 +133,10 @@ pub struct ServeArgs {
     /// Load a small demo network (agents, skills, basins, payments) if the ledger is empty.
     #[arg(long)]
     pub demo: bool,
+    /// UDP address of the peer-to-peer endpoint (overrides config and MESHNODE_P2P_ADDR;
+    /// default 127.0.0.1 on a free port).
+    #[arg(long)]
+    pub p2p_addr: Option<std::net::SocketAddr>,
 }
 
 /// `event` arguments.
@@ -358,6 +365,23 @@ pub enum BlobCommand {
     },
 }
 
+/// `peer` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PeerCommand {
+    /// Add a peer by its ticket (`meshnode serve` prints it; `status` shows it).
+    Add {
+        /// The peer's ticket.
+        ticket: String,
+    },
+    /// List peers with their replication status.
+    Ls,
+    /// Forget a peer.
+    Rm {
+        /// The peer's endpoint id (hex).
+        id: String,
+    },
+}
+
 /// `pin` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum PinCommand {
@@ -490,6 +514,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve(&cli, args).await,
         Command::Blob(command) => blob(&cli, command).await,
         Command::Pin(command) => pin(&cli, command).await,
+        Command::Peer(command) => peer(&cli, command).await,
         Command::Key(command) => key(&cli, command),
         Command::Event(args) => event(&cli, args).await,
         Command::Account(args) => account(&cli, args).await,
@@ -719,7 +744,16 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.http_addr {
         config.http_addr = addr;
     }
+    if let Some(addr) = args.p2p_addr {
+        config.p2p_addr = addr;
+    }
     let node = Arc::new(Node::open(&dir, config.clone()).await?);
+    let ticket = node
+        .start_mesh()
+        .await
+        .with_context(|| format!("cannot start the p2p endpoint on {}", config.p2p_addr))?
+        .ticket()
+        .to_string();
     if args.demo && crate::demo::load(&node).await? {
         eprintln!(
             "loaded the demo network: {} events (agents: {})",
@@ -742,6 +776,7 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
         "node": node.node.to_hex(),
         "net": node.net.to_hex(),
         "data_dir": dir.display().to_string(),
+        "ticket": ticket,
     });
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
@@ -749,7 +784,8 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
     let has_events = node.ledger.tree_size()? > 0;
     print_value(cli, &value, |_| {
         let mut text = format!(
-            "meshnode {} listening on http://{addr}\n  node     {}\n  net      {}\n  data dir {}\n\
+            "meshnode {} listening on http://{addr}\n  node     {}\n  net      {}\n  data dir {}\n  \
+             ticket   {ticket}\n\
              try:  {exe} --data-dir {} status",
             env!("CARGO_PKG_VERSION"),
             node.node,
@@ -976,6 +1012,58 @@ async fn download(client: &Client, id: &str, output: Option<&Path>) -> anyhow::R
             .with_context(|| format!("cannot move download to {}", path.display()))?;
     }
     Ok(size)
+}
+
+async fn peer(cli: &Cli, command: &PeerCommand) -> anyhow::Result<()> {
+    let client = client(cli)?;
+    match command {
+        PeerCommand::Add { ticket } => {
+            let value: Value = client
+                .json(
+                    client
+                        .request(reqwest::Method::POST, "/v1/peers")
+                        .json(&serde_json::json!({"ticket": ticket})),
+                )
+                .await?;
+            print_value(cli, &value, |v| format!("added peer {}", plain(&v["id"])));
+        }
+        PeerCommand::Rm { id } => {
+            let value: Value = client
+                .json(client.request(reqwest::Method::DELETE, &format!("/v1/peers/{id}")))
+                .await?;
+            print_value(cli, &value, |_| format!("removed peer {id}"));
+        }
+        PeerCommand::Ls => {
+            let value: Value = client
+                .json(client.request(reqwest::Method::GET, "/v1/peers"))
+                .await?;
+            print_value(cli, &value, |v| {
+                let mut lines = vec![format!("this node: {}", plain(&v["ticket"]))];
+                for p in v["peers"].as_array().into_iter().flatten() {
+                    let state = if p["banned_until_ms"].is_u64() {
+                        "banned"
+                    } else if p["connected"].as_bool() == Some(true) {
+                        "connected"
+                    } else {
+                        "offline"
+                    };
+                    lines.push(format!(
+                        "{}  {state:9}  {}  behind {}  in {} events  rtt {} ms  score {}",
+                        plain(&p["id"]),
+                        plain(&p["address"]),
+                        p["behind"],
+                        p["events_in"],
+                        p["rtt_ms"]
+                            .as_f64()
+                            .map_or("-".into(), |r| format!("{r:.1}")),
+                        p["score"],
+                    ));
+                }
+                lines.join("\n")
+            });
+        }
+    }
+    Ok(())
 }
 
 async fn pin(cli: &Cli, command: &PinCommand) -> anyhow::Result<()> {

@@ -26,6 +26,43 @@ pub struct Config {
     pub store: StoreSettings,
     /// SQL and vector search settings.
     pub query: QuerySettings,
+    /// Where the peer-to-peer endpoint (iroh, QUIC over UDP) binds; port 0 picks a free one.
+    /// Env: `MESHNODE_P2P_ADDR`; flag `serve --p2p-addr`.
+    pub p2p_addr: SocketAddr,
+    /// Peers and replication.
+    pub sync: SyncSettings,
+}
+
+/// Default peer-to-peer address: loopback only, any free port (set a reachable address and
+/// port to join a mesh beyond this machine).
+pub const P2P_ADDR_DEFAULT: &str = "127.0.0.1:0";
+
+/// Peers and replication settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyncSettings {
+    /// Only these peers (endpoint ids, hex) may be added or served; empty: any.
+    pub allow: Vec<String>,
+    /// These peers are never added or served.
+    pub block: Vec<String>,
+    /// Misbehaviour score at which a peer is disconnected and banned. Default 100.
+    pub ban_score: u32,
+    /// The first ban, in seconds; each next one doubles (at most a day). Default 60.
+    pub ban_secs: u64,
+    /// Pause between pulls once a peer's log is read to its end, ms. Default 500.
+    pub pull_interval_ms: u64,
+}
+
+impl Default for SyncSettings {
+    fn default() -> Self {
+        Self {
+            allow: Vec::new(),
+            block: Vec::new(),
+            ban_score: 100,
+            ban_secs: 60,
+            pull_interval_ms: 500,
+        }
+    }
 }
 
 /// SQL and vector search settings.
@@ -135,6 +172,10 @@ impl Default for Config {
             server: ServerConfig::default(),
             store: StoreSettings::default(),
             query: QuerySettings::default(),
+            p2p_addr: P2P_ADDR_DEFAULT
+                .parse()
+                .expect("invariant: the default address parses"),
+            sync: SyncSettings::default(),
         }
     }
 }
@@ -204,6 +245,9 @@ impl Config {
         }
         if let Some(v) = get("MESHNODE_HTTP_ADDR") {
             self.http_addr = parse("MESHNODE_HTTP_ADDR", v)?;
+        }
+        if let Some(v) = get("MESHNODE_P2P_ADDR") {
+            self.p2p_addr = parse("MESHNODE_P2P_ADDR", v)?;
         }
         if let Some(v) = get("MESHNODE_PUBLIC_READS") {
             self.public_reads = parse("MESHNODE_PUBLIC_READS", v)?;

@@ -160,6 +160,8 @@ pub struct Node {
     pub token: String,
     /// When the node started.
     pub started: Instant,
+    /// The node's peer-to-peer endpoint, once `serve` started it.
+    pub mesh: std::sync::OnceLock<meshnode_sync::Mesh>,
 }
 
 impl Node {
@@ -245,11 +247,37 @@ impl Node {
             query,
             token,
             started: Instant::now(),
+            mesh: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Starts the peer-to-peer endpoint (the node key is its endpoint id) and replication
+    /// from the peers remembered in the data directory.
+    pub async fn start_mesh(&self) -> anyhow::Result<&meshnode_sync::Mesh> {
+        let settings = &self.config.sync;
+        let config = meshnode_sync::MeshConfig {
+            bind: self.config.p2p_addr,
+            pull_interval: std::time::Duration::from_millis(settings.pull_interval_ms.max(10)),
+            allow: settings.allow.clone(),
+            block: settings.block.clone(),
+            ban_score: settings.ban_score.max(1),
+            ban_first: std::time::Duration::from_secs(settings.ban_secs),
+        };
+        let mesh = meshnode_sync::Mesh::start(
+            self.key.to_bytes(),
+            self.ledger.clone(),
+            &self.data_dir,
+            config,
+        )
+        .await?;
+        Ok(self.mesh.get_or_init(|| mesh))
     }
 
     /// Flushes and closes every component.
     pub async fn shutdown(&self) -> anyhow::Result<()> {
+        if let Some(mesh) = self.mesh.get() {
+            mesh.shutdown().await;
+        }
         self.query.shutdown().await;
         self.ledger.shutdown().await;
         self.store.shutdown().await?;

@@ -3,6 +3,7 @@
 
 use std::ops::Bound;
 
+use bytes::Bytes;
 use meshnode_schemas::{AuthorKey, BlobHash, EventId, SignedEvent};
 use meshnode_store::Store;
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
@@ -150,6 +151,43 @@ impl Ledger {
         for (record, bytes) in records.into_iter().zip(envelopes) {
             let event = SignedEvent::decode(&bytes?)?;
             out.push((record, event));
+        }
+        Ok(out)
+    }
+
+    /// The envelopes of accepted events in acceptance order from leaf `start`: at most
+    /// `limit` of them and, past the first, at most `bytes_max` bytes together. What a peer
+    /// replicates (dependencies always come before the events that name them).
+    pub async fn envelopes_since(
+        &self,
+        start: u64,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<Vec<Bytes>> {
+        let hashes: Vec<BlobHash> = {
+            let tx = self.read()?;
+            let events = tx.open_table(db::EVENTS)?;
+            let mut out = Vec::new();
+            for entry in events.range(start..)?.take(limit) {
+                let record: EventRecord = db::decode(entry?.1.value())?;
+                out.push(record.envelope);
+            }
+            out
+        };
+        let envelopes = self
+            .shared
+            .store
+            .get_many(&hashes, meshnode_schemas::limits::EVENT_BYTES_MAX as u64)
+            .await;
+        let mut out = Vec::with_capacity(envelopes.len());
+        let mut total = 0usize;
+        for bytes in envelopes {
+            let bytes = bytes?;
+            total += bytes.len();
+            if !out.is_empty() && total > bytes_max {
+                break;
+            }
+            out.push(bytes);
         }
         Ok(out)
     }

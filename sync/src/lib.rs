@@ -1,2 +1,14 @@
-//! meshnode sync: the iroh endpoint, automerge catalog and heads documents, blob and event
-//! replication between peers.
+//! meshnode sync: the iroh endpoint (the node key is its endpoint id), the peers a node
+//! knows, and the replication of accepted events between peers (`/meshnode/sync/1`).
+//!
+//! Peers are untrusted: every frame is bounded, every event is verified by the ledger, and a
+//! peer that sends malformed or invalid data is scored and, past a limit, banned.
+
+mod error;
+mod mesh;
+mod peers;
+pub mod wire;
+
+pub use error::{Error, Result};
+pub use mesh::{Mesh, MeshConfig, PeerStatus, parse_ticket};
+pub use peers::{PEERS_MAX, PeerRecord};

@@ -8,6 +8,7 @@ mod ledger;
 pub mod metrics;
 mod openapi;
 mod ops;
+mod peers;
 mod pins;
 mod query;
 pub mod server;
@@ -634,7 +635,39 @@ pub fn routes(
         })
         .boxed();
 
+    let json_limit = state.node().config.limits.json_bytes_max;
+    let peer_list = warp::path!("v1" / "peers")
+        .and(warp::get())
+        .and(s())
+        .and(headers())
+        .then(|state, headers| async move { respond(peers::list(state, headers).await) })
+        .boxed();
+    let peer_add = warp::path!("v1" / "peers")
+        .and(warp::post())
+        .and(s())
+        .and(headers())
+        .and(body::json::<peers::AddPeer>(json_limit, body_deadline))
+        .then(|state: AppState, headers, request| async move {
+            let st = state.clone();
+            respond_write(&st, peers::add(state, headers, request).await)
+        })
+        .boxed();
+    let peer_remove = warp::path!("v1" / "peers" / String)
+        .and(warp::delete())
+        .and(s())
+        .and(headers())
+        .then(|id: String, state: AppState, headers| async move {
+            let st = state.clone();
+            respond_write(&st, peers::remove(state, id, headers).await)
+        })
+        .boxed();
     blob_upload
+        .or(peer_list)
+        .unify()
+        .or(peer_add)
+        .unify()
+        .or(peer_remove)
+        .unify()
         .or(blob_get)
         .unify()
         .or(blob_head)

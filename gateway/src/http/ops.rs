@@ -49,6 +49,12 @@ pub(crate) struct Status {
     /// collector stopped (after an error; a restart resumes it).
     #[schema(value_type = Object)]
     gc: serde_json::Value,
+    /// This node's ticket (give it to `meshnode peer add` on another node); null before the
+    /// peer-to-peer endpoint runs.
+    ticket: Option<String>,
+    /// Peers: known, connected, and events of theirs not read yet (sum over peers).
+    #[schema(value_type = Object)]
+    peers: serde_json::Value,
 }
 
 /// Answer of `POST /v1/gc`.
@@ -146,6 +152,19 @@ pub(crate) async fn status(state: AppState, headers: HeaderMap) -> Result<Respon
                     "last_error": gc.last_error,
                     "stopped": gc.stopped,
                 })
+            },
+            ticket: node.mesh.get().map(|m| m.ticket().to_string()),
+            peers: match node.mesh.get() {
+                Some(mesh) => {
+                    let peers = mesh.peers();
+                    serde_json::json!({
+                        "known": peers.len(),
+                        "connected": peers.iter().filter(|p| p.connected).count(),
+                        "banned": peers.iter().filter(|p| p.banned_until_ms.is_some()).count(),
+                        "behind": peers.iter().map(|p| p.behind).sum::<u64>(),
+                    })
+                }
+                None => serde_json::Value::Null,
             },
             query: match node.query.status() {
                 Ok(q) => serde_json::json!({

@@ -11,3 +11,4 @@ mod interop;
 mod layering;
 mod ledger_http;
 mod query_http;
+mod sync_mesh;

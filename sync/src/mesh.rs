@@ -1,0 +1,749 @@
+//! The node's place in the mesh: its iroh endpoint (the node key is the endpoint id), the
+//! peers it knows, and the event plane — each peer's accepted events pulled in bulk, in that
+//! peer's acceptance order, and fed to the ledger, which verifies every one.
+//!
+//! Replication is a cursor per peer into the peer's transparency log. Acceptance order is
+//! causal order (an event is accepted only after its `prev` and `deps`), so a log read from
+//! any leaf on brings dependencies before the events that name them, and a node that has read
+//! a peer's log to its end holds every event that peer accepted. Events a node learnt from
+//! one peer are in its own log too, so a line of nodes converges.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use iroh::endpoint::{Connection, presets};
+use iroh::protocol::{AcceptError, ProtocolHandler, Router};
+use iroh::{Endpoint, EndpointAddr, SecretKey};
+use iroh_tickets::endpoint::EndpointTicket;
+use meshnode_ledger::{Ledger, RuleClass};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::peers::{PEERS_MAX, PeerRecord, PeerTable};
+use crate::wire::{self, Header, Request};
+
+/// Settings of the mesh.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// UDP address the endpoint binds (`127.0.0.1:0` picks a free loopback port).
+    pub bind: SocketAddr,
+    /// Pause between pulls once a peer's log is read to its end.
+    pub pull_interval: Duration,
+    /// Only these peers (endpoint ids, hex) may be added or served; empty: any.
+    pub allow: Vec<String>,
+    /// These peers are never added or served.
+    pub block: Vec<String>,
+    /// Misbehaviour score at which a peer is disconnected and banned.
+    pub ban_score: u32,
+    /// The first ban's length; each next one lasts twice as long (at most a day).
+    pub ban_first: Duration,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            pull_interval: Duration::from_millis(500),
+            allow: Vec::new(),
+            block: Vec::new(),
+            ban_score: 100,
+            ban_first: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Score added for an envelope that is malformed, of another network or wrongly signed.
+const SCORE_MALFORMED: u32 = 10;
+/// Score added for an envelope that breaks a ledger rule (an honest peer forwards only
+/// events it accepted).
+const SCORE_BROKEN: u32 = 2;
+/// Score added for a protocol violation (oversized or malformed frames).
+const SCORE_PROTOCOL: u32 = 20;
+/// Longest ban.
+const BAN_MAX: Duration = Duration::from_secs(24 * 3600);
+/// Time to connect to a peer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a response may take to arrive in full.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait between two attempts to reach a peer.
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// How often connected peers are asked for their peers.
+const EXCHANGE_INTERVAL: Duration = Duration::from_secs(30);
+/// Tickets a peer-exchange answer carries.
+const EXCHANGE_MAX: usize = 32;
+
+/// What `GET /v1/peers` shows of a peer.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PeerStatus {
+    /// Endpoint id (the peer's node key), hex.
+    pub id: String,
+    /// Its ticket.
+    pub ticket: String,
+    /// Added by a user, not learnt by peer exchange.
+    pub manual: bool,
+    /// A connection is open now.
+    pub connected: bool,
+    /// The address it was dialled at.
+    pub address: Option<String>,
+    /// Round-trip time of the last request, ms.
+    pub rtt_ms: Option<f64>,
+    /// When its log was last read to its end, ms since the epoch.
+    pub last_sync_ms: Option<u64>,
+    /// Next leaf of its log to read.
+    pub cursor: u64,
+    /// Events of its log not read yet (as of the last answer).
+    pub behind: u64,
+    /// Events received from it.
+    pub events_in: u64,
+    /// Bytes received and sent on its connections (QUIC's count, overhead included).
+    pub bytes_in: u64,
+    /// See `bytes_in`.
+    pub bytes_out: u64,
+    /// Misbehaviour score.
+    pub score: u32,
+    /// Banned until (ms since the epoch), when banned.
+    pub banned_until_ms: Option<u64>,
+}
+
+#[derive(Default)]
+struct Live {
+    connected: bool,
+    address: Option<String>,
+    rtt_ms: Option<f64>,
+    last_sync_ms: Option<u64>,
+    behind: u64,
+    events_in: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+struct Inner {
+    endpoint: Endpoint,
+    ledger: Ledger,
+    net: String,
+    config: MeshConfig,
+    ticket: String,
+    table: Mutex<PeerTable>,
+    live: Mutex<HashMap<String, Live>>,
+    tasks: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+}
+
+/// The mesh endpoint of a node. Cheap to clone.
+#[derive(Clone)]
+pub struct Mesh {
+    inner: Arc<Inner>,
+    router: Router,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("ticket", &self.inner.ticket)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Parses a ticket into its endpoint address and id (hex).
+pub fn parse_ticket(ticket: &str) -> Result<(EndpointAddr, String)> {
+    let parsed: EndpointTicket = ticket
+        .trim()
+        .parse()
+        .map_err(|e| Error::InvalidPeer(format!("not a ticket: {e}")))?;
+    let addr = parsed.endpoint_addr().clone();
+    if addr.ip_addrs().next().is_none() {
+        return Err(Error::InvalidPeer(
+            "the ticket has no direct address (relays are off)".into(),
+        ));
+    }
+    let id = hex::encode(addr.id.as_bytes());
+    Ok((addr, id))
+}
+
+impl Mesh {
+    /// Binds the endpoint with the node's key `secret` (relays and address lookup off),
+    /// serves `/meshnode/sync/1` and starts pulling from the peers remembered in `dir`.
+    pub async fn start(
+        secret: [u8; 32],
+        ledger: Ledger,
+        dir: &Path,
+        config: MeshConfig,
+    ) -> Result<Self> {
+        let endpoint = Endpoint::builder(presets::Empty)
+            .crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .secret_key(SecretKey::from_bytes(&secret))
+            .clear_ip_transports()
+            .bind_addr(config.bind)
+            .map_err(|e| Error::InvalidPeer(format!("p2p address {}: {e}", config.bind)))?
+            .alpns(vec![wire::ALPN.to_vec()])
+            .bind()
+            .await
+            .map_err(|e| Error::transport(format!("binding {}: {e}", config.bind)))?;
+        let ticket = own_ticket(&endpoint)?;
+        let table = PeerTable::load(dir)?;
+        let inner = Arc::new(Inner {
+            net: hex::encode(ledger.net().as_bytes()),
+            endpoint: endpoint.clone(),
+            ledger,
+            config,
+            ticket,
+            table: Mutex::new(table),
+            live: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(HashMap::new()),
+        });
+        let router = Router::builder(endpoint)
+            .accept(
+                wire::ALPN,
+                Serve {
+                    inner: inner.clone(),
+                },
+            )
+            .spawn();
+        let ids: Vec<String> = lock(&inner.table).peers.keys().cloned().collect();
+        for id in ids {
+            spawn_puller(&inner, id);
+        }
+        Ok(Self { inner, router })
+    }
+
+    /// This node's ticket: its endpoint id and direct address.
+    pub fn ticket(&self) -> &str {
+        &self.inner.ticket
+    }
+
+    /// Adds a peer by ticket (remembered across restarts) and starts pulling from it;
+    /// returns its endpoint id.
+    pub fn add_peer(&self, ticket: &str) -> Result<String> {
+        let (_, id) = parse_ticket(ticket)?;
+        if id == hex::encode(self.inner.endpoint.id().as_bytes()) {
+            return Err(Error::InvalidPeer("that is this node's own ticket".into()));
+        }
+        self.inner.admissible(&id)?;
+        self.inner.remember(&id, ticket.trim(), true)?;
+        spawn_puller(&self.inner, id.clone());
+        Ok(id)
+    }
+
+    /// Forgets a peer and stops pulling from it; `false` if it was not known.
+    pub fn remove_peer(&self, id: &str) -> Result<bool> {
+        let id = id.trim().to_ascii_lowercase();
+        let removed = {
+            let mut table = lock(&self.inner.table);
+            let removed = table.peers.remove(&id).is_some();
+            if removed {
+                table.save()?;
+            }
+            removed
+        };
+        if let Some(task) = lock(&self.inner.tasks).remove(&id) {
+            task.abort();
+        }
+        lock(&self.inner.live).remove(&id);
+        Ok(removed)
+    }
+
+    /// Every known peer's status, by id.
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        let table = lock(&self.inner.table);
+        let live = lock(&self.inner.live);
+        let now = now_ms();
+        table
+            .peers
+            .iter()
+            .map(|(id, record)| {
+                let l = live.get(id);
+                PeerStatus {
+                    id: id.clone(),
+                    ticket: record.ticket.clone(),
+                    manual: record.manual,
+                    connected: l.is_some_and(|l| l.connected),
+                    address: l.and_then(|l| l.address.clone()),
+                    rtt_ms: l.and_then(|l| l.rtt_ms),
+                    last_sync_ms: l.and_then(|l| l.last_sync_ms),
+                    cursor: record.cursor,
+                    behind: l.map_or(0, |l| l.behind),
+                    events_in: l.map_or(0, |l| l.events_in),
+                    bytes_in: l.map_or(0, |l| l.bytes_in),
+                    bytes_out: l.map_or(0, |l| l.bytes_out),
+                    score: record.score,
+                    banned_until_ms: (record.banned_until_ms > now)
+                        .then_some(record.banned_until_ms),
+                }
+            })
+            .collect()
+    }
+
+    /// Stops pulling and closes the endpoint (the blob store and ledger stay open).
+    pub async fn shutdown(&self) {
+        for (_, task) in lock(&self.inner.tasks).drain() {
+            task.abort();
+        }
+        if let Err(e) = self.router.shutdown().await {
+            tracing::warn!("mesh router shutdown: {e}");
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The ticket of `endpoint`'s bound address (an unspecified IP advertised as loopback).
+fn own_ticket(endpoint: &Endpoint) -> Result<String> {
+    let mut addr = EndpointAddr::new(endpoint.id());
+    for mut socket in endpoint.bound_sockets() {
+        if socket.ip().is_unspecified() {
+            socket.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        addr = addr.with_ip_addr(socket);
+    }
+    if addr.ip_addrs().next().is_none() {
+        return Err(Error::transport("the endpoint has no bound address"));
+    }
+    Ok(EndpointTicket::new(addr).to_string())
+}
+
+impl Inner {
+    /// Refuses a peer the policy keeps out.
+    fn admissible(&self, id: &str) -> Result<()> {
+        if self.config.block.iter().any(|b| b.eq_ignore_ascii_case(id)) {
+            return Err(Error::InvalidPeer(format!(
+                "peer {id} is on the block list"
+            )));
+        }
+        if !self.config.allow.is_empty()
+            && !self.config.allow.iter().any(|a| a.eq_ignore_ascii_case(id))
+        {
+            return Err(Error::InvalidPeer(format!(
+                "peer {id} is not on the allow list"
+            )));
+        }
+        Ok(())
+    }
+
+    fn banned(&self, id: &str) -> bool {
+        lock(&self.table)
+            .peers
+            .get(id)
+            .is_some_and(|r| r.banned_until_ms > now_ms())
+    }
+
+    /// Adds or updates a peer's record; a manual add keeps its cursor.
+    fn remember(&self, id: &str, ticket: &str, manual: bool) -> Result<bool> {
+        let mut table = lock(&self.table);
+        if let Some(record) = table.peers.get_mut(id) {
+            record.ticket = ticket.to_string();
+            record.manual |= manual;
+            table.save()?;
+            return Ok(false);
+        }
+        if table.peers.len() >= PEERS_MAX {
+            return Err(Error::InvalidPeer(format!(
+                "{PEERS_MAX} peers are known already; remove one first"
+            )));
+        }
+        table.peers.insert(
+            id.to_string(),
+            PeerRecord {
+                ticket: ticket.to_string(),
+                manual,
+                ..PeerRecord::default()
+            },
+        );
+        table.save()?;
+        Ok(true)
+    }
+
+    /// Adds `score` to a peer's; past the limit it is banned (each ban twice the last).
+    /// Returns whether it is banned now.
+    fn penalise(&self, id: &str, score: u32, why: &str) -> bool {
+        let mut table = lock(&self.table);
+        let Some(record) = table.peers.get_mut(id) else {
+            return false;
+        };
+        record.score = record.score.saturating_add(score);
+        tracing::warn!(peer = id, score = record.score, "peer misbehaved: {why}");
+        if record.score < self.config.ban_score {
+            return false;
+        }
+        let factor = 1u32.checked_shl(record.bans.min(16)).unwrap_or(u32::MAX);
+        let ban = self.config.ban_first.saturating_mul(factor).min(BAN_MAX);
+        record.banned_until_ms = now_ms() + ban.as_millis() as u64;
+        record.bans = record.bans.saturating_add(1);
+        record.score = 0;
+        tracing::warn!(peer = id, "peer banned for {} s", ban.as_secs());
+        if let Err(e) = table.save() {
+            tracing::warn!("saving peers: {e}");
+        }
+        true
+    }
+
+    fn set_cursor(&self, id: &str, cursor: u64) {
+        let mut table = lock(&self.table);
+        if let Some(record) = table.peers.get_mut(id)
+            && record.cursor != cursor
+        {
+            record.cursor = cursor;
+            record.score = record.score.saturating_sub(1);
+            if let Err(e) = table.save() {
+                tracing::warn!("saving peers: {e}");
+            }
+        }
+    }
+
+    fn cursor(&self, id: &str) -> Option<u64> {
+        lock(&self.table).peers.get(id).map(|r| r.cursor)
+    }
+
+    fn live(&self, id: &str, f: impl FnOnce(&mut Live)) {
+        f(lock(&self.live).entry(id.to_string()).or_default());
+    }
+}
+
+fn spawn_puller(inner: &Arc<Inner>, id: String) {
+    let mut tasks = lock(&inner.tasks);
+    if tasks.get(&id).is_some_and(|t| !t.is_finished()) {
+        return;
+    }
+    let task = tokio::spawn(run_peer(inner.clone(), id.clone()));
+    tasks.insert(id, task);
+}
+
+/// Connects to a peer and pulls from it, reconnecting with backoff, until it is forgotten.
+async fn run_peer(inner: Arc<Inner>, id: String) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let Some(ticket) = lock(&inner.table).peers.get(&id).map(|r| r.ticket.clone()) else {
+            return;
+        };
+        if inner.banned(&id) || inner.admissible(&id).is_err() {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            continue;
+        }
+        match connect(&inner, &ticket).await {
+            Ok(conn) => {
+                backoff = Duration::from_millis(250);
+                let address = parse_ticket(&ticket)
+                    .ok()
+                    .and_then(|(a, _)| a.ip_addrs().next().map(|s| s.to_string()));
+                inner.live(&id, |l| {
+                    l.connected = true;
+                    l.address = address;
+                });
+                let result = pull(&inner, &id, &conn).await;
+                inner.live(&id, |l| l.connected = false);
+                if let Err(e) = result {
+                    tracing::info!(peer = id, "sync stopped: {e}");
+                    if matches!(e, Error::Protocol(_)) {
+                        inner.penalise(&id, SCORE_PROTOCOL, &e.to_string());
+                    }
+                }
+                conn.close(0u32.into(), b"bye");
+            }
+            Err(e) => tracing::debug!(peer = id, "cannot reach: {e}"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn connect(inner: &Inner, ticket: &str) -> Result<Connection> {
+    let (addr, _) = parse_ticket(ticket)?;
+    tokio::time::timeout(CONNECT_TIMEOUT, inner.endpoint.connect(addr, wire::ALPN))
+        .await
+        .map_err(|_| Error::transport("connect timed out"))?
+        .map_err(Error::transport)
+}
+
+/// Reads the peer's log from our cursor on, batch after batch, and asks for its peers now
+/// and then; returns when the connection fails, the peer misbehaves or it is banned.
+async fn pull(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Result<()> {
+    let mut exchanged: Option<tokio::time::Instant> = None;
+    loop {
+        if inner.banned(id) {
+            return Err(Error::transport("banned"));
+        }
+        if exchanged.is_none_or(|t| t.elapsed() >= EXCHANGE_INTERVAL) {
+            exchange(inner, conn).await?;
+            exchanged = Some(tokio::time::Instant::now());
+        }
+        let Some(cursor) = inner.cursor(id) else {
+            return Ok(());
+        };
+        let started = tokio::time::Instant::now();
+        let (size, envelopes) = tokio::time::timeout(
+            RESPONSE_TIMEOUT,
+            request_log(inner, conn, cursor, wire::EVENTS_PER_RESPONSE_MAX),
+        )
+        .await
+        .map_err(|_| Error::transport("the peer's answer timed out"))??;
+        let n = envelopes.len() as u64;
+        let stats = conn.stats();
+        inner.live(id, |l| {
+            l.rtt_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+            l.bytes_in = stats.udp_rx.bytes;
+            l.bytes_out = stats.udp_tx.bytes;
+            l.events_in += n;
+        });
+        let next = ingest(inner, id, cursor, envelopes).await?;
+        inner.set_cursor(id, next);
+        inner.live(id, |l| {
+            l.behind = size.saturating_sub(next);
+            if l.behind == 0 {
+                l.last_sync_ms = Some(now_ms());
+            }
+        });
+        if next == cursor || next >= size {
+            tokio::time::sleep(inner.config.pull_interval).await;
+        }
+    }
+}
+
+/// One `Log` request: the peer's log size and the envelopes from `from`.
+async fn request_log(
+    inner: &Inner,
+    conn: &Connection,
+    from: u64,
+    max_events: u32,
+) -> Result<(u64, Vec<bytes::Bytes>)> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(Error::transport)?;
+    let request = Request::Log {
+        net: inner.net.clone(),
+        from,
+        max_events,
+        ticket: Some(inner.ticket.clone()),
+    };
+    wire::write_json(&mut send, &request).await?;
+    send.finish().map_err(Error::transport)?;
+    let header: Header = wire::read_json(&mut recv, wire::HEADER_BYTES_MAX).await?;
+    if let Some(code) = header.error {
+        return Err(Error::Refused {
+            code,
+            message: header.message.unwrap_or_default(),
+        });
+    }
+    let mut envelopes = Vec::new();
+    let mut total = 0usize;
+    while let Some(frame) =
+        wire::read_frame(&mut recv, meshnode_schemas::limits::EVENT_BYTES_MAX).await?
+    {
+        total += frame.len();
+        if envelopes.len() >= max_events as usize
+            || (!envelopes.is_empty() && total > wire::RESPONSE_BYTES_MAX)
+        {
+            return Err(Error::protocol("more events than asked for"));
+        }
+        envelopes.push(bytes::Bytes::from(frame));
+    }
+    Ok((header.size, envelopes))
+}
+
+/// Feeds a batch to the ledger in order; returns the cursor after the last event judged
+/// (an event this node could not judge now — busy — is asked for again later).
+async fn ingest(inner: &Inner, id: &str, cursor: u64, envelopes: Vec<bytes::Bytes>) -> Result<u64> {
+    let n = envelopes.len() as u64;
+    let receipts = inner.ledger.enqueue_many(envelopes).await;
+    let mut next = cursor + n;
+    for (i, receipt) in receipts.into_iter().enumerate() {
+        let Err(e) = receipt.wait().await else {
+            continue;
+        };
+        let banned = match e.rule().map(|r| r.class()) {
+            Some(RuleClass::Malformed | RuleClass::TooLarge) => {
+                inner.penalise(id, SCORE_MALFORMED, &e.to_string())
+            }
+            Some(RuleClass::Broken) => inner.penalise(id, SCORE_BROKEN, &e.to_string()),
+            // Not judged (a limit of ours, or the ledger is stopping): ask again later.
+            Some(RuleClass::Busy) | None => {
+                next = next.min(cursor + i as u64);
+                false
+            }
+        };
+        if banned {
+            return Err(Error::transport("banned"));
+        }
+    }
+    Ok(next)
+}
+
+/// Asks a peer for its peers and remembers the new ones (peer exchange).
+async fn exchange(inner: &Arc<Inner>, conn: &Connection) -> Result<()> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(Error::transport)?;
+    wire::write_json(
+        &mut send,
+        &Request::Peers {
+            net: inner.net.clone(),
+        },
+    )
+    .await?;
+    send.finish().map_err(Error::transport)?;
+    let header: Header = wire::read_json(&mut recv, wire::HEADER_BYTES_MAX).await?;
+    if header.peers.len() > EXCHANGE_MAX {
+        return Err(Error::protocol("too many peers in an exchange"));
+    }
+    let own = hex::encode(inner.endpoint.id().as_bytes());
+    for ticket in header.peers {
+        let Ok((_, id)) = parse_ticket(&ticket) else {
+            continue;
+        };
+        if id == own || inner.admissible(&id).is_err() {
+            continue;
+        }
+        if let Ok(true) = inner.remember(&id, &ticket, false) {
+            spawn_puller(inner, id);
+        }
+    }
+    Ok(())
+}
+
+/// The server side of `/meshnode/sync/1`.
+#[derive(Clone)]
+struct Serve {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Serve {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Serve")
+    }
+}
+
+impl ProtocolHandler for Serve {
+    async fn accept(&self, conn: Connection) -> std::result::Result<(), AcceptError> {
+        let id = hex::encode(conn.remote_id().as_bytes());
+        if self.inner.banned(&id) || self.inner.admissible(&id).is_err() {
+            conn.close(1u32.into(), b"refused");
+            return Ok(());
+        }
+        // Its own task: a panic there never reaches the router (which would stop every
+        // protocol).
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_connection(&inner, &id, &conn).await {
+                tracing::debug!(peer = id, "serving stopped: {e}");
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Answers a connection's requests one at a time.
+async fn serve_connection(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Result<()> {
+    loop {
+        let (mut send, mut recv) = conn.accept_bi().await.map_err(Error::transport)?;
+        let request: Request = match wire::read_json(&mut recv, wire::REQUEST_BYTES_MAX).await {
+            Ok(r) => r,
+            Err(e) => {
+                refuse(&mut send, "bad_request", &e.to_string()).await?;
+                inner.penalise(id, SCORE_PROTOCOL, &e.to_string());
+                continue;
+            }
+        };
+        match request {
+            Request::Log {
+                net,
+                from,
+                max_events,
+                ticket,
+            } => {
+                if net != inner.net {
+                    refuse(&mut send, "net_mismatch", "this node is of another network").await?;
+                    continue;
+                }
+                if let Some(ticket) = ticket {
+                    learn_dialer(inner, id, &ticket);
+                }
+                serve_log(inner, &mut send, from, max_events).await?;
+            }
+            Request::Peers { net } => {
+                if net != inner.net {
+                    refuse(&mut send, "net_mismatch", "this node is of another network").await?;
+                    continue;
+                }
+                let now = now_ms();
+                let peers: Vec<String> = lock(&inner.table)
+                    .peers
+                    .iter()
+                    .filter(|(peer, r)| peer.as_str() != id && r.banned_until_ms <= now)
+                    .take(EXCHANGE_MAX)
+                    .map(|(_, r)| r.ticket.clone())
+                    .collect();
+                let header = Header {
+                    size: inner.ledger.tree_size()?,
+                    peers,
+                    ..Header::default()
+                };
+                wire::write_json(&mut send, &header).await?;
+                wire::write_frame(&mut send, &[]).await?;
+                send.finish().map_err(Error::transport)?;
+            }
+        }
+    }
+}
+
+/// Remembers a peer that dialled us, by the ticket it sent, if that ticket is its own: so
+/// that we pull from it as it pulls from us.
+fn learn_dialer(inner: &Arc<Inner>, id: &str, ticket: &str) {
+    let Ok((_, ticket_id)) = parse_ticket(ticket) else {
+        return;
+    };
+    if ticket_id != id || inner.admissible(id).is_err() {
+        return;
+    }
+    if let Ok(true) = inner.remember(id, ticket, false) {
+        spawn_puller(inner, id.to_string());
+    }
+}
+
+async fn serve_log(
+    inner: &Inner,
+    send: &mut iroh::endpoint::SendStream,
+    from: u64,
+    max_events: u32,
+) -> Result<()> {
+    let size = inner.ledger.tree_size()?;
+    let limit = max_events.min(wire::EVENTS_PER_RESPONSE_MAX) as usize;
+    let envelopes = if from < size {
+        inner
+            .ledger
+            .envelopes_since(from, limit, wire::RESPONSE_BYTES_MAX)
+            .await?
+    } else {
+        Vec::new()
+    };
+    wire::write_json(
+        send,
+        &Header {
+            size,
+            ..Header::default()
+        },
+    )
+    .await?;
+    for envelope in &envelopes {
+        wire::write_frame(send, envelope).await?;
+    }
+    wire::write_frame(send, &[]).await?;
+    send.finish().map_err(Error::transport)
+}
+
+async fn refuse(send: &mut iroh::endpoint::SendStream, code: &str, message: &str) -> Result<()> {
+    wire::write_json(
+        send,
+        &Header {
+            error: Some(code.to_string()),
+            message: Some(message.to_string()),
+            ..Header::default()
+        },
+    )
+    .await?;
+    send.finish().map_err(Error::transport)
+}
