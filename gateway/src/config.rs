@@ -51,6 +51,10 @@ pub struct SyncSettings {
     pub ban_secs: u64,
     /// Pause between pulls once a peer's log is read to its end, ms. Default 500.
     pub pull_interval_ms: u64,
+    /// Authors new to this node that one peer may bring in per hour; past it, replication
+    /// from that peer pauses until the hour is over. Default 10 000.
+    /// Env: `MESHNODE_SYNC_NEW_AUTHORS_PER_HOUR`.
+    pub new_authors_per_hour: u32,
 }
 
 impl Default for SyncSettings {
@@ -61,6 +65,7 @@ impl Default for SyncSettings {
             ban_score: 100,
             ban_secs: 60,
             pull_interval_ms: 500,
+            new_authors_per_hour: 10_000,
         }
     }
 }
@@ -245,6 +250,9 @@ impl Config {
         }
         if let Some(v) = get("MESHNODE_HTTP_ADDR") {
             self.http_addr = parse("MESHNODE_HTTP_ADDR", v)?;
+        }
+        if let Some(v) = get("MESHNODE_SYNC_NEW_AUTHORS_PER_HOUR") {
+            self.sync.new_authors_per_hour = parse("MESHNODE_SYNC_NEW_AUTHORS_PER_HOUR", v)?;
         }
         if let Some(v) = get("MESHNODE_P2P_ADDR") {
             self.p2p_addr = parse("MESHNODE_P2P_ADDR", v)?;

@@ -262,6 +262,7 @@ impl Node {
             block: settings.block.clone(),
             ban_score: settings.ban_score.max(1),
             ban_first: std::time::Duration::from_secs(settings.ban_secs),
+            new_authors_per_hour: settings.new_authors_per_hour,
         };
         let mesh = meshnode_sync::Mesh::start(
             self.key.to_bytes(),

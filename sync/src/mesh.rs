@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use iroh::endpoint::{Connection, presets};
+use iroh::endpoint::{Connection, QuicTransportConfig, presets};
 use iroh::protocol::{AcceptError, ProtocolHandler, Router};
 use iroh::{Endpoint, EndpointAddr, SecretKey};
 use iroh_tickets::endpoint::EndpointTicket;
@@ -40,6 +40,10 @@ pub struct MeshConfig {
     pub ban_score: u32,
     /// The first ban's length; each next one lasts twice as long (at most a day).
     pub ban_first: Duration,
+    /// Authors this node has no event of yet that one peer may bring in per hour; past it,
+    /// replication from that peer pauses until the hour is over (a peer cannot flood the
+    /// node with fresh self-signed authors; their events still arrive through other peers).
+    pub new_authors_per_hour: u32,
 }
 
 impl Default for MeshConfig {
@@ -51,6 +55,7 @@ impl Default for MeshConfig {
             block: Vec::new(),
             ban_score: 100,
             ban_first: Duration::from_secs(60),
+            new_authors_per_hour: 10_000,
         }
     }
 }
@@ -74,6 +79,14 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 const EXCHANGE_INTERVAL: Duration = Duration::from_secs(30);
 /// Tickets a peer-exchange answer carries.
 const EXCHANGE_MAX: usize = 32;
+/// Bi-streams a peer may have open on one connection.
+const STREAMS_MAX: u32 = 8;
+/// Connections served at once (beyond: refused at once).
+const SERVED_MAX: usize = 64;
+/// Pause of a peer whose quota of new authors is used up, before it is asked again.
+const THROTTLE_PAUSE: Duration = Duration::from_secs(10);
+/// Time a peer has to send its request once it opened a stream.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What `GET /v1/peers` shows of a peer.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -110,6 +123,9 @@ pub struct PeerStatus {
 
 #[derive(Default)]
 struct Live {
+    /// New authors brought in this hour, and when the hour began.
+    new_authors: u32,
+    window: Option<tokio::time::Instant>,
     connected: bool,
     address: Option<String>,
     rtt_ms: Option<f64>,
@@ -129,6 +145,8 @@ struct Inner {
     table: Mutex<PeerTable>,
     live: Mutex<HashMap<String, Live>>,
     tasks: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// Permits of the connections served now.
+    served: Arc<tokio::sync::Semaphore>,
 }
 
 /// The mesh endpoint of a node. Cheap to clone.
@@ -185,6 +203,14 @@ impl Mesh {
             .bind_addr(config.bind)
             .map_err(|e| Error::InvalidPeer(format!("p2p address {}: {e}", config.bind)))?
             .alpns(vec![wire::ALPN.to_vec()])
+            // QUIC's defaults let a peer open 100 streams and buffer without bound.
+            .transport_config(
+                QuicTransportConfig::builder()
+                    .max_concurrent_bidi_streams(STREAMS_MAX.into())
+                    .stream_receive_window((2u32 << 20).into())
+                    .receive_window((16u32 << 20).into())
+                    .build(),
+            )
             .bind()
             .await
             .map_err(|e| Error::transport(format!("binding {}: {e}", config.bind)))?;
@@ -199,6 +225,7 @@ impl Mesh {
             table: Mutex::new(table),
             live: Mutex::new(HashMap::new()),
             tasks: Mutex::new(HashMap::new()),
+            served: Arc::new(tokio::sync::Semaphore::new(SERVED_MAX)),
         });
         let router = Router::builder(endpoint)
             .accept(
@@ -404,8 +431,27 @@ impl Inner {
         lock(&self.table).peers.get(id).map(|r| r.cursor)
     }
 
-    fn live(&self, id: &str, f: impl FnOnce(&mut Live)) {
-        f(lock(&self.live).entry(id.to_string()).or_default());
+    fn live<R>(&self, id: &str, f: impl FnOnce(&mut Live) -> R) -> R {
+        f(lock(&self.live).entry(id.to_string()).or_default())
+    }
+
+    /// Takes one new author from a peer's hourly quota; `false` when it is used up.
+    fn take_new_author(&self, id: &str) -> bool {
+        let limit = self.config.new_authors_per_hour;
+        self.live(id, |l| {
+            let now = tokio::time::Instant::now();
+            if l.window
+                .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(3600))
+            {
+                l.window = Some(now);
+                l.new_authors = 0;
+            }
+            if l.new_authors >= limit {
+                return false;
+            }
+            l.new_authors += 1;
+            true
+        })
     }
 }
 
@@ -494,7 +540,7 @@ async fn pull(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Result<()> {
             l.bytes_out = stats.udp_tx.bytes;
             l.events_in += n;
         });
-        let next = ingest(inner, id, cursor, envelopes).await?;
+        let (next, throttled) = ingest(inner, id, cursor, envelopes).await?;
         inner.set_cursor(id, next);
         inner.live(id, |l| {
             l.behind = size.saturating_sub(next);
@@ -502,7 +548,9 @@ async fn pull(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Result<()> {
                 l.last_sync_ms = Some(now_ms());
             }
         });
-        if next == cursor || next >= size {
+        if throttled {
+            tokio::time::sleep(THROTTLE_PAUSE).await;
+        } else if next == cursor || next >= size {
             tokio::time::sleep(inner.config.pull_interval).await;
         }
     }
@@ -549,7 +597,15 @@ async fn request_log(
 
 /// Feeds a batch to the ledger in order; returns the cursor after the last event judged
 /// (an event this node could not judge now — busy — is asked for again later).
-async fn ingest(inner: &Inner, id: &str, cursor: u64, envelopes: Vec<bytes::Bytes>) -> Result<u64> {
+async fn ingest(
+    inner: &Inner,
+    id: &str,
+    cursor: u64,
+    mut envelopes: Vec<bytes::Bytes>,
+) -> Result<(u64, bool)> {
+    let admitted = admit_authors(inner, id, &envelopes)?;
+    let throttled = admitted < envelopes.len();
+    envelopes.truncate(admitted);
     let n = envelopes.len() as u64;
     let receipts = inner.ledger.enqueue_many(envelopes).await;
     let mut next = cursor + n;
@@ -572,7 +628,31 @@ async fn ingest(inner: &Inner, id: &str, cursor: u64, envelopes: Vec<bytes::Byte
             return Err(Error::transport("banned"));
         }
     }
-    Ok(next)
+    Ok((next, throttled))
+}
+
+/// How many of `envelopes` (a prefix) fit in the peer's quota of new authors. Envelopes
+/// that do not decode are left to the ledger (which rejects them and the peer is scored).
+fn admit_authors(inner: &Inner, id: &str, envelopes: &[bytes::Bytes]) -> Result<usize> {
+    let mut seen = std::collections::HashSet::new();
+    for (i, envelope) in envelopes.iter().enumerate() {
+        let Ok(event) = meshnode_schemas::SignedEvent::decode(envelope) else {
+            continue;
+        };
+        let author = event.body.author;
+        if seen.contains(&author) || !inner.ledger.log(&author, 0, 1)?.is_empty() {
+            continue;
+        }
+        if !inner.take_new_author(id) {
+            tracing::warn!(
+                peer = id,
+                "the peer's quota of new authors for this hour is used up; pausing it"
+            );
+            return Ok(i);
+        }
+        seen.insert(author);
+    }
+    Ok(envelopes.len())
 }
 
 /// Asks a peer for its peers and remembers the new ones (peer exchange).
@@ -624,10 +704,15 @@ impl ProtocolHandler for Serve {
             conn.close(1u32.into(), b"refused");
             return Ok(());
         }
+        let Ok(permit) = self.inner.served.clone().try_acquire_owned() else {
+            conn.close(2u32.into(), b"busy");
+            return Ok(());
+        };
         // Its own task: a panic there never reaches the router (which would stop every
         // protocol).
         let inner = self.inner.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(e) = serve_connection(&inner, &id, &conn).await {
                 tracing::debug!(peer = id, "serving stopped: {e}");
             }
@@ -640,7 +725,11 @@ impl ProtocolHandler for Serve {
 async fn serve_connection(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Result<()> {
     loop {
         let (mut send, mut recv) = conn.accept_bi().await.map_err(Error::transport)?;
-        let request: Request = match wire::read_json(&mut recv, wire::REQUEST_BYTES_MAX).await {
+        let read = wire::read_json(&mut recv, wire::REQUEST_BYTES_MAX);
+        let request: Request = match tokio::time::timeout(REQUEST_TIMEOUT, read)
+            .await
+            .unwrap_or_else(|_| Err(Error::protocol("no request within 10 s")))
+        {
             Ok(r) => r,
             Err(e) => {
                 refuse(&mut send, "bad_request", &e.to_string()).await?;

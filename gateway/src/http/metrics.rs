@@ -36,9 +36,20 @@ struct RouteLabels {
     route: &'static str,
 }
 
+/// Labels of a per-peer metric (at most `meshnode_sync::PEERS_MAX` peers).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    /// The peer's endpoint id (hex).
+    pub peer: String,
+    /// What is counted: connected, behind, events_in, bytes_in, bytes_out, score, banned.
+    pub what: &'static str,
+}
+
 /// Every metric the node exports.
 #[derive(Debug)]
 pub struct Metrics {
+    /// Per peer (`GET /v1/peers` as gauges), refreshed at each scrape.
+    pub peers: Family<PeerLabels, Gauge>,
     registry: Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
     durations: Family<RouteLabels, Histogram>,
@@ -194,6 +205,13 @@ impl Metrics {
             "SQL workers that ended during a query (out of memory, or a crash)",
             query_workers_ended.clone(),
         );
+        let peers = Family::<PeerLabels, Gauge>::default();
+        registry.register(
+            "peer",
+            "Per peer: connected (0/1), behind (events of its log not read yet), events_in, \
+             bytes_in and bytes_out (QUIC, overhead included), score, banned (0/1)",
+            peers.clone(),
+        );
         let query_workers_killed = Gauge::default();
         registry.register(
             "query_workers_killed",
@@ -201,6 +219,7 @@ impl Metrics {
             query_workers_killed.clone(),
         );
         Self {
+            peers,
             registry: Mutex::new(registry),
             requests,
             durations,

@@ -109,6 +109,30 @@ pub(crate) async fn metrics(state: AppState, headers: HeaderMap) -> Result<Respo
     state.metrics().gc_runs.set(gc.runs as i64);
     state.metrics().gc_failures.set(gc.failures as i64);
     state.metrics().gc_stopped.set(i64::from(gc.stopped));
+    if let Some(mesh) = state.node().mesh.get() {
+        let family = &state.metrics().peers;
+        family.clear();
+        for p in mesh.peers() {
+            let values: [(&'static str, u64); 7] = [
+                ("connected", u64::from(p.connected)),
+                ("behind", p.behind),
+                ("events_in", p.events_in),
+                ("bytes_in", p.bytes_in),
+                ("bytes_out", p.bytes_out),
+                ("score", u64::from(p.score)),
+                ("banned", u64::from(p.banned_until_ms.is_some())),
+            ];
+            for (what, value) in values {
+                let labels = super::metrics::PeerLabels {
+                    peer: p.id.clone(),
+                    what,
+                };
+                family
+                    .get_or_create(&labels)
+                    .set(i64::try_from(value).unwrap_or(i64::MAX));
+            }
+        }
+    }
     if let Some(w) = state.node().query.workers() {
         let m = state.metrics();
         m.query_workers_started.set(w.started as i64);

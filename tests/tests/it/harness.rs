@@ -110,7 +110,12 @@ impl TestNode {
     /// A node of the network of `genesis` (a genesis document file), started with `init
     /// --genesis`.
     pub(crate) fn start_joining(genesis: &Path) -> anyhow::Result<Self> {
-        Self::start_init(&[], &[], &["--genesis".as_ref(), genesis.as_os_str()])
+        Self::start_joining_with(genesis, &[])
+    }
+
+    /// Like [`TestNode::start_joining`], with extra environment.
+    pub(crate) fn start_joining_with(genesis: &Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::start_init(env, &[], &["--genesis".as_ref(), genesis.as_os_str()])
     }
 
     fn start_full(env: &[(&str, &str)], serve_args: &[&str]) -> anyhow::Result<Self> {
