@@ -366,6 +366,7 @@ impl Ledger {
     /// while the previous one commits.
     pub async fn enqueue_many(&self, envelopes: Vec<Bytes>) -> Vec<Receipt> {
         // Decoding (canonical checks) is CPU work: spread it over the cores.
+        let n = envelopes.len();
         let decoded: Vec<Result<SignedEvent>> = tokio::task::spawn_blocking(move || {
             envelopes
                 .par_iter()
@@ -373,7 +374,12 @@ impl Ledger {
                 .collect()
         })
         .await
-        .unwrap_or_default();
+        .unwrap_or_else(|e| {
+            // One answer per envelope even then: callers count on it.
+            (0..n)
+                .map(|_| Err(Error::Unavailable(format!("decoding failed: {e}"))))
+                .collect()
+        });
         let mut waits = Vec::with_capacity(decoded.len());
         for event in decoded {
             match event {

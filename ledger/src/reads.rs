@@ -68,6 +68,9 @@ type KeyedRow<T> = ([u8; 32], T);
 /// A key of two 32-byte parts (author, event).
 type PairKey = ([u8; 32], [u8; 32]);
 
+/// Envelopes [`Ledger::envelopes_since`] reads from the store at once.
+const ENVELOPES_PER_READ: usize = 256;
+
 impl Ledger {
     /// Number of events waiting for prev or deps.
     pub fn n_pending(&self) -> usize {
@@ -155,7 +158,8 @@ impl Ledger {
         Ok(out)
     }
 
-    /// The envelopes of accepted events in acceptance order from leaf `start`: at most
+    /// The envelopes of accepted events in acceptance order from leaf `start`, read
+    /// [`ENVELOPES_PER_READ`] at a time: at most
     /// `limit` of them and, past the first, at most `bytes_max` bytes together. What a peer
     /// replicates (dependencies always come before the events that name them).
     pub async fn envelopes_since(
@@ -174,20 +178,23 @@ impl Ledger {
             }
             out
         };
-        let envelopes = self
-            .shared
-            .store
-            .get_many(&hashes, meshnode_schemas::limits::EVENT_BYTES_MAX as u64)
-            .await;
-        let mut out = Vec::with_capacity(envelopes.len());
+        // In chunks, so that at most one chunk is read past the byte cap.
+        let mut out = Vec::with_capacity(hashes.len());
         let mut total = 0usize;
-        for bytes in envelopes {
-            let bytes = bytes?;
-            total += bytes.len();
-            if !out.is_empty() && total > bytes_max {
-                break;
+        for chunk in hashes.chunks(ENVELOPES_PER_READ) {
+            let envelopes = self
+                .shared
+                .store
+                .get_many(chunk, meshnode_schemas::limits::EVENT_BYTES_MAX as u64)
+                .await;
+            for bytes in envelopes {
+                let bytes = bytes?;
+                total += bytes.len();
+                if !out.is_empty() && total > bytes_max {
+                    return Ok(out);
+                }
+                out.push(bytes);
             }
-            out.push(bytes);
         }
         Ok(out)
     }

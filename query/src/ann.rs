@@ -129,7 +129,8 @@ impl Copies {
 fn distance(metric: DistanceType, a: &[f32], q: &[f32]) -> f32 {
     match metric {
         DistanceType::Cosine => (1.0 - dot(a, q)).clamp(0.0, 2.0),
-        DistanceType::Dot => -dot(a, q),
+        // lance-linalg's dot distance is 1 - dot.
+        DistanceType::Dot => 1.0 - dot(a, q),
         _ => a.iter().zip(q).map(|(x, y)| (x - y) * (x - y)).sum(),
     }
 }

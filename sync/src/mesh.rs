@@ -85,8 +85,22 @@ const STREAMS_MAX: u32 = 8;
 const SERVED_MAX: usize = 64;
 /// Pause of a peer whose quota of new authors is used up, before it is asked again.
 const THROTTLE_PAUSE: Duration = Duration::from_secs(10);
+/// A served connection with no request for this long is closed (pullers ask every
+/// `pull_interval`).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time a peer has to send its request once it opened a stream.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who tells us a peer's ticket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// A user (`peer add`).
+    User,
+    /// The peer itself, on a connection authenticated as it.
+    Itself,
+    /// Another peer (peer exchange).
+    Exchange,
+}
 
 /// What `GET /v1/peers` shows of a peer.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -255,7 +269,7 @@ impl Mesh {
             return Err(Error::InvalidPeer("that is this node's own ticket".into()));
         }
         self.inner.admissible(&id)?;
-        self.inner.remember(&id, ticket.trim(), true)?;
+        self.inner.remember(&id, ticket.trim(), Source::User)?;
         spawn_puller(&self.inner, id.clone());
         Ok(id)
     }
@@ -364,12 +378,26 @@ impl Inner {
             .is_some_and(|r| r.banned_until_ms > now_ms())
     }
 
-    /// Adds or updates a peer's record; a manual add keeps its cursor.
-    fn remember(&self, id: &str, ticket: &str, manual: bool) -> Result<bool> {
+    /// Adds a peer's record, or updates its ticket as `source` may: a user's `peer add`
+    /// always (keeping the cursor); the peer itself, on its own connection, only for a
+    /// record it created (a user's ticket is never replaced); peer exchange never (a third
+    /// party cannot redirect a known peer). Saves only on a change; `true` if added.
+    fn remember(&self, id: &str, ticket: &str, source: Source) -> Result<bool> {
         let mut table = lock(&self.table);
         if let Some(record) = table.peers.get_mut(id) {
-            record.ticket = ticket.to_string();
-            record.manual |= manual;
+            let update = match source {
+                Source::User => true,
+                Source::Itself => !record.manual,
+                Source::Exchange => false,
+            };
+            let manual = record.manual || source == Source::User;
+            if (!update || record.ticket == ticket) && manual == record.manual {
+                return Ok(false);
+            }
+            if update {
+                record.ticket = ticket.to_string();
+            }
+            record.manual = manual;
             table.save()?;
             return Ok(false);
         }
@@ -382,7 +410,7 @@ impl Inner {
             id.to_string(),
             PeerRecord {
                 ticket: ticket.to_string(),
-                manual,
+                manual: source == Source::User,
                 ..PeerRecord::default()
             },
         );
@@ -519,7 +547,9 @@ async fn pull(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Result<()> {
             return Err(Error::transport("banned"));
         }
         if exchanged.is_none_or(|t| t.elapsed() >= EXCHANGE_INTERVAL) {
-            exchange(inner, conn).await?;
+            tokio::time::timeout(RESPONSE_TIMEOUT, exchange(inner, conn))
+                .await
+                .map_err(|_| Error::transport("the peer's answer timed out"))??;
             exchanged = Some(tokio::time::Instant::now());
         }
         let Some(cursor) = inner.cursor(id) else {
@@ -532,6 +562,17 @@ async fn pull(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Result<()> {
         )
         .await
         .map_err(|_| Error::transport("the peer's answer timed out"))??;
+        if size < cursor {
+            // Its log is shorter than what we read of it (rebuilt, restored): read it again.
+            tracing::warn!(
+                peer = id,
+                size,
+                cursor,
+                "the peer's log shrank; reading it again"
+            );
+            inner.set_cursor(id, 0);
+            continue;
+        }
         let n = envelopes.len() as u64;
         let stats = conn.stats();
         inner.live(id, |l| {
@@ -608,6 +649,10 @@ async fn ingest(
     envelopes.truncate(admitted);
     let n = envelopes.len() as u64;
     let receipts = inner.ledger.enqueue_many(envelopes).await;
+    if receipts.len() as u64 != n {
+        // Never move the cursor past events the ledger did not take.
+        return Err(Error::transport("the ledger did not take the batch"));
+    }
     let mut next = cursor + n;
     for (i, receipt) in receipts.into_iter().enumerate() {
         let Err(e) = receipt.wait().await else {
@@ -678,7 +723,7 @@ async fn exchange(inner: &Arc<Inner>, conn: &Connection) -> Result<()> {
         if id == own || inner.admissible(&id).is_err() {
             continue;
         }
-        if let Ok(true) = inner.remember(&id, &ticket, false) {
+        if let Ok(true) = inner.remember(&id, &ticket, Source::Exchange) {
             spawn_puller(inner, id);
         }
     }
@@ -724,7 +769,13 @@ impl ProtocolHandler for Serve {
 /// Answers a connection's requests one at a time.
 async fn serve_connection(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Result<()> {
     loop {
-        let (mut send, mut recv) = conn.accept_bi().await.map_err(Error::transport)?;
+        let (mut send, mut recv) = tokio::time::timeout(IDLE_TIMEOUT, conn.accept_bi())
+            .await
+            .map_err(|_| Error::transport("idle"))?
+            .map_err(Error::transport)?;
+        if inner.banned(id) {
+            return Err(Error::transport("banned"));
+        }
         let read = wire::read_json(&mut recv, wire::REQUEST_BYTES_MAX);
         let request: Request = match tokio::time::timeout(REQUEST_TIMEOUT, read)
             .await
@@ -732,9 +783,10 @@ async fn serve_connection(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Re
         {
             Ok(r) => r,
             Err(e) => {
-                refuse(&mut send, "bad_request", &e.to_string()).await?;
+                let _ = refuse(&mut send, "bad_request", &e.to_string()).await;
                 inner.penalise(id, SCORE_PROTOCOL, &e.to_string());
-                continue;
+                // Whether or not it is a known peer: the connection ends.
+                return Err(e);
             }
         };
         match request {
@@ -751,7 +803,12 @@ async fn serve_connection(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Re
                 if let Some(ticket) = ticket {
                     learn_dialer(inner, id, &ticket);
                 }
-                serve_log(inner, &mut send, from, max_events).await?;
+                tokio::time::timeout(
+                    RESPONSE_TIMEOUT,
+                    serve_log(inner, &mut send, from, max_events),
+                )
+                .await
+                .map_err(|_| Error::transport("the peer did not read its answer in time"))??;
             }
             Request::Peers { net } => {
                 if net != inner.net {
@@ -788,7 +845,7 @@ fn learn_dialer(inner: &Arc<Inner>, id: &str, ticket: &str) {
     if ticket_id != id || inner.admissible(id).is_err() {
         return;
     }
-    if let Ok(true) = inner.remember(id, ticket, false) {
+    if let Ok(true) = inner.remember(id, ticket, Source::Itself) {
         spawn_puller(inner, id.to_string());
     }
 }
