@@ -44,13 +44,21 @@ impl PeerTable {
     pub(crate) fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("peers.json");
         let peers = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                tracing::warn!(
-                    "{}: unreadable ({e}); starting with no peers",
-                    path.display()
-                );
-                BTreeMap::new()
-            }),
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(peers) => peers,
+                Err(e) => {
+                    // Kept aside, not overwritten by the next save: its peers and bans can
+                    // be recovered by hand.
+                    let aside = path.with_extension("json.unreadable");
+                    std::fs::rename(&path, &aside)?;
+                    tracing::warn!(
+                        "{}: unreadable ({e}); moved to {} and starting with no peers",
+                        path.display(),
+                        aside.display()
+                    );
+                    BTreeMap::new()
+                }
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(e.into()),
         };
@@ -73,5 +81,33 @@ impl PeerTable {
             std::fs::File::open(dir)?.sync_all()?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_survives_a_save_and_an_unreadable_file_is_kept_aside() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut table = PeerTable::load(dir.path()).expect("empty");
+        table.peers.insert(
+            "ab".into(),
+            PeerRecord {
+                ticket: "endpointx".into(),
+                cursor: 7,
+                manual: true,
+                ..PeerRecord::default()
+            },
+        );
+        table.save().expect("save");
+        let again = PeerTable::load(dir.path()).expect("load");
+        assert_eq!(again.peers, table.peers);
+        std::fs::write(dir.path().join("peers.json"), b"{not json").expect("corrupt");
+        let empty = PeerTable::load(dir.path()).expect("load corrupt");
+        assert!(empty.peers.is_empty());
+        let aside = std::fs::read(dir.path().join("peers.json.unreadable")).expect("kept");
+        assert_eq!(aside, b"{not json");
     }
 }
