@@ -32,7 +32,6 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Float32Type, UInt64Type};
 use arrow_array::{Float32Array, RecordBatch};
 use arrow_schema::{DataType, Schema};
-use futures::TryStreamExt;
 use lance::Dataset;
 use lance_linalg::distance::DistanceType;
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
@@ -621,27 +620,12 @@ async fn add_rows(
     from: usize,
     to: usize,
 ) -> Result<()> {
-    let mut scan = dataset.scan();
-    scan.project(&[column, "leaf_index"]).map_err(internal)?;
-    scan.limit(Some((to - from) as i64), Some(from as i64))
-        .map_err(internal)?;
-    let mut stream = scan.try_into_stream().await.map_err(internal)?;
-    let mut position = from;
-    while let Some(batch) = stream.try_next().await.map_err(internal)? {
-        let n = batch.num_rows();
+    let mut rows = crate::hot::RowRange::open(dataset, &[column, "leaf_index"], from, to).await?;
+    while let Some((start, batch)) = rows.next().await? {
         let ix = ix.clone();
-        let start = position;
         tokio::task::spawn_blocking(move || add_batch(&ix, &batch, start))
             .await
             .map_err(internal)??;
-        position += n;
-    }
-    if position != to {
-        return Err(internal(format!(
-            "read {} rows of {column}, expected {}",
-            position - from,
-            to - from
-        )));
     }
     Ok(())
 }

@@ -15,6 +15,53 @@ use lance::Dataset;
 
 use crate::error::{Result, internal};
 
+/// Rows `from..to` of some columns of a dataset, batch by batch, each with the position of
+/// its first row; an error at the end if the table held fewer (what the in-memory rows and
+/// indexes read as a table grows).
+pub(crate) struct RowRange {
+    stream: lance::dataset::scanner::DatasetRecordBatchStream,
+    position: usize,
+    from: usize,
+    to: usize,
+}
+
+impl RowRange {
+    pub(crate) async fn open(
+        dataset: &Dataset,
+        columns: &[&str],
+        from: usize,
+        to: usize,
+    ) -> Result<Self> {
+        let mut scan = dataset.scan();
+        scan.project(columns).map_err(internal)?;
+        scan.limit(Some((to - from) as i64), Some(from as i64))
+            .map_err(internal)?;
+        let stream = scan.try_into_stream().await.map_err(internal)?;
+        Ok(Self {
+            stream,
+            position: from,
+            from,
+            to,
+        })
+    }
+
+    pub(crate) async fn next(&mut self) -> Result<Option<(usize, RecordBatch)>> {
+        match self.stream.try_next().await.map_err(internal)? {
+            Some(batch) => {
+                let start = self.position;
+                self.position += batch.num_rows();
+                Ok(Some((start, batch)))
+            }
+            None if self.position != self.to => Err(internal(format!(
+                "read {} rows, expected {}",
+                self.position - self.from,
+                self.to - self.from
+            ))),
+            None => Ok(None),
+        }
+    }
+}
+
 /// The rows of one table held in memory.
 pub(crate) struct HotRows {
     /// The tables' generation they were read from.
@@ -87,25 +134,11 @@ impl HotRows {
             .iter()
             .map(|f| f.name().as_str())
             .collect();
-        let mut scan = dataset.scan();
-        scan.project(&names).map_err(internal)?;
-        scan.limit(Some((to - from) as i64), Some(from as i64))
-            .map_err(internal)?;
-        let mut stream = scan.try_into_stream().await.map_err(internal)?;
-        let mut position = from;
-        while let Some(batch) = stream.try_next().await.map_err(internal)? {
-            let n = batch.num_rows();
-            if !self.append(batch, position, bytes_max)? {
+        let mut rows = RowRange::open(dataset, &names, from, to).await?;
+        while let Some((start, batch)) = rows.next().await? {
+            if !self.append(batch, start, bytes_max)? {
                 return Ok(false);
             }
-            position += n;
-        }
-        if position != to {
-            return Err(internal(format!(
-                "read {} rows into memory, expected {}",
-                position - from,
-                to - from
-            )));
         }
         Ok(true)
     }
