@@ -1,15 +1,23 @@
 //! The BERT encoder of all-MiniLM-L6-v2 (6 layers, 12 heads, 384 wide), written for
-//! sentence embeddings on CPU with candle's tensors:
-//! - the query, key and value projections are one matrix product (one 384 × 1152 weight);
-//! - GELU is exact GELU (erf) with a branch-free rational erf that the compiler vectorises:
-//!   libm's `erff`, which candle's `gelu_erf` calls per element, was 16% of a forward pass
-//!   (`perf`, batches of 64 texts of 21 tokens).
+//! sentence embeddings on CPU:
+//! - the four matrix products of a layer are candle's (`Tensor::matmul`, gemm on rayon's
+//!   threads); the query, key and value projections are one product (a 384 × 1152 weight);
+//! - everything between them (biases, attention, softmax, GELU, residuals, layer norm, mean
+//!   pooling) is plain Rust over slices, split over rayon's threads. Done with candle's
+//!   element-wise ops it cost 44% of a forward pass (`perf`, batches of 64 texts of 21
+//!   tokens): copies for every transpose, one pass per op, and candle's thread pool spinning
+//!   between them;
+//! - GELU is exact GELU (erf) with a branch-free rational erf that the compiler vectorises
+//!   (libm's `erff`, which candle's `gelu_erf` calls per element, was 16% of a pass);
+//! - padding is never attended to and padded positions are not computed by attention (their
+//!   states are never read: a key is only attended to within its own text).
 //!
 //! Weights are read by their Hugging Face names (`embeddings.*`, `encoder.layer.N.*`, with or
 //! without a `bert.` prefix).
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor, bail};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_core::{Result, Tensor, bail};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 /// What the encoder reads of the model's `config.json`.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -25,44 +33,138 @@ pub(crate) struct Config {
     hidden_act: String,
 }
 
+/// Rows handed to one rayon task by the row-wise passes.
+const ROWS_PER_TASK: usize = 32;
+
+/// A linear layer: `y = x · weight + bias`, the weight stored transposed (inputs, outputs)
+/// so the product reads it row-major.
+struct Linear {
+    weight: Tensor,
+    bias: Vec<f32>,
+}
+
+impl Linear {
+    fn load(vb: &VarBuilder<'_>, inputs: usize, outputs: usize) -> Result<Self> {
+        Self::stacked(&[vb], inputs, outputs)
+    }
+
+    /// Several layers of the same input side by side: their outputs concatenated.
+    fn stacked(vbs: &[&VarBuilder<'_>], inputs: usize, outputs: usize) -> Result<Self> {
+        let mut weights = Vec::with_capacity(vbs.len());
+        let mut bias = Vec::with_capacity(vbs.len() * outputs);
+        for vb in vbs {
+            weights.push(vb.get((outputs, inputs), "weight")?);
+            bias.extend(vb.get(outputs, "bias")?.to_vec1::<f32>()?);
+        }
+        let weight = Tensor::cat(&weights, 0)?.t()?.contiguous()?;
+        Ok(Self { weight, bias })
+    }
+
+    /// `x · weight` (rows, outputs), without the bias: the pass after the product adds it.
+    fn product(&self, x: &Tensor) -> Result<Tensor> {
+        x.matmul(&self.weight)
+    }
+
+    fn outputs(&self) -> usize {
+        self.bias.len()
+    }
+}
+
+struct Norm {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    eps: f32,
+}
+
+impl Norm {
+    fn load(vb: &VarBuilder<'_>, width: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            gamma: vb.get(width, "weight")?.to_vec1()?,
+            beta: vb.get(width, "bias")?.to_vec1()?,
+            eps: eps as f32,
+        })
+    }
+
+    /// Normalises `row` in place.
+    fn apply(&self, row: &mut [f32]) {
+        let n = row.len() as f32;
+        let mean = lanes_sum(row, |v| v) / n;
+        let var = lanes_sum(row, |v| (v - mean) * (v - mean)) / n;
+        let scale = 1.0 / (var + self.eps).sqrt();
+        for ((v, g), b) in row.iter_mut().zip(&self.gamma).zip(&self.beta) {
+            *v = (*v - mean) * scale * g + b;
+        }
+    }
+}
+
 struct Layer {
-    /// Query, key and value, stacked: weight (3·hidden, hidden).
+    /// Query, key and value, side by side: (hidden, 3·hidden).
     qkv: Linear,
     attention_out: Linear,
-    attention_norm: LayerNorm,
+    attention_norm: Norm,
     up: Linear,
     down: Linear,
-    out_norm: LayerNorm,
+    out_norm: Norm,
+}
+
+/// The shape of a batch: `texts` rows of `width` tokens, text `i` has `lens[i]` real tokens
+/// (then padding).
+pub(crate) struct Batch<'a> {
+    pub(crate) width: usize,
+    pub(crate) lens: &'a [usize],
+}
+
+impl Batch<'_> {
+    fn rows(&self) -> usize {
+        self.lens.len() * self.width
+    }
 }
 
 /// The encoder: token ids in, one hidden state per token out.
 pub(crate) struct Encoder {
-    words: Embedding,
+    /// Word embeddings (vocab, hidden).
+    words: Vec<f32>,
     /// Position embeddings (max_positions, hidden).
-    positions: Tensor,
+    positions: Vec<f32>,
     /// The embedding of token type 0 (every token here), (hidden,).
-    token_type: Tensor,
-    norm: LayerNorm,
+    token_type: Vec<f32>,
+    norm: Norm,
     layers: Vec<Layer>,
     heads: usize,
     hidden: usize,
+    vocab: usize,
+    max_positions: usize,
 }
 
-fn linear(vb: &VarBuilder<'_>, name: &str, inputs: usize, outputs: usize) -> Result<Linear> {
-    let vb = vb.pp(name);
-    Ok(Linear::new(
-        vb.get((outputs, inputs), "weight")?,
-        Some(vb.get(outputs, "bias")?),
-    ))
+/// Runs `f` on a 2-D f32 tensor's values, in row-major order, without copying them.
+fn values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) = &*storage else {
+        bail!("encoder: expected f32 values on the CPU");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("encoder: expected contiguous values");
+    };
+    Ok(f(&data[start..end]))
 }
 
-fn layer_norm(vb: &VarBuilder<'_>, name: &str, width: usize, eps: f64) -> Result<LayerNorm> {
-    let vb = vb.pp(name);
-    Ok(LayerNorm::new(
-        vb.get(width, "weight")?,
-        vb.get(width, "bias")?,
-        eps,
-    ))
+fn tensor(values: Vec<f32>, rows: usize, cols: usize) -> Result<Tensor> {
+    Tensor::from_vec(values, (rows, cols), &candle_core::Device::Cpu)
+}
+
+/// `x[r] = norm(x[r] + product[r] + bias)` for every row.
+fn add_and_norm(x: &mut [f32], product: &[f32], bias: &[f32], norm: &Norm) {
+    let width = bias.len();
+    x.par_chunks_mut(width * ROWS_PER_TASK)
+        .zip(product.par_chunks(width * ROWS_PER_TASK))
+        .for_each(|(xs, ps)| {
+            for (row, p) in xs.chunks_mut(width).zip(ps.chunks(width)) {
+                for ((v, p), b) in row.iter_mut().zip(p).zip(bias) {
+                    *v += p + b;
+                }
+                norm.apply(row);
+            }
+        });
 }
 
 impl Layer {
@@ -70,50 +172,153 @@ impl Layer {
         let h = c.hidden_size;
         let attention = vb.pp("attention");
         let own = attention.pp("self");
-        let (q, k, v) = (
-            linear(&own, "query", h, h)?,
-            linear(&own, "key", h, h)?,
-            linear(&own, "value", h, h)?,
-        );
-        let weight = Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?;
-        let bias = match (q.bias(), k.bias(), v.bias()) {
-            (Some(a), Some(b), Some(c)) => Tensor::cat(&[a, b, c], 0)?,
-            _ => bail!("attention projections without bias"),
-        };
+        let (q, k, v) = (own.pp("query"), own.pp("key"), own.pp("value"));
+        let output = attention.pp("output");
         Ok(Self {
-            qkv: Linear::new(weight, Some(bias)),
-            attention_out: linear(&attention.pp("output"), "dense", h, h)?,
-            attention_norm: layer_norm(&attention.pp("output"), "LayerNorm", h, c.layer_norm_eps)?,
-            up: linear(&vb.pp("intermediate"), "dense", h, c.intermediate_size)?,
-            down: linear(&vb.pp("output"), "dense", c.intermediate_size, h)?,
-            out_norm: layer_norm(&vb.pp("output"), "LayerNorm", h, c.layer_norm_eps)?,
+            qkv: Linear::stacked(&[&q, &k, &v], h, h)?,
+            attention_out: Linear::load(&output.pp("dense"), h, h)?,
+            attention_norm: Norm::load(&output.pp("LayerNorm"), h, c.layer_norm_eps)?,
+            up: Linear::load(&vb.pp("intermediate").pp("dense"), h, c.intermediate_size)?,
+            down: Linear::load(&vb.pp("output").pp("dense"), c.intermediate_size, h)?,
+            out_norm: Norm::load(&vb.pp("output").pp("LayerNorm"), h, c.layer_norm_eps)?,
         })
     }
 
-    /// One layer over `x` (n, width, hidden); `bias` (n, 1, 1, width) masks out padding.
-    fn forward(&self, x: &Tensor, bias: &Tensor, heads: usize) -> Result<Tensor> {
-        let (n, width, hidden) = x.dims3()?;
-        let head = hidden / heads;
-        let qkv = self.qkv.forward(x)?; // (n, width, 3·hidden)
-        let split = |i: usize| -> Result<Tensor> {
-            qkv.narrow(2, i * hidden, hidden)?
-                .reshape((n, width, heads, head))?
-                .transpose(1, 2)?
-                .contiguous()
+    /// One layer over `x` (rows, hidden), in place.
+    fn forward(&self, x: &mut Vec<f32>, batch: &Batch<'_>, heads: usize) -> Result<()> {
+        let hidden = self.attention_out.outputs();
+        let rows = batch.rows();
+        let input = tensor(std::mem::take(x), rows, hidden)?;
+        let qkv = self.qkv.product(&input)?;
+        let context = values(&qkv, |qkv| attention(qkv, &self.qkv.bias, batch, heads))?;
+        let projected = self
+            .attention_out
+            .product(&tensor(context, rows, hidden)?)?;
+        *x = input.flatten_all()?.to_vec1()?;
+        values(&projected, |p| {
+            add_and_norm(x, p, &self.attention_out.bias, &self.attention_norm)
+        })?;
+        let inner = self.up.outputs();
+        let up = self.up.product(&tensor(x.clone(), rows, hidden)?)?;
+        let activated = values(&up, |u| gelu_biased(u, &self.up.bias))?;
+        let down = self.down.product(&tensor(activated, rows, inner)?)?;
+        values(&down, |d| {
+            add_and_norm(x, d, &self.down.bias, &self.out_norm)
+        })
+    }
+}
+
+/// `gelu(u + bias)` for every row of `u`.
+fn gelu_biased(u: &[f32], bias: &[f32]) -> Vec<f32> {
+    let width = bias.len();
+    let mut out = vec![0f32; u.len()];
+    out.par_chunks_mut(width * ROWS_PER_TASK)
+        .zip(u.par_chunks(width * ROWS_PER_TASK))
+        .for_each(|(os, us)| {
+            for (o, u) in os.chunks_mut(width).zip(us.chunks(width)) {
+                for ((o, &u), &b) in o.iter_mut().zip(u).zip(bias) {
+                    *o = gelu(u + b);
+                }
+            }
+        });
+    out
+}
+
+/// Multi-head self-attention of every text over its own tokens: `qkv` (rows, 3·hidden)
+/// without bias, `bias` (3·hidden,). Returns the context (rows, hidden); padded rows are 0.
+fn attention(qkv: &[f32], bias: &[f32], batch: &Batch<'_>, heads: usize) -> Vec<f32> {
+    let hidden = bias.len() / 3;
+    let width = batch.width;
+    let mut context = vec![0f32; batch.rows() * hidden];
+    context
+        .par_chunks_mut(width * hidden)
+        .zip(qkv.par_chunks(width * 3 * hidden))
+        .zip(batch.lens.par_iter())
+        .for_each(|((out, text), &len)| text_attention(out, text, bias, len, heads));
+    context
+}
+
+/// Attention within one text: `text` (width, 3·hidden), `out` (width, hidden).
+fn text_attention(out: &mut [f32], text: &[f32], bias: &[f32], len: usize, heads: usize) {
+    let hidden = bias.len() / 3;
+    let head = hidden / heads;
+    let scale = 1.0 / (head as f32).sqrt();
+    // The text's query, key and value rows with their biases: (len, 3·hidden).
+    let mut qkv: Vec<f32> = text[..len * 3 * hidden].to_vec();
+    for row in qkv.chunks_mut(3 * hidden) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
+    }
+    let mut probs = vec![0f32; len];
+    for h in 0..heads {
+        let at = |row: usize, part: usize| {
+            let start = row * 3 * hidden + part * hidden + h * head;
+            &qkv[start..start + head]
         };
-        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (head as f64).sqrt()))?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(bias)?)?;
-        let context = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((n, width, hidden))?;
-        let x = self
-            .attention_norm
-            .forward(&(self.attention_out.forward(&context)? + x)?)?;
-        let inner = self.up.forward(&x)?.apply_op1_no_bwd(&Gelu)?;
-        self.out_norm.forward(&(self.down.forward(&inner)? + x)?)
+        for i in 0..len {
+            let q = at(i, 0);
+            for (j, p) in probs.iter_mut().enumerate() {
+                *p = dot(q, at(j, 1)) * scale;
+            }
+            softmax(&mut probs);
+            let dst = &mut out[i * hidden + h * head..i * hidden + (h + 1) * head];
+            for (j, &p) in probs.iter().enumerate() {
+                for (d, v) in dst.iter_mut().zip(at(j, 2)) {
+                    *d += p * v;
+                }
+            }
+        }
+    }
+}
+
+/// Lanes summed side by side: a plain `f32` sum is one chain of additions (the compiler may
+/// not reorder them), eight independent ones vectorise.
+const LANES: usize = 8;
+
+/// Σ f(x) over `xs`, in [`LANES`] partial sums.
+#[inline(always)]
+fn lanes_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
+    for chunk in chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a += f(x);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// a · b, in [`LANES`] partial sums.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((acc, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *acc += x * y;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+fn softmax(xs: &mut [f32]) {
+    let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for x in xs.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    for x in xs.iter_mut() {
+        *x /= sum;
     }
 }
 
@@ -132,15 +337,18 @@ impl Encoder {
         };
         let h = c.hidden_size;
         let e = vb.pp("embeddings");
-        let words = Embedding::new(e.pp("word_embeddings").get((c.vocab_size, h), "weight")?, h);
-        let positions = e
-            .pp("position_embeddings")
-            .get((c.max_position_embeddings, h), "weight")?;
+        let flat = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let words = flat(e.pp("word_embeddings").get((c.vocab_size, h), "weight")?)?;
+        let positions = flat(
+            e.pp("position_embeddings")
+                .get((c.max_position_embeddings, h), "weight")?,
+        )?;
         let token_type = e
             .pp("token_type_embeddings")
             .get((c.type_vocab_size, h), "weight")?
-            .get(0)?;
-        let norm = layer_norm(&e, "LayerNorm", h, c.layer_norm_eps)?;
+            .get(0)?
+            .to_vec1()?;
+        let norm = Norm::load(&e.pp("LayerNorm"), h, c.layer_norm_eps)?;
         let layers = (0..c.num_hidden_layers)
             .map(|i| Layer::load(&vb.pp(format!("encoder.layer.{i}")), c))
             .collect::<Result<_>>()?;
@@ -152,70 +360,42 @@ impl Encoder {
             layers,
             heads: c.num_attention_heads,
             hidden: h,
+            vocab: c.vocab_size,
+            max_positions: c.max_position_embeddings,
         })
     }
 
-    /// Hidden states (n, width, hidden) of token ids (n, width), u32; `mask` (n, width) is 1
-    /// for a text's tokens and 0 for padding, f32.
-    pub(crate) fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (n, width) = ids.dims2()?;
-        let positions = self.positions.narrow(0, 0, width)?;
-        let x = self
-            .words
-            .forward(ids)?
-            .broadcast_add(&positions)?
-            .broadcast_add(&self.token_type)?;
-        let mut x = self.norm.forward(&x)?;
-        // Padding gets the most negative score, as Hugging Face's BERT does.
-        let bias =
-            ((mask.ones_like()? - mask)? * f64::from(f32::MIN))?.reshape((n, 1, 1, width))?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &bias, self.heads)?;
+    /// Hidden states (rows, hidden) of token ids (rows = texts × width, padded with anything).
+    pub(crate) fn forward(&self, ids: &[u32], batch: &Batch<'_>) -> Result<Vec<f32>> {
+        let h = self.hidden;
+        if ids.len() != batch.rows() || batch.width > self.max_positions {
+            bail!("encoder: {} ids for {} rows", ids.len(), batch.rows());
         }
-        debug_assert_eq!(x.dims(), [n, width, self.hidden]);
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab) {
+            bail!("encoder: token id {id} outside the vocabulary");
+        }
+        let mut x = vec![0f32; batch.rows() * h];
+        for (r, (row, &id)) in x.chunks_mut(h).zip(ids).enumerate() {
+            let word = &self.words[id as usize * h..(id as usize + 1) * h];
+            let pos = r % batch.width;
+            let position = &self.positions[pos * h..(pos + 1) * h];
+            for (((v, w), p), t) in row.iter_mut().zip(word).zip(position).zip(&self.token_type) {
+                *v = w + p + t;
+            }
+            self.norm.apply(row);
+        }
+        for layer in &self.layers {
+            layer.forward(&mut x, batch, self.heads)?;
+        }
+        debug_assert_eq!(x.len(), batch.rows() * h);
         Ok(x)
     }
 }
 
 /// Exact GELU, x·(1 + erf(x/√2))/2, with [`erf`].
-struct Gelu;
-
-/// Elements from which GELU splits across two threads.
-const GELU_SPLIT_MIN: usize = 1 << 16;
-
-impl CustomOp1 for Gelu {
-    fn name(&self) -> &'static str {
-        "gelu-erf-rational"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            bail!("gelu: f32 only");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("gelu: contiguous input only");
-        };
-        let input = &data[start..end];
-        let mut out = vec![0f32; input.len()];
-        if input.len() >= GELU_SPLIT_MIN {
-            let half = input.len() / 2;
-            let (a_in, b_in) = input.split_at(half);
-            let (a_out, b_out) = out.split_at_mut(half);
-            std::thread::scope(|s| {
-                s.spawn(|| gelu_into(a_in, a_out));
-                gelu_into(b_in, b_out);
-            });
-        } else {
-            gelu_into(input, &mut out);
-        }
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
-}
-
-fn gelu_into(input: &[f32], out: &mut [f32]) {
-    for (o, &x) in out.iter_mut().zip(input) {
-        *o = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
-    }
+#[inline(always)]
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 /// erf(x) in f32 as a ratio of two polynomials on [-4, 4] (outside it erf is ±1 in f32):
@@ -253,9 +433,7 @@ mod tests {
 
     #[test]
     fn rational_erf_agrees_with_libm_and_gelu_with_candles() {
-        // More than GELU_SPLIT_MIN values, so the two-thread path runs too.
         let xs: Vec<f32> = (-40_000..=40_000).map(|i| i as f32 / 5000.0).collect();
-        assert!(xs.len() >= super::GELU_SPLIT_MIN);
         let t = Tensor::new(&xs[..], &Device::Cpu).expect("tensor");
         let libm: Vec<f32> = t.erf().and_then(|e| e.to_vec1()).expect("erf");
         let worst = xs
@@ -264,16 +442,42 @@ mod tests {
             .map(|(&x, &e)| (super::erf(x) - e).abs())
             .fold(0.0f32, f32::max);
         assert!(worst < 1e-6, "worst |erf - libm erff| = {worst}");
-        let ours: Vec<f32> = t
-            .apply_op1_no_bwd(&super::Gelu)
+        // Through the row pass, with a bias of 0.25 on every other column.
+        let bias: Vec<f32> = (0..xs.len()).map(|i| (i % 2) as f32 * 0.25).collect();
+        let ours = super::gelu_biased(&xs, &bias);
+        let shifted: Vec<f32> = xs.iter().zip(&bias).map(|(x, b)| x + b).collect();
+        let candle: Vec<f32> = Tensor::new(&shifted[..], &Device::Cpu)
+            .and_then(|t| t.gelu_erf())
             .and_then(|g| g.to_vec1())
-            .expect("gelu");
-        let candle: Vec<f32> = t.gelu_erf().and_then(|g| g.to_vec1()).expect("gelu_erf");
-        for ((x, a), b) in xs.iter().zip(&ours).zip(&candle) {
+            .expect("gelu_erf");
+        for ((x, a), b) in shifted.iter().zip(&ours).zip(&candle) {
             assert!(
                 (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
                 "gelu({x}): {a} vs {b}"
             );
         }
+    }
+
+    #[test]
+    fn lane_sums_agree_with_plain_sums() {
+        for n in [0, 1, 7, 8, 9, 32, 383, 384] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let plain: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            assert!((super::dot(&a, &b) - plain).abs() < 1e-4, "dot, n = {n}");
+            let squares: f32 = a.iter().map(|x| x * x).sum();
+            assert!(
+                (super::lanes_sum(&a, |x| x * x) - squares).abs() < 1e-4,
+                "sum, n = {n}"
+            );
+        }
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_keeps_order() {
+        let mut xs = [1.0f32, 3.0, -2.0, 3.0, 80.0];
+        super::softmax(&mut xs);
+        assert!((xs.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(xs[4] > 0.999 && xs[1] == xs[3] && xs[1] > xs[0] && xs[0] > xs[2]);
     }
 }

