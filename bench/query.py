@@ -58,7 +58,7 @@ def faiss_at_recall(vectors_path, queries_path, dim, target=0.95, k=10):
     index.add(xb)
     build = time.perf_counter() - started
     best = None
-    for ef in [16, 32, 64, 128, 256, 512, 1024]:
+    for ef in [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]:
         index.hnsw.efSearch = ef
         latencies = []
         found = 0

@@ -368,7 +368,21 @@ impl Encoder {
     /// Hidden states (rows, hidden) of token ids (rows = texts × width, padded with anything).
     pub(crate) fn forward(&self, ids: &[u32], batch: &Batch<'_>) -> Result<Vec<f32>> {
         let h = self.hidden;
-        if ids.len() != batch.rows() || batch.width > self.max_positions {
+        if batch.width == 0 || batch.lens.iter().any(|&l| l == 0 || l > batch.width) {
+            bail!(
+                "encoder: texts of {:?} tokens in rows of {}",
+                batch.lens,
+                batch.width
+            );
+        }
+        if batch.width > self.max_positions {
+            bail!(
+                "encoder: {} tokens, the model reads at most {}",
+                batch.width,
+                self.max_positions
+            );
+        }
+        if ids.len() != batch.rows() {
             bail!("encoder: {} ids for {} rows", ids.len(), batch.rows());
         }
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab) {

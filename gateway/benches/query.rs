@@ -629,7 +629,7 @@ async fn knn_bench(n: usize, scratch: &Path) -> anyhow::Result<serde_json::Value
         let truth = knn_runs(&query, &queries, None, true, ids()).await?;
         // As FAISS is measured: the smallest ef that reaches recall@10 0.95.
         let mut sweep = Vec::new();
-        for ef in [16, 32, 64, 128, 256, 512, 1024] {
+        for ef in [16, 32, 64, 128, 256, 512, 1024, 2048, 4096] {
             query.set_ann_ef(ef);
             let run = knn_runs(&query, &queries, None, false, ids()).await?;
             let recall = recall_at_10(&truth.ids, &run.ids);
