@@ -358,6 +358,11 @@ pub enum BlobCommand {
         /// BLAKE3 hex or CID.
         hash: String,
     },
+    /// Make a blob available on this node, fetching it from a peer that hosts it.
+    Fetch {
+        /// BLAKE3 hex or CID.
+        hash: String,
+    },
     /// Show a blob's size and pin state.
     Stat {
         /// BLAKE3 hex or CID.
@@ -903,6 +908,21 @@ async fn blob(cli: &Cli, command: &BlobCommand) -> anyhow::Result<()> {
         }
         BlobCommand::Cat { hash } => {
             download(&client, hash, None).await?;
+            Ok(())
+        }
+        BlobCommand::Fetch { hash } => {
+            let path = format!("/v1/blobs/{hash}/fetch");
+            let value: Value = client
+                .json(client.request(reqwest::Method::POST, &path))
+                .await?;
+            print_value(cli, &value, |v| {
+                format!(
+                    "{}  {} bytes  from {}",
+                    plain(&v["hash"]),
+                    v["size"],
+                    plain(&v["source"])
+                )
+            });
             Ok(())
         }
         BlobCommand::Stat { hash } => {

@@ -267,6 +267,7 @@ impl Node {
         let mesh = meshnode_sync::Mesh::start(
             self.key.to_bytes(),
             self.ledger.clone(),
+            self.store.clone(),
             &self.data_dir,
             config,
         )

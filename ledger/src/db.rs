@@ -67,6 +67,10 @@ pub(crate) const NODES: TableDefinition<'static, Key32, &[u8]> =
 /// one row per pair so that a popular blob costs one small row per announcement.
 pub(crate) const HOSTS: TableDefinition<'static, (Key32, Key32), (u64, Key32, bool)> =
     TableDefinition::new("state_hosts");
+/// Event id → the peer (endpoint id) whose log it was accepted from. *Local*: not part of
+/// the state (an event posted here, or woken from the pending set, has no row).
+pub(crate) const DELIVERED: TableDefinition<'static, Key32, Key32> =
+    TableDefinition::new("delivered_by");
 /// Forked log → canonical fork proof.
 pub(crate) const FORKS: TableDefinition<'static, Key32, &[u8]> =
     TableDefinition::new("state_forks");
@@ -132,6 +136,7 @@ pub(crate) fn open(path: &Path) -> Result<Database> {
         tx.open_table(REPUTATION)?;
         tx.open_table(NODES)?;
         tx.open_table(HOSTS)?;
+        tx.open_table(DELIVERED)?;
         tx.open_table(FORKS)?;
         tx.open_table(PENDING)?;
         tx.open_table(UNCOVERED)?;
@@ -292,6 +297,8 @@ pub(crate) struct BatchRows {
     supply: u128,
     pub(crate) pending_add: Vec<(Key32, (Key32, u64))>,
     pub(crate) pending_remove: Vec<Key32>,
+    /// (event id, peer) of the events accepted from a peer's log.
+    pub(crate) delivered: Vec<(Key32, Key32)>,
     pub(crate) checkpoint: Option<(u64, String)>,
 }
 
@@ -484,6 +491,10 @@ pub(crate) fn write_rows(db: &Database, rows: BatchRows) -> Result<()> {
         }
         for k in &rows.pending_remove {
             pending.remove(*k)?;
+        }
+        let mut delivered = tx.open_table(DELIVERED)?;
+        for (k, v) in &rows.delivered {
+            delivered.insert(*k, *v)?;
         }
         if let Some((size, note)) = &rows.checkpoint {
             tx.open_table(CHECKPOINTS)?.insert(*size, note.as_str())?;

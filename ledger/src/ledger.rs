@@ -343,6 +343,7 @@ impl Ledger {
                 event: Arc::new(event),
                 reply: Some(reply),
                 since_ms: None,
+                from: None,
             })
             .await
             .map_err(|_| Error::Unavailable("ledger worker stopped".into()))?;
@@ -365,6 +366,16 @@ impl Ledger {
     /// durable. Callers that keep the queue full this way let the worker apply one batch
     /// while the previous one commits.
     pub async fn enqueue_many(&self, envelopes: Vec<Bytes>) -> Vec<Receipt> {
+        self.enqueue_many_from(envelopes, None).await
+    }
+
+    /// [`Ledger::enqueue_many`] for envelopes read from a peer's log: `from` (the peer's
+    /// endpoint id) is recorded for the events accepted from them ([`Ledger::delivered_by`]).
+    pub async fn enqueue_many_from(
+        &self,
+        envelopes: Vec<Bytes>,
+        from: Option<[u8; 32]>,
+    ) -> Vec<Receipt> {
         // Decoding (canonical checks) is CPU work: spread it over the cores.
         let n = envelopes.len();
         let decoded: Vec<Result<SignedEvent>> = tokio::task::spawn_blocking(move || {
@@ -392,6 +403,7 @@ impl Ledger {
                             event: Arc::new(event),
                             reply: Some(reply),
                             since_ms: None,
+                            from,
                         })
                         .await
                         .is_err()

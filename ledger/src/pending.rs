@@ -47,6 +47,7 @@ pub(crate) async fn load_pending_jobs(shared: &Arc<Shared>) -> Result<Vec<Job>> 
                     event: Arc::new(event),
                     reply: None,
                     since_ms: Some(since_ms),
+                    from: None,
                 }),
                 _ => {
                     tracing::warn!(%id, "dropping an unreadable pending event");

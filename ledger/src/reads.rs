@@ -541,6 +541,16 @@ impl Ledger {
         })
     }
 
+    /// The peers (endpoint ids) whose logs delivered `ids`, in order; `None` for an event
+    /// posted to this node, woken from the pending set, or not accepted.
+    pub fn delivered_by(&self, ids: &[EventId]) -> Result<Vec<Option<[u8; 32]>>> {
+        let tx = self.shared.db.begin_read()?;
+        let table = tx.open_table(db::DELIVERED)?;
+        ids.iter()
+            .map(|id| Ok(table.get(*id.as_bytes())?.map(|v| v.value())))
+            .collect()
+    }
+
     /// Hosts of a blob (authors whose latest `blob.host` for it says pinned).
     pub fn hosts(&self, blob: &BlobHash) -> Result<Vec<AuthorKey>> {
         Ok(self.hosts_up_to(blob, usize::MAX)?.0)

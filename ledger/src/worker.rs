@@ -2,7 +2,7 @@
 //! applies them with the fold on top of the batch still committing, commits each batch in one
 //! transaction after the store's durability barrier, and answers submitters only then.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,8 @@ pub(crate) struct Job {
     pub(crate) reply: Option<oneshot::Sender<Result<Submitted>>>,
     /// When a reloaded pending event first arrived (ms since the epoch); `None` for new ones.
     pub(crate) since_ms: Option<u64>,
+    /// The peer (endpoint id) whose log delivered it; `None` for local submissions.
+    pub(crate) from: Option<[u8; 32]>,
 }
 
 pub(crate) struct Worker {
@@ -616,6 +618,7 @@ fn encode_batch(
                 .push((*blob.as_bytes(), (*id.as_bytes(), *since)));
         }
         r.pending_remove = woken_pending.iter().map(|b| *b.as_bytes()).collect();
+        r.delivered = delivered_rows(&jobs, &overlay);
         if !overlay.accepted.is_empty() {
             let size = frontier.size();
             let signed = tlog::sign_checkpoint(
@@ -644,6 +647,22 @@ fn encode_batch(
         t_verify: Duration::ZERO,
         t_apply: Duration::ZERO,
     })
+}
+
+/// (event id, peer) of the jobs that came from a peer's log and were accepted in this batch.
+fn delivered_rows(jobs: &[Job], overlay: &crate::fold::Overlay) -> Vec<([u8; 32], [u8; 32])> {
+    let from: HashMap<EventId, [u8; 32]> = jobs
+        .iter()
+        .filter_map(|j| j.from.map(|peer| (j.event.id, peer)))
+        .collect();
+    if from.is_empty() {
+        return Vec::new();
+    }
+    overlay
+        .accepted
+        .iter()
+        .filter_map(|id| from.get(id).map(|peer| (*id.as_bytes(), *peer)))
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -62,7 +62,8 @@ impl Default for QueryConfig {
 
 /// The tables' layout: a node whose tables were written by a build with another layout
 /// rebuilds them at start. 2: the derived text columns (`search_text`, `text_vec`, …).
-pub const LAYOUT: u32 = 2;
+/// 3: `events.via`.
+pub const LAYOUT: u32 = 3;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Progress {
@@ -349,7 +350,9 @@ impl Materializer {
             builders.insert(table, Builder::new(table, dim)?);
         }
         let mut derived = self.skill_texts(&events).await?;
-        for (record, event) in &events {
+        let ids: Vec<_> = events.iter().map(|(r, _)| r.id).collect();
+        let via = self.shared.ledger.delivered_by(&ids).map_err(internal)?;
+        for ((record, event), via) in events.iter().zip(via) {
             if record.index != self.applied {
                 return Err(internal(format!(
                     "feed gap: expected leaf {}, got {}",
@@ -366,10 +369,12 @@ impl Materializer {
                 }
             }
             let text = derived.remove(&record.index);
+            let via = via.map(hex::encode);
             rows::append_rows(
                 &mut builders,
                 record,
                 event,
+                via.as_deref(),
                 text.as_ref(),
                 self.shared.text.model(),
             );

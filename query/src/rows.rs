@@ -181,6 +181,7 @@ pub(crate) fn append_rows(
     builders: &mut BTreeMap<&'static str, Builder>,
     record: &EventRecord,
     event: &SignedEvent,
+    via: Option<&str>,
     text: Option<&crate::text::Derived>,
     model: Option<&str>,
 ) {
@@ -200,6 +201,7 @@ pub(crate) fn append_rows(
             Value::OptText(prev.as_deref()),
             Value::Texts(&deps),
             Value::Text(&record.envelope.to_hex()),
+            Value::OptText(via),
         ]);
     }
     match &body.payload {

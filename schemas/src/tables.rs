@@ -113,6 +113,8 @@ pub fn table_schema(table: &str, dim: i32) -> Option<SchemaRef> {
             text_opt("prev"),
             texts("deps"),
             text("envelope"),
+            // The peer whose log delivered the event first (null: posted here). Local.
+            text_opt("via"),
         ],
         "transfers" => vec![
             u64f("leaf_index"),

@@ -15,8 +15,8 @@ mod store;
 pub use error::{Error, Result};
 pub use gc::{GcHealth, GcRoots};
 pub use store::{
-    AddPhase, Added, BlobRead, BlobStat, ByteStream, GET_BYTES_MAX_DEFAULT, GcReport, PinMode,
-    ScrubReport, Store, StoreConfig, Writer, coalesce, collect,
+    AddPhase, Added, BlobRead, BlobStat, ByteStream, DownloadHold, GET_BYTES_MAX_DEFAULT, GcReport,
+    PinMode, ScrubReport, Store, StoreConfig, Writer, coalesce, collect,
 };
 
 #[cfg(test)]

@@ -323,6 +323,24 @@ impl Store {
         ]
     }
 
+    /// Protects `hash` from GC while it is downloaded through [`Store::iroh`] (iroh-blobs'
+    /// fetch takes no temp tag of its own): partial data is kept while the hold lives and,
+    /// after, until the GC passes that started meanwhile have finished, so that the caller
+    /// can pin the finished blob without a pass deleting it in between.
+    pub async fn hold_download(&self, hash: &BlobHash) -> Result<DownloadHold> {
+        let tag = self
+            .inner
+            .fs
+            .tags()
+            .temp_tag(HashAndFormat::raw(to_iroh(hash)))
+            .await
+            .map_err(backend)?;
+        Ok(DownloadHold {
+            store: self.clone(),
+            tag: Some(tag),
+        })
+    }
+
     /// Makes blobs written through [`Store::iroh`] (e.g. downloads) durable. Returns after
     /// their bytes and metadata survive a crash.
     pub async fn make_durable(&self, hashes: &[BlobHash]) -> Result<()> {
@@ -1131,6 +1149,26 @@ impl Store {
             n_deleted: before.difference(&after).count() as u64,
             n_kept: after.len() as u64,
         })
+    }
+}
+
+/// See [`Store::hold_download`]. Retires its temp tag into the GC window on drop.
+pub struct DownloadHold {
+    store: Store,
+    tag: Option<iroh_blobs::api::TempTag>,
+}
+
+impl Drop for DownloadHold {
+    fn drop(&mut self) {
+        if let Some(tag) = self.tag.take() {
+            self.store.inner.gc.retire(tag);
+        }
+    }
+}
+
+impl std::fmt::Debug for DownloadHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DownloadHold").finish_non_exhaustive()
     }
 }
 

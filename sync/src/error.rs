@@ -20,6 +20,9 @@ pub enum Error {
         /// What to fix.
         message: String,
     },
+    /// Nothing to get it from (the message says what was tried).
+    #[error("{0}")]
+    NotFound(String),
     /// The local ledger failed.
     #[error("ledger: {0}")]
     Ledger(#[from] meshnode_ledger::Error),

@@ -19,6 +19,7 @@ use iroh::protocol::{AcceptError, ProtocolHandler, Router};
 use iroh::{Endpoint, EndpointAddr, SecretKey};
 use iroh_tickets::endpoint::EndpointTicket;
 use meshnode_ledger::{Ledger, RuleClass};
+use meshnode_schemas::BlobHash;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -153,6 +154,7 @@ struct Live {
 struct Inner {
     endpoint: Endpoint,
     ledger: Ledger,
+    store: meshnode_store::Store,
     net: String,
     config: MeshConfig,
     ticket: String,
@@ -207,6 +209,7 @@ impl Mesh {
     pub async fn start(
         secret: [u8; 32],
         ledger: Ledger,
+        store: meshnode_store::Store,
         dir: &Path,
         config: MeshConfig,
     ) -> Result<Self> {
@@ -216,7 +219,7 @@ impl Mesh {
             .clear_ip_transports()
             .bind_addr(config.bind)
             .map_err(|e| Error::InvalidPeer(format!("p2p address {}: {e}", config.bind)))?
-            .alpns(vec![wire::ALPN.to_vec()])
+            .alpns(vec![wire::ALPN.to_vec(), iroh_blobs::ALPN.to_vec()])
             // QUIC's defaults let a peer open 100 streams and buffer without bound.
             .transport_config(
                 QuicTransportConfig::builder()
@@ -233,7 +236,8 @@ impl Mesh {
         let inner = Arc::new(Inner {
             net: hex::encode(ledger.net().as_bytes()),
             endpoint: endpoint.clone(),
-            ledger,
+            ledger: ledger.clone(),
+            store: store.clone(),
             config,
             ticket,
             table: Mutex::new(table),
@@ -241,6 +245,20 @@ impl Mesh {
             tasks: Mutex::new(HashMap::new()),
             served: Arc::new(tokio::sync::Semaphore::new(SERVED_MAX)),
         });
+        let refused = {
+            let inner = Arc::downgrade(&inner);
+            Arc::new(move |id: &str| {
+                inner
+                    .upgrade()
+                    .is_none_or(|i| i.banned(id) || i.admissible(id).is_err())
+            })
+        };
+        let provider = crate::blobs::Provider {
+            store: store.iroh().clone().into(),
+            events: crate::blobs::guard(crate::blobs::Public::new(ledger)),
+            refused,
+            served: Arc::new(tokio::sync::Semaphore::new(SERVED_MAX)),
+        };
         let router = Router::builder(endpoint)
             .accept(
                 wire::ALPN,
@@ -248,6 +266,7 @@ impl Mesh {
                     inner: inner.clone(),
                 },
             )
+            .accept(iroh_blobs::ALPN, provider)
             .spawn();
         let ids: Vec<String> = lock(&inner.table).peers.keys().cloned().collect();
         for id in ids {
@@ -323,6 +342,52 @@ impl Mesh {
             .collect()
     }
 
+    /// Gets `hash` from a peer into the store: first from the peers that host it (a host's
+    /// key is its endpoint id), then from every other connected peer, one at a time. The
+    /// data is verified as it streams in (a peer whose data fails is scored and the next one
+    /// asked), kept from GC while it arrives, and durable and pinned before this returns.
+    pub async fn fetch_blob(&self, hash: &BlobHash) -> Result<Fetched> {
+        let inner = &self.inner;
+        let hold = inner
+            .store
+            .hold_download(hash)
+            .await
+            .map_err(|e| Error::transport(format!("store: {e}")))?;
+        let mut tried = Vec::new();
+        for id in fetch_order(inner, hash)? {
+            let Some(ticket) = lock(&inner.table).peers.get(&id).map(|r| r.ticket.clone()) else {
+                continue;
+            };
+            if inner.banned(&id) || inner.admissible(&id).is_err() {
+                continue;
+            }
+            match fetch_from(inner, &ticket, hash).await {
+                Ok(size) => {
+                    let store = &inner.store;
+                    let stored = async {
+                        store.make_durable(&[*hash]).await?;
+                        store.pin(hash).await
+                    };
+                    stored
+                        .await
+                        .map_err(|e| Error::transport(format!("store: {e}")))?;
+                    drop(hold);
+                    return Ok(Fetched { size, from: id });
+                }
+                Err(FetchError::Corrupt(why)) => {
+                    inner.penalise(&id, SCORE_CORRUPT_BLOB, &format!("blob {hash}: {why}"));
+                    tried.push(format!("{id}: corrupt data ({why})"));
+                }
+                Err(FetchError::Other(why)) => tried.push(format!("{id}: {why}")),
+            }
+        }
+        Err(Error::NotFound(if tried.is_empty() {
+            format!("no peer to fetch blob {hash} from; add a peer first")
+        } else {
+            format!("no peer served blob {hash}: {}", tried.join("; "))
+        }))
+    }
+
     /// Stops pulling and closes the endpoint (the blob store and ledger stay open).
     pub async fn shutdown(&self) {
         for (_, task) in lock(&self.inner.tasks).drain() {
@@ -334,7 +399,7 @@ impl Mesh {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -480,6 +545,81 @@ impl Inner {
             l.new_authors += 1;
             true
         })
+    }
+}
+
+/// Where a blob came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Fetched {
+    /// Its size in bytes.
+    pub size: u64,
+    /// The peer that served it (endpoint id, hex).
+    pub from: String,
+}
+
+/// Score added for blob data that fails verification.
+const SCORE_CORRUPT_BLOB: u32 = 50;
+/// Longest a single peer may take to send a blob.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
+/// Host announcements read per fetch.
+const FETCH_HOSTS_MAX: usize = 64;
+
+enum FetchError {
+    /// The peer sent data that does not match the hash.
+    Corrupt(String),
+    /// Anything else: unreachable, refused, not there, too slow.
+    Other(String),
+}
+
+/// The known peers to ask for `hash`: its hosts first, then the connected ones, then the rest.
+fn fetch_order(inner: &Inner, hash: &BlobHash) -> Result<Vec<String>> {
+    let (hosts, _) = inner.ledger.hosts_up_to(hash, FETCH_HOSTS_MAX)?;
+    let hosts: Vec<String> = hosts.iter().map(|h| hex::encode(h.as_bytes())).collect();
+    let known: Vec<String> = lock(&inner.table).peers.keys().cloned().collect();
+    let connected = |id: &String| lock(&inner.live).get(id).is_some_and(|l| l.connected);
+    let mut order: Vec<String> = hosts.into_iter().filter(|h| known.contains(h)).collect();
+    for id in known.iter().filter(|id| connected(id)).chain(&known) {
+        if !order.contains(id) {
+            order.push(id.clone());
+        }
+    }
+    Ok(order)
+}
+
+async fn fetch_from(inner: &Inner, ticket: &str, hash: &BlobHash) -> Result<u64, FetchError> {
+    let other = |e: &dyn std::fmt::Display| FetchError::Other(e.to_string());
+    let (addr, _) = parse_ticket(ticket).map_err(|e| other(&e))?;
+    let conn = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        inner.endpoint.connect(addr, iroh_blobs::ALPN),
+    )
+    .await
+    .map_err(|_| FetchError::Other("connect timed out".into()))?
+    .map_err(|e| other(&e))?;
+    let iroh_hash = iroh_blobs::Hash::from_bytes(*hash.as_bytes());
+    let fetched = tokio::time::timeout(
+        FETCH_TIMEOUT,
+        inner
+            .store
+            .iroh()
+            .remote()
+            .fetch(conn.clone(), iroh_hash)
+            .complete(),
+    )
+    .await;
+    conn.close(0u32.into(), b"done");
+    match fetched {
+        Err(_) => return Err(FetchError::Other("timed out".into())),
+        Ok(Err(iroh_blobs::get::GetError::Decode { source, .. })) => {
+            return Err(FetchError::Corrupt(source.to_string()));
+        }
+        Ok(Err(e)) => return Err(other(&e)),
+        Ok(Ok(_)) => {}
+    }
+    match inner.store.stat(hash).await {
+        Ok(Some(stat)) if stat.complete => Ok(stat.size),
+        Ok(_) => Err(FetchError::Other("the peer does not have it all".into())),
+        Err(e) => Err(other(&e)),
     }
 }
 
@@ -648,7 +788,10 @@ async fn ingest(
     let throttled = admitted < envelopes.len();
     envelopes.truncate(admitted);
     let n = envelopes.len() as u64;
-    let receipts = inner.ledger.enqueue_many(envelopes).await;
+    let mut peer = [0u8; 32];
+    hex::decode_to_slice(id, &mut peer)
+        .map_err(|_| Error::transport(format!("peer id {id} is not 32 bytes of hex")))?;
+    let receipts = inner.ledger.enqueue_many_from(envelopes, Some(peer)).await;
     if receipts.len() as u64 != n {
         // Never move the cursor past events the ledger did not take.
         return Err(Error::transport("the ledger did not take the batch"));

@@ -492,12 +492,14 @@ pub(crate) async fn head(
     get(state, id, headers, true).await
 }
 
-/// Make a blob available on this node: a no-op if it is stored here already.
+/// Make a blob available on this node: a no-op if it is stored here already, else fetched
+/// from a peer that hosts it (verified as it streams in, durable and pinned on return).
 #[utoipa::path(post, path = "/v1/blobs/{hash}/fetch", tag = "blobs",
     params(("hash" = String, Path, description = "BLAKE3 hex or CIDv1")),
     responses(
-        (status = 200, description = "Available locally", body = BlobFetched),
-        (status = 404, description = "Not stored here and no peer to fetch from", body = super::error::ErrorBody),
+        (status = 200, description = "Available locally: `source` is `local` or the id of the peer it came from", body = BlobFetched),
+        (status = 404, description = "not_available: not stored here and no peer served it (the message lists what was tried)", body = super::error::ErrorBody),
+        (status = 503, description = "no_mesh: the peer-to-peer endpoint is not running", body = super::error::ErrorBody),
     ),
     security(("bearer" = [])))]
 pub(crate) async fn fetch(
@@ -507,21 +509,40 @@ pub(crate) async fn fetch(
 ) -> Result<Response, ApiError> {
     state.authorize(&headers, true)?;
     let hash = parse_hash(&id)?;
-    match state.node().store.stat(&hash).await? {
-        Some(stat) if stat.complete => Ok(json(
+    let node = state.node();
+    if let Some(stat) = node.store.stat(&hash).await?
+        && stat.complete
+    {
+        return Ok(json(
             StatusCode::OK,
             &BlobFetched {
                 hash: hash.to_hex(),
                 size: stat.size,
                 source: "local".into(),
             },
-        )),
-        _ => Err(ApiError::not_found(
+        ));
+    }
+    let Some(mesh) = node.mesh.get() else {
+        return Err(ApiError::not_found(
             "not_available",
             format!(
-                "blob {hash} is not stored here and this node has no peer to fetch it from; \
-                 add a peer first"
+                "blob {hash} is not stored here and this node's peer-to-peer endpoint is not \
+                 running (it starts with `meshnode serve`)"
             ),
+        ));
+    };
+    match mesh.fetch_blob(&hash).await {
+        Ok(fetched) => Ok(json(
+            StatusCode::OK,
+            &BlobFetched {
+                hash: hash.to_hex(),
+                size: fetched.size,
+                source: fetched.from,
+            },
         )),
+        Err(meshnode_sync::Error::NotFound(message)) => {
+            Err(ApiError::not_found("not_available", message))
+        }
+        Err(other) => Err(ApiError::internal(other)),
     }
 }

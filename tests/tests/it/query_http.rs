@@ -1323,7 +1323,7 @@ async fn tables_are_rebuilt_for_another_layout_or_model_never_for_a_missing_one(
     let progress = node.data_dir().join("query").join("progress.json");
     let record: Value =
         serde_json::from_slice(&std::fs::read(&progress).expect("progress")).expect("json");
-    assert_eq!(record["layout"], 2, "{record}");
+    assert_eq!(record["layout"], meshnode_query::TABLES_LAYOUT, "{record}");
     let mut older = record.clone();
     older["layout"] = json!(1);
     std::fs::write(&progress, older.to_string()).expect("write");

@@ -124,6 +124,17 @@ async fn three_nodes_in_a_line_converge_and_a_restarted_node_catches_up() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // The events table says which peer delivered each event first; on a, where a's write
+    // was posted, it has none. (Local, so not in the queries above.) a's write reached c
+    let via = |id: String| format!("SELECT via FROM events WHERE id = '{id}'");
+    // through b, or straight from a once peer exchange told c about it.
+    let from_a = host_event(net, 1).id.to_hex();
+    let (_, on_c) = crate::harness::sql(&c, &via(from_a.clone())).await;
+    let peer = &on_c["rows"][0][0];
+    assert!(*peer == sb["node"] || *peer == sa["node"], "{on_c}");
+    let (_, on_a) = crate::harness::sql(&a, &via(from_a)).await;
+    assert_eq!(on_a["rows"][0][0], Value::Null, "{on_a}");
+
     // Peers are listed with their progress; c's peers survive a SIGKILL and it catches up.
     let peers = c.cli(&["--json", "peer", "ls"]);
     let listed: Value = serde_json::from_slice(&peers.stdout).expect("peer ls json");
@@ -322,4 +333,338 @@ async fn a_peer_cannot_bring_in_more_fresh_authors_than_its_quota() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     router.shutdown().await.expect("flooder shutdown");
+}
+
+/// The `seq`th `blob.host` of the author of `seed` after `prev`, hosting the blob of `salt`.
+fn host_at(net: BlobHash, seed: u8, seq: u64, prev: Option<&SignedEvent>, salt: u8) -> SignedEvent {
+    let key = SigningKey::from_bytes(&[seed; 32]);
+    let body = EventBody {
+        net,
+        author: author_of(&key),
+        seq,
+        prev: prev.map(|p| p.id),
+        deps: Vec::new(),
+        ts: 1_700_000_000_000 + i64::try_from(seq).expect("seq"),
+        payload: Payload::BlobHost(BlobHost {
+            blob: BlobHash::of(&[seed, salt]),
+            pinned: true,
+        }),
+    };
+    SignedEvent::sign(body, &key).expect("sign")
+}
+
+/// An author's log of `len` events whose hosted blobs are salted with `salt`.
+fn branch(net: BlobHash, seed: u8, len: u64, salt: u8) -> Vec<SignedEvent> {
+    let mut log: Vec<SignedEvent> = Vec::new();
+    for seq in 1..=len {
+        let event = host_at(net, seed, seq, log.last(), salt);
+        log.push(event);
+    }
+    log
+}
+
+async fn forks(node: &TestNode) -> Value {
+    let response = client()
+        .get(format!("{}/v1/forks", node.url))
+        .send()
+        .await
+        .expect("forks");
+    assert!(response.status().is_success());
+    response.json().await.expect("forks json")
+}
+
+fn remove_peer(node: &TestNode, id: &str) {
+    let out = node.cli(&["peer", "rm", id]);
+    assert!(
+        out.status.success(),
+        "peer rm: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_fork_made_on_both_sides_of_a_partition_ends_in_the_same_proof_everywhere() {
+    let a = TestNode::start_demo(&[]).expect("node a");
+    let b = TestNode::start_joining(&a.data_dir().join("genesis.cbor")).expect("node b");
+    let (sa, sb) = (status(&a).await, status(&b).await);
+    let net = BlobHash::parse(sa["net"].as_str().expect("net")).expect("net hex");
+    let demo_events = sa["events"].as_u64().expect("events");
+    add_peer(&b, &ticket(&sa));
+    converged(&[&a, &b], demo_events).await;
+
+    // Partition: each side forgets the other (a learnt b when b dialled).
+    remove_peer(&b, sa["node"].as_str().expect("a's id"));
+    remove_peer(&a, sb["node"].as_str().expect("b's id"));
+    // One author signs two branches: 2 events on a's side, 4 on b's.
+    let (left, right) = (branch(net, 77, 2, 1), branch(net, 77, 4, 2));
+    for event in &left {
+        submit(&a, event).await;
+    }
+    for event in &right {
+        submit(&b, event).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(digest(&a).await.0, demo_events + 2, "the partition leaked");
+    assert_eq!(digest(&b).await.0, demo_events + 4, "the partition leaked");
+    assert_eq!(forks(&a).await["forks"], serde_json::json!([]));
+
+    // The partition heals: both branches are kept everywhere, with one proof and one state.
+    add_peer(&b, &ticket(&sa));
+    let seen = converged(&[&a, &b], demo_events + 6).await;
+    let (on_a, on_b) = (forks(&a).await, forks(&b).await);
+    assert_eq!(on_a, on_b);
+    let proofs = on_a["forks"].as_array().expect("forks");
+    assert_eq!(proofs.len(), 1, "{on_a}");
+    assert_eq!(proofs[0]["seq"], 1, "the lowest forked seq: {on_a}");
+    assert_eq!(seen[0], seen[1]);
+}
+
+/// A `blob.host` of `blob` by the author of `seed` (its first event).
+fn announce(net: BlobHash, seed: u8, blob: BlobHash) -> SignedEvent {
+    let key = SigningKey::from_bytes(&[seed; 32]);
+    let body = EventBody {
+        net,
+        author: author_of(&key),
+        seq: 1,
+        prev: None,
+        deps: Vec::new(),
+        ts: 1_700_000_000_000,
+        payload: Payload::BlobHost(BlobHost { blob, pinned: true }),
+    };
+    SignedEvent::sign(body, &key).expect("sign")
+}
+
+async fn fetch(node: &TestNode, hash: &str) -> (reqwest::StatusCode, Value) {
+    crate::harness::post(node, &format!("/v1/blobs/{hash}/fetch"), Value::Null, true).await
+}
+
+async fn blob_bytes(node: &TestNode, hash: &str) -> Vec<u8> {
+    let response = client()
+        .get(format!("{}/v1/blobs/{hash}", node.url))
+        .send()
+        .await
+        .expect("get blob");
+    assert!(response.status().is_success(), "{}", response.status());
+    response.bytes().await.expect("blob bytes").to_vec()
+}
+
+/// An iroh-blobs provider that answers every request with the right size and wrong bytes.
+#[derive(Debug, Clone)]
+struct CorruptProvider;
+
+impl iroh::protocol::ProtocolHandler for CorruptProvider {
+    async fn accept(
+        &self,
+        conn: iroh::endpoint::Connection,
+    ) -> Result<(), iroh::protocol::AcceptError> {
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            // The request (a hash and ranges); the answer is a blob of one chunk group, sent
+            // as its size and its bytes (no tree nodes), wrong ones.
+            let _ = recv.read_to_end(64 << 10).await;
+            let size: u64 = 4096;
+            let mut answer = size.to_le_bytes().to_vec();
+            answer.extend(std::iter::repeat_n(0xA5u8, 4096));
+            let _ = send.write_all(&answer).await;
+            let _ = send.finish();
+        }
+        Ok(())
+    }
+}
+
+/// An endpoint of our own on loopback with `alpn` served by `handler`; its ticket.
+async fn fake_endpoint<H: iroh::protocol::ProtocolHandler>(
+    alpn: &'static [u8],
+    handler: H,
+    seed: u8,
+) -> (String, iroh::protocol::Router) {
+    let endpoint = test_endpoint(seed, vec![alpn.to_vec()]).await;
+    let mut addr = iroh::EndpointAddr::new(endpoint.id());
+    for socket in endpoint.bound_sockets() {
+        addr = addr.with_ip_addr(socket);
+    }
+    let ticket = iroh_tickets::endpoint::EndpointTicket::new(addr).to_string();
+    let router = iroh::protocol::Router::builder(endpoint)
+        .accept(alpn, handler)
+        .spawn();
+    (ticket, router)
+}
+
+async fn test_endpoint(seed: u8, alpns: Vec<Vec<u8>>) -> iroh::Endpoint {
+    iroh::Endpoint::builder(iroh::endpoint::presets::Empty)
+        .crypto_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .secret_key(iroh::SecretKey::from_bytes(&[seed; 32]))
+        .clear_ip_transports()
+        .bind_addr("127.0.0.1:0")
+        .expect("addr")
+        .alpns(alpns)
+        .bind()
+        .await
+        .expect("test endpoint")
+}
+
+#[tokio::test]
+async fn a_blob_is_fetched_from_a_peer_that_serves_it_and_a_corrupt_host_is_blamed() {
+    let a = TestNode::start_demo(&[]).expect("node a");
+    let b = TestNode::start_joining(&a.data_dir().join("genesis.cbor")).expect("node b");
+    let sa = status(&a).await;
+    let net = BlobHash::parse(sa["net"].as_str().expect("net")).expect("net hex");
+    let a_id = sa["node"].as_str().expect("a's id").to_string();
+    add_peer(&b, &ticket(&sa));
+    let demo_events = sa["events"].as_u64().expect("events");
+    converged(&[&a, &b], demo_events).await;
+
+    // A 4 KiB blob on a, announced by nobody yet: a refuses to serve it.
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+    let hash = crate::harness::upload(&a, data.clone()).await["hash"]
+        .as_str()
+        .expect("hash")
+        .to_string();
+    let (got, body) = fetch(&b, &hash).await;
+    assert_eq!(got, reqwest::StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"]["code"], "not_available", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&a_id),
+        "the message names the peers tried: {body}"
+    );
+
+    // A host that serves wrong bytes, announced as the blob's host: asked first, blamed,
+    // and the blob comes from a, which serves it now that it is announced.
+    let (corrupt_ticket, router) = fake_endpoint(iroh_blobs::ALPN, CorruptProvider, 44).await;
+    add_peer(&b, &corrupt_ticket);
+    let blob = BlobHash::parse(&hash).expect("hash");
+    submit(&a, &announce(net, 44, blob)).await;
+    converged(&[&a, &b], demo_events + 1).await;
+    let (got, body) = fetch(&b, &hash).await;
+    assert_eq!(got, reqwest::StatusCode::OK, "{body}");
+    assert_eq!(body["source"], a_id.as_str(), "{body}");
+    assert_eq!(body["size"], 4096);
+    assert_eq!(blob_bytes(&b, &hash).await, data);
+    let out = b.cli(&["--json", "peer", "ls"]);
+    let listed: Value = serde_json::from_slice(&out.stdout).expect("peer ls json");
+    let corrupt = listed["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["ticket"] == corrupt_ticket.as_str())
+        .cloned()
+        .unwrap_or_default();
+    assert!(corrupt["score"].as_u64().unwrap_or(0) >= 50, "{listed}");
+
+    // Fetched means pinned and durable: it survives a GC and a SIGKILL.
+    let mut b = b;
+    let (got, _) = crate::harness::post(&b, "/v1/gc", Value::Null, true).await;
+    assert!(got.is_success());
+    b.kill9();
+    b.restart().expect("restart b");
+    assert_eq!(blob_bytes(&b, &hash).await, data);
+    // A second fetch is local; the CLI says where it came from.
+    let out = b.cli(&["blob", "fetch", &hash]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("from local"));
+    router.shutdown().await.expect("corrupt provider shutdown");
+}
+
+#[tokio::test]
+async fn the_blob_provider_refuses_push_and_blobs_outside_its_allow_list() {
+    use iroh_blobs::protocol::{ChunkRanges, ChunkRangesSeq, GetManyRequest, PushRequest};
+    let a = TestNode::start_demo(&[]).expect("node a");
+    let sa = status(&a).await;
+    let net = BlobHash::parse(sa["net"].as_str().expect("net")).expect("net hex");
+    let (private, public) = (vec![1u8; 3000], vec![2u8; 3000]);
+    let private_hash = crate::harness::upload(&a, private).await["hash"]
+        .as_str()
+        .expect("hash")
+        .to_string();
+    let public_hash = crate::harness::upload(&a, public.clone()).await["hash"]
+        .as_str()
+        .expect("hash")
+        .to_string();
+    submit(
+        &a,
+        &announce(net, 45, BlobHash::parse(&public_hash).expect("hash")),
+    )
+    .await;
+    let iroh_hash =
+        |h: &str| iroh_blobs::Hash::from_bytes(*BlobHash::parse(h).expect("hash").as_bytes());
+    let (addr, _) = meshnode_sync::parse_ticket(&ticket(&sa)).expect("ticket");
+    let endpoint = test_endpoint(46, vec![iroh_blobs::ALPN.to_vec()]).await;
+    let client_store = iroh_blobs::store::mem::MemStore::new();
+    let connect = || async {
+        endpoint
+            .connect(addr.clone(), iroh_blobs::ALPN)
+            .await
+            .expect("connect to a's blob provider")
+    };
+
+    // get: the announced blob is served, the other is not.
+    let got = client_store
+        .remote()
+        .fetch(connect().await, iroh_hash(&public_hash))
+        .complete()
+        .await;
+    assert!(got.is_ok(), "{got:?}");
+    let refused = client_store
+        .remote()
+        .fetch(connect().await, iroh_hash(&private_hash))
+        .complete()
+        .await;
+    assert!(refused.is_err(), "a blob no event references was served");
+
+    // get-many: served for public blobs only, refused as soon as one hash is outside the list.
+    let request = GetManyRequest::builder()
+        .hash(iroh_hash(&public_hash), ChunkRanges::all())
+        .build();
+    let many = client_store
+        .remote()
+        .execute_get_many(connect().await, request)
+        .complete()
+        .await;
+    assert!(many.is_ok(), "{many:?}");
+    let request = GetManyRequest::builder()
+        .hash(iroh_hash(&public_hash), ChunkRanges::all())
+        .hash(iroh_hash(&private_hash), ChunkRanges::all())
+        .build();
+    let many = client_store
+        .remote()
+        .execute_get_many(connect().await, request)
+        .complete()
+        .await;
+    assert!(many.is_err(), "get-many bypassed the allow-list");
+
+    // push: refused; the pushed blob is not on a.
+    let pushed = vec![3u8; 2000];
+    let tag = client_store.add_bytes(pushed.clone()).await.expect("add");
+    let push = client_store
+        .remote()
+        .execute_push(
+            connect().await,
+            PushRequest::new(tag.hash, ChunkRangesSeq::root()),
+        )
+        .complete()
+        .await;
+    // The client's side of a push may end without error (it only sends); what counts is
+    // that nothing reached a's store.
+    eprintln!("push answered: {push:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stat = client()
+        .head(format!(
+            "{}/v1/blobs/{}",
+            a.url,
+            BlobHash::of(&pushed).to_hex()
+        ))
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(stat.status(), reqwest::StatusCode::NOT_FOUND);
+
+    // The node still serves and writes after all of it.
+    assert_eq!(blob_bytes(&a, &public_hash).await, public);
+    crate::harness::upload(&a, vec![4u8; 100]).await;
 }
