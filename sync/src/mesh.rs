@@ -187,6 +187,42 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Where the port the system chose for the endpoint is kept (see [`Mesh::start`]).
+const P2P_PORT_FILE: &str = "p2p-port";
+
+/// The address of the last start, when `bind` leaves the port to the system.
+fn remembered_port(dir: &Path, bind: SocketAddr) -> Option<SocketAddr> {
+    if bind.port() != 0 {
+        return None;
+    }
+    let text = std::fs::read_to_string(dir.join(P2P_PORT_FILE)).ok()?;
+    let port: u16 = text.trim().parse().ok().filter(|p| *p != 0)?;
+    Some(SocketAddr::new(bind.ip(), port))
+}
+
+/// An endpoint with the node's key on `addr`: relays and address lookup off, our ALPNs,
+/// bounded QUIC windows and streams.
+async fn bind(secret: [u8; 32], addr: SocketAddr) -> Result<Endpoint> {
+    Endpoint::builder(presets::Empty)
+        .crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .secret_key(SecretKey::from_bytes(&secret))
+        .clear_ip_transports()
+        .bind_addr(addr)
+        .map_err(|e| Error::InvalidPeer(format!("p2p address {addr}: {e}")))?
+        .alpns(vec![wire::ALPN.to_vec(), iroh_blobs::ALPN.to_vec()])
+        // QUIC's defaults let a peer open 100 streams and buffer without bound.
+        .transport_config(
+            QuicTransportConfig::builder()
+                .max_concurrent_bidi_streams(STREAMS_MAX.into())
+                .stream_receive_window((2u32 << 20).into())
+                .receive_window((16u32 << 20).into())
+                .build(),
+        )
+        .bind()
+        .await
+        .map_err(|e| Error::transport(format!("binding {addr}: {e}")))
+}
+
 /// Parses a ticket into its endpoint address and id (hex).
 pub fn parse_ticket(ticket: &str) -> Result<(EndpointAddr, String)> {
     let parsed: EndpointTicket = ticket
@@ -213,24 +249,25 @@ impl Mesh {
         dir: &Path,
         config: MeshConfig,
     ) -> Result<Self> {
-        let endpoint = Endpoint::builder(presets::Empty)
-            .crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .secret_key(SecretKey::from_bytes(&secret))
-            .clear_ip_transports()
-            .bind_addr(config.bind)
-            .map_err(|e| Error::InvalidPeer(format!("p2p address {}: {e}", config.bind)))?
-            .alpns(vec![wire::ALPN.to_vec(), iroh_blobs::ALPN.to_vec()])
-            // QUIC's defaults let a peer open 100 streams and buffer without bound.
-            .transport_config(
-                QuicTransportConfig::builder()
-                    .max_concurrent_bidi_streams(STREAMS_MAX.into())
-                    .stream_receive_window((2u32 << 20).into())
-                    .receive_window((16u32 << 20).into())
-                    .build(),
-            )
-            .bind()
-            .await
-            .map_err(|e| Error::transport(format!("binding {}: {e}", config.bind)))?;
+        // A port chosen by the system (port 0) is kept across restarts, so that the tickets
+        // peers remember stay valid; if it is taken now, another is chosen.
+        let remembered = remembered_port(dir, config.bind);
+        let endpoint = match remembered {
+            Some(addr) => match bind(secret, addr).await {
+                Ok(endpoint) => endpoint,
+                Err(e) => {
+                    tracing::warn!("p2p address {addr} (used last time): {e}; choosing another");
+                    bind(secret, config.bind).await?
+                }
+            },
+            None => bind(secret, config.bind).await?,
+        };
+        if config.bind.port() == 0
+            && let Some(socket) = endpoint.bound_sockets().first()
+            && let Err(e) = std::fs::write(dir.join(P2P_PORT_FILE), socket.port().to_string())
+        {
+            tracing::warn!("cannot remember the p2p port: {e}");
+        }
         let ticket = own_ticket(&endpoint)?;
         let table = PeerTable::load(dir)?;
         let inner = Arc::new(Inner {
@@ -613,7 +650,15 @@ async fn fetch_from(inner: &Inner, ticket: &str, hash: &BlobHash) -> Result<u64,
         Ok(Err(iroh_blobs::get::GetError::Decode { source, .. })) => {
             return Err(FetchError::Corrupt(source.to_string()));
         }
-        Ok(Err(e)) => return Err(other(&e)),
+        Ok(Err(e)) => {
+            return Err(match e.iroh_error_code() {
+                Some(code) => FetchError::Other(format!(
+                    "refused (code {code}): peers serve only blobs that an accepted blob.host \
+                     announces or a skill publishes"
+                )),
+                None => other(&e),
+            });
+        }
         Ok(Ok(_)) => {}
     }
     match inner.store.stat(hash).await {

@@ -85,7 +85,7 @@ async fn converged(nodes: &[&TestNode], events: u64) -> Vec<(u64, String)> {
 async fn three_nodes_in_a_line_converge_and_a_restarted_node_catches_up() {
     let a = TestNode::start_demo(&[]).expect("node a");
     let genesis = a.data_dir().join("genesis.cbor");
-    let b = TestNode::start_joining(&genesis).expect("node b");
+    let mut b = TestNode::start_joining(&genesis).expect("node b");
     let mut c = TestNode::start_joining(&genesis).expect("node c");
     let (sa, sb) = (status(&a).await, status(&b).await);
     let net = BlobHash::parse(sa["net"].as_str().expect("net")).expect("net hex");
@@ -165,6 +165,15 @@ async fn three_nodes_in_a_line_converge_and_a_restarted_node_catches_up() {
     submit(&a, &host_event(net, 4)).await;
     c.restart().expect("restart c");
     converged(&[&a, &b, &c], demo_events + 4).await;
+    // The middle node restarts on the same p2p port (the system chose it on the first start),
+    // so the tickets a and c hold for it still work.
+    let b_ticket = ticket(&status(&b).await);
+    b.kill9();
+    submit(&a, &host_event(net, 5)).await;
+    b.restart().expect("restart b");
+    assert_eq!(ticket(&status(&b).await), b_ticket);
+    submit(&c, &host_event(net, 6)).await;
+    converged(&[&a, &b, &c], demo_events + 6).await;
 
     // A bad ticket and a missing peer get clear errors.
     let out = c.cli(&["peer", "add", "endpointnotaticket"]);
