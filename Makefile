@@ -7,7 +7,7 @@ HTTP_ADDR ?= 127.0.0.1:8080
 TARGET_DIR := $(shell $(CARGO) metadata --format-version 1 --no-deps 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])' 2>/dev/null || echo target)
 BIN := $(TARGET_DIR)/debug/meshnode
 
-.PHONY: run test build deps lint bench bench-store bench-ledger bench-query clean-data release torture
+.PHONY: run test build deps lint bench bench-store bench-ledger bench-query bench-sync clean-data release torture
 
 deps:
 	@scripts/ensure-deps.sh build
@@ -40,7 +40,7 @@ lint:
 BENCH_SCRATCH ?= $(TARGET_DIR)/bench-scratch
 export BENCH_SCRATCH
 
-bench: bench-store bench-ledger bench-query
+bench: bench-store bench-ledger bench-query bench-sync
 
 release:
 	@scripts/ensure-deps.sh bench
@@ -55,6 +55,10 @@ bench-ledger: release
 
 bench-query: release
 	MESHNODE_BIN=$(TARGET_DIR)/release/meshnode python3 bench/query.py
+
+# Two nodes in the bench process (no external peer: the baseline is iroh-blobs itself).
+bench-sync:
+	python3 bench/sync.py
 
 clean-data:
 	rm -rf "$(DATA_DIR)"

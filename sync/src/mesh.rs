@@ -126,6 +126,8 @@ pub struct PeerStatus {
     pub behind: u64,
     /// Events received from it.
     pub events_in: u64,
+    /// `Log` requests answered by it (one round trip each).
+    pub requests: u64,
     /// Bytes received and sent on its connections (QUIC's count, overhead included).
     pub bytes_in: u64,
     /// See `bytes_in`.
@@ -147,6 +149,7 @@ struct Live {
     last_sync_ms: Option<u64>,
     behind: u64,
     events_in: u64,
+    requests: u64,
     bytes_in: u64,
     bytes_out: u64,
 }
@@ -369,6 +372,7 @@ impl Mesh {
                     cursor: record.cursor,
                     behind: l.map_or(0, |l| l.behind),
                     events_in: l.map_or(0, |l| l.events_in),
+                    requests: l.map_or(0, |l| l.requests),
                     bytes_in: l.map_or(0, |l| l.bytes_in),
                     bytes_out: l.map_or(0, |l| l.bytes_out),
                     score: record.score,
@@ -765,6 +769,7 @@ async fn pull(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Result<()> {
             l.bytes_in = stats.udp_rx.bytes;
             l.bytes_out = stats.udp_tx.bytes;
             l.events_in += n;
+            l.requests += 1;
         });
         let (next, throttled) = ingest(inner, id, cursor, envelopes).await?;
         inner.set_cursor(id, next);
