@@ -161,39 +161,57 @@ impl Ledger {
     /// The envelopes of accepted events in acceptance order from leaf `start`, read
     /// [`ENVELOPES_PER_READ`] at a time: at most
     /// `limit` of them and, past the first, at most `bytes_max` bytes together. What a peer
-    /// replicates (dependencies always come before the events that name them).
+    /// replicates (dependencies always come before the events that name them). With `elide`
+    /// (a peer's endpoint id), the leaves of events that peer delivered are `None`.
     pub async fn envelopes_since(
         &self,
         start: u64,
         limit: usize,
         bytes_max: usize,
-    ) -> Result<Vec<Bytes>> {
-        let hashes: Vec<BlobHash> = {
+        elide: Option<[u8; 32]>,
+    ) -> Result<Vec<Option<Bytes>>> {
+        // Per leaf: its envelope's hash, or `None` when `elide` delivered it.
+        let leaves: Vec<Option<BlobHash>> = {
             let tx = self.read()?;
             let events = tx.open_table(db::EVENTS)?;
+            let delivered = tx.open_table(db::DELIVERED)?;
             let mut out = Vec::new();
             for entry in events.range(start..)?.take(limit) {
                 let record: EventRecord = db::decode(entry?.1.value())?;
-                out.push(record.envelope);
+                let elided = match elide {
+                    Some(peer) => delivered
+                        .get(*record.id.as_bytes())?
+                        .is_some_and(|v| v.value() == peer),
+                    None => false,
+                };
+                out.push((!elided).then_some(record.envelope));
             }
             out
         };
         // In chunks, so that at most one chunk is read past the byte cap.
-        let mut out = Vec::with_capacity(hashes.len());
+        let mut out = Vec::with_capacity(leaves.len());
         let mut total = 0usize;
-        for chunk in hashes.chunks(ENVELOPES_PER_READ) {
-            let envelopes = self
+        for chunk in leaves.chunks(ENVELOPES_PER_READ) {
+            let hashes: Vec<BlobHash> = chunk.iter().flatten().copied().collect();
+            let mut envelopes = self
                 .shared
                 .store
-                .get_many(chunk, meshnode_schemas::limits::EVENT_BYTES_MAX as u64)
-                .await;
-            for bytes in envelopes {
-                let bytes = bytes?;
+                .get_many(&hashes, meshnode_schemas::limits::EVENT_BYTES_MAX as u64)
+                .await
+                .into_iter();
+            for leaf in chunk {
+                if leaf.is_none() {
+                    out.push(None);
+                    continue;
+                }
+                let bytes = envelopes
+                    .next()
+                    .ok_or_else(|| Error::Io(std::io::Error::other("an envelope is missing")))??;
                 total += bytes.len();
                 if !out.is_empty() && total > bytes_max {
                     return Ok(out);
                 }
-                out.push(bytes);
+                out.push(Some(bytes));
             }
         }
         Ok(out)

@@ -762,7 +762,10 @@ async fn pull(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Result<()> {
             inner.set_cursor(id, 0);
             continue;
         }
-        let n = envelopes.len() as u64;
+        let n = envelopes
+            .iter()
+            .filter(|e| e.as_ref() != wire::ELIDED)
+            .count() as u64;
         let stats = conn.stats();
         inner.live(id, |l| {
             l.rtt_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
@@ -800,6 +803,7 @@ async fn request_log(
         from,
         max_events,
         ticket: Some(inner.ticket.clone()),
+        elide: true,
     };
     wire::write_json(&mut send, &request).await?;
     send.finish().map_err(Error::transport)?;
@@ -841,13 +845,19 @@ async fn ingest(
     let mut peer = [0u8; 32];
     hex::decode_to_slice(id, &mut peer)
         .map_err(|_| Error::transport(format!("peer id {id} is not 32 bytes of hex")))?;
-    let receipts = inner.ledger.enqueue_many_from(envelopes, Some(peer)).await;
-    if receipts.len() as u64 != n {
+    // Leaves the peer elided (events we delivered to it) are ours already: skipped, counted.
+    let (positions, real): (Vec<usize>, Vec<bytes::Bytes>) = envelopes
+        .into_iter()
+        .enumerate()
+        .filter(|(_, e)| e.as_ref() != wire::ELIDED)
+        .unzip();
+    let receipts = inner.ledger.enqueue_many_from(real, Some(peer)).await;
+    if receipts.len() != positions.len() {
         // Never move the cursor past events the ledger did not take.
         return Err(Error::transport("the ledger did not take the batch"));
     }
     let mut next = cursor + n;
-    for (i, receipt) in receipts.into_iter().enumerate() {
+    for (&i, receipt) in positions.iter().zip(receipts) {
         let Err(e) = receipt.wait().await else {
             continue;
         };
@@ -988,6 +998,7 @@ async fn serve_connection(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Re
                 from,
                 max_events,
                 ticket,
+                elide,
             } => {
                 if net != inner.net {
                     refuse(&mut send, "net_mismatch", "this node is of another network").await?;
@@ -996,9 +1007,11 @@ async fn serve_connection(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Re
                 if let Some(ticket) = ticket {
                     learn_dialer(inner, id, &ticket);
                 }
+                // The connection is authenticated as `id`: what it delivered, it has.
+                let elide = elide.then(|| conn.remote_id().as_bytes().to_owned());
                 tokio::time::timeout(
                     RESPONSE_TIMEOUT,
-                    serve_log(inner, &mut send, from, max_events),
+                    serve_log(inner, &mut send, from, max_events, elide),
                 )
                 .await
                 .map_err(|_| Error::transport("the peer did not read its answer in time"))??;
@@ -1048,13 +1061,14 @@ async fn serve_log(
     send: &mut iroh::endpoint::SendStream,
     from: u64,
     max_events: u32,
+    elide: Option<[u8; 32]>,
 ) -> Result<()> {
     let size = inner.ledger.tree_size()?;
     let limit = max_events.min(wire::EVENTS_PER_RESPONSE_MAX) as usize;
     let envelopes = if from < size {
         inner
             .ledger
-            .envelopes_since(from, limit, wire::RESPONSE_BYTES_MAX)
+            .envelopes_since(from, limit, wire::RESPONSE_BYTES_MAX, elide)
             .await?
     } else {
         Vec::new()
@@ -1068,7 +1082,7 @@ async fn serve_log(
     )
     .await?;
     for envelope in &envelopes {
-        wire::write_frame(send, envelope).await?;
+        wire::write_frame(send, envelope.as_deref().unwrap_or(wire::ELIDED)).await?;
     }
     wire::write_frame(send, &[]).await?;
     send.finish().map_err(Error::transport)

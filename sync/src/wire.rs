@@ -40,6 +40,10 @@ pub enum Request {
         /// the connection's).
         #[serde(default)]
         ticket: Option<String>,
+        /// Send [`ELIDED`] in place of the events the asker itself delivered to the server
+        /// (they would only come back as duplicates).
+        #[serde(default)]
+        elide: bool,
     },
     /// The server's known peers (peer exchange).
     Peers {
@@ -64,6 +68,11 @@ pub struct Header {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<String>,
 }
+
+/// The frame that stands for an event of the log the asker delivered itself (see
+/// `Request::Log::elide`): one byte, which no envelope is, so leaves and frames stay one to
+/// one.
+pub const ELIDED: &[u8] = &[0];
 
 /// Writes one frame.
 pub async fn write_frame(send: &mut SendStream, bytes: &[u8]) -> Result<()> {

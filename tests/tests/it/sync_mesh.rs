@@ -145,6 +145,19 @@ async fn three_nodes_in_a_line_converge_and_a_restarted_node_catches_up() {
         first["events_in"].as_u64().unwrap_or(0) >= demo_events,
         "{listed}"
     );
+    // a reads b's log too, but b elides the events a delivered: a got only the few writes
+    // made on b and c, not the demo events back.
+    let on_a = a.cli(&["--json", "peer", "ls"]);
+    let on_a: Value = serde_json::from_slice(&on_a.stdout).expect("peer ls json");
+    let from_b = on_a["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["id"] == sb["node"])
+        .cloned()
+        .unwrap_or_default();
+    let events_in = from_b["events_in"].as_u64().unwrap_or(u64::MAX);
+    assert!(events_in <= 2 && demo_events > 10, "a got {events_in} events from b: {on_a}");
     // /metrics carries the same, per peer.
     let metrics = client()
         .get(format!("{}/metrics", c.url))
