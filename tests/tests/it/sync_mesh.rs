@@ -157,7 +157,10 @@ async fn three_nodes_in_a_line_converge_and_a_restarted_node_catches_up() {
         .cloned()
         .unwrap_or_default();
     let events_in = from_b["events_in"].as_u64().unwrap_or(u64::MAX);
-    assert!(events_in <= 2 && demo_events > 10, "a got {events_in} events from b: {on_a}");
+    assert!(
+        events_in <= 2 && demo_events > 10,
+        "a got {events_in} events from b: {on_a}"
+    );
     // /metrics carries the same, per peer.
     let metrics = client()
         .get(format!("{}/metrics", c.url))
