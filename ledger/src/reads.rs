@@ -569,6 +569,15 @@ impl Ledger {
             .collect()
     }
 
+    /// Whether `host`'s latest `blob.host` for `blob` says pinned. O(1).
+    pub fn hosts_blob(&self, blob: &BlobHash, host: &AuthorKey) -> Result<bool> {
+        let tx = self.shared.db.begin_read()?;
+        let table = tx.open_table(db::HOSTS)?;
+        Ok(table
+            .get((*blob.as_bytes(), *host.as_bytes()))?
+            .is_some_and(|v| v.value().2))
+    }
+
     /// Hosts of a blob (authors whose latest `blob.host` for it says pinned).
     pub fn hosts(&self, blob: &BlobHash) -> Result<Vec<AuthorKey>> {
         Ok(self.hosts_up_to(blob, usize::MAX)?.0)

@@ -651,10 +651,13 @@ fn encode_batch(
 
 /// (event id, peer) of the jobs that came from a peer's log and were accepted in this batch.
 fn delivered_rows(jobs: &[Job], overlay: &crate::fold::Overlay) -> Vec<([u8; 32], [u8; 32])> {
-    let from: HashMap<EventId, [u8; 32]> = jobs
-        .iter()
-        .filter_map(|j| j.from.map(|peer| (j.event.id, peer)))
-        .collect();
+    let mut from: HashMap<EventId, [u8; 32]> = HashMap::new();
+    for job in jobs {
+        if let Some(peer) = job.from {
+            // The first delivery in the batch wins, as across batches.
+            from.entry(job.event.id).or_insert(peer);
+        }
+    }
     if from.is_empty() {
         return Vec::new();
     }

@@ -113,7 +113,8 @@ pub fn table_schema(table: &str, dim: i32) -> Option<SchemaRef> {
             text_opt("prev"),
             texts("deps"),
             text("envelope"),
-            // The peer whose log delivered the event first (null: posted here). Local.
+            // The peer whose log delivered the event first (null: posted here, or accepted
+            // after waiting for its dependencies). Local.
             text_opt("via"),
         ],
         "transfers" => vec![

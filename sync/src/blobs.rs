@@ -1,7 +1,9 @@
 //! Blobs between peers, over iroh-blobs (its own ALPN on the mesh endpoint):
-//! - the provider serves only public blobs — announced by a `blob.host` event (anyone's) or
-//!   the weights of an uncontested skill — to `get` and `get-many` alike; `observe` likewise;
-//!   `push` is refused; HashSeq requests are refused (they would reach unchecked children);
+//! - the provider serves only public blobs — announced by this node's own `blob.host` (signed
+//!   with the node key, which is its endpoint id) or the weights of an uncontested skill — to
+//!   `get` and `get-many` alike; `observe` likewise; `push` is refused; HashSeq requests are
+//!   refused (they would reach unchecked children). Anyone's `blob.host` would not do: a
+//!   fresh key costs nothing, and it would unlock any blob stored here whose hash is known;
 //! - a fetch asks the peers that host a blob first (a host's key is its endpoint id), then
 //!   every other connected peer, one at a time, with verified streaming into the store under
 //!   a GC hold; a peer whose data fails verification is scored and the next one tried; the
@@ -26,6 +28,10 @@ use meshnode_schemas::BlobHash;
 
 /// Provider requests waiting for a decision.
 const DECISIONS_MAX: usize = 64;
+/// Decisions made at once (each on a blocking thread, reading the ledger).
+const DECIDING_MAX: usize = 8;
+/// Hashes a `get-many` may name (it is refused beyond).
+const GET_MANY_MAX: usize = 1024;
 /// How long the set of skill weights is reused before it is read again (if the ledger grew).
 const SKILL_BLOBS_TTL: Duration = Duration::from_secs(2);
 
@@ -63,9 +69,9 @@ impl Public {
 
     /// Whether `blob` may be served. Blocking (ledger reads).
     pub(crate) fn allows(&self, blob: &BlobHash) -> bool {
-        match self.ledger.hosts_up_to(blob, 1) {
-            Ok((hosts, _)) if !hosts.is_empty() => return true,
-            Ok(_) => {}
+        match self.ledger.hosts_blob(blob, &self.ledger.node()) {
+            Ok(true) => return true,
+            Ok(false) => {}
             Err(e) => {
                 tracing::warn!("blob provider: reading hosts: {e}");
                 return false;
@@ -103,10 +109,13 @@ impl Public {
         cached.blobs.clone()
     }
 
+    /// Whether every one of `hashes` may be served: at most [`GET_MANY_MAX`] distinct ones.
     fn allows_all(&self, hashes: &[Hash]) -> bool {
-        hashes
-            .iter()
-            .all(|h| self.allows(&BlobHash::from_bytes(*h.as_bytes())))
+        let distinct: HashSet<&Hash> = hashes.iter().collect();
+        distinct.len() <= GET_MANY_MAX
+            && distinct
+                .iter()
+                .all(|h| self.allows(&BlobHash::from_bytes(*h.as_bytes())))
     }
 }
 
@@ -114,11 +123,19 @@ impl Public {
 /// against [`Public`].
 pub(crate) fn guard(public: Arc<Public>) -> EventSender {
     let (sender, mut requests) = EventSender::channel(DECISIONS_MAX, MASK);
+    let deciding = Arc::new(tokio::sync::Semaphore::new(DECIDING_MAX));
     tokio::spawn(async move {
         while let Some(message) = requests.recv().await {
+            // At most DECIDING_MAX at once; past that the channel fills and the provider
+            // waits, so a flood of requests cannot take the blocking pool from the ledger.
+            let Ok(permit) = deciding.clone().acquire_owned().await else {
+                break;
+            };
             let public = public.clone();
-            // Ledger reads are blocking; each decision on its own blocking task.
-            tokio::task::spawn_blocking(move || decide(&public, message));
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                decide(&public, message);
+            });
         }
     });
     sender

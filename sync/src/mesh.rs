@@ -628,6 +628,7 @@ fn fetch_order(inner: &Inner, hash: &BlobHash) -> Result<Vec<String>> {
 }
 
 async fn fetch_from(inner: &Inner, ticket: &str, hash: &BlobHash) -> Result<u64, FetchError> {
+    use iroh_blobs::get::fsm::DecodeError;
     let other = |e: &dyn std::fmt::Display| FetchError::Other(e.to_string());
     let (addr, _) = parse_ticket(ticket).map_err(|e| other(&e))?;
     let conn = tokio::time::timeout(
@@ -651,14 +652,18 @@ async fn fetch_from(inner: &Inner, ticket: &str, hash: &BlobHash) -> Result<u64,
     conn.close(0u32.into(), b"done");
     match fetched {
         Err(_) => return Err(FetchError::Other("timed out".into())),
-        Ok(Err(iroh_blobs::get::GetError::Decode { source, .. })) => {
-            return Err(FetchError::Corrupt(source.to_string()));
-        }
+        // Only data that fails its hash is the peer's fault: a dropped connection, a reset
+        // or a peer without the whole blob decode-fail too, and are not scored.
+        Ok(Err(iroh_blobs::get::GetError::Decode {
+            source:
+                source @ (DecodeError::LeafHashMismatch { .. } | DecodeError::ParentHashMismatch { .. }),
+            ..
+        })) => return Err(FetchError::Corrupt(source.to_string())),
         Ok(Err(e)) => {
             return Err(match e.iroh_error_code() {
                 Some(code) => FetchError::Other(format!(
-                    "refused (code {code}): peers serve only blobs that an accepted blob.host \
-                     announces or a skill publishes"
+                    "refused or stopped (code {code}; a peer serves only blobs it announced \
+                     with its own blob.host, and skills' weights)"
                 )),
                 None => other(&e),
             });
@@ -804,6 +809,7 @@ async fn request_log(
         max_events,
         ticket: Some(inner.ticket.clone()),
         elide: true,
+        have: inner.ledger.tree_size()?,
     };
     wire::write_json(&mut send, &request).await?;
     send.finish().map_err(Error::transport)?;
@@ -999,6 +1005,7 @@ async fn serve_connection(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Re
                 max_events,
                 ticket,
                 elide,
+                have,
             } => {
                 if net != inner.net {
                     refuse(&mut send, "net_mismatch", "this node is of another network").await?;
@@ -1007,8 +1014,11 @@ async fn serve_connection(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Re
                 if let Some(ticket) = ticket {
                     learn_dialer(inner, id, &ticket);
                 }
-                // The connection is authenticated as `id`: what it delivered, it has.
-                let elide = elide.then(|| conn.remote_id().as_bytes().to_owned());
+                // The connection is authenticated as `id`: what it delivered, it has — unless
+                // it lost its data since (a wiped data dir under the same key): then its log
+                // is shorter than ours and nothing is elided.
+                let elide = (elide && have >= inner.ledger.tree_size()?)
+                    .then(|| conn.remote_id().as_bytes().to_owned());
                 tokio::time::timeout(
                     RESPONSE_TIMEOUT,
                     serve_log(inner, &mut send, from, max_events, elide),

@@ -44,6 +44,10 @@ pub enum Request {
         /// (they would only come back as duplicates).
         #[serde(default)]
         elide: bool,
+        /// Events in the asker's log: a server elides only for an asker that has at least as
+        /// many as itself (one that lost its data gets everything back).
+        #[serde(default)]
+        have: u64,
     },
     /// The server's known peers (peer exchange).
     Peers {

@@ -498,8 +498,7 @@ pub(crate) async fn head(
     params(("hash" = String, Path, description = "BLAKE3 hex or CIDv1")),
     responses(
         (status = 200, description = "Available locally: `source` is `local` or the id of the peer it came from", body = BlobFetched),
-        (status = 404, description = "not_available: not stored here and no peer served it (the message lists what was tried)", body = super::error::ErrorBody),
-        (status = 503, description = "no_mesh: the peer-to-peer endpoint is not running", body = super::error::ErrorBody),
+        (status = 404, description = "not_available: not stored here and no peer served it (the message lists what was tried), or the peer-to-peer endpoint is not running", body = super::error::ErrorBody),
     ),
     security(("bearer" = [])))]
 pub(crate) async fn fetch(

@@ -459,6 +459,28 @@ fn announce(net: BlobHash, seed: u8, blob: BlobHash) -> SignedEvent {
     SignedEvent::sign(body, &key).expect("sign")
 }
 
+/// The node announces that it hosts `hash` (a `blob.host` signed with its own key, which is
+/// what makes its blob provider serve the blob).
+fn host_on(node: &TestNode, hash: &str) {
+    let key = node
+        .data_dir()
+        .join(meshnode_gateway::node::files::NODE_KEY);
+    let payload = format!("{{\"blob\": \"{hash}\", \"pinned\": true}}");
+    let out = node.cli(&[
+        "event",
+        "--key",
+        key.to_str().expect("utf-8"),
+        "blob.host",
+        "--payload",
+        &payload,
+    ]);
+    assert!(
+        out.status.success(),
+        "blob.host: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 async fn fetch(node: &TestNode, hash: &str) -> (reqwest::StatusCode, Value) {
     crate::harness::post(node, &format!("/v1/blobs/{hash}/fetch"), Value::Null, true).await
 }
@@ -538,7 +560,7 @@ async fn a_blob_is_fetched_from_a_peer_that_serves_it_and_a_corrupt_host_is_blam
     let demo_events = sa["events"].as_u64().expect("events");
     converged(&[&a, &b], demo_events).await;
 
-    // A 4 KiB blob on a, announced by nobody yet: a refuses to serve it.
+    // A 4 KiB blob on a, not announced by a: a refuses to serve it.
     let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
     let hash = crate::harness::upload(&a, data.clone()).await["hash"]
         .as_str()
@@ -555,13 +577,20 @@ async fn a_blob_is_fetched_from_a_peer_that_serves_it_and_a_corrupt_host_is_blam
         "the message names the peers tried: {body}"
     );
 
+    // Someone else's announcement does not make a serve it.
+    let blob = BlobHash::parse(&hash).expect("hash");
+    submit(&a, &announce(net, 47, blob)).await;
+    converged(&[&a, &b], demo_events + 1).await;
+    let (got, body) = fetch(&b, &hash).await;
+    assert_eq!(got, reqwest::StatusCode::NOT_FOUND, "{body}");
+
     // A host that serves wrong bytes, announced as the blob's host: asked first, blamed,
-    // and the blob comes from a, which serves it now that it is announced.
+    // and the blob comes from a, which serves it once it announced it itself.
     let (corrupt_ticket, router) = fake_endpoint(iroh_blobs::ALPN, CorruptProvider, 44).await;
     add_peer(&b, &corrupt_ticket);
-    let blob = BlobHash::parse(&hash).expect("hash");
     submit(&a, &announce(net, 44, blob)).await;
-    converged(&[&a, &b], demo_events + 1).await;
+    host_on(&a, &hash);
+    converged(&[&a, &b], demo_events + 3).await;
     let (got, body) = fetch(&b, &hash).await;
     assert_eq!(got, reqwest::StatusCode::OK, "{body}");
     assert_eq!(body["source"], a_id.as_str(), "{body}");
@@ -601,7 +630,6 @@ async fn the_blob_provider_refuses_push_and_blobs_outside_its_allow_list() {
     use iroh_blobs::protocol::{ChunkRanges, ChunkRangesSeq, GetManyRequest, PushRequest};
     let a = TestNode::start_demo(&[]).expect("node a");
     let sa = status(&a).await;
-    let net = BlobHash::parse(sa["net"].as_str().expect("net")).expect("net hex");
     let (private, public) = (vec![1u8; 3000], vec![2u8; 3000]);
     let private_hash = crate::harness::upload(&a, private).await["hash"]
         .as_str()
@@ -611,11 +639,7 @@ async fn the_blob_provider_refuses_push_and_blobs_outside_its_allow_list() {
         .as_str()
         .expect("hash")
         .to_string();
-    submit(
-        &a,
-        &announce(net, 45, BlobHash::parse(&public_hash).expect("hash")),
-    )
-    .await;
+    host_on(&a, &public_hash);
     let iroh_hash =
         |h: &str| iroh_blobs::Hash::from_bytes(*BlobHash::parse(h).expect("hash").as_bytes());
     let (addr, _) = meshnode_sync::parse_ticket(&ticket(&sa)).expect("ticket");
