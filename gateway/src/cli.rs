@@ -759,6 +759,7 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot start the p2p endpoint on {}", config.p2p_addr))?
         .ticket()
         .to_string();
+    crate::replicate::spawn(node.clone());
     if args.demo && crate::demo::load(&node).await? {
         eprintln!(
             "loaded the demo network: {} events (agents: {})",

@@ -55,6 +55,12 @@ pub struct SyncSettings {
     /// from that peer pauses until the hour is over. Default 10 000.
     /// Env: `MESHNODE_SYNC_NEW_AUTHORS_PER_HOUR`.
     pub new_authors_per_hour: u32,
+    /// Hosting by policy: the node fetches, pins and announces the weights of skills that
+    /// fewer than this many nodes host. 0 (default): off. Env: `MESHNODE_SYNC_REPLICATE`.
+    pub replicate: u32,
+    /// Bytes of skill weights this node hosts at most when `replicate` is on. Default 10 GiB.
+    /// Env: `MESHNODE_SYNC_REPLICATE_BYTES_MAX`.
+    pub replicate_bytes_max: u64,
 }
 
 impl Default for SyncSettings {
@@ -66,6 +72,8 @@ impl Default for SyncSettings {
             ban_secs: 60,
             pull_interval_ms: 500,
             new_authors_per_hour: 10_000,
+            replicate: 0,
+            replicate_bytes_max: 10 << 30,
         }
     }
 }
@@ -250,6 +258,12 @@ impl Config {
         }
         if let Some(v) = get("MESHNODE_HTTP_ADDR") {
             self.http_addr = parse("MESHNODE_HTTP_ADDR", v)?;
+        }
+        if let Some(v) = get("MESHNODE_SYNC_REPLICATE") {
+            self.sync.replicate = parse("MESHNODE_SYNC_REPLICATE", v)?;
+        }
+        if let Some(v) = get("MESHNODE_SYNC_REPLICATE_BYTES_MAX") {
+            self.sync.replicate_bytes_max = parse("MESHNODE_SYNC_REPLICATE_BYTES_MAX", v)?;
         }
         if let Some(v) = get("MESHNODE_SYNC_NEW_AUTHORS_PER_HOUR") {
             self.sync.new_authors_per_hour = parse("MESHNODE_SYNC_NEW_AUTHORS_PER_HOUR", v)?;

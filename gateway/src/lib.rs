@@ -17,3 +17,4 @@ pub mod demo;
 pub mod events_json;
 pub mod http;
 pub mod node;
+pub mod replicate;

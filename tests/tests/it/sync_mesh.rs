@@ -717,3 +717,68 @@ async fn the_blob_provider_refuses_push_and_blobs_outside_its_allow_list() {
     assert_eq!(blob_bytes(&a, &public_hash).await, public);
     crate::harness::upload(&a, vec![4u8; 100]).await;
 }
+
+/// How many `blob.host` events `author` has on `node` (as its events table says).
+async fn hosts_by(node: &TestNode, author: &str) -> u64 {
+    let sql = format!(
+        "SELECT count(*) AS n FROM events WHERE kind = 'blob.host' AND author = '{author}'"
+    );
+    let (_, body) = crate::harness::sql(node, &sql).await;
+    body["rows"][0][0].as_u64().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_node_with_replicate_hosts_weights_of_skills_short_of_hosts_within_its_quota() {
+    let a = TestNode::start_demo(&[]).expect("node a");
+    let sa = status(&a).await;
+    // Demo weights are 64 KiB each: the quota fits one skill's.
+    let b = TestNode::start_joining_with(
+        &a.data_dir().join("genesis.cbor"),
+        &[
+            ("MESHNODE_SYNC_REPLICATE", "2"),
+            ("MESHNODE_SYNC_REPLICATE_BYTES_MAX", "70000"),
+        ],
+    )
+    .expect("node b");
+    let b_node = status(&b).await["node"].as_str().expect("node").to_string();
+    add_peer(&b, &ticket(&sa));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while hosts_by(&b, &b_node).await != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b announced no weights"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The announced weights are on b, and the announcement reached a.
+    let (_, row) = crate::harness::sql(
+        &b,
+        &format!("SELECT id FROM events WHERE kind = 'blob.host' AND author = '{b_node}'"),
+    )
+    .await;
+    let id = row["rows"][0][0].as_str().expect("event id").to_string();
+    let event: Value = client()
+        .get(format!("{}/v1/events/{id}", b.url))
+        .send()
+        .await
+        .expect("event")
+        .json()
+        .await
+        .expect("event json");
+    let blob = event["body"]["payload"]["blob"]
+        .as_str()
+        .expect("blob")
+        .to_string();
+    assert_eq!(blob_bytes(&b, &blob).await.len(), 64 * 1024);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while hosts_by(&a, &b_node).await != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a never saw b's host"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Another round (every 10 s) takes on nothing more: the quota is used.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(hosts_by(&b, &b_node).await, 1);
+}
