@@ -162,6 +162,8 @@ pub struct Node {
     pub started: Instant,
     /// The node's peer-to-peer endpoint, once `serve` started it.
     pub mesh: std::sync::OnceLock<meshnode_sync::Mesh>,
+    /// [`Node::blobs_hosted`]'s last count and when it was taken.
+    hosted: std::sync::Mutex<Option<(Instant, u64)>>,
 }
 
 impl Node {
@@ -248,6 +250,7 @@ impl Node {
             token,
             started: Instant::now(),
             mesh: std::sync::OnceLock::new(),
+            hosted: std::sync::Mutex::new(None),
         })
     }
 
@@ -273,6 +276,23 @@ impl Node {
         )
         .await?;
         Ok(self.mesh.get_or_init(|| mesh))
+    }
+
+    /// Blobs this node announces with its own `blob.host`, counted at most every 10 s (the
+    /// count reads every host row).
+    pub fn blobs_hosted(&self) -> u64 {
+        let mut cached = self
+            .hosted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match *cached {
+            Some((at, n)) if at.elapsed() < Duration::from_secs(10) => n,
+            _ => {
+                let n = self.ledger.hosted_by(&self.node).unwrap_or(0);
+                *cached = Some((Instant::now(), n));
+                n
+            }
+        }
     }
 
     /// Flushes and closes every component.

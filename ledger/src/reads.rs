@@ -569,6 +569,19 @@ impl Ledger {
             .collect()
     }
 
+    /// How many blobs `host`'s latest `blob.host` says it pins. Reads every host row: O(rows).
+    pub fn hosted_by(&self, host: &AuthorKey) -> Result<u64> {
+        let tx = self.shared.db.begin_read()?;
+        let mut n = 0;
+        for entry in tx.open_table(db::HOSTS)?.iter()? {
+            let (k, v) = entry?;
+            if k.value().1 == *host.as_bytes() && v.value().2 {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Whether `host`'s latest `blob.host` for `blob` says pinned. O(1).
     pub fn hosts_blob(&self, blob: &BlobHash, host: &AuthorKey) -> Result<bool> {
         let tx = self.shared.db.begin_read()?;

@@ -73,6 +73,7 @@ pub struct Metrics {
     pub ledger_events: Gauge,
     /// Events waiting for prev or deps (at scrape time).
     pub ledger_pending: Gauge,
+    pub blobs_hosted: Gauge,
     /// Finished GC runs.
     pub gc_runs: Gauge,
     /// Failed GC runs.
@@ -169,6 +170,12 @@ impl Metrics {
             "Events waiting for prev or deps",
             ledger_pending.clone(),
         );
+        let blobs_hosted = Gauge::default();
+        registry.register(
+            "blobs_hosted",
+            "Blobs this node announces with its own blob.host (pinned)",
+            blobs_hosted.clone(),
+        );
         let gc_runs = Gauge::default();
         registry.register(
             "gc_runs",
@@ -233,6 +240,7 @@ impl Metrics {
             events_rejected,
             ledger_events,
             ledger_pending,
+            blobs_hosted,
             gc_runs,
             gc_failures,
             gc_stopped,

@@ -105,6 +105,10 @@ pub(crate) async fn metrics(state: AppState, headers: HeaderMap) -> Result<Respo
         .metrics()
         .ledger_pending
         .set(ledger.n_pending() as i64);
+    state
+        .metrics()
+        .blobs_hosted
+        .set(state.node().blobs_hosted() as i64);
     let gc = store.gc_health();
     state.metrics().gc_runs.set(gc.runs as i64);
     state.metrics().gc_failures.set(gc.failures as i64);
@@ -186,6 +190,7 @@ pub(crate) async fn status(state: AppState, headers: HeaderMap) -> Result<Respon
                         "connected": peers.iter().filter(|p| p.connected).count(),
                         "banned": peers.iter().filter(|p| p.banned_until_ms.is_some()).count(),
                         "behind": peers.iter().map(|p| p.behind).sum::<u64>(),
+                        "blobs_hosted": node.blobs_hosted(),
                     })
                 }
                 None => serde_json::Value::Null,

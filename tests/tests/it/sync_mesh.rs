@@ -781,4 +781,15 @@ async fn a_node_with_replicate_hosts_weights_of_skills_short_of_hosts_within_its
     // Another round (every 10 s) takes on nothing more: the quota is used.
     tokio::time::sleep(Duration::from_secs(12)).await;
     assert_eq!(hosts_by(&b, &b_node).await, 1);
+    // Status and metrics say how many blobs the node hosts (counted every 10 s at most).
+    assert_eq!(status(&b).await["peers"]["blobs_hosted"], 1);
+    let metrics = client()
+        .get(format!("{}/metrics", b.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(metrics.contains("meshnode_blobs_hosted 1"), "{metrics}");
 }
