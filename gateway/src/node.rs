@@ -266,6 +266,7 @@ impl Node {
             ban_score: settings.ban_score.max(1),
             ban_first: std::time::Duration::from_secs(settings.ban_secs),
             new_authors_per_hour: settings.new_authors_per_hour,
+            blob_bytes_max: self.config.limits.blob_bytes_max,
         };
         let mesh = meshnode_sync::Mesh::start(
             self.key.to_bytes(),

@@ -45,6 +45,9 @@ pub struct MeshConfig {
     /// replication from that peer pauses until the hour is over (a peer cannot flood the
     /// node with fresh self-signed authors; their events still arrive through other peers).
     pub new_authors_per_hour: u32,
+    /// Largest blob a fetch takes (the gateway's `limits.blob_bytes_max`); a download that
+    /// passes it is stopped.
+    pub blob_bytes_max: u64,
 }
 
 impl Default for MeshConfig {
@@ -57,6 +60,7 @@ impl Default for MeshConfig {
             ban_score: 100,
             ban_first: Duration::from_secs(60),
             new_authors_per_hour: 10_000,
+            blob_bytes_max: 8 << 30,
         }
     }
 }
@@ -419,7 +423,10 @@ impl Mesh {
                     inner.penalise(&id, SCORE_CORRUPT_BLOB, &format!("blob {hash}: {why}"));
                     tried.push(format!("{id}: corrupt data ({why})"));
                 }
-                Err(FetchError::Other(why)) => tried.push(format!("{id}: {why}")),
+                Err(FetchError::Other(why)) => {
+                    tracing::info!(peer = id, %hash, "blob not fetched: {why}");
+                    tried.push(format!("{id}: {why}"));
+                }
             }
         }
         Err(Error::NotFound(if tried.is_empty() {
@@ -627,6 +634,34 @@ fn fetch_order(inner: &Inner, hash: &BlobHash) -> Result<Vec<String>> {
     Ok(order)
 }
 
+/// Why a download stopped without its result.
+enum Stop {
+    /// It read more than its byte cap.
+    Capped,
+    /// Its progress stream ended early.
+    Ended,
+}
+
+/// Runs a download to its end, or stops it (by dropping it) once it read more than `max`
+/// bytes of payload.
+async fn capped(
+    progress: iroh_blobs::api::remote::GetProgress,
+    max: u64,
+) -> std::result::Result<iroh_blobs::get::GetResult<iroh_blobs::get::Stats>, Stop> {
+    use futures_lite::StreamExt;
+    use iroh_blobs::api::remote::GetProgressItem;
+    let mut items = std::pin::pin!(progress.stream());
+    while let Some(item) = items.next().await {
+        match item {
+            GetProgressItem::Progress(read) if read > max => return Err(Stop::Capped),
+            GetProgressItem::Progress(_) => {}
+            GetProgressItem::Done(stats) => return Ok(Ok(stats)),
+            GetProgressItem::Error(e) => return Ok(Err(e)),
+        }
+    }
+    Err(Stop::Ended)
+}
+
 async fn fetch_from(inner: &Inner, ticket: &str, hash: &BlobHash) -> Result<u64, FetchError> {
     use iroh_blobs::get::fsm::DecodeError;
     let other = |e: &dyn std::fmt::Display| FetchError::Other(e.to_string());
@@ -639,27 +674,30 @@ async fn fetch_from(inner: &Inner, ticket: &str, hash: &BlobHash) -> Result<u64,
     .map_err(|_| FetchError::Other("connect timed out".into()))?
     .map_err(|e| other(&e))?;
     let iroh_hash = iroh_blobs::Hash::from_bytes(*hash.as_bytes());
-    let fetched = tokio::time::timeout(
-        FETCH_TIMEOUT,
-        inner
-            .store
-            .iroh()
-            .remote()
-            .fetch(conn.clone(), iroh_hash)
-            .complete(),
-    )
-    .await;
+    let progress = inner.store.iroh().remote().fetch(conn.clone(), iroh_hash);
+    let max = inner.config.blob_bytes_max;
+    let fetched = tokio::time::timeout(FETCH_TIMEOUT, capped(progress, max)).await;
     conn.close(0u32.into(), b"done");
     match fetched {
         Err(_) => return Err(FetchError::Other("timed out".into())),
+        Ok(Err(Stop::Capped)) => {
+            return Err(FetchError::Other(format!(
+                "the blob is larger than limits.blob_bytes_max ({max} bytes)"
+            )));
+        }
+        Ok(Err(Stop::Ended)) => {
+            return Err(FetchError::Other(
+                "the download ended without a result".into(),
+            ));
+        }
         // Only data that fails its hash is the peer's fault: a dropped connection, a reset
         // or a peer without the whole blob decode-fail too, and are not scored.
-        Ok(Err(iroh_blobs::get::GetError::Decode {
+        Ok(Ok(Err(iroh_blobs::get::GetError::Decode {
             source:
                 source @ (DecodeError::LeafHashMismatch { .. } | DecodeError::ParentHashMismatch { .. }),
             ..
-        })) => return Err(FetchError::Corrupt(source.to_string())),
-        Ok(Err(e)) => {
+        }))) => return Err(FetchError::Corrupt(source.to_string())),
+        Ok(Ok(Err(e))) => {
             return Err(match e.iroh_error_code() {
                 Some(code) => FetchError::Other(format!(
                     "refused or stopped (code {code}; a peer serves only blobs it announced \
@@ -668,7 +706,7 @@ async fn fetch_from(inner: &Inner, ticket: &str, hash: &BlobHash) -> Result<u64,
                 None => other(&e),
             });
         }
-        Ok(Ok(_)) => {}
+        Ok(Ok(Ok(_))) => {}
     }
     match inner.store.stat(hash).await {
         Ok(Some(stat)) if stat.complete => Ok(stat.size),

@@ -584,11 +584,22 @@ async fn a_blob_is_fetched_from_a_peer_that_serves_it_and_a_corrupt_host_is_blam
     let (got, body) = fetch(&b, &hash).await;
     assert_eq!(got, reqwest::StatusCode::NOT_FOUND, "{body}");
 
-    // A host that serves wrong bytes, announced as the blob's host: asked first, blamed,
-    // and the blob comes from a, which serves it once it announced it itself.
+    // A host that serves wrong bytes, announced as the blob's host: asked first and blamed
+    // (a, asked next, has not announced the blob yet).
     let (corrupt_ticket, router) = fake_endpoint(iroh_blobs::ALPN, CorruptProvider, 44).await;
     add_peer(&b, &corrupt_ticket);
     submit(&a, &announce(net, 44, blob)).await;
+    converged(&[&a, &b], demo_events + 2).await;
+    let (got, body) = fetch(&b, &hash).await;
+    assert_eq!(got, reqwest::StatusCode::NOT_FOUND, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("corrupt data"),
+        "{body}"
+    );
+    // Once a announces it itself, the blob comes from a.
     host_on(&a, &hash);
     converged(&[&a, &b], demo_events + 3).await;
     let (got, body) = fetch(&b, &hash).await;
@@ -622,6 +633,34 @@ async fn a_blob_is_fetched_from_a_peer_that_serves_it_and_a_corrupt_host_is_blam
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("from local"));
+
+    // A node whose blob cap is under a blob's size stops the download at the cap.
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let big_hash = crate::harness::upload(&a, big).await["hash"]
+        .as_str()
+        .expect("hash")
+        .to_string();
+    host_on(&a, &big_hash);
+    let c = TestNode::start_joining_with(
+        &a.data_dir().join("genesis.cbor"),
+        &[("MESHNODE_BLOB_BYTES_MAX", "100000")],
+    )
+    .expect("node c");
+    add_peer(&c, &ticket(&sa));
+    converged(
+        &[&a, &c],
+        status(&a).await["events"].as_u64().expect("events"),
+    )
+    .await;
+    let (got, body) = fetch(&c, &big_hash).await;
+    assert_eq!(got, reqwest::StatusCode::NOT_FOUND, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("larger than limits.blob_bytes_max"),
+        "{body}"
+    );
     router.shutdown().await.expect("corrupt provider shutdown");
 }
 
