@@ -759,7 +759,6 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot start the p2p endpoint on {}", config.p2p_addr))?
         .ticket()
         .to_string();
-    crate::replicate::spawn(node.clone());
     if args.demo && crate::demo::load(&node).await? {
         eprintln!(
             "loaded the demo network: {} events (agents: {})",
@@ -767,6 +766,8 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
             crate::demo::AGENTS.join(", ")
         );
     }
+    // After the demo: its loader signs as the node with a head of its own.
+    crate::replicate::spawn(node.clone());
     let metrics = Arc::new(Metrics::new());
     let state = AppState::new(node.clone(), metrics.clone());
     let listener = tokio::net::TcpListener::bind(config.http_addr)
@@ -1212,6 +1213,28 @@ async fn event(cli: &Cli, args: &EventArgs) -> anyhow::Result<()> {
         ts: now_ms(),
         payload,
     };
+    // The node's own key: the node signs (one event at a time), never this process — two
+    // events signed at one seq would fork the node's log for good.
+    if args.out.is_none() && status["node"].as_str() == Some(author.to_hex().as_str()) {
+        let deps: Vec<String> = body.deps.iter().map(|d| d.to_hex()).collect();
+        let request = serde_json::json!({"kind": args.kind, "payload": payload_json, "deps": deps});
+        let value: Value = client
+            .json(
+                client
+                    .request(reqwest::Method::POST, "/v1/events/own")
+                    .json(&request),
+            )
+            .await?;
+        print_value(cli, &value, |v| {
+            format!(
+                "{}  seq {}  {} (signed by the node)",
+                plain(&v["id"]),
+                v["seq"],
+                plain(&v["status"])
+            )
+        });
+        return Ok(());
+    }
     let signed = SignedEvent::sign(body, &key).map_err(|e| anyhow!("{e}"))?;
     if let Some(out) = &args.out {
         std::fs::write(out, &signed.envelope)?;

@@ -8,7 +8,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use meshnode_ledger::{Ledger, LedgerConfig};
 use meshnode_query::{Query, QueryConfig, SqlLimits, WorkerProgram};
-use meshnode_schemas::{AuthorKey, BlobHash, Genesis, SigningKey, author_of, key_file_text};
+use meshnode_schemas::{
+    AuthorKey, BlobHash, EventBody, EventId, Genesis, Payload, SignedEvent, SigningKey, author_of,
+    key_file_text,
+};
 use meshnode_store::{PinMode, Store, StoreConfig};
 
 use crate::config::{Config, config_path};
@@ -162,6 +165,8 @@ pub struct Node {
     pub started: Instant,
     /// The node's peer-to-peer endpoint, once `serve` started it.
     pub mesh: std::sync::OnceLock<meshnode_sync::Mesh>,
+    /// Held while the node signs an event of its own log ([`Node::append_own`]).
+    own: tokio::sync::Mutex<()>,
     /// [`Node::blobs_hosted`]'s last count and when it was taken.
     hosted: std::sync::Mutex<Option<(Instant, u64)>>,
 }
@@ -251,6 +256,7 @@ impl Node {
             started: Instant::now(),
             mesh: std::sync::OnceLock::new(),
             hosted: std::sync::Mutex::new(None),
+            own: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -277,6 +283,50 @@ impl Node {
         )
         .await?;
         Ok(self.mesh.get_or_init(|| mesh))
+    }
+
+    /// Appends an event to the node's own log, signed with the node key. One at a time, and
+    /// only on an accepted head with accepted deps: two events signed at the same seq would
+    /// fork the node's log for good (every event of it from there on contested, its mints
+    /// included). Everything that signs as the node goes through here: the hosting loop,
+    /// `POST /v1/events/own`, and `meshnode event` with the node's key.
+    pub async fn append_own(
+        &self,
+        mut deps: Vec<EventId>,
+        payload: Payload,
+    ) -> anyhow::Result<meshnode_ledger::Submitted> {
+        let _one = self.own.lock().await;
+        deps.sort();
+        deps.dedup();
+        for dep in &deps {
+            if self.ledger.event_record(dep)?.is_none() {
+                bail!("dependency {dep} is not an accepted event of this node");
+            }
+        }
+        let account = self.ledger.account(&self.node)?;
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let body = EventBody {
+            net: self.net,
+            author: self.node,
+            seq: account.head_seq + 1,
+            prev: account.head_id,
+            deps,
+            ts,
+            payload,
+        };
+        let event = SignedEvent::sign(body, &self.key)?;
+        let submitted = self
+            .ledger
+            .submit(bytes::Bytes::from(event.envelope))
+            .await?;
+        // The head moved before the lock is released (accepted), or nothing was taken.
+        debug_assert!(!matches!(
+            submitted.status,
+            meshnode_ledger::Status::Pending(_)
+        ));
+        Ok(submitted)
     }
 
     /// Blobs this node announces with its own `blob.host`, counted at most every 10 s (the

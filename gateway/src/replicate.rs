@@ -9,9 +9,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use meshnode_ledger::SkillState;
-use meshnode_schemas::{BlobHost, EventBody, Payload, SignedEvent};
+use meshnode_schemas::{BlobHost, Payload};
 
 use crate::node::Node;
 
@@ -75,26 +74,11 @@ pub async fn round(node: &Node) -> anyhow::Result<usize> {
 
 /// Appends a `blob.host` of the skill's weights to the node's own log.
 async fn announce(node: &Node, skill: &SkillState) -> anyhow::Result<()> {
-    let account = node.ledger.account(&node.node)?;
-    let ts = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
-    let body = EventBody {
-        net: node.net,
-        author: node.node,
-        seq: account.head_seq + 1,
-        prev: account.head_id,
-        deps: Vec::new(),
-        ts,
-        payload: Payload::BlobHost(BlobHost {
-            blob: skill.blob,
-            pinned: true,
-        }),
-    };
-    let event = SignedEvent::sign(body, &node.key)?;
-    node.ledger
-        .submit(Bytes::from(event.envelope.clone()))
-        .await?;
+    let payload = Payload::BlobHost(BlobHost {
+        blob: skill.blob,
+        pinned: true,
+    });
+    node.append_own(Vec::new(), payload).await?;
     tracing::info!(skill = skill.skill_id, blob = %skill.blob, "hosting a skill's weights");
     Ok(())
 }

@@ -169,7 +169,11 @@ pub(crate) fn upload_too_slow(pace: super::blobs::Pace) -> ApiError {
 /// Turns whatever warp rejected (unknown path, wrong method, unreadable body…) into our JSON
 /// error shape.
 pub(crate) async fn recover(rejection: warp::Rejection) -> Result<Response, Infallible> {
-    let error = if rejection.is_not_found() {
+    // A denial comes from a route whose path and method matched: it outranks the 405 of
+    // another route on the same path (`POST /v1/events/own` next to `GET /v1/events/{id}`).
+    let error = if let Some(super::body::Denied(e)) = rejection.find() {
+        e.clone()
+    } else if rejection.is_not_found() {
         ApiError::not_found("route_not_found", "no such route; see /openapi.json")
     } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
         ApiError::new(
@@ -177,8 +181,6 @@ pub(crate) async fn recover(rejection: warp::Rejection) -> Result<Response, Infa
             "method_not_allowed",
             "method not allowed on this route; see /openapi.json",
         )
-    } else if let Some(super::body::Denied(e)) = rejection.find() {
-        e.clone()
     } else if let Some(super::body::SlowBody(limit)) = rejection.find() {
         body_timeout(*limit)
     } else if let Some(super::body::TooLarge(limit)) = rejection.find() {

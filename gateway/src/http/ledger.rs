@@ -172,6 +172,63 @@ pub(crate) async fn submit(
 ) -> Result<Response, ApiError> {
     state.authorize(&headers, true)?;
     let result = state.node().ledger.submit(body).await;
+    reply_submitted(&state, result)
+}
+
+/// `POST /v1/events/own` body: an event for the node to sign as itself.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct OwnEvent {
+    /// Kind, e.g. `blob.host`, `token.mint` (DESIGN.md §3).
+    kind: String,
+    /// Payload as JSON, as `meshnode event --payload` takes it.
+    #[schema(value_type = Object)]
+    payload: serde_json::Value,
+    /// Causal dependencies (EventIds, hex); each must be accepted here.
+    #[serde(default)]
+    deps: Vec<String>,
+}
+
+/// Appends an event to the node's own log, signed with the node key by the node (one at a
+/// time: an event signed elsewhere with the node key could take the same seq and fork the
+/// node's log).
+#[utoipa::path(post, path = "/v1/events/own", tag = "ledger", request_body = OwnEvent,
+    responses((status = 201, description = "Accepted: {id, blob, seq, index, status}"),
+              (status = 400, description = "invalid_event: unknown kind, bad payload or deps", body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn submit_own(
+    state: AppState,
+    headers: HeaderMap,
+    request: OwnEvent,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, true)?;
+    let invalid = |m: String| ApiError::bad_request("invalid_event", m);
+    let kind = meshnode_schemas::Kind::parse(&request.kind).map_err(|e| invalid(e.to_string()))?;
+    let payload = crate::events_json::payload_from_json(kind, &request.payload)
+        .map_err(|e| invalid(format!("payload: {e}")))?;
+    let mut deps = Vec::with_capacity(request.deps.len());
+    for d in request
+        .deps
+        .iter()
+        .take(meshnode_schemas::limits::DEPS_MAX + 1)
+    {
+        deps.push(EventId::from_hex(d).map_err(|e| invalid(format!("deps: {e}")))?);
+    }
+    let result = match state.node().append_own(deps, payload).await {
+        Ok(submitted) => Ok(submitted),
+        Err(e) => match e.downcast::<meshnode_ledger::Error>() {
+            Ok(ledger) => Err(ledger),
+            Err(other) => return Err(invalid(format!("{other:#}"))),
+        },
+    };
+    reply_submitted(&state, result)
+}
+
+/// The answer to a submitted event, as `POST /v1/events` gives it.
+fn reply_submitted(
+    state: &AppState,
+    result: Result<meshnode_ledger::Submitted, meshnode_ledger::Error>,
+) -> Result<Response, ApiError> {
     let submitted = match result {
         Ok(s) => s,
         Err(e) => {

@@ -299,6 +299,7 @@ pub fn route_of(method: &http::Method, path: &str) -> &'static str {
         ["v1", "status"] => "/v1/status",
         ["v1", "gc"] => "/v1/gc",
         ["v1", "events"] => "/v1/events",
+        ["v1", "events", "own"] => "/v1/events/own",
         ["v1", "events", _] => "/v1/events/{id}",
         ["v1", "logs", _] => "/v1/logs/{author}",
         ["v1", "accounts", _] => "/v1/accounts/{key}",

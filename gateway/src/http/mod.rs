@@ -372,6 +372,20 @@ pub fn routes(
             }
         })
         .boxed();
+    let events_own = warp::path!("v1" / "events" / "own")
+        .and(warp::post())
+        .and(authorized(state.clone(), true))
+        .and(s())
+        .and(headers())
+        .and(body::json::<ledger::OwnEvent>(
+            state.node().config.limits.json_bytes_max,
+            body_deadline,
+        ))
+        .then(|state: AppState, headers, request| async move {
+            let st: AppState = state.clone();
+            respond_write(&st, ledger::submit_own(state, headers, request).await)
+        })
+        .boxed();
     let event_get = warp::path!("v1" / "events" / String)
         .and(warp::get())
         .and(s())
@@ -510,7 +524,9 @@ pub fn routes(
                 respond(ledger::nodes(state, query, headers).await)
             })
             .boxed();
-    let ledger_routes = events_post
+    let ledger_routes = events_own
+        .or(events_post)
+        .unify()
         .or(event_get)
         .unify()
         .or(log)

@@ -14,7 +14,7 @@ use super::{blobs, error, ledger, ops, pins, query};
         blobs::upload, blobs::get, blobs::head, blobs::fetch,
         pins::put, pins::delete, pins::list,
         ops::healthz, ops::readyz, ops::metrics, ops::status, ops::gc,
-        ledger::submit, ledger::event, ledger::log, ledger::account, ledger::account_credits,
+        ledger::submit, ledger::submit_own, ledger::event, ledger::log, ledger::account, ledger::account_credits,
         ledger::forks,
         ledger::checkpoint, ledger::inclusion, ledger::consistency, ledger::audit,
         ledger::audit_export,

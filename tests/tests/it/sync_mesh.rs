@@ -836,3 +836,72 @@ async fn a_node_with_replicate_hosts_weights_of_skills_short_of_hosts_within_its
         .expect("metrics text");
     assert!(metrics.contains("meshnode_blobs_hosted 1"), "{metrics}");
 }
+
+#[tokio::test]
+async fn the_node_signs_its_own_events_one_at_a_time() {
+    let a = std::sync::Arc::new(TestNode::start_demo(&[]).expect("node a"));
+    let node = status(&a).await["node"].as_str().expect("node").to_string();
+    let head = |a: std::sync::Arc<TestNode>, node: String| async move {
+        let account: Value = client()
+            .get(format!("{}/v1/accounts/{node}", a.url))
+            .send()
+            .await
+            .expect("account")
+            .json()
+            .await
+            .expect("account json");
+        account["head_seq"].as_u64().expect("head_seq")
+    };
+    let before = head(a.clone(), node.clone()).await;
+    // Eight requests to the node and two `meshnode event` runs with its key, all at once.
+    let mut runs = Vec::new();
+    for i in 0..8u8 {
+        let a = a.clone();
+        runs.push(tokio::spawn(async move {
+            let blob = BlobHash::of(&[i, 1]).to_hex();
+            let body = serde_json::json!({
+                "kind": "blob.host",
+                "payload": {"blob": blob, "pinned": true},
+            });
+            let (got, answer) = crate::harness::post(&a, "/v1/events/own", body, true).await;
+            assert_eq!(got, reqwest::StatusCode::CREATED, "{answer}");
+        }));
+    }
+    for i in 0..2u8 {
+        let a = a.clone();
+        runs.push(tokio::task::spawn_blocking(move || {
+            host_on(&a, &BlobHash::of(&[i, 2]).to_hex());
+        }));
+    }
+    for run in runs {
+        run.await.expect("join");
+    }
+    assert_eq!(head(a.clone(), node).await, before + 10);
+    assert_eq!(forks(&a).await["forks"], serde_json::json!([]));
+    // Bad input gets a clear error and signs nothing.
+    let (got, body) = crate::harness::post(
+        &a,
+        "/v1/events/own",
+        serde_json::json!({"kind": "blob.host", "payload": {"blob": "zz"}}),
+        true,
+    )
+    .await;
+    assert_eq!(got, reqwest::StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_event", "{body}");
+    let (got, body) = crate::harness::post(
+        &a,
+        "/v1/events/own",
+        serde_json::json!({"kind": "blob.host", "payload": {"blob": BlobHash::of(b"x").to_hex(), "pinned": true}, "deps": ["ab".repeat(32)]}),
+        true,
+    )
+    .await;
+    assert_eq!(got, reqwest::StatusCode::BAD_REQUEST, "{body}");
+    let (got, _) = crate::harness::post(
+        &a,
+        "/v1/events/own",
+        serde_json::json!({"kind": "blob.host", "payload": {}}),
+        false,
+    )
+    .await;
+    assert_eq!(got, reqwest::StatusCode::UNAUTHORIZED);
+}
