@@ -169,6 +169,8 @@ pub struct Node {
     own: tokio::sync::Mutex<()>,
     /// [`Node::blobs_hosted`]'s last count and when it was taken.
     hosted: std::sync::Mutex<Option<(Instant, u64)>>,
+    /// The last count, for requests that come while one is being taken.
+    hosted_last: std::sync::atomic::AtomicU64,
 }
 
 impl Node {
@@ -256,6 +258,7 @@ impl Node {
             started: Instant::now(),
             mesh: std::sync::OnceLock::new(),
             hosted: std::sync::Mutex::new(None),
+            hosted_last: std::sync::atomic::AtomicU64::new(0),
             own: tokio::sync::Mutex::new(()),
         })
     }
@@ -332,17 +335,28 @@ impl Node {
     /// Blobs this node announces with its own `blob.host`, counted at most every 10 s (the
     /// count reads every host row).
     pub fn blobs_hosted(&self) -> u64 {
-        let mut cached = self
-            .hosted
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Another request counting now: its last count will do.
+        let mut cached = match self.hosted.try_lock() {
+            Ok(cached) => cached,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return self.hosted_last.load(std::sync::atomic::Ordering::Relaxed);
+            }
+        };
         match *cached {
             Some((at, n)) if at.elapsed() < Duration::from_secs(10) => n,
-            _ => {
-                let n = self.ledger.hosted_by(&self.node).unwrap_or(0);
-                *cached = Some((Instant::now(), n));
-                n
-            }
+            last => match self.ledger.hosted_by(&self.node) {
+                Ok(n) => {
+                    *cached = Some((Instant::now(), n));
+                    self.hosted_last
+                        .store(n, std::sync::atomic::Ordering::Relaxed);
+                    n
+                }
+                Err(e) => {
+                    tracing::warn!("counting hosted blobs: {e}");
+                    last.map_or(0, |(_, n)| n)
+                }
+            },
         }
     }
 

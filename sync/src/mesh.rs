@@ -391,7 +391,10 @@ impl Mesh {
     /// key is its endpoint id), then from every other connected peer, one at a time. The
     /// data is verified as it streams in (a peer whose data fails is scored and the next one
     /// asked), kept from GC while it arrives, and durable and pinned before this returns.
-    pub async fn fetch_blob(&self, hash: &BlobHash) -> Result<Fetched> {
+    /// At most `max` bytes (and `limits.blob_bytes_max`): a peer's verified size is asked for
+    /// first, so a larger blob is not downloaded at all.
+    pub async fn fetch_blob(&self, hash: &BlobHash, max: u64) -> Result<Fetched> {
+        let max = max.min(self.inner.config.blob_bytes_max);
         let inner = &self.inner;
         let hold = inner
             .store
@@ -406,7 +409,7 @@ impl Mesh {
             if inner.banned(&id) || inner.admissible(&id).is_err() {
                 continue;
             }
-            match fetch_from(inner, &ticket, hash).await {
+            match fetch_from(inner, &ticket, hash, max).await {
                 Ok(size) => {
                     let store = &inner.store;
                     let stored = async {
@@ -634,6 +637,26 @@ fn fetch_order(inner: &Inner, hash: &BlobHash) -> Result<Vec<String>> {
     Ok(order)
 }
 
+/// Only data that fails its hash is the peer's fault: a dropped connection, a reset or a
+/// peer without the whole blob decode-fail too, and are not scored.
+fn classify(e: iroh_blobs::get::GetError) -> FetchError {
+    use iroh_blobs::get::fsm::DecodeError;
+    match e {
+        iroh_blobs::get::GetError::Decode {
+            source:
+                source @ (DecodeError::LeafHashMismatch { .. } | DecodeError::ParentHashMismatch { .. }),
+            ..
+        } => FetchError::Corrupt(source.to_string()),
+        e => match e.iroh_error_code() {
+            Some(code) => FetchError::Other(format!(
+                "refused or stopped (code {code}; a peer serves only blobs it announced \
+                 with its own blob.host, and skills' weights)"
+            )),
+            None => FetchError::Other(e.to_string()),
+        },
+    }
+}
+
 /// Why a download stopped without its result.
 enum Stop {
     /// It read more than its byte cap.
@@ -662,8 +685,12 @@ async fn capped(
     Err(Stop::Ended)
 }
 
-async fn fetch_from(inner: &Inner, ticket: &str, hash: &BlobHash) -> Result<u64, FetchError> {
-    use iroh_blobs::get::fsm::DecodeError;
+async fn fetch_from(
+    inner: &Inner,
+    ticket: &str,
+    hash: &BlobHash,
+    max: u64,
+) -> Result<u64, FetchError> {
     let other = |e: &dyn std::fmt::Display| FetchError::Other(e.to_string());
     let (addr, _) = parse_ticket(ticket).map_err(|e| other(&e))?;
     let conn = tokio::time::timeout(
@@ -674,8 +701,35 @@ async fn fetch_from(inner: &Inner, ticket: &str, hash: &BlobHash) -> Result<u64,
     .map_err(|_| FetchError::Other("connect timed out".into()))?
     .map_err(|e| other(&e))?;
     let iroh_hash = iroh_blobs::Hash::from_bytes(*hash.as_bytes());
+    // The size, proven by the last chunk: a blob over the cap is not fetched at all (the
+    // cap on progress alone could be passed by resuming from another peer).
+    let size = tokio::time::timeout(
+        RESPONSE_TIMEOUT,
+        iroh_blobs::get::request::get_verified_size(&conn, &iroh_hash),
+    )
+    .await;
+    let too_large = |size: u64| {
+        FetchError::Other(format!(
+            "the blob is {size} bytes, more than this fetch may take ({max} bytes; \
+             limits.blob_bytes_max or the hosting quota)"
+        ))
+    };
+    match size {
+        Ok(Ok((size, _))) if size > max => {
+            conn.close(0u32.into(), b"done");
+            return Err(too_large(size));
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            conn.close(0u32.into(), b"done");
+            return Err(classify(e));
+        }
+        Err(_) => {
+            conn.close(0u32.into(), b"done");
+            return Err(FetchError::Other("timed out".into()));
+        }
+    }
     let progress = inner.store.iroh().remote().fetch(conn.clone(), iroh_hash);
-    let max = inner.config.blob_bytes_max;
     let fetched = tokio::time::timeout(FETCH_TIMEOUT, capped(progress, max)).await;
     conn.close(0u32.into(), b"done");
     match fetched {
@@ -690,22 +744,7 @@ async fn fetch_from(inner: &Inner, ticket: &str, hash: &BlobHash) -> Result<u64,
                 "the download ended without a result".into(),
             ));
         }
-        // Only data that fails its hash is the peer's fault: a dropped connection, a reset
-        // or a peer without the whole blob decode-fail too, and are not scored.
-        Ok(Ok(Err(iroh_blobs::get::GetError::Decode {
-            source:
-                source @ (DecodeError::LeafHashMismatch { .. } | DecodeError::ParentHashMismatch { .. }),
-            ..
-        }))) => return Err(FetchError::Corrupt(source.to_string())),
-        Ok(Ok(Err(e))) => {
-            return Err(match e.iroh_error_code() {
-                Some(code) => FetchError::Other(format!(
-                    "refused or stopped (code {code}; a peer serves only blobs it announced \
-                     with its own blob.host, and skills' weights)"
-                )),
-                None => other(&e),
-            });
-        }
+        Ok(Ok(Err(e))) => return Err(classify(e)),
         Ok(Ok(Ok(_))) => {}
     }
     match inner.store.stat(hash).await {

@@ -530,7 +530,7 @@ pub(crate) async fn fetch(
             ),
         ));
     };
-    match mesh.fetch_blob(&hash).await {
+    match mesh.fetch_blob(&hash, u64::MAX).await {
         Ok(fetched) => Ok(json(
             StatusCode::OK,
             &BlobFetched {
