@@ -137,6 +137,10 @@ pub struct ServeArgs {
     /// default 127.0.0.1 on a free port).
     #[arg(long)]
     pub p2p_addr: Option<std::net::SocketAddr>,
+    /// Addresses the ticket gives peers (comma-separated), when the bound one is not
+    /// reachable as is (overrides config and MESHNODE_P2P_ADVERTISE).
+    #[arg(long, value_delimiter = ',')]
+    pub p2p_advertise: Vec<std::net::SocketAddr>,
 }
 
 /// `event` arguments.
@@ -751,6 +755,9 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(addr) = args.p2p_addr {
         config.p2p_addr = addr;
+    }
+    if !args.p2p_advertise.is_empty() {
+        config.p2p_advertise = args.p2p_advertise.clone();
     }
     let node = Arc::new(Node::open(&dir, config.clone()).await?);
     let ticket = node

@@ -29,6 +29,11 @@ pub struct Config {
     /// Where the peer-to-peer endpoint (iroh, QUIC over UDP) binds; port 0 picks a free one.
     /// Env: `MESHNODE_P2P_ADDR`; flag `serve --p2p-addr`.
     pub p2p_addr: SocketAddr,
+    /// The addresses the ticket gives peers to reach this node, when the bound one is not
+    /// reachable as is (a NAT, a 0.0.0.0 bind). Empty: the bound address (0.0.0.0 as
+    /// 127.0.0.1) and the interface addresses the endpoint finds.
+    /// Env: `MESHNODE_P2P_ADVERTISE` (comma-separated); flag `serve --p2p-advertise`.
+    pub p2p_advertise: Vec<SocketAddr>,
     /// Peers and replication.
     pub sync: SyncSettings,
 }
@@ -185,6 +190,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             store: StoreSettings::default(),
             query: QuerySettings::default(),
+            p2p_advertise: Vec::new(),
             p2p_addr: P2P_ADDR_DEFAULT
                 .parse()
                 .expect("invariant: the default address parses"),
@@ -270,6 +276,13 @@ impl Config {
         }
         if let Some(v) = get("MESHNODE_P2P_ADDR") {
             self.p2p_addr = parse("MESHNODE_P2P_ADDR", v)?;
+        }
+        if let Some(v) = get("MESHNODE_P2P_ADVERTISE") {
+            self.p2p_advertise = v
+                .split(',')
+                .filter(|a| !a.trim().is_empty())
+                .map(|a| parse("MESHNODE_P2P_ADVERTISE", a.trim().to_string()))
+                .collect::<Result<_, _>>()?;
         }
         if let Some(v) = get("MESHNODE_PUBLIC_READS") {
             self.public_reads = parse("MESHNODE_PUBLIC_READS", v)?;

@@ -269,6 +269,7 @@ impl Node {
         let settings = &self.config.sync;
         let config = meshnode_sync::MeshConfig {
             bind: self.config.p2p_addr,
+            advertise: self.config.p2p_advertise.clone(),
             pull_interval: std::time::Duration::from_millis(settings.pull_interval_ms.max(10)),
             allow: settings.allow.clone(),
             block: settings.block.clone(),

@@ -48,6 +48,8 @@ pub struct MeshConfig {
     /// Largest blob a fetch takes (the gateway's `limits.blob_bytes_max`); a download that
     /// passes it is stopped.
     pub blob_bytes_max: u64,
+    /// Addresses the ticket gives (empty: the bound one and the interfaces found).
+    pub advertise: Vec<SocketAddr>,
 }
 
 impl Default for MeshConfig {
@@ -61,6 +63,7 @@ impl Default for MeshConfig {
             ban_first: Duration::from_secs(60),
             new_authors_per_hour: 10_000,
             blob_bytes_max: 8 << 30,
+            advertise: Vec::new(),
         }
     }
 }
@@ -275,7 +278,7 @@ impl Mesh {
         {
             tracing::warn!("cannot remember the p2p port: {e}");
         }
-        let ticket = own_ticket(&endpoint)?;
+        let ticket = own_ticket(&endpoint, &config.advertise)?;
         let table = PeerTable::load(dir)?;
         let inner = Arc::new(Inner {
             net: hex::encode(ledger.net().as_bytes()),
@@ -455,13 +458,24 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The ticket of `endpoint`'s bound address (an unspecified IP advertised as loopback).
-fn own_ticket(endpoint: &Endpoint) -> Result<String> {
+fn own_ticket(endpoint: &Endpoint, advertise: &[SocketAddr]) -> Result<String> {
     let mut addr = EndpointAddr::new(endpoint.id());
-    for mut socket in endpoint.bound_sockets() {
-        if socket.ip().is_unspecified() {
-            socket.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    for socket in advertise {
+        addr = addr.with_ip_addr(*socket);
+    }
+    if advertise.is_empty() {
+        for mut socket in endpoint.bound_sockets() {
+            if socket.ip().is_unspecified() {
+                // Loopback, and the interface addresses the endpoint found on that port.
+                for found in endpoint.addr().ip_addrs() {
+                    if found.port() == socket.port() && !found.ip().is_loopback() {
+                        addr = addr.with_ip_addr(*found);
+                    }
+                }
+                socket.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            addr = addr.with_ip_addr(socket);
         }
-        addr = addr.with_ip_addr(socket);
     }
     if addr.ip_addrs().next().is_none() {
         return Err(Error::transport("the endpoint has no bound address"));

@@ -906,3 +906,21 @@ async fn the_node_signs_its_own_events_one_at_a_time() {
     .await;
     assert_eq!(got, reqwest::StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn the_ticket_gives_the_advertised_addresses() {
+    let a = TestNode::start_with(&[("MESHNODE_P2P_ADVERTISE", "127.0.0.2:4444, 127.0.0.1:5555")])
+        .expect("node a");
+    let (addr, id) = meshnode_sync::parse_ticket(&ticket(&status(&a).await)).expect("ticket");
+    let mut given: Vec<String> = addr.ip_addrs().map(|s| s.to_string()).collect();
+    given.sort();
+    assert_eq!(given, ["127.0.0.1:5555", "127.0.0.2:4444"]);
+    assert_eq!(id, status(&a).await["node"].as_str().expect("node"));
+    // A bad address is refused at start with the variable's name.
+    let bad = TestNode::start_with(&[("MESHNODE_P2P_ADVERTISE", "nowhere")]);
+    let Err(error) = bad else {
+        panic!("a node started with MESHNODE_P2P_ADVERTISE=nowhere");
+    };
+    let message = format!("{error:#}");
+    assert!(message.contains("MESHNODE_P2P_ADVERTISE"), "{message}");
+}
