@@ -12,7 +12,7 @@
 //! Envelopes (the ledger's small blobs live outside iroh-blobs' store) are not served here:
 //! peers get them through `/meshnode/sync/1`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -183,6 +183,44 @@ pub(crate) struct Provider {
     pub(crate) refused: Arc<dyn Fn(&str) -> bool + Send + Sync>,
     /// Permits of the connections served now.
     pub(crate) served: Arc<tokio::sync::Semaphore>,
+    /// Connections served now, per peer (at most [`PER_PEER_MAX`] each).
+    pub(crate) per_peer: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// Blob connections one peer may have open at once.
+const PER_PEER_MAX: usize = 4;
+
+/// A peer's slot among [`Provider::per_peer`], given back on drop.
+struct PeerSlot {
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+    id: String,
+}
+
+impl PeerSlot {
+    fn take(counts: &Arc<Mutex<HashMap<String, usize>>>, id: String) -> Option<Self> {
+        let mut map = crate::mesh::lock(counts);
+        let n = map.entry(id.clone()).or_insert(0);
+        if *n >= PER_PEER_MAX {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            counts: counts.clone(),
+            id,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut map = crate::mesh::lock(&self.counts);
+        if let Some(n) = map.get_mut(&self.id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.id);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Provider {
@@ -193,10 +231,15 @@ impl std::fmt::Debug for Provider {
 
 impl ProtocolHandler for Provider {
     async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
-        if (self.refused)(&hex::encode(conn.remote_id().as_bytes())) {
+        let id = hex::encode(conn.remote_id().as_bytes());
+        if (self.refused)(&id) {
             conn.close(1u32.into(), b"refused");
             return Ok(());
         }
+        let Some(slot) = PeerSlot::take(&self.per_peer, id) else {
+            conn.close(2u32.into(), b"busy");
+            return Ok(());
+        };
         let Ok(permit) = self.served.clone().try_acquire_owned() else {
             conn.close(2u32.into(), b"busy");
             return Ok(());
@@ -204,7 +247,7 @@ impl ProtocolHandler for Provider {
         // Its own task: a panic there never reaches the router.
         let (store, events) = (self.store.clone(), self.events.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let _held = (permit, slot);
             iroh_blobs::provider::handle_connection(conn, store, events).await;
         });
         Ok(())

@@ -305,6 +305,7 @@ impl Mesh {
             events: crate::blobs::guard(crate::blobs::Public::new(ledger)),
             refused,
             served: Arc::new(tokio::sync::Semaphore::new(SERVED_MAX)),
+            per_peer: Arc::default(),
         };
         let router = Router::builder(endpoint)
             .accept(

@@ -672,6 +672,7 @@ async fn a_blob_is_fetched_from_a_peer_that_serves_it_and_a_corrupt_host_is_blam
 #[tokio::test]
 async fn the_blob_provider_refuses_push_and_blobs_outside_its_allow_list() {
     use iroh_blobs::protocol::{ChunkRanges, ChunkRangesSeq, GetManyRequest, PushRequest};
+    use iroh_blobs::store::mem::MemStore;
     let a = TestNode::start_demo(&[]).expect("node a");
     let sa = status(&a).await;
     let (private, public) = (vec![1u8; 3000], vec![2u8; 3000]);
@@ -756,6 +757,24 @@ async fn the_blob_provider_refuses_push_and_blobs_outside_its_allow_list() {
         .await
         .expect("head");
     assert_eq!(stat.status(), reqwest::StatusCode::NOT_FOUND);
+
+    // One peer gets at most 4 blob connections at once: a fifth is closed unserved.
+    let held = futures::future::join_all((0..4).map(|_| connect())).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fifth = MemStore::new()
+        .remote()
+        .fetch(connect().await, iroh_hash(&public_hash))
+        .complete()
+        .await;
+    assert!(fifth.is_err(), "a fifth connection was served");
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again = MemStore::new()
+        .remote()
+        .fetch(connect().await, iroh_hash(&public_hash))
+        .complete()
+        .await;
+    assert!(again.is_ok(), "{again:?}");
 
     // The node still serves and writes after all of it.
     assert_eq!(blob_bytes(&a, &public_hash).await, public);
