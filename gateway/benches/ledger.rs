@@ -15,88 +15,7 @@ use meshnode_schemas::*;
 use meshnode_store::{Store, StoreConfig};
 use rayon::prelude::*;
 
-fn key(i: u64) -> SigningKey {
-    SigningKey::from_bytes(blake3::hash(&i.to_le_bytes()).as_bytes())
-}
-
-/// Builds `n` events: the issuer grants every user, then users append transfers (naming the
-/// grant in their first one) and host records, round-robin.
-fn workload(n: usize, net: BlobHash, issuer: &SigningKey, n_users: usize) -> Vec<SignedEvent> {
-    let users: Vec<SigningKey> = (0..n_users as u64).map(key).collect();
-    let issuer_author = author_of(issuer);
-    // Sequential part: chain links need the previous event's id, so sign log by log.
-    let mut grants = Vec::with_capacity(n_users);
-    let mut prev = None;
-    let mut out = Vec::with_capacity(n);
-    for (i, user) in users.iter().enumerate() {
-        let body = EventBody {
-            net,
-            author: issuer_author,
-            seq: i as u64 + 1,
-            prev,
-            deps: vec![],
-            ts: i as i64,
-            payload: Payload::TokenMint(TokenMint {
-                to: author_of(user),
-                amount: 1_000_000_000,
-                reason: String::new(),
-            }),
-        };
-        let e = SignedEvent::sign(body, issuer).expect("sign");
-        prev = Some(e.id);
-        grants.push(e.id);
-        out.push(e);
-    }
-    let per_user = (n.saturating_sub(n_users)).div_ceil(n_users);
-    // Each user's log is independent of the others: sign logs in parallel.
-    let logs: Vec<Vec<SignedEvent>> = users
-        .par_iter()
-        .enumerate()
-        .map(|(u, user)| {
-            let mut log = Vec::with_capacity(per_user);
-            let mut prev = None;
-            for s in 0..per_user {
-                let payload = if s % 2 == 0 {
-                    Payload::TokenTransfer(TokenTransfer {
-                        to: author_of(&users[(u + s + 1) % users.len()]),
-                        amount: 1,
-                        memo: String::new(),
-                    })
-                } else {
-                    Payload::BlobHost(BlobHost {
-                        blob: BlobHash::of(&(s as u64).to_le_bytes()),
-                        pinned: true,
-                    })
-                };
-                let body = EventBody {
-                    net,
-                    author: author_of(user),
-                    seq: s as u64 + 1,
-                    prev,
-                    deps: if s == 0 { vec![grants[u]] } else { vec![] },
-                    ts: s as i64,
-                    payload,
-                };
-                let e = SignedEvent::sign(body, user).expect("sign");
-                prev = Some(e.id);
-                log.push(e);
-            }
-            log
-        })
-        .collect();
-    // Interleave the logs round-robin, as many agents would submit them.
-    for s in 0..per_user {
-        for log in &logs {
-            if out.len() >= n {
-                break;
-            }
-            if let Some(e) = log.get(s) {
-                out.push(e.clone());
-            }
-        }
-    }
-    out
-}
+mod workload;
 
 /// The peer: plain ed25519-dalek, key decoded and `verify_strict` per event (not through
 /// `AuthorKey::verifying_key`, whose cache of decoded keys would make the baseline faster).
@@ -144,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
     let genesis = Genesis::decode(&genesis_bytes)?;
     let net = report.net;
     eprintln!("signing {n} events");
-    let events = workload(n, net, &issuer, 1000);
+    let events = workload::workload(n, net, &issuer, 1000, None);
     eprintln!("raw verify_strict on all cores");
     let raw = raw_verify(&events);
     let raw_rate = n as f64 / raw.as_secs_f64();

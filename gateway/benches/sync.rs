@@ -21,12 +21,10 @@ use meshnode_gateway::config::Config;
 use meshnode_gateway::node::{self, Node, files};
 use meshnode_ledger::Status;
 use meshnode_schemas::*;
-use rayon::prelude::*;
 
-fn key(i: u64) -> SigningKey {
-    SigningKey::from_bytes(blake3::hash(&i.to_le_bytes()).as_bytes())
-}
+mod workload;
 
+/// Author `u`'s catalog entry: its first event.
 fn skill(u: usize) -> Payload {
     Payload::SkillPublish(SkillPublish {
         skill_id: format!("bench-skill-{u}"),
@@ -46,83 +44,9 @@ fn skill(u: usize) -> Payload {
     })
 }
 
-/// `n` events: the issuer grants every author; each author publishes a skill (naming its
-/// grant), then appends transfers and host records, round-robin across authors.
-fn workload(n: usize, net: BlobHash, issuer: &SigningKey, authors: usize) -> Vec<SignedEvent> {
-    let users: Vec<SigningKey> = (0..authors as u64).map(key).collect();
-    let mut out = Vec::with_capacity(n);
-    let mut grants = Vec::with_capacity(authors);
-    let mut prev = None;
-    for (i, user) in users.iter().enumerate() {
-        let body = EventBody {
-            net,
-            author: author_of(issuer),
-            seq: i as u64 + 1,
-            prev,
-            deps: vec![],
-            ts: i as i64,
-            payload: Payload::TokenMint(TokenMint {
-                to: author_of(user),
-                amount: 1_000_000_000,
-                reason: String::new(),
-            }),
-        };
-        let e = SignedEvent::sign(body, issuer).expect("sign");
-        prev = Some(e.id);
-        grants.push(e.id);
-        out.push(e);
-    }
-    let per_user = n.saturating_sub(authors).div_ceil(authors);
-    let logs: Vec<Vec<SignedEvent>> = users
-        .par_iter()
-        .enumerate()
-        .map(|(u, user)| {
-            let mut log = Vec::with_capacity(per_user);
-            let mut prev = None;
-            for s in 0..per_user {
-                let payload = match s {
-                    0 => skill(u),
-                    s if s % 2 == 0 => Payload::TokenTransfer(TokenTransfer {
-                        to: author_of(&users[(u + s + 1) % users.len()]),
-                        amount: 1,
-                        memo: String::new(),
-                    }),
-                    s => Payload::BlobHost(BlobHost {
-                        blob: BlobHash::of(&(s as u64).to_le_bytes()),
-                        pinned: true,
-                    }),
-                };
-                let body = EventBody {
-                    net,
-                    author: author_of(user),
-                    seq: s as u64 + 1,
-                    prev,
-                    deps: if s == 0 { vec![grants[u]] } else { vec![] },
-                    ts: s as i64,
-                    payload,
-                };
-                let e = SignedEvent::sign(body, user).expect("sign");
-                prev = Some(e.id);
-                log.push(e);
-            }
-            log
-        })
-        .collect();
-    for s in 0..per_user {
-        for log in &logs {
-            if out.len() < n
-                && let Some(e) = log.get(s)
-            {
-                out.push(e.clone());
-            }
-        }
-    }
-    out
-}
-
 /// A `blob.host` by a fresh author (needs no funds).
 fn fresh(net: BlobHash, i: u64) -> SignedEvent {
-    let k = key(1_000_000 + i);
+    let k = workload::key(1_000_000 + i);
     let body = EventBody {
         net,
         author: author_of(&k),
@@ -277,7 +201,7 @@ async fn pair(scratch: &Path, n: usize, authors: usize) -> anyhow::Result<(Pair,
         .tempdir_in(scratch)?;
     let a = open(&dir.path().join("a"), None).await?;
     let issuer = node::read_key_file(&dir.path().join("a").join(files::NODE_KEY))?;
-    let events = workload(n, a.net, &issuer, authors);
+    let events = workload::workload(n, a.net, &issuer, authors, Some(skill));
     ingest(&a, &events).await?;
     let b = open(
         &dir.path().join("b"),

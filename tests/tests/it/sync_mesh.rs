@@ -10,22 +10,58 @@ use serde_json::Value;
 
 use crate::harness::{TestNode, client, status};
 
-/// A `blob.host` by a fresh author (its first event): needs no funds.
-fn host_event(net: BlobHash, seed: u8) -> SignedEvent {
+/// The `seq`th `blob.host` of `blob` by the author of `seed`, after `prev`.
+fn hosting(
+    net: BlobHash,
+    seed: u8,
+    seq: u64,
+    prev: Option<&SignedEvent>,
+    blob: BlobHash,
+) -> SignedEvent {
     let key = SigningKey::from_bytes(&[seed; 32]);
     let body = EventBody {
         net,
         author: author_of(&key),
-        seq: 1,
-        prev: None,
+        seq,
+        prev: prev.map(|p| p.id),
         deps: Vec::new(),
-        ts: 1_700_000_000_000 + i64::from(seed),
-        payload: Payload::BlobHost(BlobHost {
-            blob: BlobHash::of(&[seed]),
-            pinned: true,
-        }),
+        ts: 1_700_000_000_000 + i64::try_from(seq).expect("seq"),
+        payload: Payload::BlobHost(BlobHost { blob, pinned: true }),
     };
     SignedEvent::sign(body, &key).expect("sign")
+}
+
+/// A `blob.host` by a fresh author (its first event): needs no funds.
+fn host_event(net: BlobHash, seed: u8) -> SignedEvent {
+    hosting(net, seed, 1, None, BlobHash::of(&[seed]))
+}
+
+/// The peers `node` lists (`meshnode --json peer ls`).
+fn peer_list(node: &TestNode) -> Value {
+    let out = node.cli(&["--json", "peer", "ls"]);
+    serde_json::from_slice(&out.stdout).expect("peer ls json")
+}
+
+/// The listed peer whose `field` is `value` (null if none).
+fn listed_peer(listed: &Value, field: &str, value: &str) -> Value {
+    listed["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p[field] == value)
+        .cloned()
+        .unwrap_or_default()
+}
+
+async fn metrics(node: &TestNode) -> String {
+    client()
+        .get(format!("{}/metrics", node.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text")
 }
 
 async fn submit(node: &TestNode, event: &SignedEvent) {
@@ -136,8 +172,7 @@ async fn three_nodes_in_a_line_converge_and_a_restarted_node_catches_up() {
     assert_eq!(on_a["rows"][0][0], Value::Null, "{on_a}");
 
     // Peers are listed with their progress; c's peers survive a SIGKILL and it catches up.
-    let peers = c.cli(&["--json", "peer", "ls"]);
-    let listed: Value = serde_json::from_slice(&peers.stdout).expect("peer ls json");
+    let listed = peer_list(&c);
     let first = &listed["peers"][0];
     assert_eq!(first["connected"], true, "{listed}");
     assert_eq!(first["behind"], 0, "{listed}");
@@ -147,29 +182,15 @@ async fn three_nodes_in_a_line_converge_and_a_restarted_node_catches_up() {
     );
     // a reads b's log too, but b elides the events a delivered: a got only the few writes
     // made on b and c, not the demo events back.
-    let on_a = a.cli(&["--json", "peer", "ls"]);
-    let on_a: Value = serde_json::from_slice(&on_a.stdout).expect("peer ls json");
-    let from_b = on_a["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|p| p["id"] == sb["node"])
-        .cloned()
-        .unwrap_or_default();
+    let on_a = peer_list(&a);
+    let from_b = listed_peer(&on_a, "id", sb["node"].as_str().expect("node"));
     let events_in = from_b["events_in"].as_u64().unwrap_or(u64::MAX);
     assert!(
         events_in <= 2 && demo_events > 10,
         "a got {events_in} events from b: {on_a}"
     );
     // /metrics carries the same, per peer.
-    let metrics = client()
-        .get(format!("{}/metrics", c.url))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let metrics = metrics(&c).await;
     let b_id = sb["node"].as_str().expect("node");
     for line in [
         format!("meshnode_peer{{peer=\"{b_id}\",what=\"connected\"}} 1"),
@@ -275,13 +296,8 @@ async fn a_peer_sending_invalid_events_is_banned_while_honest_peers_keep_syncing
     // sent was applied.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let out = b.cli(&["--json", "peer", "ls"]);
-        let listed: Value = serde_json::from_slice(&out.stdout).expect("peer ls json");
-        let banned = listed["peers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|p| p["ticket"] == liar_ticket.as_str() && p["banned_until_ms"].is_u64());
+        let listed = peer_list(&b);
+        let banned = listed_peer(&listed, "ticket", &liar_ticket)["banned_until_ms"].is_u64();
         if banned {
             break;
         }
@@ -362,20 +378,7 @@ async fn a_peer_cannot_bring_in_more_fresh_authors_than_its_quota() {
 
 /// The `seq`th `blob.host` of the author of `seed` after `prev`, hosting the blob of `salt`.
 fn host_at(net: BlobHash, seed: u8, seq: u64, prev: Option<&SignedEvent>, salt: u8) -> SignedEvent {
-    let key = SigningKey::from_bytes(&[seed; 32]);
-    let body = EventBody {
-        net,
-        author: author_of(&key),
-        seq,
-        prev: prev.map(|p| p.id),
-        deps: Vec::new(),
-        ts: 1_700_000_000_000 + i64::try_from(seq).expect("seq"),
-        payload: Payload::BlobHost(BlobHost {
-            blob: BlobHash::of(&[seed, salt]),
-            pinned: true,
-        }),
-    };
-    SignedEvent::sign(body, &key).expect("sign")
+    hosting(net, seed, seq, prev, BlobHash::of(&[seed, salt]))
 }
 
 /// An author's log of `len` events whose hosted blobs are salted with `salt`.
@@ -446,17 +449,7 @@ async fn a_fork_made_on_both_sides_of_a_partition_ends_in_the_same_proof_everywh
 
 /// A `blob.host` of `blob` by the author of `seed` (its first event).
 fn announce(net: BlobHash, seed: u8, blob: BlobHash) -> SignedEvent {
-    let key = SigningKey::from_bytes(&[seed; 32]);
-    let body = EventBody {
-        net,
-        author: author_of(&key),
-        seq: 1,
-        prev: None,
-        deps: Vec::new(),
-        ts: 1_700_000_000_000,
-        payload: Payload::BlobHost(BlobHost { blob, pinned: true }),
-    };
-    SignedEvent::sign(body, &key).expect("sign")
+    hosting(net, seed, 1, None, blob)
 }
 
 /// The node announces that it hosts `hash` (a `blob.host` signed with its own key, which is
@@ -607,15 +600,8 @@ async fn a_blob_is_fetched_from_a_peer_that_serves_it_and_a_corrupt_host_is_blam
     assert_eq!(body["source"], a_id.as_str(), "{body}");
     assert_eq!(body["size"], 4096);
     assert_eq!(blob_bytes(&b, &hash).await, data);
-    let out = b.cli(&["--json", "peer", "ls"]);
-    let listed: Value = serde_json::from_slice(&out.stdout).expect("peer ls json");
-    let corrupt = listed["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|p| p["ticket"] == corrupt_ticket.as_str())
-        .cloned()
-        .unwrap_or_default();
+    let listed = peer_list(&b);
+    let corrupt = listed_peer(&listed, "ticket", &corrupt_ticket);
     // Scored +50 per corrupt answer: after the second fetch asked it again, banned.
     assert!(
         corrupt["score"].as_u64().unwrap_or(0) >= 50 || corrupt["banned_until_ms"].is_u64(),
@@ -846,14 +832,7 @@ async fn a_node_with_replicate_hosts_weights_of_skills_short_of_hosts_within_its
     assert_eq!(hosts_by(&b, &b_node).await, 1);
     // Status and metrics say how many blobs the node hosts (counted every 10 s at most).
     assert_eq!(status(&b).await["peers"]["blobs_hosted"], 1);
-    let metrics = client()
-        .get(format!("{}/metrics", b.url))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let metrics = metrics(&b).await;
     assert!(metrics.contains("meshnode_blobs_hosted 1"), "{metrics}");
 }
 
