@@ -4,7 +4,8 @@
 //! pinned; `Mesh::fetch_blob`) and announces them with its own `blob.host` — within
 //! `[sync] replicate_bytes_max` bytes of weights hosted this way or otherwise.
 //! Skills are taken in catalog order (by publish id), so nodes with the same quota pick the
-//! same ones; a skill whose weights no peer serves is tried again at the next round.
+//! same ones; weights that no peer serves are left alone for `RETRY_AFTER`. The quota counts
+//! the blobs' real sizes, not the publishers' claims.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use crate::node::Node;
 
 /// Pause between two rounds.
 const REPLICATE_INTERVAL: Duration = Duration::from_secs(10);
-/// Skills fetched per round (the rest wait for the next one).
+/// Fetch attempts per round (the rest wait for the next one).
 const FETCHES_PER_ROUND: usize = 8;
 
 /// How long weights that could not be fetched are left alone.

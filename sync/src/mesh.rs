@@ -458,7 +458,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The ticket of `endpoint`'s bound address (an unspecified IP advertised as loopback).
+/// The ticket: the `advertise` addresses, else the bound one (an unspecified IP given as
+/// loopback plus the interface addresses found on that port).
 fn own_ticket(endpoint: &Endpoint, advertise: &[SocketAddr]) -> Result<String> {
     let mut addr = EndpointAddr::new(endpoint.id());
     for socket in advertise {
@@ -672,32 +673,60 @@ fn classify(e: iroh_blobs::get::GetError) -> FetchError {
     }
 }
 
-/// Why a download stopped without its result.
-enum Stop {
-    /// It read more than its byte cap.
-    Capped,
-    /// Its progress stream ended early.
-    Ended,
-}
-
 /// Runs a download to its end, or stops it (by dropping it) once it read more than `max`
 /// bytes of payload.
 async fn capped(
     progress: iroh_blobs::api::remote::GetProgress,
     max: u64,
-) -> std::result::Result<iroh_blobs::get::GetResult<iroh_blobs::get::Stats>, Stop> {
+) -> Result<(), FetchError> {
     use futures_lite::StreamExt;
     use iroh_blobs::api::remote::GetProgressItem;
     let mut items = std::pin::pin!(progress.stream());
     while let Some(item) = items.next().await {
         match item {
-            GetProgressItem::Progress(read) if read > max => return Err(Stop::Capped),
+            GetProgressItem::Progress(read) if read > max => {
+                return Err(FetchError::Other(format!(
+                    "the blob is larger than this fetch may take ({max} bytes)"
+                )));
+            }
             GetProgressItem::Progress(_) => {}
-            GetProgressItem::Done(stats) => return Ok(Ok(stats)),
-            GetProgressItem::Error(e) => return Ok(Err(e)),
+            GetProgressItem::Done(_) => return Ok(()),
+            GetProgressItem::Error(e) => return Err(classify(e)),
         }
     }
-    Err(Stop::Ended)
+    Err(FetchError::Other(
+        "the download ended without a result".into(),
+    ))
+}
+
+/// Gets `hash` over `conn` into the store, at most `max` bytes. The size, proven by the last
+/// chunk, is asked for first: a blob over the cap is not fetched at all (a cap on progress
+/// alone could be passed by resuming from another peer).
+async fn download(
+    inner: &Inner,
+    conn: &Connection,
+    hash: &BlobHash,
+    max: u64,
+) -> Result<(), FetchError> {
+    let timed_out = |_| FetchError::Other("timed out".into());
+    let iroh_hash = iroh_blobs::Hash::from_bytes(*hash.as_bytes());
+    let (size, _) = tokio::time::timeout(
+        RESPONSE_TIMEOUT,
+        iroh_blobs::get::request::get_verified_size(conn, &iroh_hash),
+    )
+    .await
+    .map_err(timed_out)?
+    .map_err(classify)?;
+    if size > max {
+        return Err(FetchError::Other(format!(
+            "the blob is {size} bytes, more than this fetch may take ({max} bytes; \
+             limits.blob_bytes_max or the hosting quota)"
+        )));
+    }
+    let progress = inner.store.iroh().remote().fetch(conn.clone(), iroh_hash);
+    tokio::time::timeout(FETCH_TIMEOUT, capped(progress, max))
+        .await
+        .map_err(timed_out)?
 }
 
 async fn fetch_from(
@@ -715,53 +744,9 @@ async fn fetch_from(
     .await
     .map_err(|_| FetchError::Other("connect timed out".into()))?
     .map_err(|e| other(&e))?;
-    let iroh_hash = iroh_blobs::Hash::from_bytes(*hash.as_bytes());
-    // The size, proven by the last chunk: a blob over the cap is not fetched at all (the
-    // cap on progress alone could be passed by resuming from another peer).
-    let size = tokio::time::timeout(
-        RESPONSE_TIMEOUT,
-        iroh_blobs::get::request::get_verified_size(&conn, &iroh_hash),
-    )
-    .await;
-    let too_large = |size: u64| {
-        FetchError::Other(format!(
-            "the blob is {size} bytes, more than this fetch may take ({max} bytes; \
-             limits.blob_bytes_max or the hosting quota)"
-        ))
-    };
-    match size {
-        Ok(Ok((size, _))) if size > max => {
-            conn.close(0u32.into(), b"done");
-            return Err(too_large(size));
-        }
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            conn.close(0u32.into(), b"done");
-            return Err(classify(e));
-        }
-        Err(_) => {
-            conn.close(0u32.into(), b"done");
-            return Err(FetchError::Other("timed out".into()));
-        }
-    }
-    let progress = inner.store.iroh().remote().fetch(conn.clone(), iroh_hash);
-    let fetched = tokio::time::timeout(FETCH_TIMEOUT, capped(progress, max)).await;
+    let downloaded = download(inner, &conn, hash, max).await;
     conn.close(0u32.into(), b"done");
-    match fetched {
-        Err(_) => return Err(FetchError::Other("timed out".into())),
-        Ok(Err(Stop::Capped)) => {
-            return Err(FetchError::Other(format!(
-                "the blob is larger than limits.blob_bytes_max ({max} bytes)"
-            )));
-        }
-        Ok(Err(Stop::Ended)) => {
-            return Err(FetchError::Other(
-                "the download ended without a result".into(),
-            ));
-        }
-        Ok(Ok(Err(e))) => return Err(classify(e)),
-        Ok(Ok(Ok(_))) => {}
-    }
+    downloaded?;
     match inner.store.stat(hash).await {
         Ok(Some(stat)) if stat.complete => Ok(stat.size),
         Ok(_) => Err(FetchError::Other("the peer does not have it all".into())),
