@@ -1077,10 +1077,11 @@ async fn peer(cli: &Cli, command: &PeerCommand) -> anyhow::Result<()> {
                         "offline"
                     };
                     lines.push(format!(
-                        "{}  {state:9}  {}  behind {}  in {} events  rtt {} ms  score {}",
+                        "{}  {state:9}  {}  behind {} (heads {})  in {} events  rtt {} ms  score {}",
                         plain(&p["id"]),
                         plain(&p["address"]),
                         p["behind"],
+                        plain(&p["heads_behind"]),
                         p["events_in"],
                         p["rtt_ms"]
                             .as_f64()

@@ -158,6 +158,37 @@ impl Ledger {
         Ok(out)
     }
 
+    /// The records of accepted events in acceptance order from leaf `start`, at most `limit`
+    /// (no envelopes read: what the sync crate's heads document is written from).
+    pub fn records_since(&self, start: u64, limit: usize) -> Result<Vec<EventRecord>> {
+        let tx = self.read()?;
+        let events = tx.open_table(db::EVENTS)?;
+        let mut out = Vec::new();
+        for entry in events.range(start..)?.take(limit) {
+            out.push(db::decode(entry?.1.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The highest accepted seq of each author's log (all branches; 0: no event), read in one
+    /// transaction.
+    pub fn max_seqs(&self, authors: &[AuthorKey]) -> Result<Vec<u64>> {
+        let tx = self.read()?;
+        let table = tx.open_table(db::AUTHORS)?;
+        authors
+            .iter()
+            .map(|a| match table.get(*a.as_bytes())? {
+                Some(v) => Ok(db::decode::<AuthorState>(v.value())?.max_seq),
+                None => Ok(0),
+            })
+            .collect()
+    }
+
+    /// Whether an event is accepted here (an in-memory lookup).
+    pub fn has_event(&self, id: &EventId) -> bool {
+        self.ids().get(id).is_some()
+    }
+
     /// The envelopes of accepted events in acceptance order from leaf `start`, read
     /// [`ENVELOPES_PER_READ`] at a time: at most
     /// `limit` of them and, past the first, at most `bytes_max` bytes together. What a peer

@@ -4,12 +4,16 @@
 //! Peers are untrusted: every frame is bounded, every event is verified by the ledger, and a
 //! peer that sends malformed or invalid data is scored and, past a limit, banned.
 
+mod amcheck;
 mod blobs;
+mod docs;
+mod docsync;
 mod error;
 mod mesh;
 mod peers;
 pub mod wire;
 
+pub use docs::DocKind;
 pub use error::{Error, Result};
 pub use mesh::{Fetched, Mesh, MeshConfig, PeerStatus, parse_ticket};
 pub use peers::{PEERS_MAX, PeerRecord};

@@ -22,6 +22,7 @@ use meshnode_ledger::{Ledger, RuleClass};
 use meshnode_schemas::BlobHash;
 use serde::Serialize;
 
+use crate::docs::DocKind;
 use crate::error::{Error, Result};
 use crate::peers::{PEERS_MAX, PeerRecord, PeerTable};
 use crate::wire::{self, Header, Request};
@@ -80,7 +81,7 @@ const BAN_MAX: Duration = Duration::from_secs(24 * 3600);
 /// Time to connect to a peer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a response may take to arrive in full.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest wait between two attempts to reach a peer.
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// How often connected peers are asked for their peers.
@@ -89,6 +90,8 @@ const EXCHANGE_INTERVAL: Duration = Duration::from_secs(30);
 const EXCHANGE_MAX: usize = 32;
 /// Bi-streams a peer may have open on one connection.
 const STREAMS_MAX: u32 = 8;
+/// Strangers (peers not in the table) banned at once.
+const STRANGERS_MAX: usize = 1024;
 /// Connections served at once (beyond: refused at once).
 const SERVED_MAX: usize = 64;
 /// Pause of a peer whose quota of new authors is used up, before it is asked again.
@@ -97,7 +100,7 @@ const THROTTLE_PAUSE: Duration = Duration::from_secs(10);
 /// `pull_interval`).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time a peer has to send its request once it opened a stream.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Who tells us a peer's ticket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +142,16 @@ pub struct PeerStatus {
     pub bytes_in: u64,
     /// See `bytes_in`.
     pub bytes_out: u64,
+    /// Seqs its heads document lists past ours (Σ over authors; the hints, see `docs.rs`).
+    pub heads_behind: Option<u64>,
+    /// Authors its heads document lists.
+    pub heads_authors: Option<u64>,
+    /// Entries of its catalog document, and of them those whose event this node lacks.
+    pub catalog_entries: Option<u64>,
+    /// See `catalog_entries`.
+    pub catalog_missing: Option<u64>,
+    /// Document sessions with it (one round trip each, mostly).
+    pub doc_sessions: u64,
     /// Misbehaviour score.
     pub score: u32,
     /// Banned until (ms since the epoch), when banned.
@@ -161,15 +174,19 @@ struct Live {
     bytes_out: u64,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     endpoint: Endpoint,
-    ledger: Ledger,
+    pub(crate) ledger: Ledger,
     store: meshnode_store::Store,
-    net: String,
+    pub(crate) net: String,
+    /// Own documents and replicas of the peers' ones.
+    pub(crate) docs: crate::docsync::Docs,
     config: MeshConfig,
     ticket: String,
     table: Mutex<PeerTable>,
     live: Mutex<HashMap<String, Live>>,
+    /// Bans of peers not in the table (see [`Inner::ban_stranger`]).
+    strangers: Mutex<HashMap<String, u64>>,
     tasks: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     /// Permits of the connections served now.
     served: Arc<tokio::sync::Semaphore>,
@@ -281,6 +298,7 @@ impl Mesh {
         let ticket = own_ticket(&endpoint, &config.advertise)?;
         let table = PeerTable::load(dir)?;
         let inner = Arc::new(Inner {
+            docs: crate::docsync::Docs::new(*endpoint.id().as_bytes()),
             net: hex::encode(ledger.net().as_bytes()),
             endpoint: endpoint.clone(),
             ledger: ledger.clone(),
@@ -289,6 +307,7 @@ impl Mesh {
             ticket,
             table: Mutex::new(table),
             live: Mutex::new(HashMap::new()),
+            strangers: Mutex::new(HashMap::new()),
             tasks: Mutex::new(HashMap::new()),
             served: Arc::new(tokio::sync::Semaphore::new(SERVED_MAX)),
         });
@@ -316,6 +335,7 @@ impl Mesh {
             )
             .accept(iroh_blobs::ALPN, provider)
             .spawn();
+        tokio::spawn(crate::docsync::write_own(Arc::downgrade(&inner)));
         let ids: Vec<String> = lock(&inner.table).peers.keys().cloned().collect();
         for id in ids {
             spawn_puller(&inner, id);
@@ -356,11 +376,13 @@ impl Mesh {
             task.abort();
         }
         lock(&self.inner.live).remove(&id);
+        self.inner.docs.drop_peer(&id);
         Ok(removed)
     }
 
     /// Every known peer's status, by id.
     pub fn peers(&self) -> Vec<PeerStatus> {
+        let hints = lock(&self.inner.docs.hints).clone();
         let table = lock(&self.inner.table);
         let live = lock(&self.inner.live);
         let now = now_ms();
@@ -369,7 +391,15 @@ impl Mesh {
             .iter()
             .map(|(id, record)| {
                 let l = live.get(id);
+                let h = hints.get(id);
+                let heads = h.and_then(|h| h.heads);
+                let catalog = h.and_then(|h| h.catalog);
                 PeerStatus {
+                    heads_behind: heads.map(|h| h.behind),
+                    heads_authors: heads.map(|h| h.authors),
+                    catalog_entries: catalog.map(|c| c.0),
+                    catalog_missing: catalog.map(|c| c.1),
+                    doc_sessions: h.map_or(0, |h| h.sessions),
                     id: id.clone(),
                     ticket: record.ticket.clone(),
                     manual: record.manual,
@@ -504,10 +534,39 @@ impl Inner {
     }
 
     fn banned(&self, id: &str) -> bool {
+        let now = now_ms();
         lock(&self.table)
             .peers
             .get(id)
-            .is_some_and(|r| r.banned_until_ms > now_ms())
+            .is_some_and(|r| r.banned_until_ms > now)
+            || lock(&self.strangers)
+                .get(id)
+                .is_some_and(|&until| until > now)
+    }
+
+    /// Bans a peer that is not in the peers table (a stranger that dialled us) for the first
+    /// ban's length, in a set of at most [`STRANGERS_MAX`] (expired bans, then the one ending
+    /// soonest, make room): fresh keys cost an attacker nothing, so they must not fill the
+    /// peers table.
+    fn ban_stranger(&self, id: &str) {
+        let now = now_ms();
+        let mut strangers = lock(&self.strangers);
+        strangers.retain(|_, until| *until > now);
+        if strangers.len() >= STRANGERS_MAX
+            && let Some(first) = strangers
+                .iter()
+                .min_by_key(|(_, until)| **until)
+                .map(|(k, _)| k.clone())
+        {
+            strangers.remove(&first);
+        }
+        let until = now + self.config.ban_first.as_millis() as u64;
+        strangers.insert(id.to_string(), until);
+        tracing::warn!(
+            peer = id,
+            "stranger banned for {} s",
+            self.config.ban_first.as_secs()
+        );
     }
 
     /// Adds a peer's record, or updates its ticket as `source` may: a user's `peer add`
@@ -552,9 +611,15 @@ impl Inner {
 
     /// Adds `score` to a peer's; past the limit it is banned (each ban twice the last).
     /// Returns whether it is banned now.
-    fn penalise(&self, id: &str, score: u32, why: &str) -> bool {
+    pub(crate) fn penalise(&self, id: &str, score: u32, why: &str) -> bool {
         let mut table = lock(&self.table);
         let Some(record) = table.peers.get_mut(id) else {
+            drop(table);
+            if score >= self.config.ban_score {
+                tracing::warn!(peer = id, "stranger misbehaved: {why}");
+                self.ban_stranger(id);
+                return true;
+            }
             return false;
         };
         record.score = record.score.saturating_add(score);
@@ -813,6 +878,8 @@ async fn connect(inner: &Inner, ticket: &str) -> Result<Connection> {
 /// and then; returns when the connection fails, the peer misbehaves or it is banned.
 async fn pull(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Result<()> {
     let mut exchanged: Option<tokio::time::Instant> = None;
+    let mut catalog_synced: Option<tokio::time::Instant> = None;
+    let mut caught_up = true;
     loop {
         if inner.banned(id) {
             return Err(Error::transport("banned"));
@@ -823,9 +890,24 @@ async fn pull(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Result<()> {
                 .map_err(|_| Error::transport("the peer's answer timed out"))??;
             exchanged = Some(tokio::time::Instant::now());
         }
+        if catalog_synced.is_none_or(|t| t.elapsed() >= crate::docsync::CATALOG_INTERVAL) {
+            hinted(
+                tokio::time::timeout(
+                    RESPONSE_TIMEOUT,
+                    crate::docsync::pull(inner, id, conn, DocKind::Catalog),
+                )
+                .await,
+            )?;
+            catalog_synced = Some(tokio::time::Instant::now());
+        }
         let Some(cursor) = inner.cursor(id) else {
             return Ok(());
         };
+        // Caught up: the peer's heads document tells whether it holds anything we lack.
+        if caught_up && skip_log(inner, id, conn, cursor).await? {
+            tokio::time::sleep(inner.config.pull_interval).await;
+            continue;
+        }
         let started = tokio::time::Instant::now();
         let (size, envelopes) = tokio::time::timeout(
             RESPONSE_TIMEOUT,
@@ -864,12 +946,61 @@ async fn pull(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Result<()> {
                 l.last_sync_ms = Some(now_ms());
             }
         });
+        caught_up = next >= size;
         if throttled {
             tokio::time::sleep(THROTTLE_PAUSE).await;
         } else if next == cursor || next >= size {
             tokio::time::sleep(inner.config.pull_interval).await;
         }
     }
+}
+
+/// A document session's outcome: a peer that does not serve documents, or whose session
+/// timed out, is read by its log alone; a protocol error (scored already) ends the pull.
+fn hinted<T>(
+    r: std::result::Result<Result<Option<T>>, tokio::time::error::Elapsed>,
+) -> Result<Option<T>> {
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e @ Error::Protocol(_))) => Err(e),
+        Ok(Err(e)) => {
+            tracing::debug!("document session: {e}");
+            Ok(None)
+        }
+        Err(_) => Ok(None),
+    }
+}
+
+/// Syncs the peer's heads document; whether it shows that we hold every event of its log
+/// (then the cursor moves to the log's end and no `Log` request is needed). Only when the
+/// document is as current as the log (its `size` is the log's size when the session was
+/// served) and we hold every head it lists: a head's id, held here, means its whole chain is.
+async fn skip_log(inner: &Arc<Inner>, id: &str, conn: &Connection, cursor: u64) -> Result<bool> {
+    let seen = hinted(
+        tokio::time::timeout(
+            RESPONSE_TIMEOUT,
+            crate::docsync::pull(inner, id, conn, DocKind::Heads),
+        )
+        .await,
+    )?;
+    let Some(seen) = seen else {
+        return Ok(false);
+    };
+    let h = seen.hint;
+    if !(h.covered && h.size >= seen.size && h.size >= cursor) {
+        return Ok(false);
+    }
+    if h.size > cursor {
+        inner.set_cursor(id, h.size);
+    }
+    let stats = conn.stats();
+    inner.live(id, |l| {
+        l.behind = 0;
+        l.last_sync_ms = Some(now_ms());
+        l.bytes_in = stats.udp_rx.bytes;
+        l.bytes_out = stats.udp_tx.bytes;
+    });
+    Ok(true)
 }
 
 /// One `Log` request: the peer's log size and the envelopes from `from`.
@@ -1102,6 +1233,13 @@ async fn serve_connection(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Re
                 )
                 .await
                 .map_err(|_| Error::transport("the peer did not read its answer in time"))??;
+            }
+            Request::Doc { net, kind } => {
+                if net != inner.net {
+                    refuse(&mut send, "net_mismatch", "this node is of another network").await?;
+                    continue;
+                }
+                crate::docsync::serve(inner, id, &mut send, &mut recv, kind).await?;
             }
             Request::Peers { net } => {
                 if net != inner.net {

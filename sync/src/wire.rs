@@ -49,6 +49,17 @@ pub enum Request {
         #[serde(default)]
         have: u64,
     },
+    /// A sync session of one of the server's documents (the asker keeps a read-only
+    /// replica): after the header, the asker sends automerge sync messages (at most
+    /// [`crate::amcheck::ASK_BYTES_MAX`], no changes) and the server answers each with one
+    /// (an empty frame when it has nothing to say), at most [`DOC_ROUNDS_MAX`] rounds; the
+    /// asker's empty frame ends the session.
+    Doc {
+        /// The network id (hex).
+        net: String,
+        /// Which document.
+        kind: crate::docs::DocKind,
+    },
     /// The server's known peers (peer exchange).
     Peers {
         /// The network id (hex).
@@ -68,10 +79,17 @@ pub struct Header {
     /// Events in the server's transparency log (how far behind the asker is).
     #[serde(default)]
     pub size: u64,
+    /// The document's epoch (a `Doc` session): its actor is derived from the server's id,
+    /// the kind and the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
     /// Peer exchange: tickets of the server's peers (at most 32).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<String>,
 }
+
+/// Rounds of one `Doc` session.
+pub const DOC_ROUNDS_MAX: usize = 8;
 
 /// The frame that stands for an event of the log the asker delivered itself (see
 /// `Request::Log::elide`): one byte, which no envelope is, so leaves and frames stay one to

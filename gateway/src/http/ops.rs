@@ -117,9 +117,11 @@ pub(crate) async fn metrics(state: AppState, headers: HeaderMap) -> Result<Respo
         let family = &state.metrics().peers;
         family.clear();
         for p in mesh.peers() {
-            let values: [(&'static str, u64); 7] = [
+            let values: [(&'static str, u64); 9] = [
                 ("connected", u64::from(p.connected)),
                 ("behind", p.behind),
+                ("heads_behind", p.heads_behind.unwrap_or(0)),
+                ("doc_sessions", p.doc_sessions),
                 ("events_in", p.events_in),
                 ("bytes_in", p.bytes_in),
                 ("bytes_out", p.bytes_out),
@@ -190,6 +192,7 @@ pub(crate) async fn status(state: AppState, headers: HeaderMap) -> Result<Respon
                         "connected": peers.iter().filter(|p| p.connected).count(),
                         "banned": peers.iter().filter(|p| p.banned_until_ms.is_some()).count(),
                         "behind": peers.iter().map(|p| p.behind).sum::<u64>(),
+                        "heads_behind": peers.iter().filter_map(|p| p.heads_behind).max().unwrap_or(0),
                         "blobs_hosted": node.blobs_hosted(),
                     })
                 }

@@ -205,6 +205,7 @@ async fn three_nodes_in_a_line_converge_and_a_restarted_node_catches_up() {
     // The middle node restarts on the same p2p port (the system chose it on the first start),
     // so the tickets a and c hold for it still work.
     let b_ticket = ticket(&status(&b).await);
+    let net_hex = sa["net"].as_str().expect("net").to_string();
     b.kill9();
     submit(&a, &host_event(net, 5)).await;
     b.restart().expect("restart b");
@@ -240,8 +241,11 @@ impl iroh::protocol::ProtocolHandler for Liar {
                 break;
             };
             let is_log = matches!(request, Request::Log { .. });
+            // No documents: its events are what is under test (they come by its log).
+            let is_doc = matches!(request, Request::Doc { .. });
             let header = Header {
                 size: if is_log { 1_000_000 } else { 0 },
+                error: is_doc.then(|| "bad_request".to_string()),
                 ..Header::default()
             };
             if wire::write_json(&mut send, &header).await.is_err() {
@@ -921,4 +925,269 @@ async fn the_ticket_gives_the_advertised_addresses() {
     };
     let message = format!("{error:#}");
     assert!(message.contains("MESHNODE_P2P_ADVERTISE"), "{message}");
+}
+
+/// How a hostile owner of a document answers a node's first sync message.
+#[derive(Debug, Clone, Copy)]
+enum BadDoc {
+    /// A compressed change that inflates to 64 MiB.
+    Bomb,
+    /// A well-formed change by an actor that is not the document's.
+    ForeignActor,
+    /// A frame announcing 64 MiB.
+    Oversized,
+}
+
+/// A peer whose documents are hostile (its `Log` is empty and honest).
+#[derive(Debug, Clone)]
+struct BadOwner(BadDoc);
+
+impl BadOwner {
+    fn answer(&self, ask: &[u8]) -> Vec<u8> {
+        use automerge::sync::{Message, MessageVersion, SyncDoc};
+        use automerge::transaction::Transactable;
+        match self.0 {
+            BadDoc::Bomb => {
+                use std::io::Write;
+                let mut enc =
+                    flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+                let zeros = vec![0u8; 1 << 20];
+                for _ in 0..64 {
+                    enc.write_all(&zeros).expect("deflate");
+                }
+                let data = enc.finish().expect("deflate");
+                let mut chunk = vec![0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 2];
+                let mut n = data.len();
+                loop {
+                    let b = (n & 0x7f) as u8;
+                    n >>= 7;
+                    chunk.push(if n == 0 { b } else { b | 0x80 });
+                    if n == 0 {
+                        break;
+                    }
+                }
+                chunk.extend(data);
+                Message {
+                    heads: vec![],
+                    need: vec![],
+                    have: vec![],
+                    changes: vec![chunk].into(),
+                    flags: None,
+                    version: MessageVersion::V1,
+                }
+                .encode()
+            }
+            BadDoc::ForeignActor | BadDoc::Oversized => {
+                let mut doc = automerge::Automerge::new()
+                    .with_actor(automerge::ActorId::from(&[0x66u8; 16][..]));
+                let mut tx = doc.transaction();
+                tx.put(
+                    automerge::ROOT,
+                    hex::encode([1u8; 32]),
+                    automerge::ScalarValue::Bytes(vec![0; 72]),
+                )
+                .expect("put");
+                tx.commit();
+                let mut state = automerge::sync::State::new();
+                let ask = Message::decode(ask).expect("the node's message decodes");
+                doc.receive_sync_message(&mut state, ask).expect("receive");
+                doc.generate_sync_message(&mut state)
+                    .expect("an answer")
+                    .encode()
+            }
+        }
+    }
+}
+
+impl iroh::protocol::ProtocolHandler for BadOwner {
+    async fn accept(
+        &self,
+        conn: iroh::endpoint::Connection,
+    ) -> Result<(), iroh::protocol::AcceptError> {
+        use meshnode_sync::wire::{self, Header, Request};
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let Ok(request) = wire::read_json::<Request>(&mut recv, 4096).await else {
+                break;
+            };
+            let is_doc = matches!(request, Request::Doc { .. });
+            let header = Header {
+                epoch: is_doc.then_some(1),
+                ..Header::default()
+            };
+            if wire::write_json(&mut send, &header).await.is_err() {
+                break;
+            }
+            if !is_doc {
+                let _ = wire::write_frame(&mut send, &[]).await;
+                let _ = send.finish();
+                continue;
+            }
+            let Ok(Some(ask)) = wire::read_frame(&mut recv, 1 << 20).await else {
+                break;
+            };
+            if let BadDoc::Oversized = self.0 {
+                let _ = send.write_all(&(64u32 << 20).to_le_bytes()).await;
+                let _ = send.write_all(&vec![0u8; 1 << 20]).await;
+            } else {
+                let _ = wire::write_frame(&mut send, &self.answer(&ask)).await;
+            }
+            let _ = send.finish();
+        }
+        Ok(())
+    }
+}
+
+/// Dials `node` as a stranger and sends a `Doc` session's first message as `ask`; whether
+/// the node answered it (and not closed the stream).
+async fn ask_doc(node_ticket: &str, net: &str, seed: u8, ask: &[u8]) -> bool {
+    use meshnode_sync::wire::{self, Header, Request};
+    let endpoint = test_endpoint(seed, vec![]).await;
+    let t: iroh_tickets::endpoint::EndpointTicket = node_ticket.parse().expect("ticket");
+    let answered = async {
+        let conn = endpoint
+            .connect(t.endpoint_addr().clone(), wire::ALPN)
+            .await
+            .ok()?;
+        let (mut send, mut recv) = conn.open_bi().await.ok()?;
+        let request = Request::Doc {
+            net: net.to_string(),
+            kind: meshnode_sync::DocKind::Heads,
+        };
+        wire::write_json(&mut send, &request).await.ok()?;
+        let _: Header = wire::read_json(&mut recv, 4096).await.ok()?;
+        wire::write_frame(&mut send, ask).await.ok()?;
+        wire::read_frame(&mut recv, 4 << 20).await.ok()
+    };
+    let answered = tokio::time::timeout(Duration::from_secs(10), answered)
+        .await
+        .ok()
+        .flatten()
+        .is_some();
+    endpoint.close().await;
+    answered
+}
+
+/// A replica's first message with a hand-made bloom filter.
+fn ask_with_bloom(entries: u32, per_entry: u32, probes: u32, bits: usize) -> Vec<u8> {
+    let leb = |out: &mut Vec<u8>, mut n: u64| loop {
+        let b = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    };
+    let mut out = vec![0x42, 0, 0, 1, 0];
+    let mut bloom = Vec::new();
+    for v in [entries, per_entry, probes] {
+        leb(&mut bloom, v.into());
+    }
+    bloom.extend(std::iter::repeat_n(0xffu8, bits));
+    leb(&mut out, bloom.len() as u64);
+    out.extend(bloom);
+    out.push(0);
+    out
+}
+
+fn rss_kib(node: &TestNode) -> u64 {
+    let pid = node.pid().expect("pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+#[tokio::test]
+async fn hostile_automerge_messages_are_refused_and_their_peers_banned_while_sync_goes_on() {
+    let a = TestNode::start_demo(&[]).expect("node a");
+    let b = TestNode::start_joining(&a.data_dir().join("genesis.cbor")).expect("node b");
+    let sa = status(&a).await;
+    let net = BlobHash::parse(sa["net"].as_str().expect("net")).expect("net hex");
+    let demo_events = sa["events"].as_u64().expect("events");
+    add_peer(&b, &ticket(&sa));
+    converged(&[&a, &b], demo_events).await;
+    let rss_before = rss_kib(&b);
+
+    // Owners b replicates: a bomb, a foreign actor, an oversized frame.
+    let mut routers = Vec::new();
+    let mut tickets = Vec::new();
+    for (i, bad) in [BadDoc::Bomb, BadDoc::ForeignActor, BadDoc::Oversized]
+        .into_iter()
+        .enumerate()
+    {
+        let (t, router) =
+            fake_endpoint(meshnode_sync::wire::ALPN, BadOwner(bad), 70 + i as u8).await;
+        add_peer(&b, &t);
+        tickets.push(t);
+        routers.push(router);
+    }
+    // Replicas asking b with broken bloom filters: zero bits per entry (automerge divides
+    // by zero), u32::MAX probes (it reserves 16 GiB). A sane one is answered.
+    let b_ticket = ticket(&status(&b).await);
+    let net_hex = sa["net"].as_str().expect("net").to_string();
+    assert!(ask_doc(&b_ticket, &net_hex, 80, &ask_with_bloom(10, 10, 7, 13)).await);
+    assert!(!ask_doc(&b_ticket, &net_hex, 81, &ask_with_bloom(10, 0, 7, 0)).await);
+    assert!(
+        !ask_doc(
+            &b_ticket,
+            &net_hex,
+            82,
+            &ask_with_bloom(10, 10, u32::MAX, 13)
+        )
+        .await
+    );
+
+    // Honest writes keep arriving during the attack.
+    submit(&a, &host_event(net, 11)).await;
+    converged(&[&a, &b], demo_events + 1).await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = peer_list(&b);
+        let banned: Vec<bool> = tickets
+            .iter()
+            .map(|t| listed_peer(&listed, "ticket", t)["banned_until_ms"].is_u64())
+            .collect();
+        if banned.iter().all(|b| *b) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not all banned ({banned:?}): {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The strangers that sent broken filters are banned too: not even a sane message is
+    // answered now.
+    assert!(!ask_doc(&b_ticket, &net_hex, 81, &ask_with_bloom(10, 10, 7, 13)).await);
+    assert!(ask_doc(&b_ticket, &net_hex, 83, &ask_with_bloom(10, 10, 7, 13)).await);
+
+    submit(&a, &host_event(net, 12)).await;
+    converged(&[&a, &b], demo_events + 2).await;
+    let rss_after = rss_kib(&b);
+    assert!(
+        rss_after < rss_before + 256 * 1024,
+        "memory grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    // b holds a's documents (the catalog is synced every 10 s) and says how far behind
+    // them it is.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = peer_list(&b);
+        let pa = listed_peer(&listed, "ticket", &ticket(&sa));
+        if pa["heads_behind"] == 0
+            && pa["heads_authors"].as_u64().unwrap_or(0) > 0
+            && pa["catalog_entries"].as_u64().unwrap_or(0) > 0
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{pa}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for router in routers {
+        router.shutdown().await.expect("shutdown");
+    }
 }
