@@ -170,6 +170,7 @@ impl OwnDoc {
         &mut self.doc
     }
 
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.live.len()
     }
@@ -230,6 +231,7 @@ impl OwnDoc {
     }
 
     /// Bytes of history written in this epoch (change chunks).
+    #[cfg(test)]
     pub(crate) fn history_bytes(&self) -> usize {
         self.history_bytes
     }

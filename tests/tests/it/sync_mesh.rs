@@ -205,7 +205,6 @@ async fn three_nodes_in_a_line_converge_and_a_restarted_node_catches_up() {
     // The middle node restarts on the same p2p port (the system chose it on the first start),
     // so the tickets a and c hold for it still work.
     let b_ticket = ticket(&status(&b).await);
-    let net_hex = sa["net"].as_str().expect("net").to_string();
     b.kill9();
     submit(&a, &host_event(net, 5)).await;
     b.restart().expect("restart b");
