@@ -298,18 +298,18 @@ mod tests {
         let mut tx = doc.transaction();
         for i in 0..n {
             tx.put(ROOT, head_key(i), ScalarValue::Bytes(vec![i; value_len]))
-                .unwrap();
+                .expect("test");
         }
         tx.commit();
         let mut replica = Automerge::new();
         let (mut rs, mut os) = (automerge::sync::State::new(), automerge::sync::State::new());
-        let mut ask = replica.generate_sync_message(&mut rs).unwrap();
+        let mut ask = replica.generate_sync_message(&mut rs).expect("test");
         // As our replicas send it: V1 only.
         ask.flags = None;
         let ask_bytes = ask.clone().encode();
-        doc.receive_sync_message(&mut os, ask).unwrap();
-        let answer = doc.generate_sync_message(&mut os).unwrap().encode();
-        let _ = replica.receive_sync_message(&mut rs, Message::decode(&answer).unwrap());
+        doc.receive_sync_message(&mut os, ask).expect("test");
+        let answer = doc.generate_sync_message(&mut os).expect("test").encode();
+        let _ = replica.receive_sync_message(&mut rs, Message::decode(&answer).expect("test"));
         (ask_bytes, answer)
     }
 
@@ -321,31 +321,35 @@ mod tests {
     fn honest_messages_pass_and_apply() {
         // 200 heads: big enough that automerge compresses the change.
         let (ask, answer) = exchange(actor(), 200, 72);
-        check_ask(&ask).unwrap();
-        let m = check_answer(&answer, DocKind::Heads, &actor()).unwrap();
+        check_ask(&ask).expect("test");
+        let m = check_answer(&answer, DocKind::Heads, &actor()).expect("test");
         let mut replica = Automerge::new();
         replica
             .receive_sync_message(&mut automerge::sync::State::new(), m)
-            .unwrap();
+            .expect("test");
         assert_eq!(replica.length(ROOT), 200);
     }
 
     #[test]
     fn foreign_actor_and_foreign_keys_are_refused() {
         let (_, answer) = exchange(ActorId::from(&[9u8; 16][..]), 3, 72);
-        let e = check_answer(&answer, DocKind::Heads, &actor()).unwrap_err();
+        let e = check_answer(&answer, DocKind::Heads, &actor()).expect_err("refused");
         assert!(e.0.contains("actor"), "{e}");
         // Right actor, wrong value size.
         let (_, answer) = exchange(actor(), 3, 10);
-        let e = check_answer(&answer, DocKind::Heads, &actor()).unwrap_err();
+        let e = check_answer(&answer, DocKind::Heads, &actor()).expect_err("refused");
         assert!(e.0.contains("does not fit"), "{e}");
         // A nested object.
         let mut doc = Automerge::new().with_actor(actor());
         let mut tx = doc.transaction();
         tx.put_object(ROOT, head_key(1), automerge::ObjType::Map)
-            .unwrap();
+            .expect("test");
         tx.commit();
-        let chunk = doc.get_last_local_change().unwrap().raw_bytes().to_vec();
+        let chunk = doc
+            .get_last_local_change()
+            .expect("test")
+            .raw_bytes()
+            .to_vec();
         let m = Message {
             heads: doc.get_heads(),
             need: vec![],
@@ -354,7 +358,7 @@ mod tests {
             flags: None,
             version: MessageVersion::V1,
         };
-        let e = check_answer(&m.encode(), DocKind::Heads, &actor()).unwrap_err();
+        let e = check_answer(&m.encode(), DocKind::Heads, &actor()).expect_err("refused");
         assert!(e.0.contains("operation"), "{e}");
     }
 
@@ -386,7 +390,7 @@ mod tests {
 
     #[test]
     fn bloom_parameters_are_checked() {
-        check_ask(&ask_with_bloom(10, 10, 7, 13)).unwrap();
+        check_ask(&ask_with_bloom(10, 10, 7, 13)).expect("test");
         // Zero bits per entry: automerge divides by zero.
         assert!(check_ask(&ask_with_bloom(10, 0, 7, 0)).is_err());
         // u32::MAX probes: automerge reserves 16 GiB.
@@ -403,11 +407,11 @@ mod tests {
         let mut m = vec![0x42, 0, 0, 100];
         m.extend(std::iter::repeat_n([0u8, 0u8], 100).flatten());
         m.push(0);
-        assert!(check_ask(&m).unwrap_err().0.contains("haves"));
+        assert!(check_ask(&m).expect_err("refused").0.contains("haves"));
         // V2.
         let mut v2 = ask_with_bloom(10, 10, 7, 13);
         v2[0] = 0x43;
-        assert!(check_ask(&v2).unwrap_err().0.contains("V2"));
+        assert!(check_ask(&v2).expect_err("refused").0.contains("V2"));
         // Oversized.
         assert!(check_ask(&vec![0x42; ASK_BYTES_MAX + 1]).is_err());
         // A replica sending changes.
@@ -434,19 +438,20 @@ mod tests {
         let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
         let zeros = vec![0u8; 1 << 20];
         for _ in 0..64 {
-            enc.write_all(&zeros).unwrap();
+            enc.write_all(&zeros).expect("test");
         }
-        let data = enc.finish().unwrap();
+        let data = enc.finish().expect("test");
         assert!(data.len() < ANSWER_BYTES_MAX);
         let mut chunk = MAGIC.to_vec();
         chunk.extend([0, 0, 0, 0, CHUNK_COMPRESSED]);
         leb(&mut chunk, data.len() as u64);
         chunk.extend(&data);
-        let e = check_answer(&with_chunk(chunk.clone()), DocKind::Heads, &actor()).unwrap_err();
+        let e = check_answer(&with_chunk(chunk.clone()), DocKind::Heads, &actor())
+            .expect_err("refused");
         assert!(e.0.contains("inflates past"), "{e}");
         // A document chunk (what V2 sends).
         chunk[8] = 0;
-        let e = check_answer(&with_chunk(chunk), DocKind::Heads, &actor()).unwrap_err();
+        let e = check_answer(&with_chunk(chunk), DocKind::Heads, &actor()).expect_err("refused");
         assert!(e.0.contains("document chunks"), "{e}");
         // Not a chunk at all.
         assert!(check_answer(&with_chunk(vec![1, 2, 3]), DocKind::Heads, &actor()).is_err());
@@ -463,16 +468,16 @@ mod tests {
         let mut os = automerge::sync::State::new();
         for _ in 0..4 {
             let Some(ask) = replica.generate() else { break };
-            let ask = check_ask(&ask).unwrap();
-            own.doc().receive_sync_message(&mut os, ask).unwrap();
+            let ask = check_ask(&ask).expect("test");
+            own.doc().receive_sync_message(&mut os, ask).expect("test");
             let Some(answer) = own.doc().generate_sync_message(&mut os) else {
                 break;
             };
-            let m = check_answer(&answer.encode(), DocKind::Catalog, &actor).unwrap();
+            let m = check_answer(&answer.encode(), DocKind::Catalog, &actor).expect("test");
             replica
                 .doc
                 .receive_sync_message(&mut replica.state, m)
-                .unwrap();
+                .expect("test");
         }
         assert_eq!(replica.heads(), own.doc().get_heads());
         assert_eq!(replica.doc.length(ROOT), 0);

@@ -50,10 +50,13 @@ pub(crate) struct PeerHints {
     pub(crate) sessions: u64,
 }
 
+/// A replica, locked by the session that syncs it and by the hint readers.
+type SharedReplica = Arc<Mutex<Replica>>;
+
 /// The documents of a node: its own, and its replicas of its peers'.
 pub(crate) struct Docs {
     pub(crate) own: Mutex<Own>,
-    replicas: Mutex<HashMap<(String, DocKind), Arc<Mutex<Replica>>>>,
+    replicas: Mutex<HashMap<(String, DocKind), SharedReplica>>,
     pub(crate) hints: Mutex<HashMap<String, PeerHints>>,
     workers: tokio::sync::Semaphore,
     replica_bytes: AtomicUsize,
