@@ -774,6 +774,9 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
         );
     }
     // After the demo: its loader signs as the node with a head of its own.
+    if let Err(e) = node.announce_address(true).await {
+        tracing::warn!("announcing this node's new address: {e:#}");
+    }
     crate::replicate::spawn(node.clone());
     let metrics = Arc::new(Metrics::new());
     let state = AppState::new(node.clone(), metrics.clone());

@@ -9,8 +9,8 @@ use anyhow::{Context, bail};
 use meshnode_ledger::{Ledger, LedgerConfig};
 use meshnode_query::{Query, QueryConfig, SqlLimits, WorkerProgram};
 use meshnode_schemas::{
-    AuthorKey, BlobHash, EventBody, EventId, Genesis, Payload, SignedEvent, SigningKey, author_of,
-    key_file_text,
+    AuthorKey, BlobHash, EventBody, EventId, Genesis, NodeAnnounce, Payload, SignedEvent,
+    SigningKey, Vector, author_of, key_file_text,
 };
 use meshnode_store::{PinMode, Store, StoreConfig};
 
@@ -296,10 +296,55 @@ impl Node {
     /// `POST /v1/events/own`, and `meshnode event` with the node's key.
     pub async fn append_own(
         &self,
-        mut deps: Vec<EventId>,
+        deps: Vec<EventId>,
         payload: Payload,
     ) -> anyhow::Result<meshnode_ledger::Submitted> {
         let _one = self.own.lock().await;
+        // A host must be reachable by those who read its `blob.host`, peers or not.
+        if matches!(payload, Payload::BlobHost(_)) {
+            self.announce_address_locked(false).await?;
+        }
+        self.append_own_locked(deps, payload).await
+    }
+
+    /// Appends a `node.announce` with this node's current ticket as `addr` if its registry
+    /// entry has another one; with `only_if_announced`, only when it announced before (at
+    /// start: a node whose address changed says so, one that never announced stays quiet).
+    pub async fn announce_address(&self, only_if_announced: bool) -> anyhow::Result<bool> {
+        let _one = self.own.lock().await;
+        self.announce_address_locked(only_if_announced).await
+    }
+
+    async fn announce_address_locked(&self, only_if_announced: bool) -> anyhow::Result<bool> {
+        let Some(mesh) = self.mesh.get() else {
+            return Ok(false);
+        };
+        let entry = self.ledger.node_entry(&self.node)?;
+        let stale = match &entry {
+            Some(entry) => entry.addr != mesh.ticket(),
+            None => !only_if_announced,
+        };
+        if !stale {
+            return Ok(false);
+        }
+        let payload = Payload::NodeAnnounce(NodeAnnounce {
+            service: "meshnode".into(),
+            endpoints: Vec::new(),
+            capabilities: vec!["sync/1".into(), "blobs".into()],
+            basin_signature: Vector::new(&[])?,
+            addr: mesh.ticket().to_string(),
+        });
+        self.append_own_locked(Vec::new(), payload).await?;
+        tracing::info!("announced this node's address: {}", mesh.ticket());
+        Ok(true)
+    }
+
+    /// [`Node::append_own`] with the `own` lock held.
+    async fn append_own_locked(
+        &self,
+        mut deps: Vec<EventId>,
+        payload: Payload,
+    ) -> anyhow::Result<meshnode_ledger::Submitted> {
         deps.sort();
         deps.dedup();
         for dep in &deps {

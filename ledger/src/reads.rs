@@ -743,6 +743,11 @@ impl Ledger {
         self.all_state(db::NODES)
     }
 
+    /// One node's registry entry (its latest `node.announce`), if it announced. O(1).
+    pub fn node_entry(&self, key: &AuthorKey) -> Result<Option<NodeState>> {
+        self.get_state(db::NODES, key.as_bytes())
+    }
+
     /// A page of the node registry, by node author key: at most `limit` (> 0) after `after`.
     /// O(limit).
     pub fn nodes_page(

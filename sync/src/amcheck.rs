@@ -173,18 +173,9 @@ fn split_chunk(chunk: &[u8]) -> Result<([u8; 4], u8, &[u8]), Invalid> {
 }
 
 /// A change chunk as automerge's own header would write it (type, length, checksum).
-fn change_chunk_of(data: &[u8]) -> Vec<u8> {
+pub(crate) fn change_chunk_of(data: &[u8]) -> Vec<u8> {
     let mut len = Vec::new();
-    let mut n = data.len() as u64;
-    loop {
-        let b = (n & 0x7f) as u8;
-        n >>= 7;
-        if n == 0 {
-            len.push(b);
-            break;
-        }
-        len.push(b | 0x80);
-    }
+    crate::craft::leb128(&mut len, data.len() as u64);
     let mut h = sha2::Sha256::new();
     h.update([CHUNK_CHANGE]);
     h.update(&len);
@@ -234,6 +225,15 @@ fn change_chunk(chunk: &[u8], inflated: &mut usize) -> Result<Vec<u8>, Invalid> 
 
 /// One change: its actor, its size and every operation.
 fn check_change(chunk: &[u8], kind: DocKind, actor: &ActorId) -> Result<(), Invalid> {
+    // Automerge iterates every operation the columns declare: their runs are summed first.
+    let (_, _, data) = split_chunk(chunk)?;
+    let walked = crate::amchange::walk(data, OPS_PER_CHANGE_MAX as u64)?;
+    if walked.other_actors != 0 {
+        return Err(bad(format!(
+            "a change naming {} other actors (this document is written by {actor} alone)",
+            walked.other_actors
+        )));
+    }
     let change =
         Change::from_bytes(chunk.to_vec()).map_err(|e| bad(format!("a bad change: {e}")))?;
     if change.actor_id() != actor || !change.other_actor_ids().is_empty() {
@@ -280,10 +280,10 @@ fn check_change(chunk: &[u8], kind: DocKind, actor: &ActorId) -> Result<(), Inva
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::craft::ask_with_bloom;
     use automerge::sync::SyncDoc;
     use automerge::transaction::Transactable;
     use automerge::{Automerge, ROOT, ReadDoc};
-    use std::io::Write;
 
     const OWNER: [u8; 32] = [7; 32];
 
@@ -362,30 +362,13 @@ mod tests {
         assert!(e.0.contains("operation"), "{e}");
     }
 
-    /// A replica's message with a hand-made bloom filter.
-    fn ask_with_bloom(entries: u64, per_entry: u64, probes: u64, bits: usize) -> Vec<u8> {
-        let mut out = vec![0x42, 0, 0, 1, 0];
-        let mut bloom = Vec::new();
-        for v in [entries, per_entry, probes] {
-            leb(&mut bloom, v);
-        }
-        bloom.extend(std::iter::repeat_n(0xff, bits));
-        leb(&mut out, bloom.len() as u64);
-        out.extend(bloom);
-        out.push(0); // no changes
-        out
-    }
-
-    fn leb(out: &mut Vec<u8>, mut n: u64) {
-        loop {
-            let b = (n & 0x7f) as u8;
-            n >>= 7;
-            if n == 0 {
-                out.push(b);
-                return;
-            }
-            out.push(b | 0x80);
-        }
+    #[test]
+    fn run_length_bombs_are_refused_before_automerge_sees_them() {
+        let chunk = crate::craft::run_length_bomb();
+        assert_eq!(chunk.len(), 79);
+        // Its checksum is automerge's: automerge itself would take it and spin.
+        let e = check_answer(&with_chunk(chunk), DocKind::Heads, &actor()).expect_err("refused");
+        assert!(e.0.contains("more than 20000 values"), "{e}");
     }
 
     #[test]
@@ -435,17 +418,8 @@ mod tests {
     #[test]
     fn compressed_chunk_bombs_and_document_chunks_are_refused() {
         // 64 MiB of zeros deflate to about 64 KiB.
-        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
-        let zeros = vec![0u8; 1 << 20];
-        for _ in 0..64 {
-            enc.write_all(&zeros).expect("test");
-        }
-        let data = enc.finish().expect("test");
-        assert!(data.len() < ANSWER_BYTES_MAX);
-        let mut chunk = MAGIC.to_vec();
-        chunk.extend([0, 0, 0, 0, CHUNK_COMPRESSED]);
-        leb(&mut chunk, data.len() as u64);
-        chunk.extend(&data);
+        let mut chunk = crate::craft::deflate_bomb_chunk(64);
+        assert!(chunk.len() < ANSWER_BYTES_MAX);
         let e = check_answer(&with_chunk(chunk.clone()), DocKind::Heads, &actor())
             .expect_err("refused");
         assert!(e.0.contains("inflates past"), "{e}");
@@ -463,8 +437,17 @@ mod tests {
         let key = format!("s{}", hex::encode([3u8; 32]));
         own.apply(vec![(key.clone(), Some(vec![1; 80]))]);
         own.apply(vec![(key, None)]);
-        let actor = crate::docs::actor(&OWNER, DocKind::Catalog, own.epoch());
-        let mut replica = crate::docs::Replica::new(own.epoch());
+        let mut replica = crate::docs::Replica::new();
+        session(&mut own, &mut replica, DocKind::Catalog);
+        assert_eq!(replica.heads(), own.doc().get_heads());
+        assert_eq!(replica.doc.length(ROOT), 0);
+    }
+
+    /// A session as `docsync` runs one: a fresh state on the owner's side, a new session on
+    /// the replica's, every message through the checks.
+    fn session(own: &mut crate::docs::OwnDoc, replica: &mut crate::docs::Replica, kind: DocKind) {
+        let actor = crate::docs::actor(&OWNER, kind, own.epoch());
+        replica.new_session();
         let mut os = automerge::sync::State::new();
         for _ in 0..4 {
             let Some(ask) = replica.generate() else { break };
@@ -473,14 +456,25 @@ mod tests {
             let Some(answer) = own.doc().generate_sync_message(&mut os) else {
                 break;
             };
-            let m = check_answer(&answer.encode(), DocKind::Catalog, &actor).expect("test");
+            let m = check_answer(&answer.encode(), kind, &actor).expect("test");
             replica
                 .doc
                 .receive_sync_message(&mut replica.state, m)
                 .expect("test");
         }
+    }
+
+    #[test]
+    fn a_replica_that_ended_in_step_learns_the_owners_next_change() {
+        let mut own = crate::docs::OwnDoc::new(OWNER, DocKind::Heads, Default::default());
+        own.apply(vec![(head_key(1), Some(vec![1; 72]))]);
+        let mut replica = crate::docs::Replica::new();
+        session(&mut own, &mut replica, DocKind::Heads);
         assert_eq!(replica.heads(), own.doc().get_heads());
-        assert_eq!(replica.doc.length(ROOT), 0);
+        own.apply(vec![(head_key(2), Some(vec![2; 72]))]);
+        session(&mut own, &mut replica, DocKind::Heads);
+        assert_eq!(replica.heads(), own.doc().get_heads());
+        assert_eq!(replica.doc.length(ROOT), 2);
     }
 
     #[test]

@@ -380,21 +380,26 @@ fn catalog_entries(ledger: &Ledger) -> meshnode_ledger::Result<HashMap<String, V
 
 /// A read-only copy of a peer's document.
 pub(crate) struct Replica {
-    pub(crate) epoch: u64,
     pub(crate) doc: Automerge,
     pub(crate) state: sync::State,
-    /// Change bytes taken in (what the cap counts).
-    pub(crate) bytes: usize,
 }
 
 impl Replica {
-    pub(crate) fn new(epoch: u64) -> Self {
+    pub(crate) fn new() -> Self {
         Self {
-            epoch,
             doc: Automerge::new(),
             state: sync::State::new(),
-            bytes: 0,
         }
+    }
+
+    /// Starts a session: the owner keeps no sync state between sessions, so ours keeps only
+    /// what persists across connections (the shared heads; automerge's `State::decode` of
+    /// its `encode`). Without it, a replica that ended a session in step would send nothing
+    /// the next time (automerge stays quiet while its heads and the owner's last known ones
+    /// are unchanged) and never learn the owner's new heads.
+    pub(crate) fn new_session(&mut self) {
+        self.state = sync::State::decode(&self.state.encode())
+            .expect("a sync state decodes from its own encoding");
     }
 
     /// The next message to the owner, flags stripped (we speak V1 only: a peer never sends

@@ -48,15 +48,37 @@ pub(crate) struct PeerHints {
     /// (entries, entries whose event this node lacks).
     pub(crate) catalog: Option<(u64, u64)>,
     pub(crate) sessions: u64,
+    /// Round trips of those sessions (the request's, and one per message answered).
+    pub(crate) round_trips: u64,
 }
 
 /// A replica, locked by the session that syncs it and by the hint readers.
 type SharedReplica = Arc<Mutex<Replica>>;
 
+/// A replica with what async code reads of it without taking its lock (a blocking thread
+/// may hold that for a whole automerge call).
+#[derive(Clone)]
+struct Slot {
+    epoch: u64,
+    /// Change bytes taken in (what the caps count).
+    bytes: Arc<AtomicUsize>,
+    replica: SharedReplica,
+}
+
+impl Slot {
+    fn new(epoch: u64) -> Self {
+        Self {
+            epoch,
+            bytes: Arc::default(),
+            replica: Arc::new(Mutex::new(Replica::new())),
+        }
+    }
+}
+
 /// The documents of a node: its own, and its replicas of its peers'.
 pub(crate) struct Docs {
     pub(crate) own: Mutex<Own>,
-    replicas: Mutex<HashMap<(String, DocKind), SharedReplica>>,
+    replicas: Mutex<HashMap<(String, DocKind), Slot>>,
     pub(crate) hints: Mutex<HashMap<String, PeerHints>>,
     workers: tokio::sync::Semaphore,
     replica_bytes: AtomicUsize,
@@ -73,21 +95,40 @@ impl Docs {
         }
     }
 
+    /// The epoch of our replica of `peer`'s document, if we hold one.
+    fn epoch_of(&self, peer: &str, kind: DocKind) -> Option<u64> {
+        let replicas = lock(&self.replicas);
+        replicas.get(&(peer.to_string(), kind)).map(|s| s.epoch)
+    }
+
     /// The replica of `peer`'s document in `epoch` (a new one when the epoch changed).
-    fn replica(&self, peer: &str, kind: DocKind, epoch: u64) -> Arc<Mutex<Replica>> {
+    fn replica(&self, peer: &str, kind: DocKind, epoch: u64) -> Slot {
         let mut replicas = lock(&self.replicas);
         let slot = replicas
             .entry((peer.to_string(), kind))
-            .or_insert_with(|| Arc::new(Mutex::new(Replica::new(epoch))));
-        if lock(slot).epoch != epoch {
+            .or_insert_with(|| Slot::new(epoch));
+        if slot.epoch != epoch {
             self.forget(slot);
-            *slot = Arc::new(Mutex::new(Replica::new(epoch)));
+            *slot = Slot::new(epoch);
         }
         slot.clone()
     }
 
-    fn forget(&self, replica: &Arc<Mutex<Replica>>) {
-        let bytes = std::mem::take(&mut lock(replica).bytes);
+    /// Counts `took` bytes against `slot` and all replicas, if the slot is still the peer's
+    /// (a replica dropped meanwhile is counted no more).
+    fn charge(&self, peer: &str, kind: DocKind, slot: &Slot, took: usize) {
+        let replicas = lock(&self.replicas);
+        if replicas
+            .get(&(peer.to_string(), kind))
+            .is_some_and(|s| Arc::ptr_eq(&s.bytes, &slot.bytes))
+        {
+            slot.bytes.fetch_add(took, Ordering::Relaxed);
+            self.replica_bytes.fetch_add(took, Ordering::Relaxed);
+        }
+    }
+
+    fn forget(&self, slot: &Slot) {
+        let bytes = slot.bytes.swap(0, Ordering::Relaxed);
         self.replica_bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
@@ -236,7 +277,7 @@ pub(crate) async fn pull(
         inner.docs.drop_peer(id);
         inner.penalise(id, SCORE_DOC, &e.to_string());
     }
-    let (replica, size) = result?;
+    let (replica, size, round_trips) = result?;
     let i = inner.clone();
     let hint = inner
         .docs
@@ -253,6 +294,7 @@ pub(crate) async fn pull(
     let mut hints = lock(&inner.docs.hints);
     let entry = hints.entry(id.to_string()).or_default();
     entry.sessions += 1;
+    entry.round_trips += round_trips;
     match hint {
         (Some(h), _) => {
             entry.heads = Some(h);
@@ -265,20 +307,57 @@ pub(crate) async fn pull(
     }
 }
 
-/// One session: our replica, brought up to the owner's heads (at most the round cap), and
-/// the owner's log size.
+/// One session: our replica, brought up to the owner's heads (at most the round cap), the
+/// owner's log size, and the round trips it took. Our first message goes with the request
+/// when we hold a replica of the owner's document already (the usual case), so a session
+/// in which nothing changed is one round trip; if the owner started a new document since
+/// (it restarted), the session starts over once without it.
 async fn session(
     inner: &Arc<Inner>,
     id: &str,
     conn: &Connection,
     kind: DocKind,
-) -> Result<(Arc<Mutex<Replica>>, u64)> {
+) -> Result<(Arc<Mutex<Replica>>, u64, u64)> {
+    let guess = inner.docs.epoch_of(id, kind);
+    match session_from(inner, id, conn, kind, guess).await? {
+        Some(done) => Ok(done),
+        None => session_from(inner, id, conn, kind, None)
+            .await?
+            .ok_or_else(|| Error::transport("the owner's document changed twice in a session")),
+    }
+}
+
+/// A session whose first message was generated from our replica of epoch `guess` and sent
+/// with the request; `None` when the owner's epoch turned out to be another.
+async fn session_from(
+    inner: &Arc<Inner>,
+    id: &str,
+    conn: &Connection,
+    kind: DocKind,
+    guess: Option<u64>,
+) -> Result<Option<(Arc<Mutex<Replica>>, u64, u64)>> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(Error::transport)?;
     let request = Request::Doc {
         net: inner.net.clone(),
         kind,
     };
     wire::write_json(&mut send, &request).await?;
+    let mut early = false;
+    if let Some(guess) = guess {
+        let r = inner.docs.replica(id, kind, guess).replica;
+        let ask = inner
+            .docs
+            .run(move || {
+                let mut r = lock(&r);
+                r.new_session();
+                r.generate()
+            })
+            .await?;
+        if let Some(ask) = ask {
+            wire::write_frame(&mut send, &ask).await?;
+            early = true;
+        }
+    }
     let header: Header = wire::read_json(&mut recv, wire::HEADER_BYTES_MAX).await?;
     if let Some(code) = header.error {
         return Err(Error::Refused {
@@ -289,16 +368,33 @@ async fn session(
     let epoch = header
         .epoch
         .ok_or_else(|| Error::protocol("a document session without an epoch"))?;
+    if early && guess != Some(epoch) {
+        // Our message was about a document the owner no longer has: its answer is not read,
+        // and the replica starts over in the owner's new epoch.
+        let _ = recv.stop(0u32.into());
+        let _ = send.finish();
+        inner.docs.replica(id, kind, epoch);
+        return Ok(None);
+    }
     let mut owner = [0u8; 32];
     hex::decode_to_slice(id, &mut owner).map_err(|_| Error::transport("bad peer id"))?;
     let actor = docs::actor(&owner, kind, epoch);
-    let replica = inner.docs.replica(id, kind, epoch);
-    for _ in 0..wire::DOC_ROUNDS_MAX {
+    let slot = inner.docs.replica(id, kind, epoch);
+    let replica = slot.replica.clone();
+    if !early {
         let r = replica.clone();
-        let Some(ask) = inner.docs.run(move || lock(&r).generate()).await? else {
-            break;
-        };
-        wire::write_frame(&mut send, &ask).await?;
+        inner.docs.run(move || lock(&r).new_session()).await?;
+    }
+    // The header's round trip; with an early message, its answer comes in the same one.
+    let mut round_trips = 1;
+    for round in 0..wire::DOC_ROUNDS_MAX {
+        if !(early && round == 0) {
+            let r = replica.clone();
+            let Some(ask) = inner.docs.run(move || lock(&r).generate()).await? else {
+                break;
+            };
+            wire::write_frame(&mut send, &ask).await?;
+        }
         let read = wire::read_frame(&mut recv, amcheck::ANSWER_BYTES_MAX);
         let Some(answer) = tokio::time::timeout(crate::mesh::RESPONSE_TIMEOUT, read)
             .await
@@ -306,9 +402,14 @@ async fn session(
         else {
             break;
         };
+        if !(early && round == 0) {
+            round_trips += 1;
+        }
         let n = answer.len();
         let total = inner.docs.replica_bytes.load(Ordering::Relaxed);
-        if lock(&replica).bytes + n > REPLICA_BYTES_MAX || total + n > REPLICAS_BYTES_MAX {
+        if slot.bytes.load(Ordering::Relaxed) + n > REPLICA_BYTES_MAX
+            || total + n > REPLICAS_BYTES_MAX
+        {
             return Err(Error::protocol(format!(
                 "the peer's {kind:?} document passes {REPLICA_BYTES_MAX} bytes (or all \
                  replicas {REPLICAS_BYTES_MAX})"
@@ -327,7 +428,6 @@ async fn session(
                     .doc
                     .receive_sync_message(&mut replica.state, m)
                     .map_err(|e| format!("automerge refused the changes: {e}"))?;
-                replica.bytes += took;
                 let mut ours = replica.heads();
                 theirs.sort();
                 ours.sort();
@@ -335,7 +435,7 @@ async fn session(
             })
             .await?
             .map_err(Error::protocol)?;
-        inner.docs.replica_bytes.fetch_add(took, Ordering::Relaxed);
+        inner.docs.charge(id, kind, &slot, took);
         // The owner's heads come with every message: once ours equal them, we are in step.
         if in_step {
             break;
@@ -343,5 +443,5 @@ async fn session(
     }
     wire::write_frame(&mut send, &[]).await?;
     send.finish().map_err(Error::transport)?;
-    Ok((replica, header.size))
+    Ok(Some((replica, header.size, round_trips)))
 }

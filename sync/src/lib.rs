@@ -4,8 +4,10 @@
 //! Peers are untrusted: every frame is bounded, every event is verified by the ledger, and a
 //! peer that sends malformed or invalid data is scored and, past a limit, banned.
 
+mod amchange;
 mod amcheck;
 mod blobs;
+pub mod craft;
 mod docs;
 mod docsync;
 mod error;
@@ -16,4 +18,4 @@ pub mod wire;
 pub use docs::DocKind;
 pub use error::{Error, Result};
 pub use mesh::{Fetched, Mesh, MeshConfig, PeerStatus, parse_ticket};
-pub use peers::{PEERS_MAX, PeerRecord};
+pub use peers::{LEARNT_MAX, PEERS_MAX, PeerRecord};

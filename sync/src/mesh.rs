@@ -8,7 +8,7 @@
 //! a peer's log to its end holds every event that peer accepted. Events a node learnt from
 //! one peer are in its own log too, so a line of nodes converges.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use crate::docs::DocKind;
 use crate::error::{Error, Result};
-use crate::peers::{PEERS_MAX, PeerRecord, PeerTable};
+use crate::peers::{LEARNT_MAX, PEERS_MAX, PeerRecord, PeerTable};
 use crate::wire::{self, Header, Request};
 
 /// Settings of the mesh.
@@ -94,6 +94,10 @@ const STREAMS_MAX: u32 = 8;
 const STRANGERS_MAX: usize = 1024;
 /// Connections served at once (beyond: refused at once).
 const SERVED_MAX: usize = 64;
+/// `Log` batches in flight at once, from all peers: each is at most
+/// `wire::RESPONSE_BYTES_MAX` and one event, so pulls hold at most ~140 MiB however many
+/// peers there are.
+const BATCHES_MAX: usize = 8;
 /// Pause of a peer whose quota of new authors is used up, before it is asked again.
 const THROTTLE_PAUSE: Duration = Duration::from_secs(10);
 /// A served connection with no request for this long is closed (pullers ask every
@@ -150,10 +154,14 @@ pub struct PeerStatus {
     pub catalog_entries: Option<u64>,
     /// See `catalog_entries`.
     pub catalog_missing: Option<u64>,
-    /// Document sessions with it (one round trip each, mostly).
+    /// Document sessions with it.
     pub doc_sessions: u64,
+    /// Round trips of those sessions.
+    pub doc_round_trips: u64,
     /// Misbehaviour score.
     pub score: u32,
+    /// What it was last scored for.
+    pub last_offence: Option<String>,
     /// Banned until (ms since the epoch), when banned.
     pub banned_until_ms: Option<u64>,
 }
@@ -190,6 +198,9 @@ pub(crate) struct Inner {
     tasks: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     /// Permits of the connections served now.
     served: Arc<tokio::sync::Semaphore>,
+    /// Permits of the `Log` batches in flight (read and not yet handed to the ledger), all
+    /// peers together: what bounds the memory pulls take.
+    batches: tokio::sync::Semaphore,
 }
 
 /// The mesh endpoint of a node. Cheap to clone.
@@ -310,6 +321,7 @@ impl Mesh {
             strangers: Mutex::new(HashMap::new()),
             tasks: Mutex::new(HashMap::new()),
             served: Arc::new(tokio::sync::Semaphore::new(SERVED_MAX)),
+            batches: tokio::sync::Semaphore::new(BATCHES_MAX),
         });
         let refused = {
             let inner = Arc::downgrade(&inner);
@@ -372,11 +384,7 @@ impl Mesh {
             }
             removed
         };
-        if let Some(task) = lock(&self.inner.tasks).remove(&id) {
-            task.abort();
-        }
-        lock(&self.inner.live).remove(&id);
-        self.inner.docs.drop_peer(&id);
+        self.inner.forget(&id);
         Ok(removed)
     }
 
@@ -400,6 +408,7 @@ impl Mesh {
                     catalog_entries: catalog.map(|c| c.0),
                     catalog_missing: catalog.map(|c| c.1),
                     doc_sessions: h.map_or(0, |h| h.sessions),
+                    doc_round_trips: h.map_or(0, |h| h.round_trips),
                     id: id.clone(),
                     ticket: record.ticket.clone(),
                     manual: record.manual,
@@ -414,6 +423,7 @@ impl Mesh {
                     bytes_in: l.map_or(0, |l| l.bytes_in),
                     bytes_out: l.map_or(0, |l| l.bytes_out),
                     score: record.score,
+                    last_offence: record.last_offence.clone(),
                     banned_until_ms: (record.banned_until_ms > now)
                         .then_some(record.banned_until_ms),
                 }
@@ -421,8 +431,9 @@ impl Mesh {
             .collect()
     }
 
-    /// Gets `hash` from a peer into the store: first from the peers that host it (a host's
-    /// key is its endpoint id), then from every other connected peer, one at a time. The
+    /// Gets `hash` from a peer into the store: first from the nodes that host it (a host's
+    /// key is its endpoint id; one that is not a known peer is dialled at the address it
+    /// announced), then from every other connected peer, one at a time. The
     /// data is verified as it streams in (a peer whose data fails is scored and the next one
     /// asked), kept from GC while it arrives, and durable and pinned before this returns.
     /// At most `max` bytes (and `limits.blob_bytes_max`): a peer's verified size is asked for
@@ -436,10 +447,7 @@ impl Mesh {
             .await
             .map_err(|e| Error::transport(format!("store: {e}")))?;
         let mut tried = Vec::new();
-        for id in fetch_order(inner, hash)? {
-            let Some(ticket) = lock(&inner.table).peers.get(&id).map(|r| r.ticket.clone()) else {
-                continue;
-            };
+        for (id, ticket) in fetch_order(inner, hash)? {
             if inner.banned(&id) || inner.admissible(&id).is_err() {
                 continue;
             }
@@ -573,7 +581,17 @@ impl Inner {
     /// always (keeping the cursor); the peer itself, on its own connection, only for a
     /// record it created (a user's ticket is never replaced); peer exchange never (a third
     /// party cannot redirect a known peer). Saves only on a change; `true` if added.
+    ///
+    /// Learnt peers (by exchange or by dialling us) take at most [`LEARNT_MAX`] records:
+    /// fresh keys cost nothing, so past that a new one replaces a learnt peer that is
+    /// neither connected nor banned, and is refused if there is none. A user's peer always
+    /// finds room while any learnt one is unbanned.
     fn remember(&self, id: &str, ticket: &str, source: Source) -> Result<bool> {
+        let connected: HashSet<String> = lock(&self.live)
+            .iter()
+            .filter(|(_, l)| l.connected)
+            .map(|(id, _)| id.clone())
+            .collect();
         let mut table = lock(&self.table);
         if let Some(record) = table.peers.get_mut(id) {
             let update = match source {
@@ -592,11 +610,7 @@ impl Inner {
             table.save()?;
             return Ok(false);
         }
-        if table.peers.len() >= PEERS_MAX {
-            return Err(Error::InvalidPeer(format!(
-                "{PEERS_MAX} peers are known already; remove one first"
-            )));
-        }
+        let evicted = make_room(&mut table, source, &connected)?;
         table.peers.insert(
             id.to_string(),
             PeerRecord {
@@ -605,8 +619,23 @@ impl Inner {
                 ..PeerRecord::default()
             },
         );
+        debug_assert!(table.peers.len() <= PEERS_MAX);
         table.save()?;
+        drop(table);
+        if let Some(old) = evicted {
+            tracing::info!(peer = old, "forgotten to make room for {id}");
+            self.forget(&old);
+        }
         Ok(true)
+    }
+
+    /// Stops pulling from a peer whose record is gone and drops what is kept of it.
+    fn forget(&self, id: &str) {
+        if let Some(task) = lock(&self.tasks).remove(id) {
+            task.abort();
+        }
+        lock(&self.live).remove(id);
+        self.docs.drop_peer(id);
     }
 
     /// Adds `score` to a peer's; past the limit it is banned (each ban twice the last).
@@ -623,6 +652,12 @@ impl Inner {
             return false;
         };
         record.score = record.score.saturating_add(score);
+        record.last_offence = Some(
+            why.char_indices()
+                .take_while(|(i, _)| *i < OFFENCE_BYTES_MAX)
+                .map(|(_, c)| c)
+                .collect(),
+        );
         tracing::warn!(peer = id, score = record.score, "peer misbehaved: {why}");
         if record.score < self.config.ban_score {
             return false;
@@ -680,6 +715,45 @@ impl Inner {
     }
 }
 
+/// Makes room in `table` for a new peer from `source`, removing at most one learnt peer
+/// that is neither banned nor in `connected`; returns it.
+fn make_room(
+    table: &mut PeerTable,
+    source: Source,
+    connected: &HashSet<String>,
+) -> Result<Option<String>> {
+    let learnt = table.peers.values().filter(|r| !r.manual).count();
+    let full = if source == Source::User {
+        table.peers.len() >= PEERS_MAX
+    } else {
+        learnt >= LEARNT_MAX
+    };
+    if !full {
+        return Ok(None);
+    }
+    let now = now_ms();
+    let victim = table
+        .peers
+        .iter()
+        .filter(|(_, r)| !r.manual && r.banned_until_ms <= now)
+        // Not connected first; for a user's peer, any learnt one will do.
+        .min_by_key(|(id, _)| connected.contains(*id))
+        .filter(|(id, _)| source == Source::User || !connected.contains(*id))
+        .map(|(id, _)| id.clone());
+    match victim {
+        Some(id) => {
+            table.peers.remove(&id);
+            Ok(Some(id))
+        }
+        None if source == Source::User => Err(Error::InvalidPeer(format!(
+            "{PEERS_MAX} peers are known already; remove one first"
+        ))),
+        None => Err(Error::InvalidPeer(format!(
+            "{LEARNT_MAX} learnt peers are known already, all connected or banned"
+        ))),
+    }
+}
+
 /// Where a blob came from.
 #[derive(Debug, Clone, Serialize)]
 pub struct Fetched {
@@ -689,12 +763,18 @@ pub struct Fetched {
     pub from: String,
 }
 
+/// Longest offence kept in a peer's record.
+const OFFENCE_BYTES_MAX: usize = 200;
+
 /// Score added for blob data that fails verification.
 const SCORE_CORRUPT_BLOB: u32 = 50;
 /// Longest a single peer may take to send a blob.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
 /// Host announcements read per fetch.
 const FETCH_HOSTS_MAX: usize = 64;
+/// Hosts outside the peers table dialled per fetch (at their announced address): anyone
+/// can announce a host, so a fetch gives them at most this many connect timeouts.
+const FETCH_STRANGERS_MAX: usize = 8;
 
 enum FetchError {
     /// The peer sent data that does not match the hash.
@@ -703,16 +783,38 @@ enum FetchError {
     Other(String),
 }
 
-/// The known peers to ask for `hash`: its hosts first, then the connected ones, then the rest.
-fn fetch_order(inner: &Inner, hash: &BlobHash) -> Result<Vec<String>> {
+/// The peers to ask for `hash`, as (id, ticket): its hosts first — by their ticket in the
+/// peers table, else by the address they announced (`node.announce`) if that is a ticket of
+/// their own key, so a host no one introduced can still be dialled —, then the connected
+/// known peers, then the rest.
+fn fetch_order(inner: &Inner, hash: &BlobHash) -> Result<Vec<(String, String)>> {
     let (hosts, _) = inner.ledger.hosts_up_to(hash, FETCH_HOSTS_MAX)?;
-    let hosts: Vec<String> = hosts.iter().map(|h| hex::encode(h.as_bytes())).collect();
-    let known: Vec<String> = lock(&inner.table).peers.keys().cloned().collect();
+    let known: Vec<(String, String)> = lock(&inner.table)
+        .peers
+        .iter()
+        .map(|(id, r)| (id.clone(), r.ticket.clone()))
+        .collect();
+    let own = hex::encode(inner.endpoint.id().as_bytes());
+    let mut order: Vec<(String, String)> = Vec::new();
+    let mut strangers = 0;
+    for host in hosts {
+        let id = hex::encode(host.as_bytes());
+        if let Some(peer) = known.iter().find(|(k, _)| *k == id) {
+            order.push(peer.clone());
+        } else if id != own
+            && strangers < FETCH_STRANGERS_MAX
+            && let Some(node) = inner.ledger.node_entry(&host)?
+            && parse_ticket(&node.addr).is_ok_and(|(_, of)| of == id)
+        {
+            strangers += 1;
+            order.push((id, node.addr));
+        }
+    }
     let connected = |id: &String| lock(&inner.live).get(id).is_some_and(|l| l.connected);
-    let mut order: Vec<String> = hosts.into_iter().filter(|h| known.contains(h)).collect();
-    for id in known.iter().filter(|id| connected(id)).chain(&known) {
-        if !order.contains(id) {
-            order.push(id.clone());
+    let (up, down): (Vec<_>, Vec<_>) = known.into_iter().partition(|(id, _)| connected(id));
+    for peer in up.into_iter().chain(down) {
+        if !order.iter().any(|(id, _)| *id == peer.0) {
+            order.push(peer);
         }
     }
     Ok(order)
@@ -908,6 +1010,11 @@ async fn pull(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Result<()> {
             tokio::time::sleep(inner.config.pull_interval).await;
             continue;
         }
+        let batch = inner
+            .batches
+            .acquire()
+            .await
+            .map_err(|_| Error::transport("the mesh is stopping"))?;
         let started = tokio::time::Instant::now();
         let (size, envelopes) = tokio::time::timeout(
             RESPONSE_TIMEOUT,
@@ -939,6 +1046,7 @@ async fn pull(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Result<()> {
             l.requests += 1;
         });
         let (next, throttled) = ingest(inner, id, cursor, envelopes).await?;
+        drop(batch);
         inner.set_cursor(id, next);
         inner.live(id, |l| {
             l.behind = size.saturating_sub(next);
@@ -1239,7 +1347,13 @@ async fn serve_connection(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Re
                     refuse(&mut send, "net_mismatch", "this node is of another network").await?;
                     continue;
                 }
-                crate::docsync::serve(inner, id, &mut send, &mut recv, kind).await?;
+                // A session the replica ended early (it stopped reading an answer to a
+                // document that was replaced) ends that stream, not the connection.
+                match crate::docsync::serve(inner, id, &mut send, &mut recv, kind).await {
+                    Err(e @ Error::Protocol(_)) => return Err(e),
+                    Err(e) => tracing::debug!(peer = id, "document session ended: {e}"),
+                    Ok(()) => {}
+                }
             }
             Request::Peers { net } => {
                 if net != inner.net {
@@ -1324,4 +1438,53 @@ async fn refuse(send: &mut iroh::endpoint::SendStream, code: &str, message: &str
     )
     .await?;
     send.finish().map_err(Error::transport)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table_of(dir: &Path, learnt: usize, manual: usize) -> PeerTable {
+        let mut table = PeerTable::load(dir).expect("empty table");
+        for i in 0..learnt + manual {
+            let record = PeerRecord {
+                manual: i >= learnt,
+                ..PeerRecord::default()
+            };
+            table.peers.insert(format!("{i:04}"), record);
+        }
+        table
+    }
+
+    #[test]
+    fn learnt_peers_make_room_for_each_other_and_never_crowd_out_a_users() {
+        let dir = tempfile::tempdir().expect("dir");
+        let none = HashSet::new();
+        // Under the cap: nothing to remove.
+        let mut table = table_of(dir.path(), LEARNT_MAX - 1, 0);
+        assert_eq!(
+            make_room(&mut table, Source::Exchange, &none).expect("room"),
+            None
+        );
+        // At the cap: a learnt peer that is not connected goes, not a connected one.
+        let mut table = table_of(dir.path(), LEARNT_MAX, 0);
+        let connected: HashSet<String> = (1..LEARNT_MAX).map(|i| format!("{i:04}")).collect();
+        let gone = make_room(&mut table, Source::Itself, &connected).expect("room");
+        assert_eq!(gone.as_deref(), Some("0000"));
+        assert_eq!(table.peers.len(), LEARNT_MAX - 1);
+        // All connected or banned: a learnt newcomer is refused.
+        let mut table = table_of(dir.path(), LEARNT_MAX, 0);
+        table.peers.get_mut("0000").expect("peer").banned_until_ms = u64::MAX;
+        assert!(make_room(&mut table, Source::Exchange, &connected).is_err());
+        assert_eq!(table.peers.len(), LEARNT_MAX);
+        // A user's peer with the table full: a learnt one (even connected) makes room, a
+        // banned one never does; with only users' peers, the user is told to remove one.
+        let mut table = table_of(dir.path(), LEARNT_MAX, PEERS_MAX - LEARNT_MAX);
+        table.peers.get_mut("0000").expect("peer").banned_until_ms = u64::MAX;
+        let gone = make_room(&mut table, Source::User, &connected).expect("room");
+        assert!(gone.is_some_and(|id| id != "0000"));
+        let mut table = table_of(dir.path(), 0, PEERS_MAX);
+        let e = make_room(&mut table, Source::User, &none).expect_err("full");
+        assert!(e.to_string().contains("remove one first"), "{e}");
+    }
 }

@@ -10,6 +10,8 @@ use crate::error::Result;
 
 /// Most peers remembered.
 pub const PEERS_MAX: usize = 256;
+/// Most peers remembered that no user added (learnt by exchange or from their dialling us).
+pub const LEARNT_MAX: usize = PEERS_MAX / 2;
 
 /// What is remembered of one peer.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -30,6 +32,9 @@ pub struct PeerRecord {
     /// Bans so far (each lasts twice the one before).
     #[serde(default)]
     pub bans: u32,
+    /// What it was last scored for (at most 200 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_offence: Option<String>,
 }
 
 /// The peers table, by endpoint id (hex).

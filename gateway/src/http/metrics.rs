@@ -41,7 +41,7 @@ struct RouteLabels {
 pub struct PeerLabels {
     /// The peer's endpoint id (hex).
     pub peer: String,
-    /// What is counted: connected, behind, heads_behind, doc_sessions, events_in, bytes_in, bytes_out, score, banned.
+    /// What is counted: connected, behind, heads_behind, doc_sessions, doc_round_trips, events_in, bytes_in, bytes_out, score, banned.
     pub what: &'static str,
 }
 
@@ -216,7 +216,7 @@ impl Metrics {
         registry.register(
             "peer",
             "Per peer: connected (0/1), behind (events of its log not read yet), heads_behind \
-             (seqs its heads document lists past ours), doc_sessions, events_in, bytes_in and bytes_out (QUIC, overhead included), score, banned (0/1)",
+             (seqs its heads document lists past ours), doc_sessions, doc_round_trips, events_in, bytes_in and bytes_out (QUIC, overhead included), score, banned (0/1)",
             peers.clone(),
         );
         let query_workers_killed = Gauge::default();

@@ -1,11 +1,14 @@
 //! Operational routes: health, readiness, metrics, status, GC.
 
+use std::sync::Arc;
+
 use http::{HeaderMap, StatusCode};
 use serde::Serialize;
 use warp::Reply;
 use warp::reply::Response;
 
 use super::{ApiError, AppState, json};
+use crate::node::Node;
 
 /// Answer of `/healthz` and `/readyz`.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -108,7 +111,7 @@ pub(crate) async fn metrics(state: AppState, headers: HeaderMap) -> Result<Respo
     state
         .metrics()
         .blobs_hosted
-        .set(state.node().blobs_hosted() as i64);
+        .set(blobs_hosted(state.node()).await as i64);
     let gc = store.gc_health();
     state.metrics().gc_runs.set(gc.runs as i64);
     state.metrics().gc_failures.set(gc.failures as i64);
@@ -117,11 +120,12 @@ pub(crate) async fn metrics(state: AppState, headers: HeaderMap) -> Result<Respo
         let family = &state.metrics().peers;
         family.clear();
         for p in mesh.peers() {
-            let values: [(&'static str, u64); 9] = [
+            let values: [(&'static str, u64); 10] = [
                 ("connected", u64::from(p.connected)),
                 ("behind", p.behind),
                 ("heads_behind", p.heads_behind.unwrap_or(0)),
                 ("doc_sessions", p.doc_sessions),
+                ("doc_round_trips", p.doc_round_trips),
                 ("events_in", p.events_in),
                 ("bytes_in", p.bytes_in),
                 ("bytes_out", p.bytes_out),
@@ -153,6 +157,14 @@ pub(crate) async fn metrics(state: AppState, headers: HeaderMap) -> Result<Respo
     .into_response())
 }
 
+/// [`Node::blobs_hosted`] off the async workers (a recount reads every host row).
+async fn blobs_hosted(node: &Arc<Node>) -> u64 {
+    let node = node.clone();
+    tokio::task::spawn_blocking(move || node.blobs_hosted())
+        .await
+        .unwrap_or(0)
+}
+
 /// Node identity and counters.
 #[utoipa::path(get, path = "/v1/status", tag = "mesh",
     responses((status = 200, description = "Status", body = Status)))]
@@ -160,6 +172,7 @@ pub(crate) async fn status(state: AppState, headers: HeaderMap) -> Result<Respon
     state.authorize(&headers, false)?;
     let node = state.node();
     let pins = state.pins_count().await?;
+    let hosted = blobs_hosted(node).await;
     Ok(json(
         StatusCode::OK,
         &Status {
@@ -193,7 +206,7 @@ pub(crate) async fn status(state: AppState, headers: HeaderMap) -> Result<Respon
                         "banned": peers.iter().filter(|p| p.banned_until_ms.is_some()).count(),
                         "behind": peers.iter().map(|p| p.behind).sum::<u64>(),
                         "heads_behind": peers.iter().filter_map(|p| p.heads_behind).max().unwrap_or(0),
-                        "blobs_hosted": node.blobs_hosted(),
+                        "blobs_hosted": hosted,
                     })
                 }
                 None => serde_json::Value::Null,

@@ -28,7 +28,7 @@ fn mesh(state: &AppState) -> Result<&meshnode_sync::Mesh, ApiError> {
 
 /// Known peers with their replication status.
 #[utoipa::path(get, path = "/v1/peers", tag = "peers",
-    responses((status = 200, description = "{ticket, peers: [{id, ticket, manual, connected, address, rtt_ms, last_sync_ms, cursor, behind, heads_behind, heads_authors, catalog_entries, catalog_missing, doc_sessions, events_in, requests, bytes_in, bytes_out, score, banned_until_ms}]}")))]
+    responses((status = 200, description = "{ticket, peers: [{id, ticket, manual, connected, address, rtt_ms, last_sync_ms, cursor, behind, heads_behind, heads_authors, catalog_entries, catalog_missing, doc_sessions, doc_round_trips, events_in, requests, bytes_in, bytes_out, score, last_offence, banned_until_ms}]}")))]
 pub(crate) async fn list(state: AppState, headers: HeaderMap) -> Result<Response, ApiError> {
     state.authorize(&headers, false)?;
     let mesh = mesh(&state)?;

@@ -3,9 +3,12 @@
 
 use std::time::Duration;
 
+use iroh::endpoint::{RecvStream, SendStream};
 use meshnode_schemas::{
     BlobHash, BlobHost, EventBody, Payload, SignedEvent, SigningKey, author_of,
 };
+use meshnode_sync::craft::ask_with_bloom;
+use meshnode_sync::wire::{self, Header, Request};
 use serde_json::Value;
 
 use crate::harness::{TestNode, client, status};
@@ -65,11 +68,15 @@ async fn metrics(node: &TestNode) -> String {
 }
 
 async fn submit(node: &TestNode, event: &SignedEvent) {
+    submit_envelope(node, event.envelope.clone()).await;
+}
+
+async fn submit_envelope(node: &TestNode, envelope: Vec<u8>) {
     let response = client()
         .post(format!("{}/v1/events", node.url))
         .bearer_auth(&node.token)
         .header("content-type", "application/cbor")
-        .body(event.envelope.clone())
+        .body(envelope)
         .send()
         .await
         .expect("post");
@@ -229,51 +236,75 @@ struct Liar {
     flood: bool,
 }
 
-impl iroh::protocol::ProtocolHandler for Liar {
+impl Answer for Liar {
+    async fn answer(&self, request: Request, send: &mut SendStream, _: &mut RecvStream) -> bool {
+        let is_log = matches!(request, Request::Log { .. });
+        // No documents: its events are what is under test (they come by its log).
+        let is_doc = matches!(request, Request::Doc { .. });
+        let header = Header {
+            size: if is_log { 1_000_000 } else { 0 },
+            error: is_doc.then(|| "bad_request".to_string()),
+            ..Header::default()
+        };
+        if wire::write_json(send, &header).await.is_err() {
+            return false;
+        }
+        let frames: Vec<Vec<u8>> = match (is_log, self.flood) {
+            (false, _) => vec![],
+            (true, true) => (0..50u8)
+                .map(|i| host_event(self.net, 150 + i).envelope)
+                .collect(),
+            (true, false) => (0..20u8)
+                .map(|i| {
+                    if i % 2 == 0 {
+                        return vec![i; 200];
+                    }
+                    let mut envelope = host_event(self.net, 100 + i).envelope;
+                    let last = envelope.len() - 1;
+                    envelope[last] ^= 0x55;
+                    envelope
+                })
+                .collect(),
+        };
+        for frame in frames {
+            if wire::write_frame(send, &frame).await.is_err() {
+                return false;
+            }
+        }
+        let _ = wire::write_frame(send, &[]).await;
+        true
+    }
+}
+
+/// What a test peer answers to one request of `/meshnode/sync/1` (the stream is finished
+/// after); `false` stops serving the connection.
+trait Answer: std::fmt::Debug + Clone + Send + Sync + 'static {
+    fn answer(
+        &self,
+        request: Request,
+        send: &mut SendStream,
+        recv: &mut RecvStream,
+    ) -> impl std::future::Future<Output = bool> + Send;
+}
+
+/// A test peer speaking `/meshnode/sync/1` with `A`'s answers.
+#[derive(Debug, Clone)]
+struct Fake<A>(A);
+
+impl<A: Answer> iroh::protocol::ProtocolHandler for Fake<A> {
     async fn accept(
         &self,
         conn: iroh::endpoint::Connection,
     ) -> Result<(), iroh::protocol::AcceptError> {
-        use meshnode_sync::wire::{self, Header, Request};
         while let Ok((mut send, mut recv)) = conn.accept_bi().await {
             let Ok(request) = wire::read_json::<Request>(&mut recv, 4096).await else {
                 break;
             };
-            let is_log = matches!(request, Request::Log { .. });
-            // No documents: its events are what is under test (they come by its log).
-            let is_doc = matches!(request, Request::Doc { .. });
-            let header = Header {
-                size: if is_log { 1_000_000 } else { 0 },
-                error: is_doc.then(|| "bad_request".to_string()),
-                ..Header::default()
-            };
-            if wire::write_json(&mut send, &header).await.is_err() {
+            let go_on = self.0.answer(request, &mut send, &mut recv).await;
+            let _ = send.finish();
+            if !go_on {
                 break;
             }
-            if is_log && self.flood {
-                for i in 0..50u8 {
-                    let event = host_event(self.net, 150 + i);
-                    if wire::write_frame(&mut send, &event.envelope).await.is_err() {
-                        break;
-                    }
-                }
-            } else if is_log {
-                for i in 0..20u8 {
-                    let bytes = if i % 2 == 0 {
-                        vec![i; 200]
-                    } else {
-                        let mut envelope = host_event(self.net, 100 + i).envelope.to_vec();
-                        let last = envelope.len() - 1;
-                        envelope[last] ^= 0x55;
-                        envelope
-                    };
-                    if wire::write_frame(&mut send, &bytes).await.is_err() {
-                        break;
-                    }
-                }
-            }
-            let _ = wire::write_frame(&mut send, &[]).await;
-            let _ = send.finish();
         }
         Ok(())
     }
@@ -316,27 +347,9 @@ async fn a_peer_sending_invalid_events_is_banned_while_honest_peers_keep_syncing
     router.shutdown().await.expect("liar shutdown");
 }
 
-/// A peer of our own on loopback speaking the protocol with `handler`; its ticket.
-async fn fake_peer(handler: Liar, seed: u8) -> (String, iroh::protocol::Router) {
-    let endpoint = iroh::Endpoint::builder(iroh::endpoint::presets::Empty)
-        .crypto_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-        .secret_key(iroh::SecretKey::from_bytes(&[seed; 32]))
-        .clear_ip_transports()
-        .bind_addr("127.0.0.1:0")
-        .expect("addr")
-        .alpns(vec![meshnode_sync::wire::ALPN.to_vec()])
-        .bind()
-        .await
-        .expect("fake peer endpoint");
-    let mut addr = iroh::EndpointAddr::new(endpoint.id());
-    for socket in endpoint.bound_sockets() {
-        addr = addr.with_ip_addr(socket);
-    }
-    let ticket = iroh_tickets::endpoint::EndpointTicket::new(addr).to_string();
-    let router = iroh::protocol::Router::builder(endpoint)
-        .accept(meshnode_sync::wire::ALPN, handler)
-        .spawn();
-    (ticket, router)
+/// A peer of our own on loopback speaking the protocol with `answers`; its ticket.
+async fn fake_peer<A: Answer>(answers: A, seed: u8) -> (String, iroh::protocol::Router) {
+    fake_endpoint(wire::ALPN, Fake(answers), seed).await
 }
 
 #[tokio::test]
@@ -655,7 +668,39 @@ async fn a_blob_is_fetched_from_a_peer_that_serves_it_and_a_corrupt_host_is_blam
             .contains("the blob is 300000 bytes, more than this fetch may take (100000 bytes"),
         "{body}"
     );
+
+    // A host no one introduced: d knows no peer, only the events (from a's audit bundle),
+    // and dials a at the address a announced with its first blob.host.
+    let bundle = tempfile::tempdir().expect("bundle dir");
+    let out = a.cli(&["audit", "--export", bundle.path().to_str().expect("utf-8")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = TestNode::start_joining(&a.data_dir().join("genesis.cbor")).expect("node d");
+    for envelope in bundle_envelopes(bundle.path()) {
+        submit_envelope(&d, envelope).await;
+    }
+    assert_eq!(peer_list(&d)["peers"], serde_json::json!([]));
+    let (got, body) = fetch(&d, &hash).await;
+    assert_eq!(got, reqwest::StatusCode::OK, "{body}");
+    assert_eq!(body["source"], a_id.as_str(), "{body}");
+    assert_eq!(blob_bytes(&d, &hash).await, data);
     router.shutdown().await.expect("corrupt provider shutdown");
+}
+
+/// The envelopes of an audit bundle, in log order (each a u32 BE length and the bytes).
+fn bundle_envelopes(dir: &std::path::Path) -> Vec<Vec<u8>> {
+    let bytes = std::fs::read(dir.join("events.bin")).expect("events.bin");
+    let mut rest = &bytes[..];
+    let mut out = Vec::new();
+    while let Some((len, tail)) = rest.split_first_chunk::<4>() {
+        let len = u32::from_be_bytes(*len) as usize;
+        out.push(tail[..len].to_vec());
+        rest = &tail[len..];
+    }
+    out
 }
 
 #[tokio::test]
@@ -931,6 +976,8 @@ async fn the_ticket_gives_the_advertised_addresses() {
 enum BadDoc {
     /// A compressed change that inflates to 64 MiB.
     Bomb,
+    /// A change of 79 bytes whose runs declare 2^40 operations (automerge spins on it).
+    RunBomb,
     /// A well-formed change by an actor that is not the document's.
     ForeignActor,
     /// A frame announcing 64 MiB.
@@ -942,30 +989,15 @@ enum BadDoc {
 struct BadOwner(BadDoc);
 
 impl BadOwner {
-    fn answer(&self, ask: &[u8]) -> Vec<u8> {
+    fn doc_answer(&self, ask: &[u8]) -> Vec<u8> {
         use automerge::sync::{Message, MessageVersion, SyncDoc};
         use automerge::transaction::Transactable;
         match self.0 {
-            BadDoc::Bomb => {
-                use std::io::Write;
-                let mut enc =
-                    flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
-                let zeros = vec![0u8; 1 << 20];
-                for _ in 0..64 {
-                    enc.write_all(&zeros).expect("deflate");
-                }
-                let data = enc.finish().expect("deflate");
-                let mut chunk = vec![0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 2];
-                let mut n = data.len();
-                loop {
-                    let b = (n & 0x7f) as u8;
-                    n >>= 7;
-                    chunk.push(if n == 0 { b } else { b | 0x80 });
-                    if n == 0 {
-                        break;
-                    }
-                }
-                chunk.extend(data);
+            BadDoc::Bomb | BadDoc::RunBomb => {
+                let chunk = match self.0 {
+                    BadDoc::Bomb => meshnode_sync::craft::deflate_bomb_chunk(64),
+                    _ => meshnode_sync::craft::run_length_bomb(),
+                };
                 Message {
                     heads: vec![],
                     need: vec![],
@@ -998,48 +1030,36 @@ impl BadOwner {
     }
 }
 
-impl iroh::protocol::ProtocolHandler for BadOwner {
-    async fn accept(
-        &self,
-        conn: iroh::endpoint::Connection,
-    ) -> Result<(), iroh::protocol::AcceptError> {
-        use meshnode_sync::wire::{self, Header, Request};
-        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-            let Ok(request) = wire::read_json::<Request>(&mut recv, 4096).await else {
-                break;
-            };
-            let is_doc = matches!(request, Request::Doc { .. });
-            let header = Header {
-                epoch: is_doc.then_some(1),
-                ..Header::default()
-            };
-            if wire::write_json(&mut send, &header).await.is_err() {
-                break;
-            }
-            if !is_doc {
-                let _ = wire::write_frame(&mut send, &[]).await;
-                let _ = send.finish();
-                continue;
-            }
-            let Ok(Some(ask)) = wire::read_frame(&mut recv, 1 << 20).await else {
-                break;
-            };
-            if let BadDoc::Oversized = self.0 {
-                let _ = send.write_all(&(64u32 << 20).to_le_bytes()).await;
-                let _ = send.write_all(&vec![0u8; 1 << 20]).await;
-            } else {
-                let _ = wire::write_frame(&mut send, &self.answer(&ask)).await;
-            }
-            let _ = send.finish();
+impl Answer for BadOwner {
+    async fn answer(&self, request: Request, send: &mut SendStream, recv: &mut RecvStream) -> bool {
+        let is_doc = matches!(request, Request::Doc { .. });
+        let header = Header {
+            epoch: is_doc.then_some(1),
+            ..Header::default()
+        };
+        if wire::write_json(send, &header).await.is_err() {
+            return false;
         }
-        Ok(())
+        if !is_doc {
+            let _ = wire::write_frame(send, &[]).await;
+            return true;
+        }
+        let Ok(Some(ask)) = wire::read_frame(recv, 1 << 20).await else {
+            return false;
+        };
+        if let BadDoc::Oversized = self.0 {
+            let _ = send.write_all(&(64u32 << 20).to_le_bytes()).await;
+            let _ = send.write_all(&vec![0u8; 1 << 20]).await;
+        } else {
+            let _ = wire::write_frame(send, &self.doc_answer(&ask)).await;
+        }
+        true
     }
 }
 
 /// Dials `node` as a stranger and sends a `Doc` session's first message as `ask`; whether
 /// the node answered it (and not closed the stream).
 async fn ask_doc(node_ticket: &str, net: &str, seed: u8, ask: &[u8]) -> bool {
-    use meshnode_sync::wire::{self, Header, Request};
     let endpoint = test_endpoint(seed, vec![]).await;
     let t: iroh_tickets::endpoint::EndpointTicket = node_ticket.parse().expect("ticket");
     let answered = async {
@@ -1066,29 +1086,6 @@ async fn ask_doc(node_ticket: &str, net: &str, seed: u8, ask: &[u8]) -> bool {
     answered
 }
 
-/// A replica's first message with a hand-made bloom filter.
-fn ask_with_bloom(entries: u32, per_entry: u32, probes: u32, bits: usize) -> Vec<u8> {
-    let leb = |out: &mut Vec<u8>, mut n: u64| loop {
-        let b = (n & 0x7f) as u8;
-        n >>= 7;
-        if n == 0 {
-            out.push(b);
-            return;
-        }
-        out.push(b | 0x80);
-    };
-    let mut out = vec![0x42, 0, 0, 1, 0];
-    let mut bloom = Vec::new();
-    for v in [entries, per_entry, probes] {
-        leb(&mut bloom, v.into());
-    }
-    bloom.extend(std::iter::repeat_n(0xffu8, bits));
-    leb(&mut out, bloom.len() as u64);
-    out.extend(bloom);
-    out.push(0);
-    out
-}
-
 fn rss_kib(node: &TestNode) -> u64 {
     let pid = node.pid().expect("pid");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
@@ -1110,15 +1107,18 @@ async fn hostile_automerge_messages_are_refused_and_their_peers_banned_while_syn
     converged(&[&a, &b], demo_events).await;
     let rss_before = rss_kib(&b);
 
-    // Owners b replicates: a bomb, a foreign actor, an oversized frame.
+    // Owners b replicates: a deflate bomb, a run-length bomb, a foreign actor, an oversized
+    // frame.
     let mut routers = Vec::new();
     let mut tickets = Vec::new();
-    for (i, bad) in [BadDoc::Bomb, BadDoc::ForeignActor, BadDoc::Oversized]
-        .into_iter()
-        .enumerate()
-    {
-        let (t, router) =
-            fake_endpoint(meshnode_sync::wire::ALPN, BadOwner(bad), 70 + i as u8).await;
+    let owners = [
+        BadDoc::Bomb,
+        BadDoc::RunBomb,
+        BadDoc::ForeignActor,
+        BadDoc::Oversized,
+    ];
+    for (i, bad) in owners.into_iter().enumerate() {
+        let (t, router) = fake_peer(BadOwner(bad), 70 + i as u8).await;
         add_peer(&b, &t);
         tickets.push(t);
         routers.push(router);
@@ -1134,7 +1134,7 @@ async fn hostile_automerge_messages_are_refused_and_their_peers_banned_while_syn
             &b_ticket,
             &net_hex,
             82,
-            &ask_with_bloom(10, 10, u32::MAX, 13)
+            &ask_with_bloom(10, 10, u32::MAX.into(), 13)
         )
         .await
     );
@@ -1159,6 +1159,16 @@ async fn hostile_automerge_messages_are_refused_and_their_peers_banned_while_syn
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The run-length bomb was refused by the checks, not by the time budget after
+    // automerge spun on it.
+    let listed = peer_list(&b);
+    let why = &listed_peer(&listed, "ticket", &tickets[1])["last_offence"];
+    assert!(
+        why.as_str()
+            .unwrap_or("")
+            .contains("more than 20000 values"),
+        "{why}"
+    );
     // The strangers that sent broken filters are banned too: not even a sane message is
     // answered now.
     assert!(!ask_doc(&b_ticket, &net_hex, 81, &ask_with_bloom(10, 10, 7, 13)).await);
