@@ -300,9 +300,12 @@ impl Node {
         payload: Payload,
     ) -> anyhow::Result<meshnode_ledger::Submitted> {
         let _one = self.own.lock().await;
-        // A host must be reachable by those who read its `blob.host`, peers or not.
-        if matches!(payload, Payload::BlobHost(_)) {
-            self.announce_address_locked(false).await?;
+        // A host must be reachable by those who read its `blob.host`, peers or not (an
+        // announcement that fails does not stop the event).
+        if matches!(payload, Payload::BlobHost(_))
+            && let Err(e) = self.announce_address_locked(false).await
+        {
+            tracing::warn!("announcing this node's address: {e:#}");
         }
         self.append_own_locked(deps, payload).await
     }
@@ -327,12 +330,22 @@ impl Node {
         if !stale {
             return Ok(false);
         }
-        let payload = Payload::NodeAnnounce(NodeAnnounce {
-            service: "meshnode".into(),
-            endpoints: Vec::new(),
-            capabilities: vec!["sync/1".into(), "blobs".into()],
-            basin_signature: Vector::new(&[])?,
-            addr: mesh.ticket().to_string(),
+        // Only the address changes: what the operator announced stays.
+        let payload = Payload::NodeAnnounce(match entry {
+            Some(entry) => NodeAnnounce {
+                service: entry.service,
+                endpoints: entry.endpoints,
+                capabilities: entry.capabilities,
+                basin_signature: Vector::new(&entry.basin_signature)?,
+                addr: mesh.ticket().to_string(),
+            },
+            None => NodeAnnounce {
+                service: "meshnode".into(),
+                endpoints: Vec::new(),
+                capabilities: vec!["sync/1".into(), "blobs".into()],
+                basin_signature: Vector::new(&[])?,
+                addr: mesh.ticket().to_string(),
+            },
         });
         self.append_own_locked(Vec::new(), payload).await?;
         tracing::info!("announced this node's address: {}", mesh.ticket());

@@ -109,6 +109,9 @@ pub enum Rule {
     DuplicateSubmission,
     /// Too many events wait already: a limit that delays, not a verdict on the event.
     PendingFull,
+    /// An event read from a peer's log whose causal past is not here: a log is in its
+    /// node's acceptance order, so its sender broke the protocol (it never waits here).
+    OutOfOrder,
 }
 
 /// How a rejection is reported: bad bytes, too large, breaks a rule, or try again later.
@@ -146,6 +149,7 @@ impl Rule {
             Rule::InvalidForkProof => "invalid_fork_proof",
             Rule::DuplicateSubmission => "duplicate_submission",
             Rule::PendingFull => "pending_full",
+            Rule::OutOfOrder => "out_of_order",
         }
     }
 

@@ -755,6 +755,14 @@ fn apply_batch(
             frontier,
             &mut tree_nodes,
         )?;
+        if job.from.is_some() && matches!(outcome, Outcome::Pending(..)) {
+            // Read from a peer's log, which is in acceptance order: what it names must be
+            // here already. Such an event never takes a place in the pending set.
+            outcome = Outcome::Rejected(reject(
+                Rule::OutOfOrder,
+                "the peer sent an event before what it depends on (a log is in acceptance order)",
+            ));
+        }
         if let Outcome::Pending(w, blob) = &outcome {
             // Trusted: a known log, signed by the key it uses now (the parallel pre-check).
             let trusted = verified_with.is_some() && state.authors.contains_key(&event.body.author);

@@ -2,8 +2,8 @@
 //! notes/sync.md, verified in automerge 0.12's source): automerge takes the number of
 //! operations from the run lengths of the action column and iterates every one of them
 //! (`verify_ops`), so 79 bytes declaring a run of 2^40 spin a thread for hours; a
-//! predecessor count of 2^40 grows one `Vec` towards 8 TiB; and an actor index or counter of
-//! 2^32 or more panics (`OpId::new` unwraps a `u32`). Here each column's runs are summed
+//! predecessor count of 2^40 is iterated until its columns run out; and an actor index or
+//! counter of 2^32 or more panics (`OpId::new` unwraps a `u32`). Here each column's runs are summed
 //! without being expanded, and every column must hold at most `ops_max` values whose actors
 //! and counters fit automerge's types.
 //!
@@ -82,6 +82,9 @@ pub(crate) fn walk(data: &[u8], ops_max: u64) -> Result<Walked, Invalid> {
     let mut specs = Vec::with_capacity(columns as usize);
     for _ in 0..columns {
         let spec = u32::try_from(r.uleb()?).map_err(|_| bad("a column spec past u32"))?;
+        if !SPECS.contains(&spec) {
+            return Err(bad(format!("column {spec:#x} (not one automerge writes)")));
+        }
         let len = r.uleb()?;
         if specs.last().is_some_and(|&(last, _)| last >= spec) {
             return Err(bad("change columns out of order"));
@@ -100,6 +103,15 @@ pub(crate) fn walk(data: &[u8], ops_max: u64) -> Result<Walked, Invalid> {
     }
     Ok(Walked { other_actors, ops })
 }
+
+/// The columns automerge 0.12 writes in a change, and so the only ones accepted: object
+/// (actor, counter), key (actor, counter, string), insert, action, value (metadata, raw),
+/// predecessors (group, actor, counter), expand, mark name. Automerge would also take other
+/// encodings of some (an integer column as the predecessors' actors, whose index it then
+/// unwraps), and ignores unknown ones.
+const SPECS: [u32; 14] = [
+    0x01, 0x02, 0x11, 0x13, 0x15, 0x34, 0x42, 0x56, 0x57, 0x70, 0x71, 0x73, 0x94, 0xa5,
+];
 
 /// The action column's spec (id 4, uLEB).
 const ACTION_SPEC: u32 = 4 << 4 | ULEB;
@@ -361,6 +373,15 @@ mod tests {
         assert!(walk(&min, 20_000).is_err());
         assert!(walk(&change(&[(0x42, vec![]), (0x34, vec![])]), 20_000).is_err());
         assert!(walk(&change(&[(0x42 | DEFLATE, vec![1, 1])]), 20_000).is_err());
+        // Predecessors' actors as an integer column (automerge takes it, and panics on an
+        // index past its actors).
+        let integer = change(&[
+            (0x70, hex("01 01")),
+            (0x72, hex("01 01")),
+            (0x73, hex("01 01")),
+        ]);
+        let e = walk(&integer, 20_000).expect_err("refused");
+        assert!(e.0.contains("not one automerge writes"), "{e}");
         let mut short = change(&[(0x42, hex("02 01"))]);
         short.pop();
         assert!(walk(&short, 20_000).is_err());

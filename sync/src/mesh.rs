@@ -18,7 +18,7 @@ use iroh::endpoint::{Connection, QuicTransportConfig, presets};
 use iroh::protocol::{AcceptError, ProtocolHandler, Router};
 use iroh::{Endpoint, EndpointAddr, SecretKey};
 use iroh_tickets::endpoint::EndpointTicket;
-use meshnode_ledger::{Ledger, RuleClass};
+use meshnode_ledger::{Ledger, Rule, RuleClass};
 use meshnode_schemas::BlobHash;
 use serde::Serialize;
 
@@ -94,10 +94,10 @@ const STREAMS_MAX: u32 = 8;
 const STRANGERS_MAX: usize = 1024;
 /// Connections served at once (beyond: refused at once).
 const SERVED_MAX: usize = 64;
-/// `Log` batches in flight at once, from all peers: each is at most
-/// `wire::RESPONSE_BYTES_MAX` and one event, so pulls hold at most ~140 MiB however many
-/// peers there are.
-const BATCHES_MAX: usize = 8;
+/// KiB of envelopes read from peers' logs and not yet handed to the ledger, all peers
+/// together (a frame is taken into account as it is read, so a peer that trickles its
+/// answer holds only what it sent): pulls hold at most this, plus one frame per peer.
+const INFLIGHT_KIB_MAX: usize = 128 << 10;
 /// Pause of a peer whose quota of new authors is used up, before it is asked again.
 const THROTTLE_PAUSE: Duration = Duration::from_secs(10);
 /// A served connection with no request for this long is closed (pullers ask every
@@ -198,9 +198,9 @@ pub(crate) struct Inner {
     tasks: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     /// Permits of the connections served now.
     served: Arc<tokio::sync::Semaphore>,
-    /// Permits of the `Log` batches in flight (read and not yet handed to the ledger), all
-    /// peers together: what bounds the memory pulls take.
-    batches: tokio::sync::Semaphore,
+    /// KiB of `Log` envelopes in flight (read and not yet handed to the ledger), all peers
+    /// together: what bounds the memory pulls take.
+    inflight: tokio::sync::Semaphore,
 }
 
 /// The mesh endpoint of a node. Cheap to clone.
@@ -321,7 +321,7 @@ impl Mesh {
             strangers: Mutex::new(HashMap::new()),
             tasks: Mutex::new(HashMap::new()),
             served: Arc::new(tokio::sync::Semaphore::new(SERVED_MAX)),
-            batches: tokio::sync::Semaphore::new(BATCHES_MAX),
+            inflight: tokio::sync::Semaphore::new(INFLIGHT_KIB_MAX),
         });
         let refused = {
             let inner = Arc::downgrade(&inner);
@@ -464,12 +464,21 @@ impl Mesh {
                     drop(hold);
                     return Ok(Fetched { size, from: id });
                 }
-                Err(FetchError::Corrupt(why)) => {
-                    inner.penalise(&id, SCORE_CORRUPT_BLOB, &format!("blob {hash}: {why}"));
-                    tried.push(format!("{id}: corrupt data ({why})"));
-                }
-                Err(FetchError::Other(why)) => {
-                    tracing::info!(peer = id, %hash, "blob not fetched: {why}");
+                Err(e) => {
+                    let why = match e {
+                        FetchError::Corrupt(why) => {
+                            inner.penalise(&id, SCORE_CORRUPT_BLOB, &format!("blob {hash}: {why}"));
+                            format!("corrupt data ({why})")
+                        }
+                        FetchError::Other(why) => {
+                            tracing::info!(peer = id, %hash, "blob not fetched: {why}");
+                            why
+                        }
+                    };
+                    if !lock(&inner.table).peers.contains_key(&id) {
+                        // A host no one introduced that announced what it does not serve.
+                        inner.ban_stranger(&id);
+                    }
                     tried.push(format!("{id}: {why}"));
                 }
             }
@@ -716,42 +725,46 @@ impl Inner {
 }
 
 /// Makes room in `table` for a new peer from `source`, removing at most one learnt peer
-/// that is neither banned nor in `connected`; returns it.
+/// that is not banned — one not in `connected` if there is any (for a learnt newcomer,
+/// only such a one) —, chosen at random: a peer that sends us many fresh tickets cannot
+/// pick which honest peers go. Returns it.
 fn make_room(
     table: &mut PeerTable,
     source: Source,
     connected: &HashSet<String>,
 ) -> Result<Option<String>> {
     let learnt = table.peers.values().filter(|r| !r.manual).count();
-    let full = if source == Source::User {
-        table.peers.len() >= PEERS_MAX
-    } else {
-        learnt >= LEARNT_MAX
-    };
+    let full = table.peers.len() >= PEERS_MAX || (source != Source::User && learnt >= LEARNT_MAX);
     if !full {
         return Ok(None);
     }
     let now = now_ms();
-    let victim = table
+    let unbanned = |r: &PeerRecord| !r.manual && r.banned_until_ms <= now;
+    let mut eligible: Vec<&String> = table
         .peers
         .iter()
-        .filter(|(_, r)| !r.manual && r.banned_until_ms <= now)
-        // Not connected first; for a user's peer, any learnt one will do.
-        .min_by_key(|(id, _)| connected.contains(*id))
-        .filter(|(id, _)| source == Source::User || !connected.contains(*id))
-        .map(|(id, _)| id.clone());
-    match victim {
-        Some(id) => {
-            table.peers.remove(&id);
-            Ok(Some(id))
-        }
-        None if source == Source::User => Err(Error::InvalidPeer(format!(
-            "{PEERS_MAX} peers are known already; remove one first"
-        ))),
-        None => Err(Error::InvalidPeer(format!(
-            "{LEARNT_MAX} learnt peers are known already, all connected or banned"
-        ))),
+        .filter(|(id, r)| unbanned(r) && !connected.contains(*id))
+        .map(|(id, _)| id)
+        .collect();
+    if eligible.is_empty() && source == Source::User {
+        eligible = table
+            .peers
+            .iter()
+            .filter(|(_, r)| unbanned(r))
+            .map(|(id, _)| id)
+            .collect();
     }
+    if eligible.is_empty() {
+        return Err(Error::InvalidPeer(if source == Source::User {
+            format!("{PEERS_MAX} peers are known already; remove one first")
+        } else {
+            "no room for a learnt peer: the known ones are connected, banned or added by a user"
+                .to_string()
+        }));
+    }
+    let victim = eligible[(rand::random::<u64>() % eligible.len() as u64) as usize].clone();
+    table.peers.remove(&victim);
+    Ok(Some(victim))
 }
 
 /// Where a blob came from.
@@ -772,9 +785,10 @@ const SCORE_CORRUPT_BLOB: u32 = 50;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
 /// Host announcements read per fetch.
 const FETCH_HOSTS_MAX: usize = 64;
-/// Hosts outside the peers table dialled per fetch (at their announced address): anyone
-/// can announce a host, so a fetch gives them at most this many connect timeouts.
-const FETCH_STRANGERS_MAX: usize = 8;
+/// Hosts outside the peers table dialled per fetch (at their announced address), after
+/// every known peer; one that does not serve the blob is banned like a misbehaving
+/// stranger, so fake announcements cost a fetch at most this many attempts per ban.
+const FETCH_STRANGERS_MAX: usize = 4;
 
 enum FetchError {
     /// The peer sent data that does not match the hash.
@@ -783,10 +797,11 @@ enum FetchError {
     Other(String),
 }
 
-/// The peers to ask for `hash`, as (id, ticket): its hosts first — by their ticket in the
-/// peers table, else by the address they announced (`node.announce`) if that is a ticket of
-/// their own key, so a host no one introduced can still be dialled —, then the connected
-/// known peers, then the rest.
+/// The peers to ask for `hash`, as (id, ticket): the known peers that host it, then the
+/// other connected known peers, then the rest of them, and last at most
+/// [`FETCH_STRANGERS_MAX`] hosts that are not known peers, at the address they announced
+/// (`node.announce`) if that is a ticket of their own key — anyone can announce a host, so
+/// strangers come after everyone we chose to know.
 fn fetch_order(inner: &Inner, hash: &BlobHash) -> Result<Vec<(String, String)>> {
     let (hosts, _) = inner.ledger.hosts_up_to(hash, FETCH_HOSTS_MAX)?;
     let known: Vec<(String, String)> = lock(&inner.table)
@@ -796,18 +811,18 @@ fn fetch_order(inner: &Inner, hash: &BlobHash) -> Result<Vec<(String, String)>> 
         .collect();
     let own = hex::encode(inner.endpoint.id().as_bytes());
     let mut order: Vec<(String, String)> = Vec::new();
-    let mut strangers = 0;
+    let mut strangers: Vec<(String, String)> = Vec::new();
     for host in hosts {
         let id = hex::encode(host.as_bytes());
         if let Some(peer) = known.iter().find(|(k, _)| *k == id) {
             order.push(peer.clone());
         } else if id != own
-            && strangers < FETCH_STRANGERS_MAX
+            && strangers.len() < FETCH_STRANGERS_MAX
+            && !inner.banned(&id)
             && let Some(node) = inner.ledger.node_entry(&host)?
             && parse_ticket(&node.addr).is_ok_and(|(_, of)| of == id)
         {
-            strangers += 1;
-            order.push((id, node.addr));
+            strangers.push((id, node.addr));
         }
     }
     let connected = |id: &String| lock(&inner.live).get(id).is_some_and(|l| l.connected);
@@ -817,6 +832,7 @@ fn fetch_order(inner: &Inner, hash: &BlobHash) -> Result<Vec<(String, String)>> 
             order.push(peer);
         }
     }
+    order.extend(strangers);
     Ok(order)
 }
 
@@ -1010,13 +1026,8 @@ async fn pull(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Result<()> {
             tokio::time::sleep(inner.config.pull_interval).await;
             continue;
         }
-        let batch = inner
-            .batches
-            .acquire()
-            .await
-            .map_err(|_| Error::transport("the mesh is stopping"))?;
         let started = tokio::time::Instant::now();
-        let (size, envelopes) = tokio::time::timeout(
+        let (size, envelopes, budget) = tokio::time::timeout(
             RESPONSE_TIMEOUT,
             request_log(inner, conn, cursor, wire::EVENTS_PER_RESPONSE_MAX),
         )
@@ -1046,7 +1057,7 @@ async fn pull(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Result<()> {
             l.requests += 1;
         });
         let (next, throttled) = ingest(inner, id, cursor, envelopes).await?;
-        drop(batch);
+        drop(budget);
         inner.set_cursor(id, next);
         inner.live(id, |l| {
             l.behind = size.saturating_sub(next);
@@ -1111,13 +1122,18 @@ async fn skip_log(inner: &Arc<Inner>, id: &str, conn: &Connection, cursor: u64) 
     Ok(true)
 }
 
-/// One `Log` request: the peer's log size and the envelopes from `from`.
-async fn request_log(
-    inner: &Inner,
+/// One `Log` request: the peer's log size, the envelopes from `from`, and their share of
+/// the in-flight budget (held until they are handed to the ledger).
+async fn request_log<'a>(
+    inner: &'a Inner,
     conn: &Connection,
     from: u64,
     max_events: u32,
-) -> Result<(u64, Vec<bytes::Bytes>)> {
+) -> Result<(
+    u64,
+    Vec<bytes::Bytes>,
+    Option<tokio::sync::SemaphorePermit<'a>>,
+)> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(Error::transport)?;
     let request = Request::Log {
         net: inner.net.clone(),
@@ -1138,6 +1154,7 @@ async fn request_log(
     }
     let mut envelopes = Vec::new();
     let mut total = 0usize;
+    let mut budget: Option<tokio::sync::SemaphorePermit<'a>> = None;
     while let Some(frame) =
         wire::read_frame(&mut recv, meshnode_schemas::limits::EVENT_BYTES_MAX).await?
     {
@@ -1147,9 +1164,30 @@ async fn request_log(
         {
             return Err(Error::protocol("more events than asked for"));
         }
+        let kib = frame.len().div_ceil(1024).max(1) as u32;
+        let permit = match inner.inflight.try_acquire_many(kib) {
+            Ok(permit) => permit,
+            // The budget is taken: what was read goes on to the ledger (the cursor moves past
+            // it alone) and the rest of this answer is not read. Only an answer that holds
+            // nothing yet waits, so no two pulls ever wait on each other.
+            Err(tokio::sync::TryAcquireError::NoPermits) if budget.is_some() => {
+                envelopes.push(bytes::Bytes::from(frame));
+                let _ = recv.stop(0u32.into());
+                return Ok((header.size, envelopes, budget));
+            }
+            Err(_) => inner
+                .inflight
+                .acquire_many(kib)
+                .await
+                .map_err(|_| Error::transport("the mesh is stopping"))?,
+        };
+        match &mut budget {
+            Some(b) => b.merge(permit),
+            None => budget = Some(permit),
+        }
         envelopes.push(bytes::Bytes::from(frame));
     }
-    Ok((header.size, envelopes))
+    Ok((header.size, envelopes, budget))
 }
 
 /// Feeds a batch to the ledger in order; returns the cursor after the last event judged
@@ -1183,13 +1221,21 @@ async fn ingest(
         let Err(e) = receipt.wait().await else {
             continue;
         };
-        let banned = match e.rule().map(|r| r.class()) {
-            Some(RuleClass::Malformed | RuleClass::TooLarge) => {
-                inner.penalise(id, SCORE_MALFORMED, &e.to_string())
-            }
-            Some(RuleClass::Broken) => inner.penalise(id, SCORE_BROKEN, &e.to_string()),
-            // Not judged (a limit of ours, or the ledger is stopping): ask again later.
-            Some(RuleClass::Busy) | None => {
+        let banned = match e.rule().map(|r| (r, r.class())) {
+            Some((Rule::OutOfOrder, _)) => inner.penalise(id, SCORE_PROTOCOL, &e.to_string()),
+            Some((_, class)) => match class {
+                RuleClass::Malformed | RuleClass::TooLarge => {
+                    inner.penalise(id, SCORE_MALFORMED, &e.to_string())
+                }
+                RuleClass::Broken => inner.penalise(id, SCORE_BROKEN, &e.to_string()),
+                // Not judged (a limit of ours): ask again later.
+                RuleClass::Busy => {
+                    next = next.min(cursor + i as u64);
+                    false
+                }
+            },
+            // Not judged (the ledger is stopping): ask again later.
+            None => {
                 next = next.min(cursor + i as u64);
                 false
             }
@@ -1335,12 +1381,19 @@ async fn serve_connection(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Re
                 // is shorter than ours and nothing is elided.
                 let elide = (elide && have >= inner.ledger.tree_size()?)
                     .then(|| conn.remote_id().as_bytes().to_owned());
-                tokio::time::timeout(
+                let served = tokio::time::timeout(
                     RESPONSE_TIMEOUT,
                     serve_log(inner, &mut send, from, max_events, elide),
                 )
                 .await
-                .map_err(|_| Error::transport("the peer did not read its answer in time"))??;
+                .map_err(|_| Error::transport("the peer did not read its answer in time"))?;
+                // An asker that stopped reading (its in-flight budget was full: it keeps what
+                // it read) ends that stream, not the connection.
+                match served {
+                    Err(e @ (Error::Protocol(_) | Error::Ledger(_))) => return Err(e),
+                    Err(e) => tracing::debug!(peer = id, "log answer ended: {e}"),
+                    Ok(()) => {}
+                }
             }
             Request::Doc { net, kind } => {
                 if net != inner.net {
@@ -1483,6 +1536,12 @@ mod tests {
         table.peers.get_mut("0000").expect("peer").banned_until_ms = u64::MAX;
         let gone = make_room(&mut table, Source::User, &connected).expect("room");
         assert!(gone.is_some_and(|id| id != "0000"));
+        // Users' peers and a few learnt ones fill the table: a learnt newcomer replaces one
+        // of those (the table never passes its size).
+        let mut table = table_of(dir.path(), 56, PEERS_MAX - 56);
+        let gone = make_room(&mut table, Source::Exchange, &none).expect("room");
+        assert!(gone.is_some_and(|id| id.as_str() < "0056"));
+        assert_eq!(table.peers.len(), PEERS_MAX - 1);
         let mut table = table_of(dir.path(), 0, PEERS_MAX);
         let e = make_room(&mut table, Source::User, &none).expect_err("full");
         assert!(e.to_string().contains("remove one first"), "{e}");

@@ -227,46 +227,75 @@ async fn three_nodes_in_a_line_converge_and_a_restarted_node_catches_up() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown_peer"));
 }
 
-/// A peer that answers every `Log` request with events that do not verify (random bytes
-/// and real events whose signature was tampered with) or, with `flood`, with valid events of
-/// 50 fresh authors.
+/// How a lying peer answers every `Log` request.
+#[derive(Debug, Clone, Copy)]
+enum Lie {
+    /// Events that do not verify: random bytes, and real events whose signature was
+    /// tampered with.
+    Invalid,
+    /// Valid events of 50 fresh authors.
+    Flood,
+    /// Valid events sent before what they depend on (seq 2 of logs whose seq 1 it never
+    /// sends).
+    OutOfOrder,
+    /// More events than the request asked for.
+    Unrequested,
+}
+
+/// A peer whose log lies as `lie` says.
 #[derive(Debug, Clone)]
 struct Liar {
     net: BlobHash,
-    flood: bool,
+    lie: Lie,
+}
+
+impl Liar {
+    /// The frames of its answer to a `Log` request for at most `max` events.
+    fn frames(&self, max: u32) -> Vec<Vec<u8>> {
+        let net = self.net;
+        match self.lie {
+            Lie::Flood => (0..50u8)
+                .map(|i| host_event(net, 150 + i).envelope)
+                .collect(),
+            Lie::Invalid => (0..20u8)
+                .map(|i| {
+                    if i % 2 == 0 {
+                        return vec![i; 200];
+                    }
+                    let mut envelope = host_event(net, 100 + i).envelope;
+                    let last = envelope.len() - 1;
+                    envelope[last] ^= 0x55;
+                    envelope
+                })
+                .collect(),
+            Lie::OutOfOrder => (0..20u8)
+                .map(|i| {
+                    let first = hosting(net, 200 + i, 1, None, BlobHash::of(&[i]));
+                    hosting(net, 200 + i, 2, Some(&first), BlobHash::of(&[i, 2])).envelope
+                })
+                .collect(),
+            Lie::Unrequested => (0..=max).map(|_| vec![0u8]).collect(),
+        }
+    }
 }
 
 impl Answer for Liar {
     async fn answer(&self, request: Request, send: &mut SendStream, _: &mut RecvStream) -> bool {
-        let is_log = matches!(request, Request::Log { .. });
+        let max = match request {
+            Request::Log { max_events, .. } => Some(max_events),
+            _ => None,
+        };
         // No documents: its events are what is under test (they come by its log).
         let is_doc = matches!(request, Request::Doc { .. });
         let header = Header {
-            size: if is_log { 1_000_000 } else { 0 },
+            size: if max.is_some() { 1_000_000 } else { 0 },
             error: is_doc.then(|| "bad_request".to_string()),
             ..Header::default()
         };
         if wire::write_json(send, &header).await.is_err() {
             return false;
         }
-        let frames: Vec<Vec<u8>> = match (is_log, self.flood) {
-            (false, _) => vec![],
-            (true, true) => (0..50u8)
-                .map(|i| host_event(self.net, 150 + i).envelope)
-                .collect(),
-            (true, false) => (0..20u8)
-                .map(|i| {
-                    if i % 2 == 0 {
-                        return vec![i; 200];
-                    }
-                    let mut envelope = host_event(self.net, 100 + i).envelope;
-                    let last = envelope.len() - 1;
-                    envelope[last] ^= 0x55;
-                    envelope
-                })
-                .collect(),
-        };
-        for frame in frames {
+        for frame in max.map(|max| self.frames(max)).unwrap_or_default() {
             if wire::write_frame(send, &frame).await.is_err() {
                 return false;
             }
@@ -311,7 +340,8 @@ impl<A: Answer> iroh::protocol::ProtocolHandler for Fake<A> {
 }
 
 #[tokio::test]
-async fn a_peer_sending_invalid_events_is_banned_while_honest_peers_keep_syncing() {
+async fn peers_sending_invalid_unordered_or_unrequested_events_are_banned_while_honest_peers_keep_syncing()
+ {
     let a = TestNode::start_demo(&[]).expect("node a");
     let b = TestNode::start_joining(&a.data_dir().join("genesis.cbor")).expect("node b");
     let sa = status(&a).await;
@@ -319,32 +349,59 @@ async fn a_peer_sending_invalid_events_is_banned_while_honest_peers_keep_syncing
     let demo_events = sa["events"].as_u64().expect("events");
     add_peer(&b, &ticket(&sa));
 
-    let (liar_ticket, router) = fake_peer(Liar { net, flood: false }, 42).await;
-    add_peer(&b, &liar_ticket);
+    let mut liars = Vec::new();
+    for (seed, lie) in [
+        (42, Lie::Invalid),
+        (45, Lie::OutOfOrder),
+        (46, Lie::Unrequested),
+    ] {
+        let (t, router) = fake_peer(Liar { net, lie }, seed).await;
+        add_peer(&b, &t);
+        liars.push((lie, t, router));
+    }
 
     // Honest writes keep arriving during the attack.
     submit(&a, &host_event(net, 9)).await;
     converged(&[&a, &b], demo_events + 1).await;
 
-    // The liar is banned (20 bad events at +10 each pass the limit of 100) and nothing it
-    // sent was applied.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    // Every liar is banned (20 bad events at +10, 20 out of order at +20, or one answer
+    // past the request at +20 per try pass the limit of 100) and nothing it sent was
+    // applied or left waiting.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let listed = peer_list(&b);
-        let banned = listed_peer(&listed, "ticket", &liar_ticket)["banned_until_ms"].is_u64();
-        if banned {
+        let banned: Vec<bool> = liars
+            .iter()
+            .map(|(_, t, _)| listed_peer(&listed, "ticket", t)["banned_until_ms"].is_u64())
+            .collect();
+        if banned.iter().all(|b| *b) {
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "not banned: {listed}"
+            "not banned ({banned:?}): {listed}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let listed = peer_list(&b);
+    for (lie, t, _) in &liars {
+        let why = listed_peer(&listed, "ticket", t)["last_offence"].clone();
+        let expected = match lie {
+            Lie::OutOfOrder => "before what it depends on",
+            Lie::Unrequested => "more events than asked for",
+            _ => "",
+        };
+        assert!(
+            why.as_str().unwrap_or("").contains(expected),
+            "{lie:?}: {why}"
+        );
     }
     submit(&a, &host_event(net, 10)).await;
     converged(&[&a, &b], demo_events + 2).await;
     assert_eq!(status(&b).await["pending"], 0);
-    router.shutdown().await.expect("liar shutdown");
+    for (_, _, router) in liars {
+        router.shutdown().await.expect("liar shutdown");
+    }
 }
 
 /// A peer of our own on loopback speaking the protocol with `answers`; its ticket.
@@ -365,7 +422,14 @@ async fn a_peer_cannot_bring_in_more_fresh_authors_than_its_quota() {
     converged(&[&a, &b], demo_events).await;
 
     // 50 valid events of 50 fresh authors: 20 are taken, then the peer is paused.
-    let (flood_ticket, router) = fake_peer(Liar { net, flood: true }, 43).await;
+    let (flood_ticket, router) = fake_peer(
+        Liar {
+            net,
+            lie: Lie::Flood,
+        },
+        43,
+    )
+    .await;
     add_peer(&b, &flood_ticket);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while status(&b).await["events"].as_u64() != Some(demo_events + 20) {
