@@ -774,8 +774,11 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
         );
     }
     // After the demo: its loader signs as the node with a head of its own.
-    if let Err(e) = node.announce_address(true).await {
-        tracing::warn!("announcing this node's new address: {e:#}");
+    match node.announce_address(true).await {
+        // The tables answer for the announcement too before the node says it is ready.
+        Ok(true) => node.query.sync(std::time::Duration::from_secs(120)).await?,
+        Ok(false) => {}
+        Err(e) => tracing::warn!("announcing this node's new address: {e:#}"),
     }
     crate::replicate::spawn(node.clone());
     let metrics = Arc::new(Metrics::new());

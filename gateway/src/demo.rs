@@ -391,7 +391,16 @@ pub async fn load(node: &Node) -> anyhow::Result<bool> {
                 endpoints: vec![format!("http://{}", node.config.http_addr)],
                 capabilities: vec!["inference".into(), "storage".into()],
                 basin_signature: Vector::new(&embed(seed))?,
-                addr: String::new(),
+                // The node's own entry gives its ticket, so that peers of peers can reach
+                // it for the blobs it hosts; the agents have none.
+                addr: if key.verifying_key() == issuer.verifying_key() {
+                    node.mesh
+                        .get()
+                        .map(|m| m.ticket().to_string())
+                        .unwrap_or_default()
+                } else {
+                    String::new()
+                },
             }),
         )
         .await?;

@@ -78,6 +78,16 @@ fn fsync_since(dir: &Path, since: SystemTime) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Whether a Lance dataset directory holds a committed version (a manifest under
+/// `_versions`).
+fn committed(path: &Path) -> bool {
+    std::fs::read_dir(path.join("_versions")).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".manifest"))
+    })
+}
+
 impl Tables {
     /// Opens every table that exists under `dir`.
     pub(crate) async fn open(dir: &Path) -> Result<Self> {
@@ -85,6 +95,16 @@ impl Tables {
         let mut current = HashMap::new();
         for table in TABLES {
             let path = dir.join(format!("{table}.lance"));
+            if path.exists() && !committed(&path) {
+                // Killed during the table's first write: nothing of it was ever readable,
+                // and `progress.json` is written only after every commit, so the rows come
+                // back from the ledger.
+                tracing::warn!(
+                    "query table {table} was created but never committed (a crash during its \
+                     first write); removed, it is filled again from the ledger"
+                );
+                std::fs::remove_dir_all(&path)?;
+            }
             if path.exists() {
                 let ds = Dataset::open(&path.display().to_string())
                     .await
@@ -464,5 +484,23 @@ pub(crate) fn version_stamp(ds: &Dataset) -> (u64, i64) {
 impl From<lance::Error> for Error {
     fn from(e: lance::Error) -> Self {
         Error::Internal(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_table_killed_in_its_first_write_is_removed_at_open() {
+        let dir = tempfile::tempdir().expect("dir");
+        // What a kill -9 during a table's first write leaves: data, no manifest.
+        let half = dir.path().join("reputation.lance");
+        std::fs::create_dir_all(half.join("data")).expect("mkdir");
+        std::fs::write(half.join("data").join("x.lance"), b"partial").expect("write");
+        std::fs::create_dir_all(half.join("_versions")).expect("mkdir");
+        let tables = Tables::open(dir.path()).await.expect("opens");
+        assert!(tables.get("reputation").is_none());
+        assert!(!half.exists());
     }
 }

@@ -1335,7 +1335,10 @@ async fn tables_are_rebuilt_for_another_layout_or_model_never_for_a_missing_one(
     node.restart().expect("restart");
     eventually(&node, vectors, 7).await;
     assert!(!marked.exists(), "tables without a record are rebuilt");
-    eventually(&node, "SELECT count(*) FROM events", 40).await;
+    let events = crate::harness::status(&node).await["events"]
+        .as_u64()
+        .expect("events");
+    eventually(&node, "SELECT count(*) FROM events", events).await;
 }
 
 #[tokio::test]
