@@ -1349,3 +1349,49 @@ async fn hostile_automerge_messages_are_refused_and_their_peers_banned_while_syn
         router.shutdown().await.expect("shutdown");
     }
 }
+
+/// iroh's `BlobsProtocol::shutdown` would shut the blob store down under the ledger; the
+/// mesh serves blobs through its own handler, so stopping it leaves the store and the
+/// ledger working.
+#[tokio::test]
+async fn shutting_the_mesh_down_leaves_the_store_and_the_ledger_open() {
+    use meshnode_gateway::node::{self, Node};
+    let dir = tempfile::tempdir().expect("dir");
+    node::init(dir.path(), None, "mesh-shutdown").expect("init");
+    let mut config = meshnode_gateway::config::Config::load(dir.path()).expect("config");
+    config.p2p_addr = "127.0.0.1:0".parse().expect("addr");
+    let node = Node::open(dir.path(), config).await.expect("open");
+    let mesh = node.start_mesh().await.expect("mesh");
+    let ticket = mesh.ticket().to_string();
+    mesh.shutdown().await;
+    // The endpoint is gone: nothing answers at the ticket.
+    let (addr, _) = meshnode_sync::parse_ticket(&ticket).expect("ticket");
+    let endpoint = test_endpoint(90, vec![]).await;
+    let dialled = tokio::time::timeout(
+        Duration::from_secs(3),
+        endpoint.connect(addr, iroh_blobs::ALPN),
+    )
+    .await;
+    assert!(!matches!(dialled, Ok(Ok(_))), "the endpoint still answers");
+    endpoint.close().await;
+    // The store still takes and serves blobs; the ledger still accepts and reads them back.
+    let added = node
+        .store
+        .add_bytes(vec![7u8; 5000], meshnode_store::PinMode::Pin)
+        .await
+        .expect("the store still takes blobs");
+    let bytes = node
+        .store
+        .get_bytes(&added.hash, 1 << 20)
+        .await
+        .expect("the store still serves blobs");
+    assert_eq!(bytes.len(), 5000);
+    let host = Payload::BlobHost(BlobHost {
+        blob: added.hash,
+        pinned: true,
+    });
+    let submitted = node.append_own(Vec::new(), host).await.expect("accepted");
+    assert!(node.ledger.has_event(&submitted.id));
+    assert!(submitted.index.is_some(), "{submitted:?}");
+    node.shutdown().await.expect("shutdown");
+}
