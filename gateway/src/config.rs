@@ -66,6 +66,10 @@ pub struct SyncSettings {
     /// Bytes of skill weights this node hosts at most when `replicate` is on. Default 10 GiB.
     /// Env: `MESHNODE_SYNC_REPLICATE_BYTES_MAX`.
     pub replicate_bytes_max: u64,
+    /// iroh relay servers (URLs) to use, for peers no direct address reaches; the ticket
+    /// names the first. Empty (default): relays off. Env: `MESHNODE_SYNC_RELAYS`
+    /// (comma-separated).
+    pub relays: Vec<String>,
 }
 
 impl Default for SyncSettings {
@@ -79,6 +83,7 @@ impl Default for SyncSettings {
             new_authors_per_hour: 10_000,
             replicate: 0,
             replicate_bytes_max: 10 << 30,
+            relays: Vec::new(),
         }
     }
 }
@@ -273,6 +278,14 @@ impl Config {
         }
         if let Some(v) = get("MESHNODE_SYNC_NEW_AUTHORS_PER_HOUR") {
             self.sync.new_authors_per_hour = parse("MESHNODE_SYNC_NEW_AUTHORS_PER_HOUR", v)?;
+        }
+        if let Some(v) = get("MESHNODE_SYNC_RELAYS") {
+            self.sync.relays = v
+                .split(',')
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                .map(String::from)
+                .collect();
         }
         if let Some(v) = get("MESHNODE_P2P_ADDR") {
             self.p2p_addr = parse("MESHNODE_P2P_ADDR", v)?;

@@ -277,6 +277,14 @@ impl Node {
             ban_first: std::time::Duration::from_secs(settings.ban_secs),
             new_authors_per_hour: settings.new_authors_per_hour,
             blob_bytes_max: self.config.limits.blob_bytes_max,
+            relays: settings
+                .relays
+                .iter()
+                .map(|r| {
+                    r.parse::<meshnode_sync::RelayUrl>()
+                        .map_err(|e| anyhow::anyhow!("[sync] relays: `{r}` is not a URL: {e}"))
+                })
+                .collect::<anyhow::Result<_>>()?,
         };
         let mesh = meshnode_sync::Mesh::start(
             self.key.to_bytes(),

@@ -17,5 +17,6 @@ pub mod wire;
 
 pub use docs::DocKind;
 pub use error::{Error, Result};
+pub use iroh::RelayUrl;
 pub use mesh::{Fetched, Mesh, MeshConfig, PeerStatus, parse_ticket};
 pub use peers::{LEARNT_MAX, PEERS_MAX, PeerRecord};

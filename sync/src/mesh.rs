@@ -51,6 +51,9 @@ pub struct MeshConfig {
     pub blob_bytes_max: u64,
     /// Addresses the ticket gives (empty: the bound one and the interfaces found).
     pub advertise: Vec<SocketAddr>,
+    /// Relay servers to use (empty, the default: relays off, direct addresses only). The
+    /// ticket names the first.
+    pub relays: Vec<iroh::RelayUrl>,
 }
 
 impl Default for MeshConfig {
@@ -65,6 +68,7 @@ impl Default for MeshConfig {
             new_authors_per_hour: 10_000,
             blob_bytes_max: 8 << 30,
             advertise: Vec::new(),
+            relays: Vec::new(),
         }
     }
 }
@@ -238,10 +242,14 @@ fn remembered_port(dir: &Path, bind: SocketAddr) -> Option<SocketAddr> {
     Some(SocketAddr::new(bind.ip(), port))
 }
 
-/// An endpoint with the node's key on `addr`: relays and address lookup off, our ALPNs,
-/// bounded QUIC windows and streams.
-async fn bind(secret: [u8; 32], addr: SocketAddr) -> Result<Endpoint> {
-    Endpoint::builder(presets::Empty)
+/// An endpoint with the node's key on `addr`: address lookup off, relays off unless
+/// `relays` names some, our ALPNs, bounded QUIC windows and streams.
+async fn bind(secret: [u8; 32], addr: SocketAddr, relays: &[iroh::RelayUrl]) -> Result<Endpoint> {
+    let mut builder = Endpoint::builder(presets::Empty);
+    if !relays.is_empty() {
+        builder = builder.relay_mode(iroh::RelayMode::custom(relays.iter().cloned()));
+    }
+    builder
         .crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .secret_key(SecretKey::from_bytes(&secret))
         .clear_ip_transports()
@@ -291,14 +299,14 @@ impl Mesh {
         // peers remember stay valid; if it is taken now, another is chosen.
         let remembered = remembered_port(dir, config.bind);
         let endpoint = match remembered {
-            Some(addr) => match bind(secret, addr).await {
+            Some(addr) => match bind(secret, addr, &config.relays).await {
                 Ok(endpoint) => endpoint,
                 Err(e) => {
                     tracing::warn!("p2p address {addr} (used last time): {e}; choosing another");
-                    bind(secret, config.bind).await?
+                    bind(secret, config.bind, &config.relays).await?
                 }
             },
-            None => bind(secret, config.bind).await?,
+            None => bind(secret, config.bind, &config.relays).await?,
         };
         if config.bind.port() == 0
             && let Some(socket) = endpoint.bound_sockets().first()
@@ -306,7 +314,7 @@ impl Mesh {
         {
             tracing::warn!("cannot remember the p2p port: {e}");
         }
-        let ticket = own_ticket(&endpoint, &config.advertise)?;
+        let ticket = own_ticket(&endpoint, &config.advertise, config.relays.first())?;
         let table = PeerTable::load(dir)?;
         let inner = Arc::new(Inner {
             docs: crate::docsync::Docs::new(*endpoint.id().as_bytes()),
@@ -507,8 +515,15 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The ticket: the `advertise` addresses, else the bound one (an unspecified IP given as
 /// loopback plus the interface addresses found on that port).
-fn own_ticket(endpoint: &Endpoint, advertise: &[SocketAddr]) -> Result<String> {
+fn own_ticket(
+    endpoint: &Endpoint,
+    advertise: &[SocketAddr],
+    relay: Option<&iroh::RelayUrl>,
+) -> Result<String> {
     let mut addr = EndpointAddr::new(endpoint.id());
+    if let Some(relay) = relay {
+        addr = addr.with_relay_url(relay.clone());
+    }
     for socket in advertise {
         addr = addr.with_ip_addr(*socket);
     }
@@ -526,7 +541,7 @@ fn own_ticket(endpoint: &Endpoint, advertise: &[SocketAddr]) -> Result<String> {
             addr = addr.with_ip_addr(socket);
         }
     }
-    if addr.ip_addrs().next().is_none() {
+    if addr.ip_addrs().next().is_none() && addr.relay_urls().next().is_none() {
         return Err(Error::transport("the endpoint has no bound address"));
     }
     Ok(EndpointTicket::new(addr).to_string())

@@ -1118,6 +1118,29 @@ async fn the_ticket_gives_the_advertised_addresses() {
     };
     let message = format!("{error:#}");
     assert!(message.contains("MESHNODE_P2P_ADVERTISE"), "{message}");
+
+    // Relays are off unless configured; a configured one is named in the ticket, and
+    // direct addresses keep working when it cannot be reached (no test leaves loopback).
+    let relay = "http://127.0.0.1:9/";
+    let r = TestNode::start_joining_with(
+        &a.data_dir().join("genesis.cbor"),
+        &[("MESHNODE_SYNC_RELAYS", relay)],
+    )
+    .expect("node with a relay");
+    let (addr, _) = meshnode_sync::parse_ticket(&ticket(&status(&r).await)).expect("ticket");
+    let relays: Vec<String> = addr.relay_urls().map(|u| u.to_string()).collect();
+    assert_eq!(relays, [relay]);
+    assert!(addr.ip_addrs().next().is_some());
+    let (plain, _) = meshnode_sync::parse_ticket(&ticket(&status(&a).await)).expect("ticket");
+    assert_eq!(plain.relay_urls().count(), 0);
+    add_peer(&r, &ticket(&status(&a).await));
+    let events = status(&a).await["events"].as_u64().expect("events");
+    converged(&[&a, &r], events).await;
+    let bad = TestNode::start_with(&[("MESHNODE_SYNC_RELAYS", "not a url")]);
+    let Err(error) = bad else {
+        panic!("a node started with a relay that is not a URL");
+    };
+    assert!(format!("{error:#}").contains("relays"), "{error:#}");
 }
 
 /// How a hostile owner of a document answers a node's first sync message.
