@@ -79,13 +79,18 @@ fn fsync_since(dir: &Path, since: SystemTime) -> std::io::Result<()> {
 }
 
 /// Whether a Lance dataset directory holds a committed version (a manifest under
-/// `_versions`).
+/// `_versions`). Only a missing or readable `_versions` without a manifest says no: a
+/// directory that cannot be read now (too many open files…) is taken as committed, and its
+/// open reports the error.
 fn committed(path: &Path) -> bool {
-    std::fs::read_dir(path.join("_versions")).is_ok_and(|entries| {
-        entries
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().ends_with(".manifest"))
-    })
+    match std::fs::read_dir(path.join("_versions")) {
+        // An entry that cannot be read: assume a manifest.
+        Ok(mut entries) => entries.any(|e| {
+            e.map(|e| e.file_name().to_string_lossy().ends_with(".manifest"))
+                .unwrap_or(true)
+        }),
+        Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+    }
 }
 
 impl Tables {

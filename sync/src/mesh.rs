@@ -98,10 +98,12 @@ const STREAMS_MAX: u32 = 8;
 const STRANGERS_MAX: usize = 1024;
 /// Connections served at once (beyond: refused at once).
 const SERVED_MAX: usize = 64;
-/// KiB of envelopes read from peers' logs and not yet handed to the ledger, all peers
-/// together (a frame is taken into account as it is read, so a peer that trickles its
-/// answer holds only what it sent): pulls hold at most this, plus one frame per peer.
-const INFLIGHT_KIB_MAX: usize = 128 << 10;
+/// `Log` answers a peer may stop reading on one connection before it is closed.
+const STOPPED_MAX: u32 = 4;
+/// Bytes of envelopes read from peers' logs and not yet handed to the ledger, all peers
+/// together (a frame counts its own length as it is read, so a peer holds only what it
+/// sent): pulls hold at most this, plus one frame per peer.
+const INFLIGHT_BYTES_MAX: usize = 128 << 20;
 /// Pause of a peer whose quota of new authors is used up, before it is asked again.
 const THROTTLE_PAUSE: Duration = Duration::from_secs(10);
 /// A served connection with no request for this long is closed (pullers ask every
@@ -202,7 +204,7 @@ pub(crate) struct Inner {
     tasks: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     /// Permits of the connections served now.
     served: Arc<tokio::sync::Semaphore>,
-    /// KiB of `Log` envelopes in flight (read and not yet handed to the ledger), all peers
+    /// Bytes of `Log` envelopes in flight (read and not yet handed to the ledger), all peers
     /// together: what bounds the memory pulls take.
     inflight: tokio::sync::Semaphore,
 }
@@ -329,7 +331,7 @@ impl Mesh {
             strangers: Mutex::new(HashMap::new()),
             tasks: Mutex::new(HashMap::new()),
             served: Arc::new(tokio::sync::Semaphore::new(SERVED_MAX)),
-            inflight: tokio::sync::Semaphore::new(INFLIGHT_KIB_MAX),
+            inflight: tokio::sync::Semaphore::new(INFLIGHT_BYTES_MAX),
         });
         let refused = {
             let inner = Arc::downgrade(&inner);
@@ -477,6 +479,10 @@ impl Mesh {
                         FetchError::Corrupt(why) => {
                             inner.penalise(&id, SCORE_CORRUPT_BLOB, &format!("blob {hash}: {why}"));
                             format!("corrupt data ({why})")
+                        }
+                        FetchError::TooLarge(why) => {
+                            tried.push(format!("{id}: {why}"));
+                            continue;
                         }
                         FetchError::Other(why) => {
                             tracing::info!(peer = id, %hash, "blob not fetched: {why}");
@@ -808,6 +814,8 @@ const FETCH_STRANGERS_MAX: usize = 4;
 enum FetchError {
     /// The peer sent data that does not match the hash.
     Corrupt(String),
+    /// The blob is larger than this fetch may take (our limit, not the peer's fault).
+    TooLarge(String),
     /// Anything else: unreachable, refused, not there, too slow.
     Other(String),
 }
@@ -883,7 +891,7 @@ async fn capped(
     while let Some(item) = items.next().await {
         match item {
             GetProgressItem::Progress(read) if read > max => {
-                return Err(FetchError::Other(format!(
+                return Err(FetchError::TooLarge(format!(
                     "the blob is larger than this fetch may take ({max} bytes)"
                 )));
             }
@@ -916,7 +924,7 @@ async fn download(
     .map_err(timed_out)?
     .map_err(classify)?;
     if size > max {
-        return Err(FetchError::Other(format!(
+        return Err(FetchError::TooLarge(format!(
             "the blob is {size} bytes, more than this fetch may take ({max} bytes; \
              limits.blob_bytes_max or the hosting quota)"
         )));
@@ -1179,8 +1187,9 @@ async fn request_log<'a>(
         {
             return Err(Error::protocol("more events than asked for"));
         }
-        let kib = frame.len().div_ceil(1024).max(1) as u32;
-        let permit = match inner.inflight.try_acquire_many(kib) {
+        // At most an envelope's cap (64 KiB), so it fits a u32.
+        let bytes = frame.len().max(1) as u32;
+        let permit = match inner.inflight.try_acquire_many(bytes) {
             Ok(permit) => permit,
             // The budget is taken: what was read goes on to the ledger (the cursor moves past
             // it alone) and the rest of this answer is not read. Only an answer that holds
@@ -1192,7 +1201,7 @@ async fn request_log<'a>(
             }
             Err(_) => inner
                 .inflight
-                .acquire_many(kib)
+                .acquire_many(bytes)
                 .await
                 .map_err(|_| Error::transport("the mesh is stopping"))?,
         };
@@ -1236,7 +1245,12 @@ async fn ingest(
         let Err(e) = receipt.wait().await else {
             continue;
         };
+        // An event before it that was not judged (our limit, our failure, or a copy of it
+        // from another peer in the same batch) may be what this one depends on: not the
+        // peer's fault, and it is read again from there.
+        let unjudged_before = next < cursor + n;
         let banned = match e.rule().map(|r| (r, r.class())) {
+            Some((Rule::OutOfOrder, _)) if unjudged_before => false,
             Some((Rule::OutOfOrder, _)) => inner.penalise(id, SCORE_PROTOCOL, &e.to_string()),
             Some((_, class)) => match class {
                 RuleClass::Malformed | RuleClass::TooLarge => {
@@ -1354,6 +1368,9 @@ impl ProtocolHandler for Serve {
 
 /// Answers a connection's requests one at a time.
 async fn serve_connection(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Result<()> {
+    // Answers the peer stopped reading: each cost us a read of its range, so a few end
+    // the connection (an honest asker stops one only when its budget is full).
+    let mut stopped = 0u32;
     loop {
         let (mut send, mut recv) = tokio::time::timeout(IDLE_TIMEOUT, conn.accept_bi())
             .await
@@ -1406,7 +1423,13 @@ async fn serve_connection(inner: &Arc<Inner>, id: &str, conn: &Connection) -> Re
                 // it read) ends that stream, not the connection.
                 match served {
                     Err(e @ (Error::Protocol(_) | Error::Ledger(_))) => return Err(e),
-                    Err(e) => tracing::debug!(peer = id, "log answer ended: {e}"),
+                    Err(e) => {
+                        tracing::debug!(peer = id, "log answer ended: {e}");
+                        stopped += 1;
+                        if stopped > STOPPED_MAX {
+                            return Err(Error::transport("the peer stopped too many answers"));
+                        }
+                    }
                     Ok(()) => {}
                 }
             }
