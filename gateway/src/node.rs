@@ -327,7 +327,8 @@ impl Node {
     }
 
     async fn announce_address_locked(&self, only_if_announced: bool) -> anyhow::Result<bool> {
-        let Some(mesh) = self.mesh.get() else {
+        // No endpoint (not started, or shut down): no address to give.
+        let Some(mesh) = self.mesh.get().filter(|m| m.is_running()) else {
             return Ok(false);
         };
         let entry = self.ledger.node_entry(&self.node)?;

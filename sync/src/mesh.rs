@@ -365,6 +365,11 @@ impl Mesh {
         Ok(Self { inner, router })
     }
 
+    /// Whether the endpoint still runs (not shut down).
+    pub fn is_running(&self) -> bool {
+        !self.inner.endpoint.is_closed()
+    }
+
     /// This node's ticket: its endpoint id and direct address.
     pub fn ticket(&self) -> &str {
         &self.inner.ticket

@@ -1416,6 +1416,8 @@ async fn shutting_the_mesh_down_leaves_the_store_and_the_ledger_open() {
     });
     let submitted = node.append_own(Vec::new(), host).await.expect("accepted");
     assert!(node.ledger.has_event(&submitted.id));
+    // With the endpoint gone the node announces no address (its ticket is dead).
+    assert!(node.ledger.node_entry(&node.node).expect("read").is_none());
     assert!(submitted.index.is_some(), "{submitted:?}");
     node.shutdown().await.expect("shutdown");
 }
