@@ -70,6 +70,10 @@ pub struct SyncSettings {
     /// names the first. Empty (default): relays off. Env: `MESHNODE_SYNC_RELAYS`
     /// (comma-separated).
     pub relays: Vec<String>,
+    /// A pkarr relay (HTTP URL) to publish this node's addresses to and look peers up at,
+    /// so a ticket of an id alone can be dialled. None (default): address lookup off.
+    /// Env: `MESHNODE_SYNC_ADDRESS_LOOKUP`.
+    pub address_lookup: Option<String>,
 }
 
 impl Default for SyncSettings {
@@ -84,6 +88,7 @@ impl Default for SyncSettings {
             replicate: 0,
             replicate_bytes_max: 10 << 30,
             relays: Vec::new(),
+            address_lookup: None,
         }
     }
 }
@@ -278,6 +283,9 @@ impl Config {
         }
         if let Some(v) = get("MESHNODE_SYNC_NEW_AUTHORS_PER_HOUR") {
             self.sync.new_authors_per_hour = parse("MESHNODE_SYNC_NEW_AUTHORS_PER_HOUR", v)?;
+        }
+        if let Some(v) = get("MESHNODE_SYNC_ADDRESS_LOOKUP") {
+            self.sync.address_lookup = Some(v).filter(|v| !v.trim().is_empty());
         }
         if let Some(v) = get("MESHNODE_SYNC_RELAYS") {
             self.sync.relays = v

@@ -285,6 +285,15 @@ impl Node {
                         .map_err(|e| anyhow::anyhow!("[sync] relays: `{r}` is not a URL: {e}"))
                 })
                 .collect::<anyhow::Result<_>>()?,
+            address_lookup: settings
+                .address_lookup
+                .as_ref()
+                .map(|u| {
+                    u.parse::<meshnode_sync::RelayUrl>().map_err(|e| {
+                        anyhow::anyhow!("[sync] address_lookup: `{u}` is not a URL: {e}")
+                    })
+                })
+                .transpose()?,
         };
         let mesh = meshnode_sync::Mesh::start(
             self.key.to_bytes(),

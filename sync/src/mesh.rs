@@ -54,6 +54,9 @@ pub struct MeshConfig {
     /// Relay servers to use (empty, the default: relays off, direct addresses only). The
     /// ticket names the first.
     pub relays: Vec<iroh::RelayUrl>,
+    /// A pkarr relay (HTTP) to publish this node's addresses to and look peers' up at
+    /// (none, the default: address lookup off).
+    pub address_lookup: Option<iroh::RelayUrl>,
 }
 
 impl Default for MeshConfig {
@@ -69,6 +72,7 @@ impl Default for MeshConfig {
             blob_bytes_max: 8 << 30,
             advertise: Vec::new(),
             relays: Vec::new(),
+            address_lookup: None,
         }
     }
 }
@@ -244,12 +248,22 @@ fn remembered_port(dir: &Path, bind: SocketAddr) -> Option<SocketAddr> {
     Some(SocketAddr::new(bind.ip(), port))
 }
 
-/// An endpoint with the node's key on `addr`: address lookup off, relays off unless
-/// `relays` names some, our ALPNs, bounded QUIC windows and streams.
-async fn bind(secret: [u8; 32], addr: SocketAddr, relays: &[iroh::RelayUrl]) -> Result<Endpoint> {
+/// An endpoint with the node's key on `addr`: relays and address lookup off unless the
+/// config names them, our ALPNs, bounded QUIC windows and streams.
+async fn bind(secret: [u8; 32], addr: SocketAddr, config: &MeshConfig) -> Result<Endpoint> {
+    use iroh::address_lookup::{AddrFilter, PkarrPublisher, PkarrResolver};
     let mut builder = Endpoint::builder(presets::Empty);
-    if !relays.is_empty() {
-        builder = builder.relay_mode(iroh::RelayMode::custom(relays.iter().cloned()));
+    if !config.relays.is_empty() {
+        builder = builder.relay_mode(iroh::RelayMode::custom(config.relays.iter().cloned()));
+    }
+    if let Some(lookup) = &config.address_lookup {
+        // Direct addresses too: with relays off they are all a peer can dial.
+        builder = builder
+            .address_lookup(
+                PkarrPublisher::builder(lookup.clone().into())
+                    .addr_filter(AddrFilter::unfiltered()),
+            )
+            .address_lookup(PkarrResolver::builder(lookup.clone().into()));
     }
     builder
         .crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -301,14 +315,14 @@ impl Mesh {
         // peers remember stay valid; if it is taken now, another is chosen.
         let remembered = remembered_port(dir, config.bind);
         let endpoint = match remembered {
-            Some(addr) => match bind(secret, addr, &config.relays).await {
+            Some(addr) => match bind(secret, addr, &config).await {
                 Ok(endpoint) => endpoint,
                 Err(e) => {
                     tracing::warn!("p2p address {addr} (used last time): {e}; choosing another");
-                    bind(secret, config.bind, &config.relays).await?
+                    bind(secret, config.bind, &config).await?
                 }
             },
-            None => bind(secret, config.bind, &config.relays).await?,
+            None => bind(secret, config.bind, &config).await?,
         };
         if config.bind.port() == 0
             && let Some(socket) = endpoint.bound_sockets().first()

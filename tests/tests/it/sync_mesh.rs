@@ -1137,6 +1137,36 @@ async fn the_ticket_gives_the_advertised_addresses() {
     add_peer(&r, &ticket(&status(&a).await));
     let events = status(&a).await["events"].as_u64().expect("events");
     converged(&[&a, &r], events).await;
+    // Address lookup is off unless configured; with a pkarr relay set, the node publishes
+    // its signed addresses there (an HTTP PUT to /<its id in z-base-32>).
+    let pkarr = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("pkarr listener");
+    let pkarr_url = format!("http://{}/", pkarr.local_addr().expect("addr"));
+    let put = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let (mut socket, _) = pkarr.accept().await.expect("accept");
+            let mut head = vec![0u8; 4096];
+            let n = socket.read(&mut head).await.unwrap_or(0);
+            let head = String::from_utf8_lossy(&head[..n]).to_string();
+            let _ = socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await;
+            if head.starts_with("PUT /") {
+                return head.lines().next().unwrap_or("").to_string();
+            }
+        }
+    });
+    let l = TestNode::start_with(&[("MESHNODE_SYNC_ADDRESS_LOOKUP", &pkarr_url)])
+        .expect("node with address lookup");
+    let line = tokio::time::timeout(Duration::from_secs(30), put)
+        .await
+        .expect("the node published its addresses")
+        .expect("join");
+    let path = line.split_whitespace().nth(1).unwrap_or("");
+    assert_eq!(path.len(), 1 + 52, "{line}");
+    drop(l);
     let bad = TestNode::start_with(&[("MESHNODE_SYNC_RELAYS", "not a url")]);
     let Err(error) = bad else {
         panic!("a node started with a relay that is not a URL");
