@@ -292,11 +292,6 @@ pub fn parse_ticket(ticket: &str) -> Result<(EndpointAddr, String)> {
         .parse()
         .map_err(|e| Error::InvalidPeer(format!("not a ticket: {e}")))?;
     let addr = parsed.endpoint_addr().clone();
-    if addr.ip_addrs().next().is_none() {
-        return Err(Error::InvalidPeer(
-            "the ticket has no direct address (relays are off)".into(),
-        ));
-    }
     let id = hex::encode(addr.id.as_bytes());
     Ok((addr, id))
 }
@@ -392,7 +387,20 @@ impl Mesh {
     /// Adds a peer by ticket (remembered across restarts) and starts pulling from it;
     /// returns its endpoint id.
     pub fn add_peer(&self, ticket: &str) -> Result<String> {
-        let (_, id) = parse_ticket(ticket)?;
+        let (addr, id) = parse_ticket(ticket)?;
+        // Without a direct address the ticket is dialled through a relay or the address
+        // lookup: only if this node has one.
+        let config = &self.inner.config;
+        let reachable = addr.ip_addrs().next().is_some()
+            || (addr.relay_urls().next().is_some() && !config.relays.is_empty())
+            || config.address_lookup.is_some();
+        if !reachable {
+            return Err(Error::InvalidPeer(
+                "the ticket has no direct address, and this node has neither relays nor \
+                 address lookup ([sync] relays, address_lookup)"
+                    .into(),
+            ));
+        }
         if id == hex::encode(self.inner.endpoint.id().as_bytes()) {
             return Err(Error::InvalidPeer("that is this node's own ticket".into()));
         }

@@ -1137,41 +1137,110 @@ async fn the_ticket_gives_the_advertised_addresses() {
     add_peer(&r, &ticket(&status(&a).await));
     let events = status(&a).await["events"].as_u64().expect("events");
     converged(&[&a, &r], events).await;
-    // Address lookup is off unless configured; with a pkarr relay set, the node publishes
-    // its signed addresses there (an HTTP PUT to /<its id in z-base-32>).
-    let pkarr = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("pkarr listener");
-    let pkarr_url = format!("http://{}/", pkarr.local_addr().expect("addr"));
-    let put = tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        loop {
-            let (mut socket, _) = pkarr.accept().await.expect("accept");
-            let mut head = vec![0u8; 4096];
-            let n = socket.read(&mut head).await.unwrap_or(0);
-            let head = String::from_utf8_lossy(&head[..n]).to_string();
-            let _ = socket
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                .await;
-            if head.starts_with("PUT /") {
-                return head.lines().next().unwrap_or("").to_string();
-            }
-        }
-    });
-    let l = TestNode::start_with(&[("MESHNODE_SYNC_ADDRESS_LOOKUP", &pkarr_url)])
-        .expect("node with address lookup");
-    let line = tokio::time::timeout(Duration::from_secs(30), put)
-        .await
-        .expect("the node published its addresses")
-        .expect("join");
-    let path = line.split_whitespace().nth(1).unwrap_or("");
-    assert_eq!(path.len(), 1 + 52, "{line}");
-    drop(l);
+    // Address lookup is off unless configured; with a pkarr relay set, a node publishes its
+    // signed addresses there, and another finds it there from a ticket of its id alone.
+    let (pkarr_url, puts) = fake_pkarr_relay().await;
+    let env = [("MESHNODE_SYNC_ADDRESS_LOOKUP", pkarr_url.as_str())];
+    let l = TestNode::start_demo(&env).expect("node with address lookup");
+    let sl = status(&l).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while puts.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "nothing published");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut id = [0u8; 32];
+    hex::decode_to_slice(sl["node"].as_str().expect("node"), &mut id).expect("hex");
+    let bare = iroh::EndpointAddr::new(iroh::PublicKey::from_bytes(&id).expect("key"));
+    let id_only = iroh_tickets::endpoint::EndpointTicket::new(bare).to_string();
+    // A node without lookup refuses the ticket; one with it dials through the lookup.
+    let out = a.cli(&["peer", "add", &id_only]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("address lookup"));
+    let m = TestNode::start_joining_with(&l.data_dir().join("genesis.cbor"), &env)
+        .expect("second node with address lookup");
+    add_peer(&m, &id_only);
+    let events = sl["events"].as_u64().expect("events");
+    converged(&[&l, &m], events).await;
     let bad = TestNode::start_with(&[("MESHNODE_SYNC_RELAYS", "not a url")]);
     let Err(error) = bad else {
         panic!("a node started with a relay that is not a URL");
     };
     assert!(format!("{error:#}").contains("relays"), "{error:#}");
+}
+
+/// A pkarr relay on loopback: keeps the last packet PUT for each key and serves it on GET;
+/// its URL and the number of PUTs taken.
+async fn fake_pkarr_relay() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("pkarr listener");
+    let url = format!("http://{}/", listener.local_addr().expect("addr"));
+    let puts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let packets: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::default();
+    let counted = puts.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let (packets, puts) = (packets.clone(), counted.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let head_end = loop {
+                    let n = socket.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while buf.len() < head_end + length {
+                    let n = socket.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let mut words = head.split_whitespace();
+                let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+                let key = path.trim_start_matches('/').to_string();
+                let body = if method == "put" {
+                    let packet = buf[head_end..head_end + length].to_vec();
+                    packets.lock().expect("lock").insert(key, packet);
+                    puts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Some(Vec::new())
+                } else {
+                    packets.lock().expect("lock").get(&key).cloned()
+                };
+                let answer = match body {
+                    Some(body) => {
+                        let mut a = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                            body.len()
+                        )
+                        .into_bytes();
+                        a.extend(body);
+                        a
+                    }
+                    None => {
+                        b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                            .to_vec()
+                    }
+                };
+                let _ = socket.write_all(&answer).await;
+            });
+        }
+    });
+    (url, puts)
 }
 
 /// How a hostile owner of a document answers a node's first sync message.
