@@ -211,8 +211,8 @@ impl Count {
     }
 }
 
-/// A cursor over bytes.
-struct Reader<'a>(&'a [u8]);
+/// A cursor over bytes, with automerge's LEB128 numbers.
+pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: u64) -> Result<&'a [u8], Invalid> {
@@ -235,7 +235,7 @@ impl<'a> Reader<'a> {
         Ok(b)
     }
 
-    fn uleb(&mut self) -> Result<u64, Invalid> {
+    pub(crate) fn uleb(&mut self) -> Result<u64, Invalid> {
         let mut value = 0u64;
         for shift in (0..64).step_by(7) {
             let b = self.byte()?;

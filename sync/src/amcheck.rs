@@ -20,6 +20,7 @@ use automerge::sync::{Message, MessageVersion};
 use automerge::{ActorId, Change, ScalarValue};
 use sha2::Digest;
 
+use crate::amchange::Reader;
 use crate::docs::DocKind;
 
 /// Largest message a replica sends (no changes in it).
@@ -120,27 +121,16 @@ fn decode(bytes: &[u8], max: usize) -> Result<Message, Invalid> {
     Ok(m)
 }
 
-fn leb128(bytes: &mut &[u8]) -> Result<u64, Invalid> {
-    let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        let (&b, rest) = bytes.split_first().ok_or_else(|| bad("truncated number"))?;
-        *bytes = rest;
-        value |= u64::from(b & 0x7f) << shift;
-        if b & 0x80 == 0 {
-            return Ok(value);
-        }
-    }
-    Err(bad("number too long"))
-}
-
 /// A bloom filter's wire form: nothing (empty), or entries, bits per entry, probes, bits.
-fn check_bloom(mut bytes: &[u8]) -> Result<(), Invalid> {
+fn check_bloom(bytes: &[u8]) -> Result<(), Invalid> {
     if bytes.is_empty() {
         return Ok(());
     }
-    let entries = leb128(&mut bytes)?;
-    let per_entry = leb128(&mut bytes)?;
-    let probes = leb128(&mut bytes)?;
+    let mut r = Reader(bytes);
+    let entries = r.uleb()?;
+    let per_entry = r.uleb()?;
+    let probes = r.uleb()?;
+    let bytes = r.0;
     if !(1..=BITS_PER_ENTRY_MAX).contains(&per_entry) || !(1..=PROBES_MAX).contains(&probes) {
         return Err(bad(format!(
             "bloom filter of {per_entry} bits per entry and {probes} probes \
@@ -164,8 +154,9 @@ fn split_chunk(chunk: &[u8]) -> Result<([u8; 4], u8, &[u8]), Invalid> {
     }
     let checksum: [u8; 4] = chunk[4..8].try_into().expect("4 bytes");
     let kind = chunk[8];
-    let mut rest = &chunk[9..];
-    let len = leb128(&mut rest)?;
+    let mut r = Reader(&chunk[9..]);
+    let len = r.uleb()?;
+    let rest = r.0;
     if rest.len() as u64 != len {
         return Err(bad("a chunk's length does not match its data"));
     }
@@ -280,7 +271,7 @@ fn check_change(chunk: &[u8], kind: DocKind, actor: &ActorId) -> Result<(), Inva
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::craft::ask_with_bloom;
+    use crate::craft::{ask_with_bloom, message_with_chunk};
     use automerge::sync::SyncDoc;
     use automerge::transaction::Transactable;
     use automerge::{Automerge, ROOT, ReadDoc};
@@ -367,7 +358,8 @@ mod tests {
         let chunk = crate::craft::run_length_bomb();
         assert_eq!(chunk.len(), 79);
         // Its checksum is automerge's: automerge itself would take it and spin.
-        let e = check_answer(&with_chunk(chunk), DocKind::Heads, &actor()).expect_err("refused");
+        let e = check_answer(&message_with_chunk(chunk), DocKind::Heads, &actor())
+            .expect_err("refused");
         assert!(e.0.contains("more than 20000 values"), "{e}");
     }
 
@@ -402,33 +394,23 @@ mod tests {
         assert!(check_ask(&answer).is_err());
     }
 
-    /// A message carrying one chunk.
-    fn with_chunk(chunk: Vec<u8>) -> Vec<u8> {
-        Message {
-            heads: vec![],
-            need: vec![],
-            have: vec![],
-            changes: vec![chunk].into(),
-            flags: None,
-            version: MessageVersion::V1,
-        }
-        .encode()
-    }
-
     #[test]
     fn compressed_chunk_bombs_and_document_chunks_are_refused() {
         // 64 MiB of zeros deflate to about 64 KiB.
         let mut chunk = crate::craft::deflate_bomb_chunk(64);
         assert!(chunk.len() < ANSWER_BYTES_MAX);
-        let e = check_answer(&with_chunk(chunk.clone()), DocKind::Heads, &actor())
+        let e = check_answer(&message_with_chunk(chunk.clone()), DocKind::Heads, &actor())
             .expect_err("refused");
         assert!(e.0.contains("inflates past"), "{e}");
         // A document chunk (what V2 sends).
         chunk[8] = 0;
-        let e = check_answer(&with_chunk(chunk), DocKind::Heads, &actor()).expect_err("refused");
+        let e = check_answer(&message_with_chunk(chunk), DocKind::Heads, &actor())
+            .expect_err("refused");
         assert!(e.0.contains("document chunks"), "{e}");
         // Not a chunk at all.
-        assert!(check_answer(&with_chunk(vec![1, 2, 3]), DocKind::Heads, &actor()).is_err());
+        assert!(
+            check_answer(&message_with_chunk(vec![1, 2, 3]), DocKind::Heads, &actor()).is_err()
+        );
     }
 
     #[test]

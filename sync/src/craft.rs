@@ -33,6 +33,19 @@ pub fn ask_with_bloom(entries: u64, per_entry: u64, probes: u64, bits: usize) ->
     out
 }
 
+/// An owner's sync V1 message carrying `chunk` as its one change, and nothing else.
+pub fn message_with_chunk(chunk: Vec<u8>) -> Vec<u8> {
+    automerge::sync::Message {
+        heads: vec![],
+        need: vec![],
+        have: vec![],
+        changes: vec![chunk].into(),
+        flags: None,
+        version: automerge::sync::MessageVersion::V1,
+    }
+    .encode()
+}
+
 /// A compressed-change chunk (type 2) whose data is `mib` MiB of zeros deflated (about
 /// 1 KiB per MiB on the wire); its checksum is left zero, as the bomb is refused before.
 pub fn deflate_bomb_chunk(mib: usize) -> Vec<u8> {

@@ -45,6 +45,26 @@ fn peer_list(node: &TestNode) -> Value {
     serde_json::from_slice(&out.stdout).expect("peer ls json")
 }
 
+/// Waits until `node` lists every peer of `tickets` as banned, at most `limit`.
+async fn all_banned(node: &TestNode, tickets: &[&str], limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let listed = peer_list(node);
+        let banned: Vec<bool> = tickets
+            .iter()
+            .map(|t| listed_peer(&listed, "ticket", t)["banned_until_ms"].is_u64())
+            .collect();
+        if banned.iter().all(|b| *b) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not all banned ({banned:?}): {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The listed peer whose `field` is `value` (null if none).
 fn listed_peer(listed: &Value, field: &str, value: &str) -> Value {
     listed["peers"]
@@ -452,22 +472,8 @@ async fn peers_sending_invalid_unordered_or_unrequested_events_are_banned_while_
     // Every liar is banned (20 bad events at +10, 20 out of order at +20, or one answer
     // past the request at +20 per try pass the limit of 100) and nothing it sent was
     // applied or left waiting.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let listed = peer_list(&b);
-        let banned: Vec<bool> = liars
-            .iter()
-            .map(|(_, t, _)| listed_peer(&listed, "ticket", t)["banned_until_ms"].is_u64())
-            .collect();
-        if banned.iter().all(|b| *b) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not banned ({banned:?}): {listed}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let tickets: Vec<&str> = liars.iter().map(|(_, t, _)| t.as_str()).collect();
+    all_banned(&b, &tickets, Duration::from_secs(60)).await;
     let listed = peer_list(&b);
     for (lie, t, _) in &liars {
         let why = listed_peer(&listed, "ticket", t)["last_offence"].clone();
@@ -1262,24 +1268,12 @@ struct BadOwner(BadDoc);
 
 impl BadOwner {
     fn doc_answer(&self, ask: &[u8]) -> Vec<u8> {
-        use automerge::sync::{Message, MessageVersion, SyncDoc};
+        use automerge::sync::{Message, SyncDoc};
         use automerge::transaction::Transactable;
+        use meshnode_sync::craft;
         match self.0 {
-            BadDoc::Bomb | BadDoc::RunBomb => {
-                let chunk = match self.0 {
-                    BadDoc::Bomb => meshnode_sync::craft::deflate_bomb_chunk(64),
-                    _ => meshnode_sync::craft::run_length_bomb(),
-                };
-                Message {
-                    heads: vec![],
-                    need: vec![],
-                    have: vec![],
-                    changes: vec![chunk].into(),
-                    flags: None,
-                    version: MessageVersion::V1,
-                }
-                .encode()
-            }
+            BadDoc::Bomb => craft::message_with_chunk(craft::deflate_bomb_chunk(64)),
+            BadDoc::RunBomb => craft::message_with_chunk(craft::run_length_bomb()),
             BadDoc::ForeignActor | BadDoc::Oversized => {
                 let mut doc = automerge::Automerge::new()
                     .with_actor(automerge::ActorId::from(&[0x66u8; 16][..]));
@@ -1415,22 +1409,8 @@ async fn hostile_automerge_messages_are_refused_and_their_peers_banned_while_syn
     submit(&a, &host_event(net, 11)).await;
     converged(&[&a, &b], demo_events + 1).await;
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let listed = peer_list(&b);
-        let banned: Vec<bool> = tickets
-            .iter()
-            .map(|t| listed_peer(&listed, "ticket", t)["banned_until_ms"].is_u64())
-            .collect();
-        if banned.iter().all(|b| *b) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not all banned ({banned:?}): {listed}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let banned: Vec<&str> = tickets.iter().map(String::as_str).collect();
+    all_banned(&b, &banned, Duration::from_secs(30)).await;
     // The run-length bomb was refused by the checks, not by the time budget after
     // automerge spun on it.
     let listed = peer_list(&b);
