@@ -137,7 +137,10 @@ fn check_bloom(bytes: &[u8]) -> Result<(), Invalid> {
              (1..={BITS_PER_ENTRY_MAX} and 1..={PROBES_MAX})"
         )));
     }
-    let want = (entries * per_entry).div_ceil(8);
+    // Checked: 2^61 entries of 8 bits would wrap to an empty filter.
+    let want = entries
+        .checked_mul(per_entry)
+        .map_or(u64::MAX, |bits| bits.div_ceil(8));
     if entries == 0 || want > BLOOM_BYTES_MAX || bytes.len() as u64 != want {
         return Err(bad(format!(
             "bloom filter of {entries} entries in {} bytes",
@@ -374,6 +377,8 @@ mod tests {
         // Fewer bits than the parameters say, or a filter past the cap.
         assert!(check_ask(&ask_with_bloom(10, 10, 7, 12)).is_err());
         assert!(check_ask(&ask_with_bloom(1 << 20, 10, 7, 1 << 17)).is_err());
+        // Entries × bits past u64 (wrapping, it would claim an empty filter).
+        assert!(check_ask(&ask_with_bloom(1 << 61, 8, 7, 0)).is_err());
     }
 
     #[test]
